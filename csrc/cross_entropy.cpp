@@ -1,0 +1,266 @@
+// Cross-entropy over the class dimension, and softmax focal loss as a per-row variant of it.
+//
+// One forward pass per row computes the loss and, while the row is still in cache, the gradient
+// (softmax - target distribution, with smoothing, weights, z-loss and softcap folded in), already scaled
+// by the reduction's 1/denominator. Backward is then only a multiplication by grad_output.
+//
+// Every row's gradient has the form  grad_c = scale * (A * p_c - q_c) * softcap'(c)  where p = softmax,
+// q is the (weighted, smoothed) target distribution and A = sum(q) + 2 * z_loss * lse; softmax focal
+// changes only A and q_y (see row_coefficients).
+#include "cross_entropy.h"
+
+#include "common.h"
+
+namespace lossops {
+namespace {
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+template <typename acc_t>
+struct BlockStats {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum_exp = 0;
+
+  // Online softmax at block granularity: one max and one exp per element.
+  void add(const acc_t* x, int64_t n) {
+    acc_t block_max = at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, x, n);
+    if (block_max > max) {
+      sum_exp = max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : sum_exp * std::exp(max - block_max);
+      max = block_max;
+    }
+    if (max == -std::numeric_limits<acc_t>::infinity()) return;  // all -inf so far: contributes exp(-inf) = 0
+    const Vec<acc_t> m(max);
+    sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return (v - m).exp(); },
+                                              [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
+  }
+  acc_t lse() const { return max + std::log(sum_exp); }
+};
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  return at::vec::map2_reduce_all<acc_t>([](Vec<acc_t> x, Vec<acc_t> y) { return x * y; },
+                                         [](Vec<acc_t> x, Vec<acc_t> y) { return x + y; }, a, b, n);
+}
+
+template <typename acc_t>
+inline acc_t sum(const acc_t* a, int64_t n) {
+  return at::vec::reduce_all<acc_t>([](Vec<acc_t>& x, Vec<acc_t>& y) { return x + y; }, a, n);
+}
+
+template <typename acc_t>
+inline acc_t softcap_derivative(acc_t capped, acc_t cap) {
+  const acc_t t = capped / cap;
+  return acc_t(1) - t * t;
+}
+
+// What a row contributes, from its statistics: loss, A (the coefficient of softmax in the gradient) and
+// the one-hot coefficient (the part of q at the target class beyond the smoothing term).
+template <typename acc_t>
+struct RowResult {
+  acc_t loss, softmax_coef, onehot_coef;
+};
+
+template <typename acc_t>
+inline RowResult<acc_t> row_coefficients(const CrossEntropyOptions& o, acc_t lse, acc_t x_target, acc_t w_target,
+                                         acc_t smooth_dot, acc_t weight_sum, int64_t C) {
+  if (o.focal_gamma >= 0) {
+    // Softmax focal: L = -a q^g log p_y with q = 1 - p_y; dL/dz = A (p - onehot), A = a q^g (1 + g p_y r),
+    // r = -log(p_y) / q (-> 1 as q -> 0). No negative power of q appears, so every gamma >= 0 is finite.
+    const acc_t logp = x_target - lse;
+    const acc_t p = std::exp(logp);
+    const acc_t q = -std::expm1(logp);
+    const acc_t qg = std::pow(q, static_cast<acc_t>(o.focal_gamma));
+    const acc_t r = q > 0 ? -logp / q : acc_t(1);
+    const acc_t a = w_target * qg * (acc_t(1) + static_cast<acc_t>(o.focal_gamma) * p * r);
+    return {-w_target * qg * logp, a, a};
+  }
+  const acc_t eps = static_cast<acc_t>(o.label_smoothing);
+  const acc_t z = static_cast<acc_t>(o.lse_square_scale);
+  const acc_t smooth = eps / static_cast<acc_t>(C);
+  acc_t loss = (acc_t(1) - eps) * w_target * (lse - x_target);
+  if (eps > 0) loss += smooth * (weight_sum * lse - smooth_dot);
+  loss += z * lse * lse;
+  const acc_t a = (acc_t(1) - eps) * w_target + smooth * weight_sum + acc_t(2) * z * lse;
+  return {loss, a, (acc_t(1) - eps) * w_target};
+}
+
+template <typename scalar_t>
+void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
+                        const CrossEntropyOptions& o, at::Tensor* grad, double grad_scale, at::Tensor& row_loss,
+                        at::Tensor& row_lse) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t C = input.size(1);
+  const int64_t rows = input.size(0) * input.size(2);
+  const RowLayout in = RowLayout::of(input);
+  const RowLayout gl = grad ? RowLayout::of(*grad) : in;
+  const bool prob_target = target.is_floating_point();
+  const RowLayout tl = prob_target ? RowLayout::of(target) : in;
+
+  const scalar_t* x_ptr = input.const_data_ptr<scalar_t>();
+  scalar_t* g_ptr = grad ? grad->mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t* index_ptr = prob_target ? nullptr : target.const_data_ptr<int64_t>();
+  const scalar_t* prob_ptr = prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
+  const acc_t* w_ptr = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  acc_t* loss_ptr = row_loss.mutable_data_ptr<acc_t>();
+  acc_t* lse_ptr = row_lse.mutable_data_ptr<acc_t>();
+
+  const acc_t cap = static_cast<acc_t>(o.softcap);
+  const bool capped = o.softcap > 0;
+  const acc_t eps = static_cast<acc_t>(o.label_smoothing);
+  const acc_t smooth = o.focal_gamma >= 0 ? acc_t(0) : eps / static_cast<acc_t>(C);
+  const acc_t scale = static_cast<acc_t>(grad_scale);
+  acc_t weight_sum = static_cast<acc_t>(C);
+  if (w_ptr) weight_sum = sum(w_ptr, C);
+  const bool need_smooth_dot = !prob_target && eps > 0;
+  const Vec<acc_t> ones(acc_t(1));
+
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(kBlock), tbuf(kBlock), gbuf(kBlock);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* x = x_ptr + in.row_offset(r);
+      int64_t y = -1;
+      if (!prob_target) {
+        y = index_ptr[r];
+        if (y == o.ignore_index) {
+          loss_ptr[r] = 0;
+          lse_ptr[r] = 0;
+          if (g_ptr) {
+            scalar_t* g = g_ptr + gl.row_offset(r);
+            for (int64_t c = 0; c < C; ++c) g[c * gl.stride_class] = scalar_t(0);
+          }
+          continue;
+        }
+      }
+      auto load_x = [&](int64_t b0, int64_t n) {
+        const acc_t* xb = read_block(x + b0 * in.stride_class, in.stride_class, n, xbuf.data(), capped);
+        if (capped) apply_softcap(xbuf.data(), n, cap);
+        return xb;
+      };
+      // Target distribution q_c = w_c * (t_c * (1 - eps) + eps / C) for probability targets.
+      auto load_q = [&](int64_t b0, int64_t n) {
+        read_block(prob_ptr + tl.row_offset(r) + b0 * tl.stride_class, tl.stride_class, n, tbuf.data(), true);
+        const Vec<acc_t> keep(acc_t(1) - eps), add(eps / static_cast<acc_t>(C));
+        at::vec::map([&](Vec<acc_t> t) { return t * keep + add; }, tbuf.data(), tbuf.data(), n);
+        if (w_ptr) at::vec::map2([](Vec<acc_t> t, Vec<acc_t> w) { return t * w; }, tbuf.data(), tbuf.data(), w_ptr + b0, n);
+        return tbuf.data();
+      };
+
+      BlockStats<acc_t> stats;
+      acc_t smooth_dot = 0, q_sum = 0, q_dot = 0;
+      for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - b0);
+        const acc_t* xb = load_x(b0, n);
+        stats.add(xb, n);
+        if (need_smooth_dot) smooth_dot += w_ptr ? dot(xb, w_ptr + b0, n) : sum(xb, n);
+        if (prob_target) {
+          const acc_t* qb = load_q(b0, n);
+          q_sum += sum(qb, n);
+          q_dot += dot(qb, xb, n);
+        }
+      }
+      const acc_t lse = stats.lse();
+      RowResult<acc_t> res;
+      acc_t x_target = 0;
+      if (prob_target) {
+        const acc_t z = static_cast<acc_t>(o.lse_square_scale);
+        res = {q_sum * lse - q_dot + z * lse * lse, q_sum + acc_t(2) * z * lse, 0};
+      } else {
+        x_target = static_cast<acc_t>(x[y * in.stride_class]);
+        if (capped) x_target = cap * std::tanh(x_target / cap);
+        const acc_t w_target = w_ptr ? w_ptr[y] : acc_t(1);
+        res = row_coefficients<acc_t>(o, lse, x_target, w_target, smooth_dot, weight_sum, C);
+      }
+      loss_ptr[r] = res.loss;
+      lse_ptr[r] = lse;
+      if (!g_ptr) continue;
+
+      scalar_t* g = g_ptr + gl.row_offset(r);
+      const Vec<acc_t> vlse(lse), va(res.softmax_coef * scale), vs(smooth * scale), vscale(scale),
+          vinv_cap(capped ? acc_t(1) / cap : acc_t(0));
+      for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - b0);
+        const acc_t* xb = load_x(b0, n);
+        const bool direct = std::is_same_v<scalar_t, acc_t> && gl.stride_class == 1;
+        acc_t* gb = direct ? reinterpret_cast<acc_t*>(g + b0) : gbuf.data();
+        const acc_t* qb = prob_target ? load_q(b0, n) : nullptr;
+        int64_t i = 0;
+        for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
+          const Vec<acc_t> xv = Vec<acc_t>::loadu(xb + i);
+          Vec<acc_t> gv = va * (xv - vlse).exp();
+          if (prob_target) gv = gv - vscale * Vec<acc_t>::loadu(qb + i);
+          else if (smooth > 0) gv = gv - vs * (w_ptr ? Vec<acc_t>::loadu(w_ptr + b0 + i) : ones);
+          if (capped) { const Vec<acc_t> t = xv * vinv_cap; gv = gv * (ones - t * t); }
+          gv.store(gb + i);
+        }
+        for (; i < n; ++i) {
+          acc_t gi = res.softmax_coef * scale * std::exp(xb[i] - lse);
+          if (prob_target) gi -= scale * qb[i];
+          else if (smooth > 0) gi -= smooth * scale * (w_ptr ? w_ptr[b0 + i] : acc_t(1));
+          if (capped) gi *= softcap_derivative(xb[i], cap);
+          gb[i] = gi;
+        }
+        if (!prob_target && y >= b0 && y < b0 + n) {
+          const acc_t w_y = w_ptr ? w_ptr[y] : acc_t(1);
+          acc_t gy = res.softmax_coef * std::exp(x_target - lse) - smooth * w_y - res.onehot_coef;
+          if (capped) gy *= softcap_derivative(x_target, cap);
+          gb[y - b0] = gy * scale;
+        }
+        if (!direct) write_block<scalar_t>(gb, g + b0 * gl.stride_class, gl.stride_class, n);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+                                              const std::optional<at::Tensor>& weight,
+                                              const std::optional<at::Tensor>& grad,
+                                              const CrossEntropyOptions& options, double grad_scale) {
+  TORCH_CHECK(input.dim() == 3, "lossops: cross_entropy kernel expects a (outer, C, inner) view, got ", input.sizes());
+  const int64_t C = input.size(1);
+  const int64_t rows = input.size(0) * input.size(2);
+  if (!target.is_floating_point()) {
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == rows,
+                "lossops: class-index target must be a contiguous int64 tensor of ", rows, " elements");
+    // Validate before any gradient is written: with inplace_backward the gradient overwrites the logits.
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK_INDEX(t[r] == options.ignore_index || (t[r] >= 0 && t[r] < C), "Target ", t[r],
+                        " is out of bounds (number of classes is ", C, ", ignore_index is ", options.ignore_index, ").");
+    }
+  } else {
+    TORCH_CHECK(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
+                "lossops: probability target must match the input's shape and dtype");
+  }
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+  TORCH_CHECK(!w.defined() || w.numel() == C, "lossops: weight must have ", C, " elements, got ", w.numel());
+  auto opts = input.options().dtype(acc_type);
+  at::Tensor row_loss = at::empty({rows}, opts);
+  at::Tensor row_lse = at::empty({rows}, opts);
+  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
+  if (g.defined()) TORCH_CHECK(g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type(), "lossops: bad gradient buffer");
+  if (rows > 0 && C > 0) {
+    LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_cross_entropy", [&] {
+      cross_entropy_rows<scalar_t>(input, target, w, options, g.defined() ? &g : nullptr, grad_scale, row_loss, row_lse);
+    });
+  } else if (rows > 0) {
+    row_loss.zero_();
+    row_lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  // Fixed-order double sum: identical bits for any thread count.
+  double total = 0.0;
+  LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_cross_entropy_sum", [&] {
+    const opmath_t<scalar_t>* l = row_loss.const_data_ptr<opmath_t<scalar_t>>();
+    total = deterministic_sum(rows, [l](int64_t b, int64_t e) {
+      double s = 0.0;
+      for (int64_t i = b; i < e; ++i) s += static_cast<double>(l[i]);
+      return s;
+    });
+  });
+  return {row_loss, row_lse, at::scalar_tensor(total, opts)};
+}
+
+}  // namespace lossops

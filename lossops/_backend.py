@@ -1,0 +1,101 @@
+"""Which implementation serves a call: "cpp" (C++ CPU kernels), "triton" (GPU, or CPU under
+TRITON_INTERPRET=1) or "reference" (plain PyTorch).
+
+"auto" picks cpp for CPU tensors, triton for CUDA tensors and reference for anything else (e.g. MPS).
+Precedence: the innermost `lossops.backend(...)` context, then `lossops.set_backend(...)`, then the
+LOSSOPS_BACKEND environment variable, then "auto".
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("lossops_backend", default=None)
+_global: str | None = None
+
+
+def _validated(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"lossops: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Sets the process-wide backend ("auto", "cpp", "triton" or "reference")."""
+    global _global
+    _global = _validated(name)
+
+
+def get_backend() -> str:
+    """The backend requested right now (may be "auto")."""
+    name = _override.get() or _global or os.environ.get("LOSSOPS_BACKEND") or "auto"
+    return _validated(name)
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Context manager: `with lossops.backend("reference"): ...` (thread- and task-local)."""
+    token = _override.set(_validated(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend for tensors on `device`, or a RuntimeError saying why none can serve it."""
+    name = get_backend()
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpp" if _cpp_available() else "reference"
+        if device.type == "cuda":
+            return "triton" if _triton_available() else "reference"
+        return "reference"
+    if name == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"lossops: the cpp backend serves CPU tensors only, got a tensor on {device}; "
+                           "use backend 'triton' or 'auto'")
+    if name == "cpp" and not _cpp_available():
+        raise RuntimeError("lossops: the C++ extension (lossops._C) is not built; "
+                           "run `pip install --no-build-isolation -e .`")
+    if name == "triton":
+        if not _triton_available():
+            raise RuntimeError("lossops: the triton backend needs the `triton` package")
+        if device.type == "cpu" and not triton_interpreted():
+            raise RuntimeError("lossops: the triton backend runs on CPU tensors only under Triton's interpreter; "
+                               "set TRITON_INTERPRET=1 before triton is imported, or use backend 'cpp'")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"lossops: the triton backend cannot serve tensors on {device}")
+    return name
+
+
+def _cpp_available() -> bool:
+    try:
+        from . import _cpp
+        _cpp.module()
+        return True
+    except ImportError:
+        return False
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels(name: str, family: str):
+    """The kernel module of a family for a concrete backend: both expose the same functions."""
+    if name == "cpp":
+        from . import _cpp
+        return _cpp.module()
+    if name == "triton":
+        return importlib.import_module(f"lossops.triton_kernels.{family}")
+    raise ValueError(f"lossops: backend {name!r} has no kernels")

@@ -1,0 +1,80 @@
+"""Argument validation shared by every op and every backend.
+
+It runs inside each op's Python entry point, which torch.compile traces, so the same errors are raised in
+eager and in compiled code; value-dependent checks (target ranges) live in the kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def reduction(reduction: str, size_average=None, reduce=None) -> str:
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+        reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=True)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction (expected one of {REDUCTIONS})")
+    return reduction
+
+
+def tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"lossops: {name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name: str, value: torch.Tensor) -> torch.Tensor:
+    tensor(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"lossops: {name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def same_device(reference: torch.Tensor, **others) -> None:
+    for name, value in others.items():
+        if value is not None and value.device != reference.device:
+            raise RuntimeError(f"lossops: {name} is on {value.device} but input is on {reference.device}; "
+                               "all tensors must be on the same device")
+
+
+def class_weight(weight, num_classes: int, input: torch.Tensor):
+    if weight is None:
+        return None
+    floating("weight", weight)
+    same_device(input, weight=weight)
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise RuntimeError(f"lossops: weight must be a 1-D tensor of {num_classes} elements (one per class), "
+                           f"got shape {tuple(weight.shape)}")
+    return weight
+
+
+def in_range(name: str, value: float, low: float, high: float | None = None, exception=ValueError) -> float:
+    value = float(value)
+    if value != value or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise exception(f"lossops: {name} must be {bound}, got {value}")
+    return value
+
+
+def positive_or_none(name: str, value) -> float:
+    """Optional strictly positive float; None (off) becomes 0."""
+    if value is None:
+        return 0.0
+    value = float(value)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"lossops: {name} must be a positive finite number or None, got {value}")
+    return value
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_dtype(input: torch.Tensor) -> torch.dtype:
+    """Under autocast torch runs losses in float32; otherwise the loss has the input's dtype."""
+    if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return input.dtype

@@ -1,0 +1,74 @@
+"""Reduction, weighting and ignore-index bookkeeping shared by every loss family.
+
+Kernels return per-row (or per-chunk) losses in the accumulation dtype and, when a gradient is needed,
+write it in forward already scaled for the reduction; what remains is done here, identically for all
+backends: the mean's denominator, applying the reduction, and applying grad_output in backward.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def class_index_denominator(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                            num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of the weights of non-ignored targets (their count without weights), as torch's mean divides.
+
+    A tensor, never a Python number: no host sync, and 0 stays 0 so an all-ignored mean is nan like torch.
+    Out-of-range targets are clamped here only to keep the gather in bounds; the kernels reject them.
+    """
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum(dtype=dtype)
+    safe = torch.where(valid, target, 0).clamp_(0, max(num_classes - 1, 0))
+    return (weight.to(dtype)[safe] * valid).sum(dtype=dtype)
+
+
+def gradient_scale(reduction: str, denominator: torch.Tensor) -> torch.Tensor:
+    """What the kernels multiply the gradient by in forward: 1/denominator for mean, 1 otherwise."""
+    if reduction == "mean":
+        return denominator.reciprocal()
+    return torch.ones((), dtype=denominator.dtype, device=denominator.device)
+
+
+def reduce(reduction: str, per_item: torch.Tensor, total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    if reduction == "none":
+        return per_item
+    if reduction == "sum":
+        return total
+    return total / denominator
+
+
+def _is_one(grad_output: torch.Tensor) -> bool:
+    # Free on CPU; on CUDA it would sync, so there the multiplication always runs (on the device).
+    return (grad_output.device.type == "cpu" and grad_output.numel() == 1
+            and not torch.compiler.is_compiling() and bool(grad_output == 1))
+
+
+def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None, owns_buffer=False):
+    """grad_input = (gradient written in forward) * grad_output.
+
+    grad_output is a scalar, or one value per item for reduction='none' (item_shape: how it broadcasts
+    against the gradient, e.g. (outer, 1, inner) for row losses). A scalar != 1 (GradScaler's scale) is
+    applied in place so no second N x C buffer is allocated; ctx remembers the factor so that a second
+    backward through the same graph (retain_graph=True, gradcheck) still gets exact results.
+    owns_buffer: the buffer is the caller's (inplace_backward) and may also be scaled per item in place.
+    """
+    if torch.is_grad_enabled() and grad_output.requires_grad:
+        raise RuntimeError("lossops: double backward (create_graph=True through a lossops loss) is not supported")
+    applied = getattr(ctx, "lossops_applied_scale", None)
+    if applied is None and _is_one(grad_output):
+        return grad
+    if item_shape is not None and grad_output.dim() > 0:
+        grad_output = grad_output.reshape(item_shape)
+    if torch.compiler.is_compiling():
+        return grad * grad_output
+    if applied is not None:  # a second backward: undo the first call's scale
+        if not bool((applied != 0).all()):
+            raise RuntimeError("lossops: a second backward through this loss cannot recover its gradient "
+                               "(the first backward scaled it by zero in place); use retain_graph=False")
+        return grad * (grad_output / applied)
+    if grad_output.dim() > 0 and not owns_buffer:
+        return grad * grad_output
+    ctx.lossops_applied_scale = grad_output.detach().clone()
+    grad.data.mul_(grad_output)  # .data: the saved tensor's version counter stays valid for a second backward
+    return grad

@@ -1,0 +1,221 @@
+"""Cross-entropy: `lossops.cross_entropy`, its custom op `lossops::cross_entropy`, and its autograd.
+
+Call path: cross_entropy() validates (lossops._checks) and views the input as (outer, C, inner) without
+moving the class dimension -> the custom op runs the backend's fused kernel (csrc/cross_entropy.cpp or
+triton_kernels/cross_entropy.py), which returns the loss and, when a gradient is needed, writes it in the
+same pass -> backward multiplies that gradient by grad_output (lossops._reduce).
+
+The same op also serves softmax focal loss (focal_gamma >= 0), which differs only per row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend, _checks, _reduce
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
+                  *, lse_square_scale: float = 0.0, softcap: Optional[float] = None,
+                  inplace_backward: bool = False) -> Tensor:
+    """Drop-in for torch.nn.functional.cross_entropy, fused forward+backward.
+
+    Extras (defaults reproduce torch exactly):
+      lse_square_scale: z-loss; adds lse_square_scale * logsumexp(row)**2 to each non-ignored row's loss
+        before the reduction (same mean denominator as the cross-entropy term).
+      softcap: logits <- softcap * tanh(logits / softcap) before the softmax (gradient flows through it).
+      inplace_backward: the gradient is written into the logits' storage in forward, so the logits hold
+        the gradient afterwards and no second N x C buffer is allocated. Refused for leaf tensors; any
+        autograd node that saved the logits detects the overwrite (version counter) and raises. Falls back
+        to out-of-place under torch.compile.
+    """
+    reduction = _checks.reduction(reduction, size_average, reduce)
+    label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0, exception=RuntimeError)
+    lse_square_scale = _checks.in_range("lse_square_scale", lse_square_scale, 0.0)
+    cap = _checks.positive_or_none("softcap", softcap)
+    return row_softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing=label_smoothing,
+                            lse_square_scale=lse_square_scale, softcap=cap, inplace_backward=inplace_backward,
+                            reference=reference_cross_entropy)
+
+
+def row_softmax_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str, *,
+                     label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
+                     focal_gamma: float = -1.0, weight_normalizes_mean: bool = True,
+                     inplace_backward: bool = False, reference=None) -> Tensor:
+    """Shared entry for every loss over softmax(input, dim=1): layout, checks, backend choice, op call."""
+    _checks.floating("input", input)
+    _checks.tensor("target", target)
+    _checks.same_device(input, target=target)
+    if input.dim() == 0:
+        raise ValueError("lossops: input must have at least one dimension (classes), got a 0-d tensor")
+    num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    weight = _checks.class_weight(weight, num_classes, input)
+    probabilities = target.shape == input.shape
+    _check_target(input, target, probabilities, ignore_index)
+
+    backend = _backend.resolve(input.device)
+    if backend == "reference" or (probabilities and target.requires_grad):
+        # Gradients with respect to probability targets come from the plain-PyTorch path.
+        return reference(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                         softcap, focal_gamma=focal_gamma, weight_normalizes_mean=weight_normalizes_mean)
+
+    logits3 = input.reshape(1, num_classes, 1) if input.dim() == 1 else input.flatten(2) if input.dim() > 2 \
+        else input.unsqueeze(-1)
+    if probabilities:
+        target_k = (target.reshape(1, num_classes, 1) if input.dim() == 1 else target.flatten(2) if input.dim() > 2
+                    else target.unsqueeze(-1)).to(input.dtype)
+    else:
+        target_k = target.reshape(-1).to(torch.int64).contiguous()
+    item_shape = target.shape if not probabilities else input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if inplace_backward and needs_grad and not torch.compiler.is_compiling():
+        loss = _InplaceRowSoftmaxLoss.apply(input, logits3, target_k, weight, ignore_index, reduction,
+                                            label_smoothing, lse_square_scale, softcap, focal_gamma,
+                                            weight_normalizes_mean, backend)
+    else:
+        loss, _ = torch.ops.lossops.cross_entropy(logits3, target_k, weight, ignore_index, reduction,
+                                                  label_smoothing, lse_square_scale, softcap, focal_gamma,
+                                                  weight_normalizes_mean, needs_grad, backend)
+    if reduction == "none":
+        loss = loss.reshape(item_shape)
+    return loss.to(_checks.output_dtype(input))
+
+
+def _check_target(input: Tensor, target: Tensor, probabilities: bool, ignore_index: int) -> None:
+    if probabilities:
+        if not target.is_floating_point():
+            raise RuntimeError(f"lossops: expected a floating point target for class probabilities (target has the "
+                               f"input's shape {tuple(input.shape)}), got dtype {target.dtype}")
+        if ignore_index >= 0:
+            raise RuntimeError(f"lossops: ignore_index is not supported for class-probability targets, got {ignore_index}")
+        return
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"lossops: class-index target must be an integer tensor, got dtype {target.dtype} "
+                           f"(probability targets must have the input's shape {tuple(input.shape)})")
+    expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
+    if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
+    if target.shape != expected:
+        raise RuntimeError(f"lossops: expected target of shape {tuple(expected)} for input of shape "
+                           f"{tuple(input.shape)}, got {tuple(target.shape)}")
+
+
+def _denominator(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                 weight_normalizes_mean: bool) -> Tensor:
+    acc = _checks.opmath_dtype(logits3.dtype)
+    if target.is_floating_point():  # torch divides probability-target losses by the number of rows
+        return torch.tensor(logits3.shape[0] * logits3.shape[2], dtype=acc, device=logits3.device)
+    return _reduce.class_index_denominator(target, weight if weight_normalizes_mean else None, ignore_index,
+                                           logits3.shape[1], acc)
+
+
+def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                label_smoothing: float, lse_square_scale: float, softcap: float, focal_gamma: float,
+                weight_normalizes_mean: bool, grad: Optional[Tensor], backend: str) -> Tensor:
+    acc = _checks.opmath_dtype(logits3.dtype)
+    denominator = _denominator(logits3, target, weight, ignore_index, weight_normalizes_mean)
+    kernels = _backend.kernels(backend, "cross_entropy")
+    row_loss, _lse, total = kernels.cross_entropy(
+        logits3, target, None if weight is None else weight.to(acc), grad, ignore_index, label_smoothing,
+        lse_square_scale, softcap, focal_gamma, _reduce.gradient_scale(reduction, denominator))
+    return _reduce.reduce(reduction, row_loss, total, denominator)
+
+
+@torch.library.custom_op("lossops::cross_entropy", mutates_args=())
+def _cross_entropy_op(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                      label_smoothing: float, lse_square_scale: float, softcap: float, focal_gamma: float,
+                      weight_normalizes_mean: bool, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    grad = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device) if compute_grad else None
+    loss = _run_kernel(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                       focal_gamma, weight_normalizes_mean, grad, backend)
+    return loss, grad if grad is not None else logits3.new_empty((0,))
+
+
+@_cross_entropy_op.register_fake
+def _(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, focal_gamma,
+      weight_normalizes_mean, compute_grad, backend):
+    acc = _checks.opmath_dtype(logits3.dtype)
+    rows = logits3.shape[0] * logits3.shape[2]
+    loss = logits3.new_empty((rows,) if reduction == "none" else (), dtype=acc)
+    grad = logits3.new_empty(logits3.shape) if compute_grad else logits3.new_empty((0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    logits3, reduction, compute_grad = inputs[0], inputs[4], inputs[10]
+    ctx.save_for_backward(output[1])
+    ctx.compute_grad = compute_grad
+    ctx.item_shape = (logits3.shape[0], 1, logits3.shape[2]) if reduction == "none" else None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _unused):
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise RuntimeError("lossops: gradients with respect to class-index targets or class weights are not "
+                           "defined (torch does not define them either)")
+    if not ctx.compute_grad:
+        raise RuntimeError("lossops: the forward ran with compute_grad=False; call lossops.cross_entropy "
+                           "with grad mode enabled and an input that requires grad")
+    (grad,) = ctx.saved_tensors
+    return (_reduce.apply_grad_output(ctx, grad, grad_loss, ctx.item_shape),) + (None,) * 11
+
+
+_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _InplaceRowSoftmaxLoss(torch.autograd.Function):
+    """inplace_backward=True: the forward writes the gradient over the logits (one N x C buffer in total)."""
+
+    @staticmethod
+    def forward(ctx, input, logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                softcap, focal_gamma, weight_normalizes_mean, backend):
+        if input.is_leaf:
+            raise RuntimeError("lossops: inplace_backward=True would overwrite a leaf tensor that requires grad "
+                               "(its values and its .grad would be lost); pass inplace_backward=False")
+        loss = _run_kernel(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                           softcap, focal_gamma, weight_normalizes_mean, logits3, backend)
+        # Autograd nodes that saved these logits now fail their version check instead of using the gradient.
+        torch.autograd.graph.increment_version(input)
+        ctx.grad = logits3.view_as(input) if logits3.data_ptr() == input.data_ptr() else logits3.reshape(input.shape)
+        ctx.item_shape = (logits3.shape[0], 1, logits3.shape[2]) if reduction == "none" else None
+        ctx.input_shape = input.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = ctx.grad
+        if ctx.item_shape is not None:
+            grad3 = grad.reshape(ctx.item_shape[0], -1, ctx.item_shape[2])
+            grad = _reduce.apply_grad_output(ctx, grad3, grad_loss, ctx.item_shape, owns_buffer=True)
+            grad = grad.reshape(ctx.input_shape)
+        else:
+            grad = _reduce.apply_grad_output(ctx, grad, grad_loss, owns_buffer=True)
+        return (grad,) + (None,) * 11
+
+
+def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                            reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float,
+                            **_focal_options) -> Tensor:
+    """Plain-PyTorch cross-entropy with the extras; the "reference" backend."""
+    logits = softcap * torch.tanh(input / softcap) if softcap > 0 else input
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if lse_square_scale == 0:
+        return loss
+    class_dim = 1 if input.dim() > 1 else 0
+    lse = torch.logsumexp(logits.float() if logits.dtype != torch.float64 else logits, dim=class_dim)
+    z = lse_square_scale * lse * lse
+    if target.shape == input.shape:
+        denominator = lse.new_tensor(float(lse.numel()))
+    else:
+        keep = target != ignore_index
+        z = z * keep
+        w = torch.ones(input.shape[class_dim], dtype=lse.dtype, device=input.device) if weight is None else weight
+        denominator = (w.to(lse.dtype)[torch.where(keep, target, 0)] * keep).sum()
+    z_reduced = z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / denominator
+    return (loss + z_reduced).to(loss.dtype)
