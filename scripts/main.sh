@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job: correctness self-check of every op against PyTorch, the quick benchmark, and a short
+# mixed-precision training run.
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+python -m lossops.selfcheck
+python -m bench --quick "$@"
+if [ -f examples/train_amp.py ]; then
+  python examples/train_amp.py --steps 30
+fi

@@ -1,0 +1,34 @@
+"""Test setup: the Triton backend runs under Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is imported anywhere, hence at the top of conftest.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lossops  # noqa: E402
+
+KERNEL_BACKENDS = ["cpp", "triton"]
+ALL_BACKENDS = ["cpp", "triton", "reference"]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """Runs the test once per backend, with that backend selected."""
+    with lossops.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    with lossops.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,69 @@
+"""Shared @triton.jit helpers and the launch-configuration policy for every lossops Triton kernel.
+
+Only tl.exp / tl.log are used for transcendental functions: libdevice is not available under Triton's
+interpreter (TRITON_INTERPRET=1), which is how these kernels are tested without a GPU.
+"""
+import triton
+import triton.language as tl
+
+# Largest class/element tile a program holds in registers at once; larger rows are looped over.
+MAX_BLOCK = 8192 if not __import__("os").environ.get("TRITON_INTERPRET") == "1" else 1 << 16
+
+
+def launch_config(n: int, max_block: int = MAX_BLOCK) -> dict:
+    """Block size and warp count for a loop over n elements: the one place this policy lives."""
+    block = min(triton.next_power_of_2(max(int(n), 1)), max_block)
+    block = max(block, 16)
+    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return {"BLOCK": block, "num_warps": num_warps}
+
+
+def acc_dtype(torch_dtype):
+    """Accumulation dtype: float64 inputs accumulate in float64 (gradcheck), the rest in float32."""
+    import torch
+    return tl.float64 if torch_dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def expm1(x):
+    # Kahan's trick: the rounding error of exp(x) cancels in (u - 1) * x / log(u).
+    u = tl.exp(x)
+    um1 = u - 1.0
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * x / tl.log(u)))
+
+
+@triton.jit
+def log1p(x):
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def tanh(x):
+    # The exp form loses relative precision near 0, where the odd series is exact to rounding.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    near = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.2, near, far)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def softplus_neg_abs(x):
+    """log(1 + exp(-|x|)), the stable core of softplus and log-sigmoid."""
+    return log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def pow_nonneg(base, exponent):
+    """base ** exponent for base >= 0, exponent >= 0, with 0 ** 0 = 1 and no NaN from log(0)."""
+    safe = tl.where(base > 0, base, 1.0)
+    powered = tl.exp(exponent * tl.log(safe))
+    return tl.where(base > 0, powered, tl.where(exponent == 0, 1.0, 0.0))
+
+
+@triton.jit
+def softcap(x, cap):
+    return cap * tanh(x / cap)

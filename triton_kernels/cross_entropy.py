@@ -1,0 +1,227 @@
+"""Cross-entropy / softmax focal loss for the Triton backend; same interface as csrc/cross_entropy.cpp.
+
+One program per row: the first loop over the classes keeps an online max / sum-exp (plus the target terms),
+the second loop writes the gradient scale * (A * softmax - q) * softcap' while the row is hot in L2.
+Offsets are int64 (rows * classes may exceed 2^31); out-of-range targets are masked (never read) and
+reported through a flag tensor that the host checks once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, expm1, launch_config, pow_nonneg, softcap
+
+
+@triton.jit
+def _load_logits(ptrs, mask, SOFTCAP: tl.constexpr, cap, ACC: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(ACC)
+    if SOFTCAP:
+        # Padded lanes must stay -inf: capping them would give -cap and leak into the sums.
+        x = tl.where(mask, softcap(x, cap), float("-inf"))
+    return x
+
+
+@triton.jit
+def cross_entropy_kernel(
+    X, stride_xo, stride_xc, stride_xi,
+    T, stride_to, stride_tc, stride_ti,
+    W, WSUM,
+    G, stride_go, stride_gc, stride_gi,
+    LOSS, LSE, BAD, SCALE,
+    PARAMS, inner, C, ignore_index,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+    FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    outer_idx = row // inner
+    inner_idx = row % inner
+    X += outer_idx * stride_xo + inner_idx * stride_xi
+    G += outer_idx * stride_go + inner_idx * stride_gi
+    # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32.
+    eps = tl.load(PARAMS + 0).to(ACC)
+    z = tl.load(PARAMS + 1).to(ACC)
+    cap = tl.load(PARAMS + 2).to(ACC)
+    focal_gamma = tl.load(PARAMS + 3).to(ACC)
+    smooth = eps / C
+
+    valid = True
+    y = 0
+    if not PROB_TARGET:
+        y = tl.load(T + row)
+        in_range = (y >= 0) & (y < C)
+        valid = (y != ignore_index) & in_range
+        tl.store(BAD, y, mask=(y != ignore_index) & (not in_range))
+        y = tl.where(valid, y, 0)
+    else:
+        T += outer_idx * stride_to + inner_idx * stride_ti
+
+    m = float("-inf")
+    s = 0.0
+    dot = 0.0  # sum q_c x_c (probability targets) or sum w_c x_c (smoothing)
+    q_sum = 0.0
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        new_m = tl.maximum(m, tl.max(x, axis=0))
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=0)
+        m = new_m
+        x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
+        if PROB_TARGET:
+            q = tl.load(T + cols * stride_tc, mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
+            if HAS_WEIGHT:
+                q = q * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+            q = tl.where(mask, q, 0.0)
+            q_sum += tl.sum(q, axis=0)
+            dot += tl.sum(q * x0, axis=0)
+        elif SMOOTHING:
+            if HAS_WEIGHT:
+                dot += tl.sum(x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC), axis=0)
+            else:
+                dot += tl.sum(x0, axis=0)
+    lse = m + tl.log(s)
+
+    x_y = 0.0
+    onehot_coef = 0.0
+    if PROB_TARGET:
+        loss = q_sum * lse - dot + z * lse * lse
+        coef = q_sum + 2.0 * z * lse
+    else:
+        x_y = _load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC)
+        x_y = tl.where(valid, x_y, 0.0)
+        w_y = 1.0
+        if HAS_WEIGHT:
+            w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
+        if FOCAL:
+            # See csrc/cross_entropy.cpp row_coefficients: no negative power of q for any gamma >= 0.
+            logp = x_y - lse
+            p_y = tl.exp(logp)
+            q = -expm1(logp)
+            qg = pow_nonneg(q, focal_gamma)
+            r = tl.where(q > 0, -logp / tl.where(q > 0, q, 1.0), 1.0)
+            coef = w_y * qg * (1.0 + focal_gamma * p_y * r)
+            loss = -w_y * qg * logp
+            onehot_coef = coef
+        else:
+            loss = (1.0 - eps) * w_y * (lse - x_y) + z * lse * lse
+            coef = (1.0 - eps) * w_y + 2.0 * z * lse
+            if SMOOTHING:
+                w_sum = C * 1.0
+                if HAS_WEIGHT:
+                    w_sum = tl.load(WSUM).to(ACC)
+                loss += smooth * (w_sum * lse - dot)
+                coef += smooth * w_sum
+            onehot_coef = (1.0 - eps) * w_y
+        loss = tl.where(valid, loss, 0.0)
+        lse = tl.where(valid, lse, 0.0)
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+
+    if WRITE_GRAD:
+        scale = tl.load(SCALE).to(ACC)
+        if not PROB_TARGET:
+            scale = tl.where(valid, scale, 0.0)
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < C
+            x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+            g = coef * tl.exp(x - lse)
+            if PROB_TARGET:
+                q = tl.load(T + cols * stride_tc, mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
+                if HAS_WEIGHT:
+                    q = q * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                g -= q
+            else:
+                if SMOOTHING:
+                    if HAS_WEIGHT:
+                        g -= smooth * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                    else:
+                        g -= smooth
+                g = tl.where(cols == y, g - onehot_coef, g)
+            if SOFTCAP:
+                t = x / cap
+                g = g * (1.0 - t * t)
+            g = tl.where(mask, g * scale, 0.0)
+            tl.store(G + cols * stride_gc, g.to(G.dtype.element_ty), mask=mask)
+
+
+def _strides3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, lse_square_scale, softcap,
+                  focal_gamma, grad_scale):
+    """Same contract as lossops._C.cross_entropy: returns (row_loss, row_lse, loss_sum)."""
+    outer, C, inner = logits3.shape
+    rows = outer * inner
+    acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32
+    row_loss = torch.empty(rows, dtype=acc, device=logits3.device)
+    row_lse = torch.empty(rows, dtype=acc, device=logits3.device)
+    prob_target = target.is_floating_point()
+    if rows == 0 or C == 0:
+        row_loss.zero_()
+        row_lse.fill_(float("-inf"))
+        if grad is not None:
+            grad.zero_()
+        return row_loss, row_lse, row_loss.sum()
+    bad = torch.zeros(1, dtype=torch.int64, device=logits3.device)
+    has_bad = None
+    if not prob_target:
+        # The kernel masks bad targets; the flag (value written by the offending rows) is checked once.
+        has_bad = torch.zeros(1, dtype=torch.int64, device=logits3.device)
+    smoothing = label_smoothing > 0 and not prob_target and focal_gamma < 0
+    wsum = weight.sum() if (weight is not None and smoothing) else bad
+    target_strides = _strides3(target) if prob_target else (0, 0, 0)
+    g = grad if grad is not None else logits3
+    cfg = launch_config(C)
+    params = torch.tensor([label_smoothing, lse_square_scale, softcap or 1.0, max(focal_gamma, 0.0)], dtype=acc)
+    params = params.to(logits3.device, non_blocking=True)
+    cross_entropy_kernel[(rows,)](
+        logits3, *_strides3(logits3), target, *target_strides, weight if weight is not None else row_loss, wsum,
+        g, *_strides3(g), row_loss, row_lse, has_bad if has_bad is not None else bad, grad_scale.to(logits3.device),
+        params, inner, C, ignore_index,
+        PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None, SMOOTHING=smoothing, SOFTCAP=softcap > 0,
+        FOCAL=focal_gamma >= 0, WRITE_GRAD=grad is not None, ACC=acc_dtype(logits3.dtype), **cfg)
+    if has_bad is not None:
+        _raise_if_bad_target(target, has_bad, ignore_index, C)
+    return row_loss, row_lse, row_loss.sum()
+
+
+def _raise_if_bad_target(target, flag, ignore_index, C):
+    if target.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A host read would break the capture; fail on the device instead.
+        torch._assert_async(flag[0] == 0, "lossops: a target is out of bounds")
+        return
+    bad = target[(target != ignore_index) & ((target < 0) | (target >= C))]
+    if bad.numel():
+        value = int(bad[0])
+        raise IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
+
+
+def _aot_signature(dtype: str, acc: str):
+    ptr = "*" + dtype
+    sig = {"X": ptr, "stride_xo": "i64", "stride_xc": "i64", "stride_xi": "i64",
+           "T": "*i64", "stride_to": "i64", "stride_tc": "i64", "stride_ti": "i64",
+           "W": "*" + acc, "WSUM": "*" + acc, "G": ptr, "stride_go": "i64", "stride_gc": "i64", "stride_gi": "i64",
+           "LOSS": "*" + acc, "LSE": "*" + acc, "BAD": "*i64", "SCALE": "*" + acc,
+           "PARAMS": "*" + acc, "inner": "i64", "C": "i64", "ignore_index": "i64"}
+    return sig
+
+
+def _aot_constexprs(**flags):
+    base = dict(PROB_TARGET=False, HAS_WEIGHT=True, SMOOTHING=True, SOFTCAP=True, FOCAL=False, WRITE_GRAD=True,
+                ACC=tl.float32, BLOCK=4096)
+    base.update(flags)
+    return base
+
+
+# (kernel, signature, constexprs) compiled ahead of time for sm_80 / sm_90 by tests/test_triton_aot.py.
+AOT_KERNELS = [
+    (cross_entropy_kernel, {**_aot_signature("bf16", "fp32"), **{k: "constexpr" for k in _aot_constexprs()}},
+     _aot_constexprs()),
+    (cross_entropy_kernel, {**_aot_signature("fp32", "fp32"), **{k: "constexpr" for k in _aot_constexprs()}},
+     _aot_constexprs(FOCAL=True, SMOOTHING=False, SOFTCAP=False)),
+    (cross_entropy_kernel, {**_aot_signature("fp16", "fp32"), "T": "*fp16", **{k: "constexpr" for k in _aot_constexprs()}},
+     _aot_constexprs(PROB_TARGET=True)),
+]
