@@ -108,6 +108,9 @@ inline int64_t row_grain(int64_t row_length) {
   return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(1, row_length));
 }
 
+// An uninitialised contiguous CPU tensor for a gradient, on huge pages when large (allocation.cpp).
+at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype);
+
 // Dispatch over the floating dtypes every loss accepts.
 #define LOSSOPS_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

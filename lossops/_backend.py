@@ -99,3 +99,16 @@ def kernels(name: str, family: str):
     if name == "triton":
         return importlib.import_module(f"lossops.triton_kernels.{family}")
     raise ValueError(f"lossops: backend {name!r} has no kernels")
+
+
+def empty_gradient(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous buffer shaped like `like` for a gradient written in forward.
+
+    On CPU it comes from the C++ module, on transparent huge pages when large: faulting in a fresh N x C
+    buffer page by page costs more than computing the gradient.
+    """
+    if like.device.type == "cpu" and _cpp_available():
+        from . import _cpp
+        if hasattr(_cpp.module(), "empty_gradient_like"):
+            return _cpp.module().empty_gradient_like(like)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)

@@ -37,6 +37,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0, exception=RuntimeError)
     lse_square_scale = _checks.in_range("lse_square_scale", lse_square_scale, 0.0)
     cap = _checks.positive_or_none("softcap", softcap)
+    if weight is not None:  # torch's cross_entropy refuses a weight of another dtype than the input's
+        _checks.same_dtype(_checks.floating("input", input), weight=_checks.floating("weight", weight))
     return row_softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing=label_smoothing,
                             lse_square_scale=lse_square_scale, softcap=cap, inplace_backward=inplace_backward,
                             reference=reference_cross_entropy)
@@ -83,7 +85,10 @@ def row_softmax_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ig
                                                   weight_normalizes_mean, needs_grad, backend)
     if reduction == "none":
         loss = loss.reshape(item_shape)
-    return loss.to(_checks.output_dtype(input))
+    out_dtype = _checks.output_dtype(input)
+    if probabilities:  # torch's loss is input * target: a float64 target makes a float64 loss
+        out_dtype = torch.promote_types(out_dtype, target.dtype)
+    return loss.to(out_dtype)
 
 
 def _check_target(input: Tensor, target: Tensor, probabilities: bool, ignore_index: int) -> None:
@@ -94,9 +99,9 @@ def _check_target(input: Tensor, target: Tensor, probabilities: bool, ignore_ind
         if ignore_index >= 0:
             raise RuntimeError(f"lossops: ignore_index is not supported for class-probability targets, got {ignore_index}")
         return
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise RuntimeError(f"lossops: class-index target must be an integer tensor, got dtype {target.dtype} "
-                           f"(probability targets must have the input's shape {tuple(input.shape)})")
+    if target.dtype not in (torch.int64, torch.uint8):  # torch's nll_loss accepts exactly these two
+        raise RuntimeError(f"lossops: class-index target must be an int64 or uint8 tensor, got dtype {target.dtype} and "
+                           f"shape {tuple(target.shape)} (probability targets must have the input's shape {tuple(input.shape)})")
     expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
     if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
@@ -130,7 +135,7 @@ def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignor
 def _cross_entropy_op(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
                       label_smoothing: float, lse_square_scale: float, softcap: float, focal_gamma: float,
                       weight_normalizes_mean: bool, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
-    grad = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device) if compute_grad else None
+    grad = _backend.empty_gradient(logits3) if compute_grad else None
     loss = _run_kernel(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
                        focal_gamma, weight_normalizes_mean, grad, backend)
     return loss, grad if grad is not None else logits3.new_empty((0,))
@@ -152,6 +157,8 @@ def _setup_context(ctx, inputs, output):
     ctx.compute_grad = compute_grad
     ctx.item_shape = (logits3.shape[0], 1, logits3.shape[2]) if reduction == "none" else None
     ctx.mark_non_differentiable(output[1])
+    # Otherwise autograd materialises an N x C tensor of zeros as the (unused) gradient of output[1].
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _unused):
