@@ -34,7 +34,8 @@ struct BlockStats {
     sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return (v - m).exp(); },
                                               [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
   }
-  acc_t lse() const { return max + std::log(sum_exp); }
+  acc_t log_sum() const { return std::log(sum_exp); }
+  acc_t lse() const { return max + log_sum(); }
 };
 
 template <typename acc_t>
@@ -62,12 +63,12 @@ struct RowResult {
 };
 
 template <typename acc_t>
-inline RowResult<acc_t> row_coefficients(const CrossEntropyOptions& o, acc_t lse, acc_t x_target, acc_t w_target,
+inline RowResult<acc_t> row_coefficients(const CrossEntropyOptions& o, acc_t lse, acc_t logp_target, acc_t w_target,
                                          acc_t smooth_dot, acc_t weight_sum, int64_t C) {
   if (o.focal_gamma >= 0) {
     // Softmax focal: L = -a q^g log p_y with q = 1 - p_y; dL/dz = A (p - onehot), A = a q^g (1 + g p_y r),
     // r = -log(p_y) / q (-> 1 as q -> 0). No negative power of q appears, so every gamma >= 0 is finite.
-    const acc_t logp = x_target - lse;
+    const acc_t logp = logp_target;
     const acc_t p = std::exp(logp);
     const acc_t q = -std::expm1(logp);
     const acc_t qg = std::pow(q, static_cast<acc_t>(o.focal_gamma));
@@ -78,7 +79,7 @@ inline RowResult<acc_t> row_coefficients(const CrossEntropyOptions& o, acc_t lse
   const acc_t eps = static_cast<acc_t>(o.label_smoothing);
   const acc_t z = static_cast<acc_t>(o.lse_square_scale);
   const acc_t smooth = eps / static_cast<acc_t>(C);
-  acc_t loss = (acc_t(1) - eps) * w_target * (lse - x_target);
+  acc_t loss = -(acc_t(1) - eps) * w_target * logp_target;
   if (eps > 0) loss += smooth * (weight_sum * lse - smooth_dot);
   loss += z * lse * lse;
   const acc_t a = (acc_t(1) - eps) * w_target + smooth * weight_sum + acc_t(2) * z * lse;
@@ -159,9 +160,12 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
           q_dot += dot(qb, xb, n);
         }
       }
-      const acc_t lse = stats.lse();
+      // x - lse loses the low bits of x - max when |max| is large (lse rounds to max's ulp): every
+      // log-probability is formed as (x - max) - log_sum instead, as torch's log_softmax does.
+      const acc_t log_sum = stats.log_sum();
+      const acc_t lse = stats.max + log_sum;
       RowResult<acc_t> res;
-      acc_t x_target = 0;
+      acc_t x_target = 0, logp_target = 0;
       if (prob_target) {
         const acc_t z = static_cast<acc_t>(o.lse_square_scale);
         res = {q_sum * lse - q_dot + z * lse * lse, q_sum + acc_t(2) * z * lse, 0};
@@ -169,15 +173,16 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
         x_target = static_cast<acc_t>(x[y * in.stride_class]);
         if (capped) x_target = cap * std::tanh(x_target / cap);
         const acc_t w_target = w_ptr ? w_ptr[y] : acc_t(1);
-        res = row_coefficients<acc_t>(o, lse, x_target, w_target, smooth_dot, weight_sum, C);
+        logp_target = (x_target - stats.max) - log_sum;
+        res = row_coefficients<acc_t>(o, lse, logp_target, w_target, smooth_dot, weight_sum, C);
       }
       loss_ptr[r] = res.loss;
       lse_ptr[r] = lse;
       if (!g_ptr) continue;
 
       scalar_t* g = g_ptr + gl.row_offset(r);
-      const Vec<acc_t> vlse(lse), va(res.softmax_coef * scale), vs(smooth * scale), vscale(scale),
-          vinv_cap(capped ? acc_t(1) / cap : acc_t(0));
+      const Vec<acc_t> vmax(stats.max), vlog_sum(log_sum), va(res.softmax_coef * scale), vs(smooth * scale),
+          vscale(scale), vinv_cap(capped ? acc_t(1) / cap : acc_t(0));
       for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
         const int64_t n = std::min(kBlock, C - b0);
         const acc_t* xb = load_x(b0, n);
@@ -187,14 +192,14 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
         int64_t i = 0;
         for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
           const Vec<acc_t> xv = Vec<acc_t>::loadu(xb + i);
-          Vec<acc_t> gv = va * (xv - vlse).exp();
+          Vec<acc_t> gv = va * ((xv - vmax) - vlog_sum).exp();
           if (prob_target) gv = gv - vscale * Vec<acc_t>::loadu(qb + i);
           else if (smooth > 0) gv = gv - vs * (w_ptr ? Vec<acc_t>::loadu(w_ptr + b0 + i) : ones);
           if (capped) { const Vec<acc_t> t = xv * vinv_cap; gv = gv * (ones - t * t); }
           gv.store(gb + i);
         }
         for (; i < n; ++i) {
-          acc_t gi = res.softmax_coef * scale * std::exp(xb[i] - lse);
+          acc_t gi = res.softmax_coef * scale * std::exp((xb[i] - stats.max) - log_sum);
           if (prob_target) gi -= scale * qb[i];
           else if (smooth > 0) gi -= smooth * scale * (w_ptr ? w_ptr[b0 + i] : acc_t(1));
           if (capped) gi *= softcap_derivative(xb[i], cap);
@@ -202,7 +207,9 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
         }
         if (!prob_target && y >= b0 && y < b0 + n) {
           const acc_t w_y = w_ptr ? w_ptr[y] : acc_t(1);
-          acc_t gy = res.softmax_coef * std::exp(x_target - lse) - smooth * w_y - res.onehot_coef;
+          // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
+          acc_t gy = (res.softmax_coef - res.onehot_coef) * std::exp(logp_target) +
+                     res.onehot_coef * std::expm1(logp_target) - smooth * w_y;
           if (capped) gy *= softcap_derivative(x_target, cap);
           gb[y - b0] = gy * scale;
         }

@@ -38,10 +38,16 @@ def reduce(reduction: str, per_item: torch.Tensor, total: torch.Tensor, denomina
     return total / denominator
 
 
+def _tracing(t: torch.Tensor) -> bool:
+    # Under torch.compile, and under AOTAutograd/make_fx without Dynamo (opcheck), where tensors are
+    # Fake/Functional subclasses: no data-dependent branches and no in-place tricks there.
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
 def _is_one(grad_output: torch.Tensor) -> bool:
     # Free on CPU; on CUDA it would sync, so there the multiplication always runs (on the device).
     return (grad_output.device.type == "cpu" and grad_output.numel() == 1
-            and not torch.compiler.is_compiling() and bool(grad_output == 1))
+            and not _tracing(grad_output) and bool(grad_output == 1))
 
 
 def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None, owns_buffer=False):
@@ -53,14 +59,16 @@ def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_s
     backward through the same graph (retain_graph=True, gradcheck) still gets exact results.
     owns_buffer: the buffer is the caller's (inplace_backward) and may also be scaled per item in place.
     """
-    if torch.is_grad_enabled() and grad_output.requires_grad:
+    if grad_output is None:  # the loss did not reach the result (materialize_grads is off): no gradient
+        return None
+    if torch.is_grad_enabled():  # create_graph=True: the result would silently have no second derivative
         raise RuntimeError("lossops: double backward (create_graph=True through a lossops loss) is not supported")
     applied = getattr(ctx, "lossops_applied_scale", None)
     if applied is None and _is_one(grad_output):
         return grad
     if item_shape is not None and grad_output.dim() > 0:
         grad_output = grad_output.reshape(item_shape)
-    if torch.compiler.is_compiling():
+    if _tracing(grad_output):
         return grad * grad_output
     if applied is not None:  # a second backward: undo the first call's scale
         if not bool((applied != 0).all()):

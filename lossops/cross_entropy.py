@@ -199,7 +199,7 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
         if ctx.item_shape is not None:
             grad3 = grad.reshape(ctx.item_shape[0], -1, ctx.item_shape[2])
             grad = _reduce.apply_grad_output(ctx, grad3, grad_loss, ctx.item_shape, owns_buffer=True)
-            grad = grad.reshape(ctx.input_shape)
+            grad = None if grad is None else grad.reshape(ctx.input_shape)
         else:
             grad = _reduce.apply_grad_output(ctx, grad, grad_loss, owns_buffer=True)
         return (grad,) + (None,) * 11

@@ -80,7 +80,9 @@ def cross_entropy_kernel(
                 dot += tl.sum(x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC), axis=0)
             else:
                 dot += tl.sum(x0, axis=0)
-    lse = m + tl.log(s)
+    # Log-probabilities are formed as (x - max) - log_sum, never x - lse: lse rounds to max's ulp.
+    log_sum = tl.log(s)
+    lse = m + log_sum
 
     x_y = 0.0
     onehot_coef = 0.0
@@ -93,9 +95,9 @@ def cross_entropy_kernel(
         w_y = 1.0
         if HAS_WEIGHT:
             w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
+        logp = (x_y - m) - log_sum
         if FOCAL:
             # See csrc/cross_entropy.cpp row_coefficients: no negative power of q for any gamma >= 0.
-            logp = x_y - lse
             p_y = tl.exp(logp)
             q = -expm1(logp)
             qg = pow_nonneg(q, focal_gamma)
@@ -104,7 +106,7 @@ def cross_entropy_kernel(
             loss = -w_y * qg * logp
             onehot_coef = coef
         else:
-            loss = (1.0 - eps) * w_y * (lse - x_y) + z * lse * lse
+            loss = -(1.0 - eps) * w_y * logp + z * lse * lse
             coef = (1.0 - eps) * w_y + 2.0 * z * lse
             if SMOOTHING:
                 w_sum = C * 1.0
@@ -126,7 +128,7 @@ def cross_entropy_kernel(
             cols = start + tl.arange(0, BLOCK)
             mask = cols < C
             x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
-            g = coef * tl.exp(x - lse)
+            g = coef * tl.exp((x - m) - log_sum)
             if PROB_TARGET:
                 q = tl.load(T + cols * stride_tc, mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
                 if HAS_WEIGHT:
@@ -138,7 +140,14 @@ def cross_entropy_kernel(
                         g -= smooth * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
                     else:
                         g -= smooth
-                g = tl.where(cols == y, g - onehot_coef, g)
+                # coef * p - onehot_coef cancels as p -> 1: use (coef - onehot) p + onehot (p - 1).
+                g_y = (coef - onehot_coef) * tl.exp(logp) + onehot_coef * expm1(logp)
+                if SMOOTHING:
+                    w_y_smooth = smooth
+                    if HAS_WEIGHT:
+                        w_y_smooth = smooth * tl.load(W + y, mask=valid, other=0.0).to(ACC)
+                    g_y -= w_y_smooth
+                g = tl.where(cols == y, g_y, g)
             if SOFTCAP:
                 t = x / cap
                 g = g * (1.0 - t * t)
