@@ -21,6 +21,8 @@ namespace lossops {
 
 // Loads work in blocks small enough to stay in L1 while they are reused within a pass.
 constexpr int64_t kBlock = 2048;
+// Rows up to this many classes keep their exponentials between passes (4 bytes each: fits L2).
+constexpr int64_t kExpCacheElements = 1 << 16;
 // Work units for at::parallel_for: large enough that a thread streams long runs of memory.
 constexpr int64_t kRowGrainElements = 1 << 16;
 // Elementwise reductions sum fixed-size chunks, then the chunk sums in order: the result does not

@@ -22,17 +22,27 @@ struct BlockStats {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum_exp = 0;
 
-  // Online softmax at block granularity: one max and one exp per element.
-  void add(const acc_t* x, int64_t n) {
+  // Online softmax at block granularity: one max and one exp per element. When exp_out is given the
+  // block's exponentials are kept there; the return value is the max they are relative to.
+  acc_t add(const acc_t* x, int64_t n, acc_t* exp_out = nullptr) {
     acc_t block_max = at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, x, n);
-    if (block_max > max) {
+    if (block_max > max || std::isnan(block_max)) {  // a NaN logit makes the whole row NaN, as in torch
       sum_exp = max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : sum_exp * std::exp(max - block_max);
       max = block_max;
     }
-    if (max == -std::numeric_limits<acc_t>::infinity()) return;  // all -inf so far: contributes exp(-inf) = 0
+    if (max == -std::numeric_limits<acc_t>::infinity()) {  // all -inf so far: contributes exp(-inf) = 0
+      if (exp_out) std::fill(exp_out, exp_out + n, acc_t(0));
+      return max;
+    }
     const Vec<acc_t> m(max);
-    sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return (v - m).exp(); },
-                                              [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
+    if (exp_out) {
+      at::vec::map([m](Vec<acc_t> v) { return (v - m).exp(); }, exp_out, x, n);
+      sum_exp += at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, exp_out, n);
+    } else {
+      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return (v - m).exp(); },
+                                                [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
+    }
+    return max;
   }
   acc_t log_sum() const { return std::log(sum_exp); }
   acc_t lse() const { return max + log_sum(); }
@@ -116,8 +126,14 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
   const bool need_smooth_dot = !prob_target && eps > 0;
   const Vec<acc_t> ones(acc_t(1));
 
+  // With a gradient to write, rows that fit in L2 keep their exponentials from the first pass, so the
+  // second pass needs one multiply per element instead of a reload and an exp.
+  const bool cache_exp = g_ptr != nullptr && C <= kExpCacheElements;
+  const int64_t blocks = (C + kBlock - 1) / kBlock;
+
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(kBlock), tbuf(kBlock), gbuf(kBlock);
+    std::vector<acc_t> exp_cache(cache_exp ? C : 0), block_ref(cache_exp ? blocks : 0);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* x = x_ptr + in.row_offset(r);
       int64_t y = -1;
@@ -152,7 +168,8 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
       for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
         const int64_t n = std::min(kBlock, C - b0);
         const acc_t* xb = load_x(b0, n);
-        stats.add(xb, n);
+        const acc_t ref = stats.add(xb, n, cache_exp ? exp_cache.data() + b0 : nullptr);
+        if (cache_exp) block_ref[b0 / kBlock] = ref;
         if (need_smooth_dot) smooth_dot += w_ptr ? dot(xb, w_ptr + b0, n) : sum(xb, n);
         if (prob_target) {
           const acc_t* qb = load_q(b0, n);
@@ -185,21 +202,28 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
           vscale(scale), vinv_cap(capped ? acc_t(1) / cap : acc_t(0));
       for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
         const int64_t n = std::min(kBlock, C - b0);
-        const acc_t* xb = load_x(b0, n);
+        const acc_t* xb = (!cache_exp || capped) ? load_x(b0, n) : nullptr;
         const bool direct = std::is_same_v<scalar_t, acc_t> && gl.stride_class == 1;
         acc_t* gb = direct ? reinterpret_cast<acc_t*>(g + b0) : gbuf.data();
         const acc_t* qb = prob_target ? load_q(b0, n) : nullptr;
+        const acc_t* eb = cache_exp ? exp_cache.data() + b0 : nullptr;
+        // p = e * exp(ref - max - log_sum): the cached exponentials were taken against the block's running max.
+        const acc_t to_prob = cache_exp ? std::exp((block_ref[b0 / kBlock] - stats.max) - log_sum) : acc_t(0);
+        const Vec<acc_t> vto_prob(to_prob);
+        auto prob = [&](int64_t i) {
+          return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : ((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum).exp();
+        };
         int64_t i = 0;
         for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
-          const Vec<acc_t> xv = Vec<acc_t>::loadu(xb + i);
-          Vec<acc_t> gv = va * ((xv - vmax) - vlog_sum).exp();
+          Vec<acc_t> gv = va * prob(i);
           if (prob_target) gv = gv - vscale * Vec<acc_t>::loadu(qb + i);
           else if (smooth > 0) gv = gv - vs * (w_ptr ? Vec<acc_t>::loadu(w_ptr + b0 + i) : ones);
-          if (capped) { const Vec<acc_t> t = xv * vinv_cap; gv = gv * (ones - t * t); }
+          if (capped) { const Vec<acc_t> t = Vec<acc_t>::loadu(xb + i) * vinv_cap; gv = gv * (ones - t * t); }
           gv.store(gb + i);
         }
         for (; i < n; ++i) {
-          acc_t gi = res.softmax_coef * scale * std::exp((xb[i] - stats.max) - log_sum);
+          const acc_t p = eb ? eb[i] * to_prob : std::exp((xb[i] - stats.max) - log_sum);
+          acc_t gi = res.softmax_coef * scale * p;
           if (prob_target) gi -= scale * qb[i];
           else if (smooth > 0) gi -= smooth * scale * (w_ptr ? w_ptr[b0 + i] : acc_t(1));
           if (capped) gi *= softcap_derivative(xb[i], cap);

@@ -6,5 +6,5 @@ set -euo pipefail
 python -m lossops.selfcheck
 python -m bench --quick "$@"
 if [ -f examples/train_amp.py ]; then
-  python examples/train_amp.py --steps 30
+  python examples/train_amp.py --steps 60 --hidden 32 --samples 2000 --batch-size 64 --threads 1
 fi
