@@ -5,6 +5,8 @@ the second loop writes the gradient scale * (A * softmax - q) * softcap' while t
 Offsets are int64 (rows * classes may exceed 2^31); out-of-range targets are masked (never read) and
 reported through a flag tensor that the host checks once.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -155,6 +157,12 @@ def cross_entropy_kernel(
             tl.store(G + cols * stride_gc, g.to(G.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _float_options(label_smoothing, lse_square_scale, cap, focal_gamma, acc, device):
+    # Cached: a fresh host-to-device copy per call would sync and cannot be captured in a CUDA graph.
+    return torch.tensor([label_smoothing, lse_square_scale, cap, focal_gamma], dtype=acc, device=device)
+
+
 def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -184,8 +192,8 @@ def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, 
     target_strides = _strides3(target) if prob_target else (0, 0, 0)
     g = grad if grad is not None else logits3
     cfg = launch_config(C)
-    params = torch.tensor([label_smoothing, lse_square_scale, softcap or 1.0, max(focal_gamma, 0.0)], dtype=acc)
-    params = params.to(logits3.device, non_blocking=True)
+    params = _float_options(float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
+                            float(max(focal_gamma, 0.0)), acc, logits3.device)
     cross_entropy_kernel[(rows,)](
         logits3, *_strides3(logits3), target, *target_strides, weight if weight is not None else row_loss, wsum,
         g, *_strides3(g), row_loss, row_lse, has_bad if has_bad is not None else bad, grad_scale.to(logits3.device),
@@ -198,13 +206,13 @@ def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, 
 
 
 def _raise_if_bad_target(target, flag, ignore_index, C):
+    # The flag holds an offending target (never 0: 0 is always in range), so one scalar read decides.
     if target.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # A host read would break the capture; fail on the device instead.
         torch._assert_async(flag[0] == 0, "lossops: a target is out of bounds")
         return
-    bad = target[(target != ignore_index) & ((target < 0) | (target >= C))]
-    if bad.numel():
-        value = int(bad[0])
+    value = int(flag[0])
+    if value != 0:
         raise IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
 
 
