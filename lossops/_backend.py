@@ -52,6 +52,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Dynamo cannot trace ContextVar.get or the cached imports below: under torch.compile the choice is made
+# once, when the function is compiled, and becomes a constant of the graph.
+@torch.compiler.assume_constant_result
 def resolve(device: torch.device) -> str:
     """The concrete backend for tensors on `device`, or a RuntimeError saying why none can serve it."""
     name = get_backend()

@@ -39,15 +39,50 @@ def same_device(reference: torch.Tensor, **others) -> None:
                                "all tensors must be on the same device")
 
 
-def class_weight(weight, num_classes: int, input: torch.Tensor):
+def same_dtype(reference: torch.Tensor, **others) -> None:
+    """Where torch requires a tensor to have the input's dtype (autocast casts them together, so not there)."""
+    if torch.is_autocast_enabled(reference.device.type):
+        return
+    for name, value in others.items():
+        if value is not None and value.dtype != reference.dtype:
+            raise RuntimeError(f"lossops: {name} has dtype {value.dtype} but input has dtype {reference.dtype}; "
+                               "they must match")
+
+
+def class_weight(weight, num_classes: int, input: torch.Tensor, name: str = "weight"):
     if weight is None:
         return None
-    floating("weight", weight)
-    same_device(input, weight=weight)
+    floating(name, weight)
+    same_device(input, **{name: weight})
     if weight.dim() != 1 or weight.numel() != num_classes:
-        raise RuntimeError(f"lossops: weight must be a 1-D tensor of {num_classes} elements (one per class), "
+        raise RuntimeError(f"lossops: {name} must be a 1-D tensor of {num_classes} elements (one per class), "
                            f"got shape {tuple(weight.shape)}")
     return weight
+
+
+def broadcastable(name: str, value, shape: torch.Size, input: torch.Tensor, exception=ValueError):
+    """An optional per-element tensor (weight, pos_weight) that must broadcast to the loss's shape."""
+    if value is None:
+        return None
+    floating(name, value)
+    same_device(input, **{name: value})
+    try:
+        ok = torch.broadcast_shapes(value.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise exception(f"lossops: {name} of shape {tuple(value.shape)} cannot be broadcast to the loss's shape "
+                        f"{tuple(shape)}")
+    return value
+
+
+def class_index_in_range(name: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """For paths without an in-kernel check: one reduction, then an IndexError naming an offending value."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad].reshape(-1)[0])
+        raise IndexError(f"lossops: {name} value {value} is out of bounds (valid: 0..{num_classes - 1}, "
+                         f"ignore_index is {ignore_index})")
 
 
 def in_range(name: str, value: float, low: float, high: float | None = None, exception=ValueError) -> float:

@@ -55,7 +55,8 @@ def row_softmax_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ig
     if input.dim() == 0:
         raise ValueError("lossops: input must have at least one dimension (classes), got a 0-d tensor")
     num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    weight = _checks.class_weight(weight, num_classes, input)
+    # Softmax focal (focal_gamma >= 0) calls its per-class tensor alpha: errors name what the caller passed.
+    weight = _checks.class_weight(weight, num_classes, input, "alpha" if focal_gamma >= 0 else "weight")
     probabilities = target.shape == input.shape
     _check_target(input, target, probabilities, ignore_index)
 
@@ -126,7 +127,7 @@ def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignor
     denominator = _denominator(logits3, target, weight, ignore_index, weight_normalizes_mean)
     kernels = _backend.kernels(backend, "cross_entropy")
     row_loss, _lse, total = kernels.cross_entropy(
-        logits3, target, None if weight is None else weight.to(acc), grad, ignore_index, label_smoothing,
+        logits3, target, None if weight is None else weight.to(acc).contiguous(), grad, ignore_index, label_smoothing,
         lse_square_scale, softcap, focal_gamma, _reduce.gradient_scale(reduction, denominator))
     return _reduce.reduce(reduction, row_loss, total, denominator)
 

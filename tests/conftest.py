@@ -29,6 +29,16 @@ def kernel_backend(request):
         yield request.param
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="tests/test_fuzz.py: the long hypothesis profile (same as LOSSOPS_FUZZ_PROFILE=long)")
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz-long"):  # read by test_fuzz at import, which comes after configure
+        os.environ["LOSSOPS_FUZZ_PROFILE"] = "long"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Memory safety of the C++ kernels: builds csrc/ once with AddressSanitizer + UndefinedBehaviorSanitizer
+# (SANITIZE=1, baseline ISA) into a directory of its own and runs the C++-backend tests against that build.
+# Exits non-zero on any sanitizer report (or test failure).
+#
+# The in-place modules (lossops/_C*.so) are never touched: the sanitized package is assembled under
+# $LOSSOPS_SANITIZE_DIR (default build/sanitize) and put first on the path. The tests run with
+# -k "$LOSSOPS_SANITIZE_K" (default "cpp": the parametrisations on the C++ backend); extra arguments go
+# to pytest. test_large.py is left out: ~4 GB under ASan's allocator doubles its time for no new code path.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${LOSSOPS_SANITIZE_DIR:-$ROOT/build/sanitize}"
+PKG="$OUT/pkg"
+LOG="$OUT/pytest.log"
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then
+  # shellcheck disable=SC1091
+  . "$ROOT/.venv/bin/activate"
+fi
+
+echo "sanitize: building csrc/ with ASan+UBSan into $OUT"
+mkdir -p "$OUT"
+(cd "$ROOT" && SANITIZE=1 LOSSOPS_ISAS=default MAX_JOBS="${MAX_JOBS:-2}" \
+  python setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" >"$OUT/build.log" 2>&1) || {
+  cat "$OUT/build.log"; echo "sanitize: build failed"; exit 1; }
+
+python - "$ROOT" "$OUT/lib" "$PKG" <<'EOF'
+import pathlib, shutil, sys
+root, lib, pkg = map(pathlib.Path, sys.argv[1:])
+skip = shutil.ignore_patterns("*.so", "__pycache__", ".build-stamp")
+shutil.rmtree(pkg, ignore_errors=True)
+shutil.copytree(root / "lossops", pkg / "lossops", ignore=skip)
+shutil.copytree(root / "triton_kernels", pkg / "lossops" / "triton_kernels", ignore=skip)
+for module in (lib / "lossops").glob("_C*.so"):
+    shutil.copy2(module, pkg / "lossops")
+EOF
+
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export LD_PRELOAD
+# Python's and torch's own allocations are not ours to chase (detect_leaks=0); the first report aborts.
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:print_summary=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export LOSSOPS_CPU_CAPABILITY=default
+# The sanitized package first; the repository after it for the test helpers' own imports (bench, examples).
+export PYTHONPATH="$PKG:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# The tests must exercise the sanitized module, not the in-place one.
+(cd "$PKG" && python -c "
+import lossops, lossops._cpp as c
+m = c.module()
+assert lossops.__file__.startswith('$PKG') and m.__file__.startswith('$PKG'), (lossops.__file__, m.__file__)
+print('sanitize: testing', m.__file__, '(', m.CPU_CAPABILITY, ')')
+")
+
+mapfile -t files < <(cd "$ROOT" && ls tests/test_*.py | grep -v -e '^tests/test_large\.py$' -e 'triton_aot')
+status=0
+(cd "$PKG" && python -m pytest -q -p no:cacheprovider --rootdir "$ROOT" "${files[@]/#/$ROOT/}" \
+  -k "${LOSSOPS_SANITIZE_K:-cpp}" "$@") 2>&1 | tee "$LOG" || status=$?
+# halt_on_error aborts the process that hit a report; a report inside a subprocess shows only in the log.
+if grep -q -E "ERROR: AddressSanitizer|runtime error:|SUMMARY: UndefinedBehaviorSanitizer" "$LOG"; then
+  echo "sanitize: sanitizer report found (see $LOG)"
+  exit 1
+fi
+if [ "$status" -ne 0 ]; then
+  echo "sanitize: tests failed under the sanitizers (exit $status, log $LOG)"
+  exit "$status"
+fi
+echo "sanitize: no sanitizer reports"

@@ -1,0 +1,33 @@
+// BCE with logits, torch's definition: L = w * ((1 - t) x + lw * softplus(-x)), lw = 1 + (pos_weight - 1) t.
+// dL/dx = w * (lw * sigmoid(x) - pos_weight * t) = w * ((1 - t) sigmoid(x) - pos_weight * t * sigmoid(-x));  dL/dt = w * (-x + (pos_weight - 1) * softplus(-x)).
+#include "bce.h"
+
+namespace lossops {
+namespace {
+
+template <typename acc_t>
+struct BceWithLogits {
+  using Vec = at::vec::Vectorized<acc_t>;
+  explicit BceWithLogits(const std::vector<double>&) {}
+
+  // pos_weight arrives as the auxiliary operand (1 when absent).
+  void operator()(const Vec& x, const Vec& t, const Vec& pos_weight, Vec& loss, Vec& gx, Vec& gt) const {
+    const Vec zero(acc_t(0)), one(acc_t(1));
+    const Logistic<acc_t> s(x);
+    const Vec pw_minus_one = pos_weight - one;
+    const Vec lw = one + pw_minus_one * t;
+    // (1 - t) x + lw * max(-x, 0) is exactly max(x, 0) - t x when pos_weight = 1: no cancellation.
+    loss = (one - t) * x + lw * at::vec::maximum(x.neg(), zero) + lw * s.log1p_exp;
+    // = lw * p - pos_weight * t, written so that a saturated logit keeps the tiny 1 - p instead of rounding it to 0
+    gx = (one - t) * s.p - pos_weight * t * s.one_minus_p;
+    gt = pw_minus_one * s.softplus_neg - x;
+  }
+};
+
+}  // namespace
+
+std::vector<at::Tensor> bce_with_logits_forward(const ElementwiseArgs& args) {
+  return elementwise_forward<BceWithLogits>(args);
+}
+
+}  // namespace lossops

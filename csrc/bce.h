@@ -1,0 +1,9 @@
+#pragma once
+// BCE-with-logits (torch.nn.functional.binary_cross_entropy_with_logits): params {}; aux = pos_weight.
+#include "elementwise.h"
+
+namespace lossops {
+
+std::vector<at::Tensor> bce_with_logits_forward(const ElementwiseArgs& args);
+
+}  // namespace lossops

@@ -1,0 +1,218 @@
+// One driver for every elementwise loss (sigmoid focal, BCE-with-logits, the regression family).
+//
+// A family supplies a functor that, on Vectorized<acc_t> lanes of input x, target t and an auxiliary
+// per-element value a (pos_weight), returns the loss and its derivatives with respect to x and t. The
+// driver streams the flat input in blocks, gathers broadcast operands, applies the per-element weight and
+// writes the gradients already scaled by the reduction (1/denominator), so backward is one multiplication
+// by grad_output. The sum is fused into the same pass: fixed chunks of kReduceChunk elements are summed in
+// order and their sums combined in order, so the result is bitwise identical for any thread count.
+#pragma once
+
+#include "common.h"
+
+#include <optional>
+#include <vector>
+
+namespace lossops {
+
+// Kernel arguments shared by every elementwise family (the Python side builds them in lossops/_elementwise.py).
+struct ElementwiseArgs {
+  at::Tensor input;                    // contiguous, any floating dtype
+  at::Tensor target;                   // contiguous, input's shape and dtype; or int64 class indices (one per row)
+  std::optional<at::Tensor> weight;    // compact, contiguous, opmath dtype; element i reads weight[(i / inner) % period]
+  std::vector<int64_t> weight_layout;  // {inner, period}
+  std::optional<at::Tensor> aux;       // like weight (pos_weight for BCE)
+  std::vector<int64_t> aux_layout;
+  std::vector<double> params;          // family parameters (beta, gamma, ...)
+  std::optional<at::Tensor> grad_input, grad_target;  // written when given (input's shape and dtype)
+  double grad_scale = 1.0;
+  bool per_element = false;            // also return the per-element loss (reduction="none")
+  int64_t ignore_index = -100;         // class-index targets only: rows with this index contribute nothing
+};
+
+// Returns {per-element loss (opmath dtype; empty unless per_element), sum of the losses (0-d, opmath)}.
+template <template <typename> class Loss>
+std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& args);
+
+namespace detail {
+
+// An operand broadcast against the flat output: element i reads data[(i / inner) % period].
+template <typename acc_t>
+struct Broadcast {
+  const acc_t* data = nullptr;
+  int64_t inner = 1, period = 1;
+
+  Broadcast(const std::optional<at::Tensor>& t, const std::vector<int64_t>& layout) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(layout.size() == 2 && layout[0] >= 1 && layout[1] >= 1 && t->numel() == layout[1] &&
+                    t->is_contiguous() && t->scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "lossops: broadcast operand layout does not match its tensor");
+    data = t->const_data_ptr<acc_t>();
+    inner = layout[0];
+    period = layout[1];
+  }
+  explicit operator bool() const { return data != nullptr; }
+
+  // The n values starting at flat index start: a pointer into data when they are contiguous there.
+  const acc_t* block(int64_t start, int64_t n, acc_t* buf) const {
+    int64_t q = start / inner, r = start % inner, idx = q % period;
+    if (inner == 1 && idx + n <= period) return data + idx;
+    for (int64_t j = 0; j < n; ++j) {
+      buf[j] = data[idx];
+      if (++r == inner) {
+        r = 0;
+        if (++idx == period) idx = 0;
+      }
+    }
+    return buf;
+  }
+};
+
+// Class-index targets of an (rows, C) input: element (row, c) has target 1 where index[row] == c.
+template <typename acc_t>
+inline void one_hot_block(const int64_t* index, int64_t C, int64_t start, int64_t n, acc_t* buf) {
+  int64_t row = start / C, col = start % C;
+  for (int64_t j = 0; j < n; ++j) {
+    buf[j] = index[row] == col ? acc_t(1) : acc_t(0);
+    if (++col == C) {
+      col = 0;
+      ++row;
+    }
+  }
+}
+
+template <typename acc_t>
+inline void zero_ignored_rows(const int64_t* index, int64_t C, int64_t ignore_index, int64_t start, int64_t n,
+                              acc_t* loss, acc_t* gx) {
+  int64_t row = start / C, col = start % C;
+  for (int64_t j = 0; j < n; ++j) {
+    if (index[row] == ignore_index) {
+      loss[j] = 0;
+      gx[j] = 0;
+    }
+    if (++col == C) {
+      col = 0;
+      ++row;
+    }
+  }
+}
+
+template <typename scalar_t, template <typename> class Loss>
+void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<double>& chunk_sums) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Loss<acc_t> loss_fn(a.params);
+  const int64_t n = a.input.numel();
+  const bool index_target = !a.target.is_floating_point();
+  const int64_t C = index_target ? a.input.size(-1) : 1;
+  const scalar_t* x_ptr = a.input.const_data_ptr<scalar_t>();
+  const scalar_t* t_ptr = index_target ? nullptr : a.target.const_data_ptr<scalar_t>();
+  const int64_t* idx_ptr = index_target ? a.target.const_data_ptr<int64_t>() : nullptr;
+  const Broadcast<acc_t> weight(a.weight, a.weight_layout), aux(a.aux, a.aux_layout);
+  scalar_t* gx_ptr = a.grad_input.has_value() ? a.grad_input->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt_ptr = a.grad_target.has_value() ? a.grad_target->mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* l_ptr = a.per_element ? loss_out.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t scale = static_cast<acc_t>(a.grad_scale);
+
+  at::parallel_for(0, static_cast<int64_t>(chunk_sums.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> buffers(7 * kBlock);
+    acc_t *xbuf = buffers.data(), *tbuf = xbuf + kBlock, *wbuf = tbuf + kBlock, *abuf = wbuf + kBlock,
+          *lbuf = abuf + kBlock, *gxbuf = lbuf + kBlock, *gtbuf = gxbuf + kBlock;
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      double chunk_sum = 0.0;
+      const int64_t chunk_stop = std::min(n, (chunk + 1) * kReduceChunk);
+      for (int64_t b0 = chunk * kReduceChunk; b0 < chunk_stop; b0 += kBlock) {
+        const int64_t nb = std::min(kBlock, chunk_stop - b0);
+        const acc_t* xb = read_block(x_ptr + b0, 1, nb, xbuf);
+        const acc_t* tb = tbuf;
+        if (index_target) one_hot_block(idx_ptr, C, b0, nb, tbuf);
+        else tb = read_block(t_ptr + b0, 1, nb, tbuf);
+        const acc_t* wb = weight ? weight.block(b0, nb, wbuf) : nullptr;
+        const acc_t* ab = aux ? aux.block(b0, nb, abuf) : nullptr;
+        for (int64_t i = 0; i < nb; i += Vec::size()) {
+          const int count = static_cast<int>(std::min<int64_t>(Vec::size(), nb - i));
+          const Vec x = Vec::loadu(xb + i, count), t = Vec::loadu(tb + i, count);
+          const Vec av = ab ? Vec::loadu(ab + i, count) : Vec(acc_t(1));
+          Vec l, gx, gt;
+          loss_fn(x, t, av, l, gx, gt);
+          Vec gscale(scale);
+          if (wb) {
+            const Vec w = Vec::loadu(wb + i, count);
+            l = l * w;
+            gscale = gscale * w;
+          }
+          l.store(lbuf + i, count);
+          (gx * gscale).store(gxbuf + i, count);
+          if (gt_ptr) (gt * gscale).store(gtbuf + i, count);
+        }
+        if (index_target) zero_ignored_rows(idx_ptr, C, a.ignore_index, b0, nb, lbuf, gxbuf);
+        chunk_sum += static_cast<double>(
+            at::vec::reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, lbuf, nb));
+        if (l_ptr) std::memcpy(l_ptr + b0, lbuf, nb * sizeof(acc_t));
+        if (gx_ptr) write_block<scalar_t>(gxbuf, gx_ptr + b0, 1, nb);
+        if (gt_ptr) write_block<scalar_t>(gtbuf, gt_ptr + b0, 1, nb);
+      }
+      chunk_sums[chunk] = chunk_sum;
+    }
+  });
+}
+
+}  // namespace detail
+
+template <template <typename> class Loss>
+std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& a) {
+  const at::Tensor& x = a.input;
+  TORCH_CHECK(x.is_contiguous(), "lossops: elementwise kernels expect a contiguous input");
+  if (a.target.is_floating_point()) {
+    TORCH_CHECK(a.target.sizes() == x.sizes() && a.target.scalar_type() == x.scalar_type() && a.target.is_contiguous(),
+                "lossops: target must be contiguous with the input's shape and dtype");
+  } else {
+    TORCH_CHECK(a.target.scalar_type() == at::kLong && a.target.is_contiguous() && x.dim() == 2 &&
+                    a.target.numel() == x.size(0),
+                "lossops: class-index targets need a 2-D input and one int64 index per row");
+    const int64_t C = x.size(1);
+    const int64_t* t = a.target.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < a.target.numel(); ++r) {
+      TORCH_CHECK_INDEX(t[r] == a.ignore_index || (t[r] >= 0 && t[r] <= C), "Target ", t[r],
+                        " is out of bounds (classes are 0..", C - 1, ", ", C, " means background, ignore_index is ",
+                        a.ignore_index, ").");
+    }
+  }
+  for (const auto* g : {&a.grad_input, &a.grad_target}) {
+    TORCH_CHECK(!g->has_value() || ((*g)->sizes() == x.sizes() && (*g)->scalar_type() == x.scalar_type() &&
+                                    (*g)->is_contiguous()),
+                "lossops: gradient buffers must be contiguous with the input's shape and dtype");
+  }
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  const int64_t n = x.numel();
+  at::Tensor loss = at::empty({a.per_element ? n : 0}, x.options().dtype(acc_type));
+  std::vector<double> chunk_sums((n + kReduceChunk - 1) / kReduceChunk);
+  if (n > 0) {
+    LOSSOPS_DISPATCH_FLOATING(x.scalar_type(), "lossops_elementwise", [&] { detail::run<scalar_t, Loss>(a, loss, chunk_sums); });
+  }
+  double total = 0.0;
+  for (double s : chunk_sums) total += s;
+  return {loss, at::scalar_tensor(total, x.options().dtype(acc_type))};
+}
+
+// Pieces several families share, on vectors.
+template <typename acc_t>
+struct Logistic {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec p, one_minus_p;     // sigmoid(x), sigmoid(-x)
+  Vec log1p_exp;          // log1p(exp(-|x|))
+  Vec softplus_neg;       // softplus(-x) = max(-x, 0) + log1p(exp(-|x|)) = -log(sigmoid(x))
+
+  explicit Logistic(const Vec& x) {
+    const Vec zero(acc_t(0)), one(acc_t(1));
+    const Vec e = x.abs().neg().exp();  // exp(-|x|) in (0, 1]: never overflows
+    const Vec big = one / (one + e), small = e / (one + e);
+    const Vec positive = x >= zero;
+    p = Vec::blendv(small, big, positive);
+    one_minus_p = Vec::blendv(big, small, positive);
+    log1p_exp = e.log1p();
+    softplus_neg = at::vec::maximum(x.neg(), zero) + log1p_exp;
+  }
+};
+
+}  // namespace lossops

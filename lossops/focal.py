@@ -1,0 +1,184 @@
+"""Focal losses: `lossops.sigmoid_focal_loss` (+ `sigmoid_focal_loss_index`) and `lossops.softmax_focal_loss`.
+
+Sigmoid focal has torchvision.ops.sigmoid_focal_loss's semantics (alpha < 0 disables the alpha term, soft
+targets allowed) on the shared elementwise driver (lossops/_elementwise.py; kernels csrc/focal.cpp and
+triton_kernels/focal.py), with a gradient that stays finite for every gamma >= 0 (see csrc/focal.cpp).
+Softmax focal is a per-row variant of cross-entropy and runs on the cross-entropy kernels
+(lossops.cross_entropy.row_softmax_loss with focal_gamma).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks, _elementwise
+from .cross_entropy import row_softmax_loss
+
+_op = _elementwise.define_op("sigmoid_focal", "focal")
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none", *, weight: Optional[Tensor] = None, avg_factor=None) -> Tensor:
+    """torchvision.ops.sigmoid_focal_loss, fused: alpha_t * (1 - p_t)^gamma * BCE-with-logits per element.
+
+    Extras (defaults reproduce torchvision): `weight`, per-element weights broadcastable to the inputs (the
+    mean still divides by the number of elements), and `avg_factor`, which replaces the mean's denominator
+    (mmdetection's convention). Gradients with respect to targets come from the plain-PyTorch reference.
+    """
+    reduction = _checks.reduction(reduction)
+    alpha, gamma = _alpha(alpha), _gamma(gamma)
+    _checks.floating("inputs", inputs)
+    _checks.floating("targets", targets)
+    if targets.size() != inputs.size():
+        raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
+    _checks.same_device(inputs, targets=targets)
+    weight = _checks.broadcastable("weight", weight, inputs.shape, inputs)
+    factor = _elementwise.avg_factor(avg_factor, reduction)
+    denominator = inputs.numel() if factor is None else factor
+
+    def reference():
+        loss = reference_sigmoid_focal(inputs, targets, alpha, gamma, weight)
+        return _elementwise.reduce_reference(loss, reduction, denominator).to(_checks.output_dtype(inputs))
+
+    return _elementwise.elementwise_loss(_op, inputs, targets.to(inputs.dtype), reduction=reduction,
+                                         denominator=denominator, reference=reference, weight=weight,
+                                         params=(alpha, gamma), kernel_target_grad=False)
+
+
+def sigmoid_focal_loss_index(inputs: Tensor, target_index: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                             reduction: str = "none", *, ignore_index: int = -100, weight: Optional[Tensor] = None,
+                             avg_factor=None) -> Tensor:
+    """Sigmoid focal loss with class-index targets (detection style), without building the one-hot targets.
+
+    inputs (N, C) logits, target_index (N,) integers: c in [0, C) is a one-hot target on class c, C is
+    background (all-zero target row), ignore_index rows contribute 0 to the loss and the gradient. Equals
+    sigmoid_focal_loss(inputs[kept], one_hot(target_index[kept]), ...): the mean divides by C times the
+    number of non-ignored rows (nan when every row is ignored, like cross_entropy), or by avg_factor.
+    """
+    reduction = _checks.reduction(reduction)
+    alpha, gamma = _alpha(alpha), _gamma(gamma)
+    _checks.floating("inputs", inputs)
+    _checks.tensor("target_index", target_index)
+    _checks.same_device(inputs, target_index=target_index)
+    if inputs.dim() != 2:
+        raise ValueError(f"lossops: sigmoid_focal_loss_index expects (N, C) inputs, got shape {tuple(inputs.shape)}")
+    if target_index.is_floating_point() or target_index.is_complex() or target_index.dtype == torch.bool:
+        raise TypeError(f"lossops: target_index must be an integer tensor, got dtype {target_index.dtype}")
+    if target_index.shape != inputs.shape[:1]:
+        raise ValueError(f"lossops: target_index must have shape ({inputs.shape[0]},) for inputs of shape "
+                         f"{tuple(inputs.shape)}, got {tuple(target_index.shape)}")
+    weight = _checks.broadcastable("weight", weight, inputs.shape, inputs)
+    factor = _elementwise.avg_factor(avg_factor, reduction)
+    denominator = factor
+    if denominator is None:
+        denominator = (target_index != ignore_index).sum(dtype=_checks.opmath_dtype(inputs.dtype)) * inputs.shape[1]
+
+    def reference():
+        loss = reference_sigmoid_focal_index(inputs, target_index, alpha, gamma, weight, ignore_index)
+        return _elementwise.reduce_reference(loss, reduction, denominator).to(_checks.output_dtype(inputs))
+
+    return _elementwise.elementwise_loss(_op, inputs, target_index.to(torch.int64), reduction=reduction,
+                                         denominator=denominator, reference=reference, weight=weight,
+                                         params=(alpha, gamma), ignore_index=ignore_index)
+
+
+def softmax_focal_loss(input: Tensor, target: Tensor, alpha: Union[None, float, Tensor] = None, gamma: float = 2.0,
+                       ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Multi-class focal loss on the softmax: -alpha_y * (1 - p_y)^gamma * log p_y per non-ignored target.
+
+    Layouts and class-index targets as cross_entropy. alpha: None (no weighting), a float (every class; the
+    mean divides by the number of non-ignored targets) or a per-class tensor (acts as cross_entropy's weight,
+    the mean divides by the sum of the targets' alphas), so gamma=0 equals cross_entropy(weight=alpha).
+    """
+    reduction = _checks.reduction(reduction)
+    gamma = _gamma(gamma)
+    _checks.floating("input", input)
+    _checks.tensor("target", target)
+    if input.dim() >= 1 and target.shape == input.shape:
+        raise ValueError(f"lossops: softmax_focal_loss takes class-index targets, got a target of the input's shape "
+                         f"{tuple(input.shape)}")
+    weight, normalizes = None, True
+    if isinstance(alpha, Tensor):
+        weight = alpha
+    elif alpha is not None:
+        value = _checks.in_range("alpha", alpha, 0.0)
+        if math.isinf(value):
+            raise ValueError(f"lossops: alpha must be finite, got {value}")
+        classes = input.shape[1] if input.dim() >= 2 else input.shape[0] if input.dim() == 1 else 1
+        weight = torch.full((classes,), value, dtype=input.dtype, device=input.device)
+        normalizes = False
+    return row_softmax_loss(input, target, weight, ignore_index, reduction, focal_gamma=gamma,
+                            weight_normalizes_mean=normalizes, reference=reference_softmax_focal)
+
+
+def _gamma(gamma) -> float:
+    value = _checks.in_range("gamma", gamma, 0.0)
+    if math.isinf(value):
+        raise ValueError(f"lossops: gamma must be finite, got {value}")
+    return value
+
+
+def _alpha(alpha) -> float:
+    """torchvision: alpha in [0, 1] weighs positives, a negative alpha disables the term."""
+    value = float(alpha)
+    if value != value or value > 1 or math.isinf(value):
+        raise ValueError(f"lossops: alpha must be in [0, 1] (or negative to disable it), got {value}")
+    return value
+
+
+def _focal_power(q: Tensor, gamma: float) -> Tensor:
+    """q ** gamma with a finite gradient at q = 0 for 0 < gamma < 1. There the true derivative of the loss is 0
+    (q^(gamma-1) multiplies dq, which vanishes like q), and autograd of q ** gamma would give inf * 0 = nan.
+    The power runs in float64, where a float32 q >= 1e-45 cannot overflow q^(gamma-1)."""
+    positive = q > 0
+    powered = torch.where(positive, q, 1).double().pow(gamma)
+    return torch.where(positive, powered, 0.0 ** gamma).to(q.dtype)
+
+
+def reference_sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float,
+                            weight: Optional[Tensor]) -> Tensor:
+    """torchvision's formula in plain PyTorch (per element, in the accumulation dtype), with 1 - p_t written as
+    p (1 - t) + (1 - p) t, which stays exact near 0, and the power from _focal_power."""
+    acc = _checks.opmath_dtype(inputs.dtype)
+    x, t = inputs.to(acc), targets.to(acc)
+    p = torch.sigmoid(x)
+    # torch's BCE, (1 - t) x - logsigmoid(x), with the log1p term added last so that it is not rounded away
+    ce = (1 - t) * x + torch.relu(-x) + torch.log1p(torch.exp(-x.abs()))
+    loss = ce * _focal_power(p * (1 - t) + (1 - p) * t, gamma)
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return loss if weight is None else loss * weight
+
+
+def reference_sigmoid_focal_index(inputs: Tensor, target_index: Tensor, alpha: float, gamma: float,
+                                  weight: Optional[Tensor], ignore_index: int) -> Tensor:
+    classes = inputs.shape[1]
+    _checks.class_index_in_range("target_index", target_index, classes + 1, ignore_index)
+    onehot = target_index.unsqueeze(1) == torch.arange(classes, device=inputs.device)
+    loss = reference_sigmoid_focal(inputs, onehot.to(inputs.dtype), alpha, gamma, weight)
+    return torch.where((target_index != ignore_index).unsqueeze(1), loss, 0)
+
+
+def reference_softmax_focal(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                            reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float, *,
+                            focal_gamma: float, weight_normalizes_mean: bool) -> Tensor:
+    """-alpha_y (1 - p_y)^gamma log p_y in plain PyTorch, reduced as softmax_focal_loss documents."""
+    acc = _checks.opmath_dtype(input.dtype)
+    class_dim = 1 if input.dim() > 1 else 0
+    _checks.class_index_in_range("target", target, input.shape[class_dim], ignore_index)
+    keep = target != ignore_index
+    safe = torch.where(keep, target, 0).long()
+    if input.shape[class_dim] == 0:  # no classes: every target is ignored (checked above), nothing to gather
+        logp = input.to(acc).sum(class_dim)
+    else:
+        logp = torch.log_softmax(input.to(acc), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    w = torch.ones((), dtype=acc, device=input.device) if weight is None else weight.to(acc)[safe]
+    loss = torch.where(keep, -w * _focal_power(-torch.expm1(logp), focal_gamma) * logp, 0)
+    if weight is not None and weight_normalizes_mean:
+        denominator = (w * keep).sum()
+    else:
+        denominator = keep.sum(dtype=acc)
+    return _elementwise.reduce_reference(loss, reduction, denominator).to(_checks.output_dtype(input))

@@ -1,0 +1,96 @@
+"""Shared test helpers: option grids, gradient collection, and the low-precision accuracy criterion."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def grid(factors: dict, valid=lambda case: True) -> list[dict]:
+    """Every valid combination of the factors' values."""
+    names = list(factors)
+    cases = (dict(zip(names, values)) for values in itertools.product(*factors.values()))
+    return [case for case in cases if valid(case)]
+
+
+def pairwise(factors: dict, valid=lambda case: True) -> list[dict]:
+    """A small subset of grid() in which every pair of values of any two factors still appears together.
+
+    For backends too slow to run the full grid (Triton's interpreter): interactions between two options
+    are where bugs hide, and all of those stay covered.
+    """
+    names = list(factors)
+    candidates = grid(factors, valid)
+
+    def pairs(case):
+        return {(a, repr(case[a]), b, repr(case[b])) for a, b in itertools.combinations(names, 2)}
+
+    uncovered = set().union(*(pairs(c) for c in candidates))
+    chosen = []
+    while uncovered:
+        best = max(candidates, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+def case_id(case: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+def backend_cases(full: dict[str, list[dict]]) -> list:
+    """pytest params (backend, case) for `@pytest.mark.parametrize("backend, case", ..., indirect=["backend"])`."""
+    return [pytest.param(b, c, id=f"{b}-{case_id(c)}") for b, cases in full.items() for c in cases]
+
+
+def forward_backward(fn, inputs: list[torch.Tensor], grad_output: torch.Tensor | None = None, seed: int = 1):
+    """fn(*inputs) and the gradients of every input that requires grad, for a random upstream gradient
+    (a non-uniform grad_output is where reduction='none' backward bugs show) unless one is given.
+
+    The random upstream values are multiples of 1/8 in [-4, 4]: exact in every float dtype, so runs in
+    different dtypes see the same upstream gradient.
+    """
+    out = fn(*inputs)
+    if grad_output is None:
+        gen = torch.Generator().manual_seed(seed)
+        grad_output = (torch.randint(-32, 33, out.shape, generator=gen) / 8).to(out.dtype)
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, grad_output, allow_unused=True) if out.requires_grad else [None] * len(wrt)
+    return out.detach(), [None if g is None else g.detach() for g in grads]
+
+
+def leaf_copies(tensors, dtype=None):
+    """Fresh leaves (same values, optionally another dtype) so two implementations get identical inputs."""
+    out = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            out.append(t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad))
+        else:
+            out.append(t)
+    return out
+
+
+def lowp_error_no_worse(ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor, what: str, slack_ulps=1.0):
+    """Our low-precision result is at least as close to the float64 truth as torch's own same-dtype result,
+    up to `slack_ulps` units of the dtype's epsilon relative to the truth's scale (both round the final
+    value to the same dtype, so the result rounding alone can differ by that much)."""
+    assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+    eps = torch.finfo(ours.dtype).eps
+    truth = truth.double()
+    our_err = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
+    their_err = (theirs.double() - truth).abs().max().item() if truth.numel() else 0.0
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    assert our_err <= their_err + slack_ulps * eps * scale, (
+        f"{what}: our {ours.dtype} error {our_err:.3g} vs torch's {their_err:.3g} (scale {scale:.3g})")
+
+
+def run_python(code: str, env_update: dict, *args: str, drop=("TRITON_INTERPRET",), timeout=300):
+    """Runs `code` in a fresh interpreter (environment variables that are read once at import need one)."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_update)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)

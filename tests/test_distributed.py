@@ -1,0 +1,118 @@
+"""Vocabulary-parallel cross-entropy on 2 and 3 gloo CPU processes against single-process torch.
+
+One spawn of 3 processes serves both sizes: the whole world (group=None), then a 2-rank subgroup (which
+also exercises the group argument); starting processes dominates the test's time.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import lossops
+from lossops.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+N, D, V = 13, 6, 23  # V splits unevenly over 2 and 3 ranks
+OPTIONS = [dict(), dict(ignore_index=5), dict(label_smoothing=0.2), dict(ignore_index=5, label_smoothing=0.1)]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _data(options, seed):
+    # Same seed on every rank: each builds the full problem and keeps its shard.
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, dtype=torch.float64, generator=gen) * 3
+    target = torch.randint(0, V, (N,), generator=gen)
+    target[::3] = options.get("ignore_index", -100)
+    return logits, target, torch.rand(N, dtype=torch.float64, generator=gen) + 0.5
+
+
+def _shard(world_size, rank):
+    bounds = [int(b) for b in torch.linspace(0, V, world_size + 1).round()]
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+def _scaled(loss, grad_output, reduction):
+    # A non-uniform upstream gradient for 'none', and a scale != 1 otherwise.
+    return (loss * grad_output).sum() if reduction == "none" else loss * 2.5
+
+
+def _check_logits(shard, group, options, reduction, seed):
+    logits, target, grad_output = _data(options, seed)
+    local = logits[:, shard].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, group, reduction=reduction, **options)
+    full = logits.clone().requires_grad_()
+    expected = F.cross_entropy(full, target, reduction=reduction, **options)
+    torch.testing.assert_close(loss, expected)
+    _scaled(loss, grad_output, reduction).backward()
+    _scaled(expected, grad_output, reduction).backward()
+    torch.testing.assert_close(local.grad, full.grad[:, shard])
+
+
+def _check_linear(shard, group, options, reduction, seed):
+    logits, target, grad_output = _data(options, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    hidden = torch.randn(2, N // 2 + 1, D, dtype=torch.float64, generator=gen)[:, :N // 2]  # batch dims
+    target = target[:hidden.shape[0] * hidden.shape[1]].reshape(hidden.shape[:-1])
+    grad_output = grad_output[:target.numel()].reshape(target.shape)
+    weight = torch.randn(V, D, dtype=torch.float64, generator=gen)
+    bias = torch.randn(V, dtype=torch.float64, generator=gen)
+    ours = [t.clone().requires_grad_() for t in (hidden, weight[shard], bias[shard])]
+    ref = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = vocab_parallel_linear_cross_entropy(ours[0], ours[1], target, group, local_bias=ours[2],
+                                               reduction=reduction, **options)
+    expected = F.cross_entropy(F.linear(*ref).permute(0, 2, 1), target, reduction=reduction, **options)
+    torch.testing.assert_close(loss, expected)
+    _scaled(loss, grad_output, reduction).backward()
+    _scaled(expected, grad_output, reduction).backward()
+    torch.testing.assert_close(ours[0].grad, ref[0].grad)  # the full gradient, summed over ranks
+    torch.testing.assert_close(ours[1].grad, ref[1].grad[shard])
+    torch.testing.assert_close(ours[2].grad, ref[2].grad[shard])
+
+
+def _check_all(world_size, rank, group):
+    shard = _shard(world_size, rank)
+    for seed, options in enumerate(OPTIONS):
+        for reduction in REDUCTIONS:
+            _check_logits(shard, group, options, reduction, seed)
+            _check_linear(shard, group, options, reduction, seed)
+    # Every rank rejects a target beyond the last shard at the same point, so none is left waiting in a collective.
+    logits, target, _ = _data({}, 0)
+    target[1] = V
+    with pytest.raises(IndexError, match=f"target {V} is out of bounds .*classes over all ranks is {V}"):
+        vocab_parallel_cross_entropy(logits[:, shard], target, group)
+    # All targets ignored: nan like torch's mean, and still a zero gradient.
+    local = logits[:, shard].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, torch.full((N,), -100), group)
+    loss.backward()
+    assert loss.isnan() and not local.grad.any()
+
+
+def _worker(rank, world_size, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        _check_all(world_size, rank, None)
+        pair = dist.new_group([0, 1])  # every rank must take part in creating it
+        if rank < 2:
+            _check_all(2, rank, pair)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_on_3_and_2_ranks_matches_single_process(tmp_path):
+    mp.spawn(_worker, args=(3, str(tmp_path / "store")), nprocs=3, join=True)
+
+
+def test_requires_initialized_process_group():
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        vocab_parallel_cross_entropy(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64))
+
+
+def test_validates_before_communicating():
+    with pytest.raises(RuntimeError, match=r"expected target of shape \(3,\) .* got \(4,\)"):
+        vocab_parallel_cross_entropy(torch.randn(3, 4), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"local_weight must have shape \(V_local, 5\)"):
+        vocab_parallel_linear_cross_entropy(torch.randn(3, 5), torch.randn(4, 6), torch.zeros(3, dtype=torch.int64))
+
+
+def test_exported_from_package():
+    assert lossops.distributed.vocab_parallel_cross_entropy is vocab_parallel_cross_entropy

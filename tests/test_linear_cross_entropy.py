@@ -1,0 +1,235 @@
+"""lossops.linear_cross_entropy against cross_entropy(hidden @ weight.T + bias) in value and in every gradient."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lossops
+from lossops.cross_entropy import reference_cross_entropy
+from lossops.linear_cross_entropy import default_chunk_size
+
+REDUCTIONS = ["mean", "sum", "none"]
+# OpInfo-like option cases: each extra alone, then all together (with and without a bias).
+CASES = {
+    "plain": dict(),
+    "no_bias": dict(bias=False),
+    "ignore_index": dict(ignore_index=3),
+    "label_smoothing": dict(label_smoothing=0.2),
+    "z_loss": dict(lse_square_scale=1e-2),
+    "softcap": dict(softcap=4.0),
+    "all": dict(ignore_index=3, label_smoothing=0.1, lse_square_scale=1e-2, softcap=4.0),
+}
+N, D, V, CHUNK = 37, 16, 50, 8  # 5 chunks, the last one short
+
+
+def _triton_kernels_present():
+    return importlib.util.find_spec("lossops.triton_kernels.cross_entropy") is not None
+
+
+def make_inputs(case, n=N, d=D, v=V, dtype=torch.float64):
+    case = dict(case)
+    with_bias = case.pop("bias", True)
+    hidden = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, d, dtype=dtype) / d ** 0.25).requires_grad_()
+    bias = torch.randn(v, dtype=dtype, requires_grad=True) if with_bias else None
+    target = torch.randint(0, v, (n,))
+    target[::4] = case.get("ignore_index", -100)  # every fourth row ignored
+    return hidden, weight, bias, target, case
+
+
+def truth(hidden, weight, bias, target, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+          lse_square_scale=0.0, softcap=None):
+    """The contract: plain PyTorch on the materialised logits (lossops' extras in their plain-torch form)."""
+    return reference_cross_entropy(F.linear(hidden, weight, bias), target, None, ignore_index, reduction,
+                                   label_smoothing, lse_square_scale, softcap or 0.0)
+
+
+def leaves(hidden, weight, bias):
+    return [t for t in (hidden, weight, bias) if t is not None]
+
+
+def check_against_truth(hidden, weight, bias, target, reduction, options, rtol=1e-7, atol=1e-9, **kwargs):
+    loss = lossops.linear_cross_entropy(hidden, weight, target, bias, reduction=reduction, **options, **kwargs)
+    expected = truth(hidden, weight, bias, target, reduction, **options)
+    torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol)
+    # A non-uniform upstream gradient: reduction='none' cannot be pre-scaled in forward.
+    grad_output = torch.rand_like(expected) + 0.5
+    got = torch.autograd.grad(loss, leaves(hidden, weight, bias), grad_output)
+    want = torch.autograd.grad(expected, leaves(hidden, weight, bias), grad_output)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("backend_name", ["cpp", "reference"])
+def test_matches_torch(backend_name, case, reduction):
+    hidden, weight, bias, target, options = make_inputs(case)
+    with lossops.backend(backend_name):
+        check_against_truth(hidden, weight, bias, target, reduction, options, chunk_size=CHUNK)
+
+
+@pytest.mark.skipif(not _triton_kernels_present(), reason="lossops.triton_kernels.cross_entropy not built yet")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_matches_torch_triton(reduction):
+    hidden, weight, bias, target, options = make_inputs(CASES["all"], dtype=torch.float32)
+    with lossops.backend("triton"):
+        check_against_truth(hidden, weight, bias, target, reduction, options, rtol=1e-5, atol=1e-6,
+                            chunk_size=CHUNK)
+
+
+def gradcheck(case, reduction):
+    hidden, weight, bias, target, options = make_inputs(case, n=6, d=3, v=5)
+    target[0] = 4 if options.get("ignore_index") != 4 else 0  # at least one counted row
+
+    def f(*tensors):
+        h, w, *b = tensors
+        return lossops.linear_cross_entropy(h, w, target, b[0] if b else None, reduction=reduction, chunk_size=4,
+                                            **options)
+    assert torch.autograd.gradcheck(f, leaves(hidden, weight, bias))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_gradcheck(case, reduction):
+    with lossops.backend("cpp"):
+        gradcheck(case, reduction)
+
+
+@pytest.mark.skipif(not _triton_kernels_present(), reason="lossops.triton_kernels.cross_entropy not built yet")
+def test_gradcheck_triton():
+    with lossops.backend("triton"):  # one case: the interpreter is slow
+        gradcheck(CASES["all"], "none")
+
+
+def test_bfloat16_accumulates_across_chunks_in_float32():
+    # 64 chunks: a bfloat16 running sum of grad_W / grad_b would be far worse than torch's one matmul.
+    hidden, weight, bias, target, _ = make_inputs({}, n=1024, d=32, v=64, dtype=torch.float64)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (hidden, weight, bias)]
+    exact = torch.autograd.grad(truth(*leaves(hidden, weight, bias), target, "sum"), leaves(hidden, weight, bias))
+    ours = torch.autograd.grad(lossops.linear_cross_entropy(low[0], low[1], target, low[2], reduction="sum",
+                                                            chunk_size=16), low)
+    torchs = torch.autograd.grad(truth(*low, target, "sum"), low)
+    for e, o, t in zip(exact, ours, torchs):
+        assert o.dtype == torch.bfloat16
+        ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
+        assert ours_err <= 1.5 * torch_err + 1e-3 * e.abs().max(), (ours_err, torch_err)
+
+
+def test_never_allocates_full_logits():
+    n, d, v = 512, 8, 256
+    hidden, weight, bias, target, _ = make_inputs({}, n=n, d=d, v=v, dtype=torch.float32)
+    logits_bytes = n * v * 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with lossops.backend("cpp"):
+            lossops.linear_cross_entropy(hidden, weight, target, bias).backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest <= logits_bytes // 8, (largest, logits_bytes)
+
+
+def test_default_chunk_size_bounds_chunk_logits():
+    assert default_chunk_size(4096, 32000, 4) == 512  # 1/8 of the rows
+    assert default_chunk_size(5, 32000, 4) == 1
+    # Huge logits: capped near 256 MiB per chunk, but never below 128 rows.
+    assert default_chunk_size(65536, 128256, 4) * 128256 * 4 <= 256 << 20
+    assert default_chunk_size(65536, 10 ** 7, 4) == 128
+
+
+def test_all_ignored_mean_is_nan_with_zero_gradients_like_torch():
+    hidden, weight, bias, target, _ = make_inputs({})
+    target.fill_(-100)
+    loss = lossops.linear_cross_entropy(hidden, weight, target, bias, chunk_size=CHUNK)
+    expected = truth(hidden, weight, bias, target)
+    assert loss.isnan() and expected.isnan()
+    for g, w in zip(torch.autograd.grad(loss, (hidden, weight, bias)),
+                    torch.autograd.grad(expected, (hidden, weight, bias))):
+        torch.testing.assert_close(g, w)
+
+
+def test_batch_dims_and_noncontiguous_hidden():
+    base = torch.randn(16, 3, 5, dtype=torch.float64)  # hidden (3, 5, 16) as a transposed view
+    hidden = base.permute(1, 2, 0).requires_grad_()
+    weight = torch.randn(V, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, V, (3, 5))
+    loss = lossops.linear_cross_entropy(hidden, weight, target, reduction="none", chunk_size=4)
+    assert loss.shape == (3, 5)
+    torch.testing.assert_close(loss, F.cross_entropy((hidden @ weight.T).permute(0, 2, 1), target, reduction="none"))
+
+
+def test_second_backward_with_scaled_grad_output():
+    hidden, weight, bias, target, _ = make_inputs({})
+    loss = lossops.linear_cross_entropy(hidden, weight, target, bias, chunk_size=CHUNK)
+    expected = torch.autograd.grad(truth(hidden, weight, bias, target) * 3, (hidden, weight, bias))
+    for _ in range(2):  # the first backward scales in place; the second must still be exact
+        got = torch.autograd.grad(loss * 3, (hidden, weight, bias), retain_graph=True)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+def test_only_requested_gradients():
+    hidden, weight, bias, target, _ = make_inputs({})
+    frozen = weight.detach()
+    loss = lossops.linear_cross_entropy(hidden, frozen, target, bias.detach(), chunk_size=CHUNK)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(grad, torch.autograd.grad(truth(hidden, frozen, bias.detach(), target), hidden)[0])
+
+
+def test_module_matches_functional():
+    hidden, weight, bias, target, options = make_inputs(CASES["all"])
+    module = lossops.nn.LinearCrossEntropyLoss(reduction="sum", chunk_size=CHUNK, **options)
+    torch.testing.assert_close(module(hidden, weight, target, bias),
+                               lossops.linear_cross_entropy(hidden, weight, target, bias, reduction="sum", **options))
+
+
+def test_autocast_bfloat16_like_torch():
+    hidden, weight, bias, target, _ = make_inputs({}, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lossops.linear_cross_entropy(hidden, weight, target, bias, chunk_size=CHUNK)
+        expected = F.cross_entropy(F.linear(hidden, weight, bias), target)
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    got, want = torch.autograd.grad(loss, weight), torch.autograd.grad(expected, weight)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile(reduction):
+    hidden, weight, bias, target, options = make_inputs(CASES["ignore_index"], dtype=torch.float32)
+
+    def f(h, w, b):
+        return lossops.linear_cross_entropy(h, w, target, b, reduction=reduction, chunk_size=CHUNK, **options)
+    # Not fullgraph: lossops._backend's ContextVar lookup is a graph break under dynamo.
+    compiled = torch.compile(f, backend="aot_eager")
+    loss, expected = compiled(hidden, weight, bias), truth(hidden, weight, bias, target, reduction, **options)
+    torch.testing.assert_close(loss, expected)
+    grad_output = torch.rand_like(loss)
+    for g, e in zip(torch.autograd.grad(loss, (hidden, weight, bias), grad_output),
+                    torch.autograd.grad(expected, (hidden, weight, bias), grad_output)):
+        torch.testing.assert_close(g, e)
+
+
+def test_opcheck():
+    hidden, weight, bias, target, _ = make_inputs({}, n=9, d=4, v=6, dtype=torch.float32)
+    args = (hidden, weight, bias, target, -100, "mean", 0.1, 0.0, 0.0, 4, [True, True, True], "cpp")
+    torch.library.opcheck(torch.ops.lossops.linear_cross_entropy.default, args)
+
+
+@pytest.mark.parametrize("kwargs, exception, match", [
+    (dict(weight=torch.randn(V, D + 1)), RuntimeError, r"weight must have shape \(vocab, 16\)"),
+    (dict(weight=torch.randn(V, D, dtype=torch.float64)), RuntimeError, "same dtype.*float32 and torch.float64"),
+    (dict(bias=torch.randn(V + 1)), RuntimeError, r"bias must be .* shape \(50,\), got .* \(51,\)"),
+    (dict(target=torch.zeros(N, dtype=torch.float32)), RuntimeError, "integer tensor.*float32"),
+    (dict(target=torch.zeros(N + 1, dtype=torch.int64)), RuntimeError, r"target of shape \(37,\).*\(38,\)"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int.*got 0"),
+    (dict(softcap=-1.0), ValueError, "softcap must be .*got -1.0"),
+    (dict(label_smoothing=1.5), RuntimeError, "label_smoothing must be in .*got 1.5"),
+    (dict(reduction="avg"), ValueError, "avg is not a valid value for reduction"),
+    (dict(target=torch.full((N,), V, dtype=torch.int64)), IndexError, "Target 50 is out of bounds"),
+])
+def test_bad_arguments_raise_naming_the_value(kwargs, exception, match):
+    call = dict(hidden=torch.randn(N, D), weight=torch.randn(V, D), target=torch.randint(0, V, (N,)))
+    call.update(kwargs)
+    with lossops.backend("cpp"), pytest.raises(exception, match=match):
+        lossops.linear_cross_entropy(**call)
