@@ -111,7 +111,11 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
   const scalar_t* x_ptr = input.const_data_ptr<scalar_t>();
   scalar_t* g_ptr = grad ? grad->mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t* index_ptr = prob_target ? nullptr : target.const_data_ptr<int64_t>();
-  const scalar_t* prob_ptr = prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
+  // Probability targets come in the input's dtype, or in the accumulation dtype (e.g. fp32 targets for
+  // bf16 logits under autocast) so that they are not rounded to bf16.
+  const bool prob_in_acc = prob_target && target.scalar_type() != input.scalar_type();
+  const scalar_t* prob_ptr = prob_target && !prob_in_acc ? target.const_data_ptr<scalar_t>() : nullptr;
+  const acc_t* prob_acc_ptr = prob_in_acc ? target.const_data_ptr<acc_t>() : nullptr;
   const acc_t* w_ptr = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
   acc_t* loss_ptr = row_loss.mutable_data_ptr<acc_t>();
   acc_t* lse_ptr = row_lse.mutable_data_ptr<acc_t>();
@@ -156,7 +160,9 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
       };
       // Target distribution q_c = w_c * (t_c * (1 - eps) + eps / C) for probability targets.
       auto load_q = [&](int64_t b0, int64_t n) {
-        read_block(prob_ptr + tl.row_offset(r) + b0 * tl.stride_class, tl.stride_class, n, tbuf.data(), true);
+        const int64_t offset = tl.row_offset(r) + b0 * tl.stride_class;
+        if (prob_in_acc) read_block(prob_acc_ptr + offset, tl.stride_class, n, tbuf.data(), true);
+        else read_block(prob_ptr + offset, tl.stride_class, n, tbuf.data(), true);
         const Vec<acc_t> keep(acc_t(1) - eps), add(eps / static_cast<acc_t>(C));
         at::vec::map([&](Vec<acc_t> t) { return t * keep + add; }, tbuf.data(), tbuf.data(), n);
         if (w_ptr) at::vec::map2([](Vec<acc_t> t, Vec<acc_t> w) { return t * w; }, tbuf.data(), tbuf.data(), w_ptr + b0, n);
@@ -262,7 +268,8 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at:
                         " is out of bounds (number of classes is ", C, ", ignore_index is ", options.ignore_index, ").");
     }
   } else {
-    TORCH_CHECK(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
+    TORCH_CHECK(target.sizes() == input.sizes() && (target.scalar_type() == input.scalar_type() ||
+                                                    target.scalar_type() == at::toOpMathType(input.scalar_type())),
                 "lossops: probability target must match the input's shape and dtype");
   }
   const auto acc_type = at::toOpMathType(input.scalar_type());

@@ -106,7 +106,10 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
   const bool index_target = !a.target.is_floating_point();
   const int64_t C = index_target ? a.input.size(-1) : 1;
   const scalar_t* x_ptr = a.input.const_data_ptr<scalar_t>();
-  const scalar_t* t_ptr = index_target ? nullptr : a.target.const_data_ptr<scalar_t>();
+  // A float target may be in the accumulation dtype (autocast: bf16 input, fp32 target, no copy of either).
+  const bool target_in_acc = !index_target && a.target.scalar_type() != a.input.scalar_type();
+  const scalar_t* t_ptr = index_target || target_in_acc ? nullptr : a.target.const_data_ptr<scalar_t>();
+  const acc_t* t_acc_ptr = target_in_acc ? a.target.const_data_ptr<acc_t>() : nullptr;
   const int64_t* idx_ptr = index_target ? a.target.const_data_ptr<int64_t>() : nullptr;
   const Broadcast<acc_t> weight(a.weight, a.weight_layout), aux(a.aux, a.aux_layout);
   scalar_t* gx_ptr = a.grad_input.has_value() ? a.grad_input->mutable_data_ptr<scalar_t>() : nullptr;
@@ -126,6 +129,7 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
         const acc_t* xb = read_block(x_ptr + b0, 1, nb, xbuf);
         const acc_t* tb = tbuf;
         if (index_target) one_hot_block(idx_ptr, C, b0, nb, tbuf);
+        else if (target_in_acc) tb = t_acc_ptr + b0;
         else tb = read_block(t_ptr + b0, 1, nb, tbuf);
         const acc_t* wb = weight ? weight.block(b0, nb, wbuf) : nullptr;
         const acc_t* ab = aux ? aux.block(b0, nb, abuf) : nullptr;
@@ -164,8 +168,11 @@ std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& a) {
   const at::Tensor& x = a.input;
   TORCH_CHECK(x.is_contiguous(), "lossops: elementwise kernels expect a contiguous input");
   if (a.target.is_floating_point()) {
-    TORCH_CHECK(a.target.sizes() == x.sizes() && a.target.scalar_type() == x.scalar_type() && a.target.is_contiguous(),
-                "lossops: target must be contiguous with the input's shape and dtype");
+    TORCH_CHECK(a.target.sizes() == x.sizes() && a.target.is_contiguous() &&
+                    (a.target.scalar_type() == x.scalar_type() ||
+                     (a.target.scalar_type() == at::toOpMathType(x.scalar_type()) && !a.grad_target.has_value())),
+                "lossops: target must be contiguous with the input's shape, and its dtype or (without a target "
+                "gradient) the accumulation dtype");
   } else {
     TORCH_CHECK(a.target.scalar_type() == at::kLong && a.target.is_contiguous() && x.dim() == 2 &&
                     a.target.numel() == x.size(0),

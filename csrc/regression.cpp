@@ -31,7 +31,7 @@ struct Regression {
     } else {
       const Vec zero(acc_t(0)), ad = d.abs(), vm(m);
       // sign(d) with sign(0) = 0; NaN stays NaN except for L1, whose torch gradient is sgn(NaN) = 0.
-      const Vec nan_sign = kind == kL1 ? zero : d;
+      const Vec nan_sign = (kind == kL1 || (kind == kSmoothL1 && b == 0)) ? zero : d;  // beta = 0 is torch's l1_loss
       const Vec sign = Vec::blendv(Vec::blendv(nan_sign, Vec(acc_t(-1)), d < zero), Vec(acc_t(1)), d > zero);
       loss = vm * (ad - Vec(b * acc_t(0.5)));
       gx = vm * sign;

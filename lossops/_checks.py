@@ -113,3 +113,18 @@ def output_dtype(input: torch.Tensor) -> torch.dtype:
     if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
         return torch.float32
     return input.dtype
+
+
+def broadcast_shape(input_shape, target_shape) -> torch.Size:
+    """torch's broadcasting rule in plain Python, so torch.compile traces it and raises the same error."""
+    ndim = max(len(input_shape), len(target_shape))
+    a = (1,) * (ndim - len(input_shape)) + tuple(input_shape)
+    b = (1,) * (ndim - len(target_shape)) + tuple(target_shape)
+    out = []
+    for dim, (x, y) in enumerate(zip(a, b)):
+        if x != y and x != 1 and y != 1:
+            raise RuntimeError(f"lossops: target of shape {tuple(target_shape)} cannot be broadcast with input of shape "
+                               f"{tuple(input_shape)}: the size of tensor a ({x}) must match the size of tensor b ({y}) "
+                               f"at non-singleton dimension {dim}")
+        out.append(y if x == 1 else x)
+    return torch.Size(out)

@@ -53,8 +53,8 @@ def define_op(name: str, module: str):
     def op(input: Tensor, target: Tensor, weight: Optional[Tensor], weight_layout: list[int], aux: Optional[Tensor],
            aux_layout: list[int], params: list[float], ignore_index: int, reduction: str, denominator: Tensor,
            grad_input: bool, grad_target: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-        gi = torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input else None
-        gt = torch.empty_like(input, memory_format=torch.contiguous_format) if grad_target else None
+        gi = _backend.empty_gradient(input) if grad_input else None
+        gt = _backend.empty_gradient(input) if grad_target else None
         kernel = getattr(_backend.kernels(backend, module), name)
         loss, total = kernel(input, target, weight, weight_layout, aux, aux_layout, params, ignore_index, gi, gt,
                              _reduce.gradient_scale(reduction, denominator), reduction == "none")
@@ -76,6 +76,8 @@ def define_op(name: str, module: str):
         # apply_grad_output keeps per-gradient state on the object it is given: one per gradient.
         ctx.target_state = types.SimpleNamespace()
         ctx.mark_non_differentiable(output[1], output[2])
+        # Otherwise autograd fills an input-sized tensor of zeros for each (unused) gradient output.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _grad_input, _grad_target):
         if any(ctx.needs_input_grad[2:]):
@@ -110,6 +112,17 @@ def avg_factor(value, reduction: str):
         if value != value:
             raise ValueError(f"lossops: avg_factor must be a number, got {value}")
     return value
+
+
+def kernel_operands(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """input and target in the dtypes the kernels read: torch's promoted dtype, except that under autocast
+    low-precision input with a float32 target is read as is (the kernels accumulate in float32 anyway), so no
+    float32 copy of the input is made. A target that needs a gradient is always promoted."""
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if (torch.is_autocast_enabled(input.device.type) and input.dtype in (torch.bfloat16, torch.float16)
+            and target.dtype == torch.float32 and not (torch.is_grad_enabled() and target.requires_grad)):
+        return input, target
+    return input.to(dtype), target.to(dtype)
 
 
 def elementwise_loss(op, input: Tensor, target: Tensor, *, reduction: str, denominator, reference: Callable[[], Tensor],

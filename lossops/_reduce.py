@@ -18,9 +18,13 @@ def class_index_denominator(target: torch.Tensor, weight: torch.Tensor | None, i
     """
     valid = target != ignore_index
     if weight is None:
-        return valid.sum(dtype=dtype)
+        return valid.sum().to(dtype)  # an integer count: exact in any order
     safe = torch.where(valid, target, 0).clamp_(0, max(num_classes - 1, 0))
-    return (weight.to(dtype)[safe] * valid).sum(dtype=dtype)
+    # cumsum adds in index order whatever the thread count (sum does not): bitwise-reproducible means.
+    terms = (weight.to(torch.float64)[safe] * valid).reshape(-1)
+    if terms.numel() == 0:
+        return terms.new_zeros((), dtype=dtype)
+    return terms.cumsum(0)[-1].to(dtype)
 
 
 def gradient_scale(reduction: str, denominator: torch.Tensor) -> torch.Tensor:

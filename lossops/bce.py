@@ -30,12 +30,12 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     _checks.same_device(input, target=target)
     weight = _checks.broadcastable("weight", weight, input.shape, input, exception=RuntimeError)
     pos_weight = _checks.broadcastable("pos_weight", pos_weight, input.shape, input, exception=RuntimeError)
-    dtype = torch.promote_types(input.dtype, target.dtype)
 
     def reference():
         return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
 
     # torch's loss has the target's dtype: it is computed as (1 - target) * input - ..., in place.
-    return _elementwise.elementwise_loss(_op, input.to(dtype), target.to(dtype), reduction=reduction,
+    input_k, target_k = _elementwise.kernel_operands(input, target)
+    return _elementwise.elementwise_loss(_op, input_k, target_k, reduction=reduction,
                                          denominator=input.numel(), reference=reference, weight=weight,
                                          aux=pos_weight, out_dtype=target.dtype)

@@ -70,7 +70,9 @@ def row_softmax_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ig
         else input.unsqueeze(-1)
     if probabilities:
         target_k = (target.reshape(1, num_classes, 1) if input.dim() == 1 else target.flatten(2) if input.dim() > 2
-                    else target.unsqueeze(-1)).to(input.dtype)
+                    else target.unsqueeze(-1))
+        if target_k.dtype != input.dtype:  # kernels read the input's dtype or the accumulation dtype
+            target_k = target_k.to(_checks.opmath_dtype(input.dtype))
     else:
         target_k = target.reshape(-1).to(torch.int64).contiguous()
     item_shape = target.shape if not probabilities else input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()

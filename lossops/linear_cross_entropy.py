@@ -46,12 +46,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0, exception=RuntimeError)
     lse_square_scale = _checks.in_range("lse_square_scale", lse_square_scale, 0.0)
     cap = _checks.positive_or_none("softcap", softcap)
-    _check_arguments(hidden, weight, target, bias, chunk_size)
-    if torch.is_autocast_enabled(hidden.device.type):
+    if torch.is_autocast_enabled(hidden.device.type) and hidden.is_floating_point() and weight.is_floating_point():
         # As F.linear would under autocast: the matmuls run in the autocast dtype, the loss in float32.
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        bias = None if bias is None or not bias.is_floating_point() else bias.to(dtype)
+    _check_arguments(hidden, weight, target, bias, chunk_size)
 
     backend = _backend.resolve(hidden.device)
     if backend == "reference":
@@ -124,7 +124,7 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     want_h, want_w, want_b = grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None
     need_dlogits = want_h or want_w or want_b
     # grad_W and grad_b are sums over chunks: accumulated in at least float32, cast once at the end.
-    grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if want_h else None
+    grad_h = _backend.empty_gradient(hidden) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     vocab_block = min(vocab, max(1, chunk_size * vocab // max(hidden.shape[1], 1)))

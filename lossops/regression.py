@@ -68,16 +68,16 @@ def _regression(kind: int, input: Tensor, target: Tensor, reduction: str, param:
     _checks.tensor("input", input)
     _checks.tensor("target", target)
     _checks.same_device(input, target=target)
+    # promote_types and a pure-Python broadcast check: traceable by torch.compile, so the same error
+    # reaches the user in compiled code (checked before the warning, which Dynamo cannot trace in fullgraph).
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    shape = _checks.broadcast_shape(input.shape, target.shape)
     if target.size() != input.size():
         warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
                       "This will likely lead to incorrect results due to broadcasting. "
                       "Please ensure they have the same size.", stacklevel=3)
-    dtype = torch.result_type(input, target)
-    try:
-        x, t = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
-    except RuntimeError as e:
-        raise RuntimeError(f"lossops: target of shape {tuple(target.shape)} cannot be broadcast with input of shape "
-                           f"{tuple(input.shape)}: {e}") from None
+    x, t = _elementwise.kernel_operands(input, target)
+    x, t = x.expand(shape), t.expand(shape)
     weight = _checks.broadcastable("weight", weight, x.shape, input)
     factor = _elementwise.avg_factor(avg_factor, reduction)
     if factor is not None:

@@ -176,6 +176,13 @@ def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, 
     row_loss = torch.empty(rows, dtype=acc, device=logits3.device)
     row_lse = torch.empty(rows, dtype=acc, device=logits3.device)
     prob_target = target.is_floating_point()
+    if not prob_target and rows > 0 and (C == 0 or (grad is not None and grad.data_ptr() == logits3.data_ptr())):
+        # Writing the gradient over the logits (or having no class to mask into) must not start before the
+        # targets are known to be valid: check them first, at the cost of one host read.
+        bad = (target != ignore_index) & ((target < 0) | (target >= C))
+        if bool(bad.any()):
+            raise IndexError(f"Target {int(target[bad.int().argmax()])} is out of bounds (number of classes is {C}, "
+                             f"ignore_index is {ignore_index}).")
     if rows == 0 or C == 0:
         row_loss.zero_()
         row_lse.fill_(float("-inf"))
