@@ -58,6 +58,16 @@ inline const opmath_t<scalar_t>* read_block(const scalar_t* src, int64_t stride,
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (!force_copy) return src;
       std::memcpy(buffer, src, n * sizeof(acc_t));
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+      // at::vec::convert has no vectorised bf16/fp16 -> float specialisation; widen 2 vectors at a time.
+      using Narrow = at::vec::Vectorized<scalar_t>;
+      int64_t i = 0;
+      for (; i + Narrow::size() <= n; i += Narrow::size()) {
+        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Narrow::loadu(src + i));
+        lo.store(buffer + i);
+        hi.store(buffer + i + Narrow::size() / 2);
+      }
+      for (; i < n; ++i) buffer[i] = static_cast<acc_t>(src[i]);
     } else {
       at::vec::convert(src, buffer, n);
     }

@@ -36,10 +36,19 @@ struct BlockStats {
     }
     const Vec<acc_t> m(max);
     if (exp_out) {
-      at::vec::map([m](Vec<acc_t> v) { return (v - m).exp(); }, exp_out, x, n);
-      sum_exp += at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, exp_out, n);
+      // One loop: exponentials stored and summed while in registers.
+      Vec<acc_t> acc(acc_t(0));
+      int64_t i = 0;
+      for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
+        const Vec<acc_t> e = (Vec<acc_t>::loadu(x + i) - m).exp_u20();
+        e.store(exp_out + i);
+        acc = acc + e;
+      }
+      acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, acc);
+      for (; i < n; ++i) total += (exp_out[i] = std::exp(x[i] - max));
+      sum_exp += total;
     } else {
-      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return (v - m).exp(); },
+      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return (v - m).exp_u20(); },
                                                 [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
     }
     return max;
@@ -217,7 +226,7 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
         const acc_t to_prob = cache_exp ? std::exp((block_ref[b0 / kBlock] - stats.max) - log_sum) : acc_t(0);
         const Vec<acc_t> vto_prob(to_prob);
         auto prob = [&](int64_t i) {
-          return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : ((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum).exp();
+          return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : ((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum).exp_u20();
         };
         int64_t i = 0;
         for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
