@@ -112,6 +112,5 @@ def empty_gradient(like: torch.Tensor) -> torch.Tensor:
     """
     if like.device.type == "cpu" and _cpp_available():
         from . import _cpp
-        if hasattr(_cpp.module(), "empty_gradient_like"):
-            return _cpp.module().empty_gradient_like(like)
+        return _cpp.module().empty_gradient_like(like)
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)

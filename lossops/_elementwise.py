@@ -75,9 +75,7 @@ def define_op(name: str, module: str):
         ctx.save_for_backward(output[1], output[2])
         # apply_grad_output keeps per-gradient state on the object it is given: one per gradient.
         ctx.target_state = types.SimpleNamespace()
-        ctx.mark_non_differentiable(output[1], output[2])
-        # Otherwise autograd fills an input-sized tensor of zeros for each (unused) gradient output.
-        ctx.set_materialize_grads(False)
+        _reduce.mark_gradient_outputs(ctx, output[1], output[2])
 
     def backward(ctx, grad_loss, _grad_input, _grad_target):
         if any(ctx.needs_input_grad[2:]):

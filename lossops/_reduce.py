@@ -54,6 +54,14 @@ def _is_one(grad_output: torch.Tensor) -> bool:
             and not _tracing(grad_output) and bool(grad_output == 1))
 
 
+def mark_gradient_outputs(ctx, *outputs) -> None:
+    """For setup_context: outputs that carry the gradients written in forward are buffers for backward, not
+    results to differentiate. Without set_materialize_grads(False) autograd would also fill an input-sized
+    tensor of zeros as each one's (unused) incoming gradient on every backward."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
+
+
 def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None, owns_buffer=False):
     """grad_input = (gradient written in forward) * grad_output.
 

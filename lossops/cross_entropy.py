@@ -159,9 +159,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.compute_grad = compute_grad
     ctx.item_shape = (logits3.shape[0], 1, logits3.shape[2]) if reduction == "none" else None
-    ctx.mark_non_differentiable(output[1])
-    # Otherwise autograd materialises an N x C tensor of zeros as the (unused) gradient of output[1].
-    ctx.set_materialize_grads(False)
+    _reduce.mark_gradient_outputs(ctx, output[1])
 
 
 def _backward(ctx, grad_loss, _unused):

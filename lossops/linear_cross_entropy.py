@@ -228,9 +228,7 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
         # apply_grad_output remembers the scale it applied per gradient (for a second backward).
         ctx.scales = [SimpleNamespace() for _ in range(3)]
-    ctx.mark_non_differentiable(*output[1:])
-    # Otherwise autograd allocates zero "gradients" for those outputs: another weight-sized buffer.
-    ctx.set_materialize_grads(False)
+    _reduce.mark_gradient_outputs(ctx, *output[1:])
 
 
 def _backward(ctx, grad_loss, *_unused):

@@ -3,11 +3,15 @@
 Only tl.exp / tl.log are used for transcendental functions: libdevice is not available under Triton's
 interpreter (TRITON_INTERPRET=1), which is how these kernels are tested without a GPU.
 """
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
 
 # Largest class/element tile a program holds in registers at once; larger rows are looped over.
-MAX_BLOCK = 8192 if not __import__("os").environ.get("TRITON_INTERPRET") == "1" else 1 << 16
+MAX_BLOCK = 8192 if not os.environ.get("TRITON_INTERPRET") == "1" else 1 << 16
 
 
 def launch_config(n: int, max_block: int = MAX_BLOCK) -> dict:
@@ -20,8 +24,28 @@ def launch_config(n: int, max_block: int = MAX_BLOCK) -> dict:
 
 def acc_dtype(torch_dtype):
     """Accumulation dtype: float64 inputs accumulate in float64 (gradcheck), the rest in float32."""
-    import torch
     return tl.float64 if torch_dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=64)
+def float_options(values: tuple, acc, device):
+    """Float kernel options as a device tensor in the accumulation dtype (scalar kernel arguments are fp32).
+
+    Cached: a fresh host-to-device copy per call would sync and cannot be captured in a CUDA graph.
+    """
+    return torch.tensor(values, dtype=acc, device=device)
+
+
+def raise_if_flagged(flag, out_of_bounds):
+    """flag[0] holds an offending target written by a kernel, or 0 when there was none (the kernels only flag
+    values that cannot be valid, and 0 always is); out_of_bounds(value) builds the exception to raise."""
+    if flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A host read would break the capture; fail on the device instead.
+        torch._assert_async(flag[0] == 0, "lossops: a target is out of bounds")
+        return
+    value = int(flag[0])
+    if value != 0:
+        raise out_of_bounds(value)
 
 
 @triton.jit

@@ -5,13 +5,11 @@ the second loop writes the gradient scale * (A * softmax - q) * softcap' while t
 Offsets are int64 (rows * classes may exceed 2^31); out-of-range targets are masked (never read) and
 reported through a flag tensor that the host checks once.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, expm1, launch_config, pow_nonneg, softcap
+from .common import acc_dtype, expm1, float_options, launch_config, pow_nonneg, raise_if_flagged, softcap
 
 
 @triton.jit
@@ -157,12 +155,6 @@ def cross_entropy_kernel(
             tl.store(G + cols * stride_gc, g.to(G.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=64)
-def _float_options(label_smoothing, lse_square_scale, cap, focal_gamma, acc, device):
-    # Cached: a fresh host-to-device copy per call would sync and cannot be captured in a CUDA graph.
-    return torch.tensor([label_smoothing, lse_square_scale, cap, focal_gamma], dtype=acc, device=device)
-
-
 def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -181,46 +173,35 @@ def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, 
         # targets are known to be valid: check them first, at the cost of one host read.
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
-            raise IndexError(f"Target {int(target[bad.int().argmax()])} is out of bounds (number of classes is {C}, "
-                             f"ignore_index is {ignore_index}).")
+            raise _out_of_bounds(int(target[bad.int().argmax()]), C, ignore_index)
     if rows == 0 or C == 0:
         row_loss.zero_()
         row_lse.fill_(float("-inf"))
         if grad is not None:
             grad.zero_()
         return row_loss, row_lse, row_loss.sum()
-    bad = torch.zeros(1, dtype=torch.int64, device=logits3.device)
-    has_bad = None
-    if not prob_target:
-        # The kernel masks bad targets; the flag (value written by the offending rows) is checked once.
-        has_bad = torch.zeros(1, dtype=torch.int64, device=logits3.device)
+    # Out-of-range class indices are masked by the kernel, which writes one of them here.
+    flag = torch.zeros(1, dtype=torch.int64, device=logits3.device)
     smoothing = label_smoothing > 0 and not prob_target and focal_gamma < 0
-    wsum = weight.sum() if (weight is not None and smoothing) else bad
+    wsum = weight.sum() if (weight is not None and smoothing) else flag  # flag: an unread placeholder
     target_strides = _strides3(target) if prob_target else (0, 0, 0)
     g = grad if grad is not None else logits3
     cfg = launch_config(C)
-    params = _float_options(float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
-                            float(max(focal_gamma, 0.0)), acc, logits3.device)
+    params = float_options((float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
+                            float(max(focal_gamma, 0.0))), acc, logits3.device)
     cross_entropy_kernel[(rows,)](
         logits3, *_strides3(logits3), target, *target_strides, weight if weight is not None else row_loss, wsum,
-        g, *_strides3(g), row_loss, row_lse, has_bad if has_bad is not None else bad, grad_scale.to(logits3.device),
+        g, *_strides3(g), row_loss, row_lse, flag, grad_scale.to(logits3.device),
         params, inner, C, ignore_index,
         PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None, SMOOTHING=smoothing, SOFTCAP=softcap > 0,
         FOCAL=focal_gamma >= 0, WRITE_GRAD=grad is not None, ACC=acc_dtype(logits3.dtype), **cfg)
-    if has_bad is not None:
-        _raise_if_bad_target(target, has_bad, ignore_index, C)
+    if not prob_target:
+        raise_if_flagged(flag, lambda value: _out_of_bounds(value, C, ignore_index))
     return row_loss, row_lse, row_loss.sum()
 
 
-def _raise_if_bad_target(target, flag, ignore_index, C):
-    # The flag holds an offending target (never 0: 0 is always in range), so one scalar read decides.
-    if target.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # A host read would break the capture; fail on the device instead.
-        torch._assert_async(flag[0] == 0, "lossops: a target is out of bounds")
-        return
-    value = int(flag[0])
-    if value != 0:
-        raise IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
+def _out_of_bounds(value, C, ignore_index):
+    return IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
 
 
 def _aot_signature(dtype: str, acc: str):

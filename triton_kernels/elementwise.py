@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, launch_config, log1p
+from .common import acc_dtype, float_options, launch_config, log1p, raise_if_flagged
 
 # Elementwise work needs no large tiles: 4 warps streaming 2048 elements keep loads coalesced and wide.
 MAX_ELEMENTWISE_BLOCK = 2048
@@ -83,8 +83,7 @@ def kernel_function(loss_fn):
         blocks = triton.cdiv(n, cfg["BLOCK"])
         partial = torch.empty(blocks, dtype=acc, device=input.device)
         bad = torch.zeros(1, dtype=torch.int64, device=input.device)
-        padded = (list(params) + [0.0, 0.0])[:2]
-        params_t = torch.tensor(padded, dtype=acc).to(input.device, non_blocking=True)
+        params_t = float_options(tuple((list(params) + [0.0, 0.0])[:2]), acc, input.device)
         elementwise_kernel[(blocks,)](
             input, target, partial if weight is None else weight, partial if aux is None else aux, loss,
             input if grad_input is None else grad_input, input if grad_target is None else grad_target, partial,
@@ -94,21 +93,14 @@ def kernel_function(loss_fn):
             WRITE_LOSS=per_element, WRITE_GX=grad_input is not None, WRITE_GT=grad_target is not None,
             ACC=acc_dtype(input.dtype), **cfg)
         if index_target:
-            _raise_if_bad(bad, input.shape[-1], ignore_index)
+            C = input.shape[-1]
+            raise_if_flagged(bad, lambda value: IndexError(
+                f"Target {value} is out of bounds (classes are 0..{C - 1}, {C} means background, "
+                f"ignore_index is {ignore_index})."))
         return loss, partial.sum()
 
     run.__name__ = loss_fn.__name__.lstrip("_")
     return run
-
-
-def _raise_if_bad(flag, C, ignore_index):
-    if flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        torch._assert_async(flag[0] == 0, "lossops: a target index is out of bounds")
-        return
-    value = int(flag[0])
-    if value != 0:  # out-of-range indices are never in [0, C], so 0 means none was found
-        raise IndexError(f"Target {value} is out of bounds (classes are 0..{C - 1}, {C} means background, "
-                         f"ignore_index is {ignore_index}).")
 
 
 def aot_kernels(loss_fn, index_target=False, grad_target=False):
