@@ -40,7 +40,7 @@ struct BlockStats {
       Vec<acc_t> acc(acc_t(0));
       int64_t i = 0;
       for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
-        const Vec<acc_t> e = (Vec<acc_t>::loadu(x + i) - m).exp_u20();
+        const Vec<acc_t> e = fast_exp(Vec<acc_t>::loadu(x + i) - m);
         e.store(exp_out + i);
         acc = acc + e;
       }
@@ -48,7 +48,7 @@ struct BlockStats {
       for (; i < n; ++i) total += (exp_out[i] = std::exp(x[i] - max));
       sum_exp += total;
     } else {
-      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return (v - m).exp_u20(); },
+      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return fast_exp(v - m); },
                                                 [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
     }
     return max;
@@ -226,7 +226,7 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
         const acc_t to_prob = cache_exp ? std::exp((block_ref[b0 / kBlock] - stats.max) - log_sum) : acc_t(0);
         const Vec<acc_t> vto_prob(to_prob);
         auto prob = [&](int64_t i) {
-          return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : ((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum).exp_u20();
+          return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : fast_exp((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
         };
         int64_t i = 0;
         for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {

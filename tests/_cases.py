@@ -1,6 +1,7 @@
 """Shared test helpers: option grids, gradient collection, and the low-precision accuracy criterion."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -94,3 +95,27 @@ def run_python(code: str, env_update: dict, *args: str, drop=("TRITON_INTERPRET"
     env.update(env_update)
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# The C++ kernels' per-instruction-set builds, lowest first, as LOSSOPS_CPU_CAPABILITY names them.
+ISA_ORDER = ("default", "avx2", "avx512")
+
+
+def cpu_supports(isa: str) -> bool:
+    rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}.get(torch.backends.cpu.get_cpu_capability(), 0)
+    return ISA_ORDER.index(isa) <= rank
+
+
+@contextlib.contextmanager
+def forced_isa(isa: str):
+    """The C++ backend served by one ISA build, chosen the way a user forces it (LOSSOPS_CPU_CAPABILITY).
+    In this process: the builds are separate extension modules with hidden symbols, so they load side by side."""
+    import lossops
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOSSOPS_CPU_CAPABILITY", isa)
+        lossops._cpp.module.cache_clear()
+        try:
+            yield
+        finally:
+            lossops._cpp.module.cache_clear()
+    lossops._cpp.module.cache_clear()

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 import lossops
 import lossops._cpp
 from lossops import _backend
-from _cases import run_python
+from _cases import ISA_ORDER, cpu_supports, forced_isa, run_python
 
 
 @pytest.fixture
@@ -148,18 +148,12 @@ def test_auto_serves_other_devices_with_reference(clean_selection, served_by):
 
 # --- per-ISA C++ builds -------------------------------------------------------------------------------------------
 
-_ISA_ORDER = ["default", "avx2", "avx512"]
 _ISA_CASES = {
     "fp32": (torch.float32, dict(label_smoothing=0.1, weight=True)),
     "bf16": (torch.bfloat16, dict(reduction="none")),
     "fp64_extras": (torch.float64, dict(lse_square_scale=0.01, softcap=5.0, ignore_index=3)),
     "fp32_prob": (torch.float32, dict(label_smoothing=0.2)),
 }
-
-
-def _cpu_supports(isa):
-    rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}.get(torch.backends.cpu.get_cpu_capability(), 0)
-    return _ISA_ORDER.index(isa) <= rank
 
 
 def _run_isa_cases():
@@ -179,23 +173,18 @@ def _run_isa_cases():
 
 @pytest.fixture(scope="module")
 def isa_results():
-    """Each ISA build, chosen the way a user forces one (LOSSOPS_CPU_CAPABILITY). In this process rather
-    than one process each: the builds are separate extension modules with hidden symbols, so they load
-    side by side, and a fresh torch process costs ~10 s on the shared machine."""
+    """Each ISA build, in this process (a fresh torch process costs ~10 s on the shared machine)."""
     results = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for isa in filter(_cpu_supports, _ISA_ORDER):
-            mp.setenv("LOSSOPS_CPU_CAPABILITY", isa)
-            lossops._cpp.module.cache_clear()
+    for isa in filter(cpu_supports, ISA_ORDER):
+        with forced_isa(isa):
             results[isa] = _run_isa_cases()
-    lossops._cpp.module.cache_clear()
     return results
 
 
 def test_every_isa_build_is_loadable_here(isa_results):
     """Every build this CPU can run is installed, and forcing it loads that build (not a fallback)."""
     assert {isa: r["capability"] for isa, r in isa_results.items()} == {
-        isa: isa.upper() for isa in _ISA_ORDER if _cpu_supports(isa)}
+        isa: isa.upper() for isa in ISA_ORDER if cpu_supports(isa)}
 
 
 @pytest.mark.parametrize("case", ["fp32", "bf16", "fp64_extras", "fp32_prob"])
@@ -226,4 +215,4 @@ def test_default_pick_is_the_best_this_cpu_supports():
 def test_default_pick_follows_aten_cpu_capability(fresh_process):
     """ATEN_CPU_CAPABILITY=avx2 (set in the fresh process) lowers torch's choice, and ours with it."""
     torch_choice, ours = fresh_process["capability"].split()
-    assert torch_choice == "AVX2" and ours == "AVX2" or not _cpu_supports("avx2")
+    assert torch_choice == "AVX2" and ours == "AVX2" or not cpu_supports("avx2")

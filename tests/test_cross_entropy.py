@@ -3,6 +3,7 @@
 The oracle is torch: F.cross_entropy for everything torch has, and for the extras (z-loss, softcap) the
 same torch expression the docstring defines, built from F.cross_entropy and torch.logsumexp.
 """
+import contextlib
 import functools
 
 import pytest
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import backend_cases, forward_backward, grid, leaf_copies, lowp_error_no_worse, pairwise
+from _cases import (ISA_ORDER, backend_cases, cpu_supports, forced_isa, forward_backward, grid, leaf_copies,
+                    lowp_error_no_worse, pairwise)
 
 IGNORE = 1  # a real class id: ignoring must not depend on the sentinel being out of range
 
@@ -114,6 +116,37 @@ def test_reduced_precision_matches_torch(backend, case):
     truth_loss, (truth_grad,) = forward_backward(lambda x: torch_loss(x, target64, **kwargs64), [x64])
     lowp_error_no_worse(loss, torch_value, truth_loss, "loss")
     lowp_error_no_worse(grad, torch_grad, truth_grad, "gradient")
+
+
+KERNEL_BUILDS = [f"cpp-{isa}" for isa in ISA_ORDER if cpu_supports(isa)] + ["triton"]
+
+
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+def test_float32_softmax_accurate_across_the_exp_range(build):
+    """Every probability, down to float32's smallest and through exact zeros for -inf logits, stays within a
+    few ulp of the float64 truth (relative error may grow with |logit - lse| only as far as rounding that
+    argument allows): the kernels' fast exponentials must not buy speed with accuracy."""
+    torch.manual_seed(0)
+    rows, classes = 6, 2 * 2048 + 37  # several kernel blocks and a ragged tail
+    x = -120 * torch.rand(rows, classes, dtype=torch.float64)
+    x[:, 5] = 0.0
+    x[:, 7::97] = -float("inf")
+    x = x[:, torch.randperm(classes)].to(torch.float32)
+    target = torch.randint(0, classes, (rows,))
+    target = torch.where(torch.isinf(x.gather(1, target[:, None])).squeeze(1), (x == 0).float().argmax(1), target)
+    leaf = x.clone().requires_grad_()
+    backend, _, isa = build.partition("-")
+    with lossops.backend(backend), forced_isa(isa) if isa else contextlib.nullcontext():
+        lossops.cross_entropy(leaf, target, reduction="sum").backward()
+    x64 = x.double()
+    truth = x64.softmax(1) - F.one_hot(target, classes).double()
+    lse = x64.logsumexp(1, keepdim=True)
+    eps = torch.finfo(torch.float32).eps
+    bound = eps * (8 + 2 * (x64 - lse).abs().nan_to_num(posinf=0.0)) * truth.abs() + 2 ** -148
+    error = (leaf.grad.double() - truth).abs()
+    assert (error <= bound).all(), f"worst excess {(error - bound).max().item():.3g}"
+    assert (leaf.grad[torch.isinf(x)] == 0).all()
+    assert (leaf.grad[truth.abs() > 1e-37] != 0).all()  # no flush to zero in float32's normal range
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
