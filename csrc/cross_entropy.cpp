@@ -229,6 +229,22 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
           return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : fast_exp((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
         };
         int64_t i = 0;
+        if (eb && !prob_target && !capped) {
+          // The common case (class indices, exponentials cached) as its own loop: one multiply, or one fused
+          // multiply-add with smoothing, per element and no per-element branches on the options.
+          const acc_t coef = res.softmax_coef * scale * to_prob;
+          if (smooth == 0) {
+            at::vec::map([coef](Vec<acc_t> e) { return e * Vec<acc_t>(coef); }, gb, eb, n);
+          } else if (!w_ptr) {
+            const acc_t shift = smooth * scale;
+            at::vec::map([coef, shift](Vec<acc_t> e) { return e * Vec<acc_t>(coef) - Vec<acc_t>(shift); }, gb, eb, n);
+          } else {
+            const acc_t shift = smooth * scale;
+            at::vec::map2([coef, shift](Vec<acc_t> e, Vec<acc_t> w) { return e * Vec<acc_t>(coef) - Vec<acc_t>(shift) * w; },
+                          gb, eb, w_ptr + b0, n);
+          }
+          i = n;
+        }
         for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
           Vec<acc_t> gv = va * prob(i);
           if (prob_target) gv = gv - vscale * Vec<acc_t>::loadu(qb + i);
