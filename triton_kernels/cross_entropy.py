@@ -3,7 +3,10 @@
 One program per row: the first loop over the classes keeps an online max / sum-exp (plus the target terms),
 the second loop writes the gradient scale * (A * softmax - q) * softcap' while the row is hot in L2.
 Offsets are int64 (rows * classes may exceed 2^31); out-of-range targets are masked (never read) and
-reported through a flag tensor that the host checks once.
+reported through a flag tensor that the host checks once, after the launch (on the device while a CUDA
+graph is being captured). When the gradient overwrites the logits, a device-side "any target invalid"
+tensor computed before the launch makes every program skip its gradient stores, so a bad batch raises with
+the logits intact and without a host read before the kernel.
 """
 import torch
 import triton
@@ -27,10 +30,11 @@ def cross_entropy_kernel(
     T, stride_to, stride_tc, stride_ti,
     W, WSUM,
     G, stride_go, stride_gc, stride_gi,
-    LOSS, LSE, BAD, SCALE,
+    LOSS, LSE, BAD, HOLD, SCALE,
     PARAMS, inner, C, ignore_index,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
-    FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, HOLD_ON_BAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer_idx = row // inner
@@ -124,6 +128,9 @@ def cross_entropy_kernel(
         scale = tl.load(SCALE).to(ACC)
         if not PROB_TARGET:
             scale = tl.where(valid, scale, 0.0)
+        written = C  # columns this program stores: none while HOLD says a target is invalid
+        if HOLD_ON_BAD:
+            written = tl.where(tl.load(HOLD) == 0, C, 0)
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < C
@@ -152,7 +159,7 @@ def cross_entropy_kernel(
                 t = x / cap
                 g = g * (1.0 - t * t)
             g = tl.where(mask, g * scale, 0.0)
-            tl.store(G + cols * stride_gc, g.to(G.dtype.element_ty), mask=mask)
+            tl.store(G + cols * stride_gc, g.to(G.dtype.element_ty), mask=cols < written)
 
 
 def _strides3(t):
@@ -168,10 +175,11 @@ def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, 
     row_loss = torch.empty(rows, dtype=acc, device=logits3.device)
     row_lse = torch.empty(rows, dtype=acc, device=logits3.device)
     prob_target = target.is_floating_point()
-    if not prob_target and rows > 0 and (C == 0 or (grad is not None and grad.data_ptr() == logits3.data_ptr())):
-        # Writing the gradient over the logits (or having no class to mask into) must not start before the
-        # targets are known to be valid: check them first, at the cost of one host read.
-        bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    in_place = grad is not None and grad.data_ptr() == logits3.data_ptr()
+    hold_on_bad = not prob_target and rows > 0 and in_place
+    if not prob_target and rows > 0 and C == 0:
+        # No class to mask a target into and no kernel to launch: every kept target is out of range.
+        bad = target != ignore_index
         if bool(bad.any()):
             raise _out_of_bounds(int(target[bad.int().argmax()]), C, ignore_index)
     if rows == 0 or C == 0:
@@ -189,12 +197,15 @@ def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, 
     cfg = launch_config(C)
     params = float_options((float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
                             float(max(focal_gamma, 0.0))), acc, logits3.device)
+    # Device-side, so nothing waits for it: nonzero when some target is invalid (see the module docstring).
+    hold = ((target != ignore_index) & ((target < 0) | (target >= C))).any().to(torch.int32).reshape(1) if hold_on_bad else flag
     cross_entropy_kernel[(rows,)](
         logits3, *_strides3(logits3), target, *target_strides, weight if weight is not None else row_loss, wsum,
-        g, *_strides3(g), row_loss, row_lse, flag, grad_scale.to(logits3.device),
+        g, *_strides3(g), row_loss, row_lse, flag, hold, grad_scale.to(logits3.device),
         params, inner, C, ignore_index,
         PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None, SMOOTHING=smoothing, SOFTCAP=softcap > 0,
-        FOCAL=focal_gamma >= 0, WRITE_GRAD=grad is not None, ACC=acc_dtype(logits3.dtype), **cfg)
+        FOCAL=focal_gamma >= 0, WRITE_GRAD=grad is not None, HOLD_ON_BAD=hold_on_bad,
+        ACC=acc_dtype(logits3.dtype), **cfg)
     if not prob_target:
         raise_if_flagged(flag, lambda value: _out_of_bounds(value, C, ignore_index))
     return row_loss, row_lse, row_loss.sum()
@@ -209,14 +220,14 @@ def _aot_signature(dtype: str, acc: str):
     sig = {"X": ptr, "stride_xo": "i64", "stride_xc": "i64", "stride_xi": "i64",
            "T": "*i64", "stride_to": "i64", "stride_tc": "i64", "stride_ti": "i64",
            "W": "*" + acc, "WSUM": "*" + acc, "G": ptr, "stride_go": "i64", "stride_gc": "i64", "stride_gi": "i64",
-           "LOSS": "*" + acc, "LSE": "*" + acc, "BAD": "*i64", "SCALE": "*" + acc,
+           "LOSS": "*" + acc, "LSE": "*" + acc, "BAD": "*i64", "HOLD": "*i32", "SCALE": "*" + acc,
            "PARAMS": "*" + acc, "inner": "i64", "C": "i64", "ignore_index": "i64"}
     return sig
 
 
 def _aot_constexprs(**flags):
     base = dict(PROB_TARGET=False, HAS_WEIGHT=True, SMOOTHING=True, SOFTCAP=True, FOCAL=False, WRITE_GRAD=True,
-                ACC=tl.float32, BLOCK=4096)
+                HOLD_ON_BAD=True, ACC=tl.float32, BLOCK=4096)
     base.update(flags)
     return base
 
