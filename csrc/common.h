@@ -120,6 +120,13 @@ inline void write_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t st
   }
 }
 
+// Asks for n elements from p to be brought into L2 ahead of their use (one hint per 64-byte line).
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(bytes + off, 0, 2);
+}
+
 // x <- cap * tanh(x / cap), in place; also keeps what the chain rule needs later (recomputed, not stored).
 template <typename acc_t>
 inline void apply_softcap(acc_t* x, int64_t n, acc_t cap) {

@@ -9,6 +9,8 @@
 // changes only A and q_y (see row_coefficients).
 #include "cross_entropy.h"
 
+#include <algorithm>
+
 #include "common.h"
 
 namespace lossops {
@@ -16,6 +18,28 @@ namespace {
 
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
+
+// Four independent max chains: with one, each vector waits for the previous vmaxps and the max pass took a
+// quarter of the kernel's time. clamp_min is a plain vmaxps; unlike at::vec::maximum it need not propagate
+// NaN here, because exp(NaN - max) makes the row's sum NaN anyway (BlockStats::add covers an all -inf block).
+template <typename acc_t>
+inline acc_t block_max(const acc_t* x, int64_t n) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
+  Vec<acc_t> m0(lowest), m1(lowest), m2(lowest), m3(lowest);
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    m0 = at::vec::clamp_min(Vec<acc_t>::loadu(x + i), m0);
+    m1 = at::vec::clamp_min(Vec<acc_t>::loadu(x + i + W), m1);
+    m2 = at::vec::clamp_min(Vec<acc_t>::loadu(x + i + 2 * W), m2);
+    m3 = at::vec::clamp_min(Vec<acc_t>::loadu(x + i + 3 * W), m3);
+  }
+  for (; i + W <= n; i += W) m0 = at::vec::clamp_min(Vec<acc_t>::loadu(x + i), m0);
+  const Vec<acc_t> m = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+  acc_t result = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, m);
+  for (; i < n; ++i) result = std::isnan(x[i]) ? x[i] : std::max(result, x[i]);
+  return result;
+}
 
 template <typename acc_t>
 struct BlockStats {
@@ -25,13 +49,15 @@ struct BlockStats {
   // Online softmax at block granularity: one max and one exp per element. When exp_out is given the
   // block's exponentials are kept there; the return value is the max they are relative to.
   acc_t add(const acc_t* x, int64_t n, acc_t* exp_out = nullptr) {
-    acc_t block_max = at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, x, n);
-    if (block_max > max || std::isnan(block_max)) {  // a NaN logit makes the whole row NaN, as in torch
-      sum_exp = max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : sum_exp * std::exp(max - block_max);
-      max = block_max;
+    const acc_t bmax = block_max(x, n);
+    if (bmax > max || std::isnan(bmax)) {  // a NaN logit makes the whole row NaN, as in torch
+      sum_exp = max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : sum_exp * std::exp(max - bmax);
+      max = bmax;
     }
     if (max == -std::numeric_limits<acc_t>::infinity()) {  // all -inf so far: contributes exp(-inf) = 0
       if (exp_out) std::fill(exp_out, exp_out + n, acc_t(0));
+      // ...unless the block holds a NaN that block_max did not report.
+      if (std::any_of(x, x + n, [](acc_t v) { return std::isnan(v); })) sum_exp = std::numeric_limits<acc_t>::quiet_NaN();
       return max;
     }
     const Vec<acc_t> m(max);
@@ -182,6 +208,13 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
       acc_t smooth_dot = 0, q_sum = 0, q_dot = 0;
       for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
         const int64_t n = std::min(kBlock, C - b0);
+        // With a gradient to write, the hardware prefetcher alone leaves this pass waiting on memory: ask for
+        // the next block (or the next row's first) into L2 while this one is computed. Measured here: -15%
+        // in place (fp32), -20% (bf16); without a gradient the same hint made the read-only pass slower.
+        if (g_ptr && in.stride_class == 1) {
+          if (b0 + kBlock < C) prefetch(x + b0 + kBlock, std::min(kBlock, C - b0 - kBlock));
+          else if (r + 1 < end) prefetch(x_ptr + in.row_offset(r + 1), std::min(kBlock, C));
+        }
         const acc_t* xb = load_x(b0, n);
         const acc_t ref = stats.add(xb, n, cache_exp ? exp_cache.data() + b0 : nullptr);
         if (cache_exp) block_ref[b0 / kBlock] = ref;
