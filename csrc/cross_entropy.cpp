@@ -45,6 +45,7 @@ template <typename acc_t>
 struct BlockStats {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum_exp = 0;
+  bool nan_seen = false;
 
   // Online softmax at block granularity: one max and one exp per element. When exp_out is given the
   // block's exponentials are kept there; the return value is the max they are relative to.
@@ -56,8 +57,8 @@ struct BlockStats {
     }
     if (max == -std::numeric_limits<acc_t>::infinity()) {  // all -inf so far: contributes exp(-inf) = 0
       if (exp_out) std::fill(exp_out, exp_out + n, acc_t(0));
-      // ...unless the block holds a NaN that block_max did not report.
-      if (std::any_of(x, x + n, [](acc_t v) { return std::isnan(v); })) sum_exp = std::numeric_limits<acc_t>::quiet_NaN();
+      // ...unless the block holds a NaN that block_max did not report (the max of -inf and NaN lanes).
+      nan_seen = nan_seen || std::any_of(x, x + n, [](acc_t v) { return std::isnan(v); });
       return max;
     }
     const Vec<acc_t> m(max);
@@ -79,7 +80,7 @@ struct BlockStats {
     }
     return max;
   }
-  acc_t log_sum() const { return std::log(sum_exp); }
+  acc_t log_sum() const { return nan_seen ? std::numeric_limits<acc_t>::quiet_NaN() : std::log(sum_exp); }
   acc_t lse() const { return max + log_sum(); }
 };
 

@@ -149,6 +149,35 @@ def test_float32_softmax_accurate_across_the_exp_range(build):
     assert (leaf.grad[truth.abs() > 1e-37] != 0).all()  # no flush to zero in float32's normal range
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_anywhere_in_a_long_row_makes_the_row_nan(kernel_backend, dtype):
+    """Rows long enough for the kernels' vector lanes and several blocks: a NaN in a lane, in a later block,
+    in the ragged tail, or among -inf logits (a block whose max is -inf) makes that row's loss and gradient
+    NaN as in torch, and leaves the other rows alone."""
+    classes = 2 * 2048 + 37
+    x = torch.randn(7, classes)
+    x[0, 17] = float("nan")                  # a vector lane of the first block
+    x[1, 2048 + 5] = float("nan")            # the second block
+    x[2, classes - 1] = float("nan")         # the scalar tail
+    x[3] = float("-inf")
+    x[3, 100] = float("nan")                 # an all -inf block with a NaN in it
+    x[4, :2048] = float("-inf")
+    x[4, 3000] = float("nan")                # first block all -inf, NaN later among finite values
+    x[5, :2048] = float("-inf")
+    x[5, 10] = float("nan")                  # a NaN hidden in an all -inf block, finite logits after it
+    x[6, 2048:] = float("-inf")              # no NaN: finite loss
+    target = torch.tensor([1, 2, 3, 4, 3000, 3000, 8])
+    x = x.to(dtype).requires_grad_()
+    ours = forward_backward(lambda x: lossops.cross_entropy(x, target, reduction="none"), [x])
+    theirs = forward_backward(lambda x: F.cross_entropy(x.float(), target, reduction="none"), leaf_copies([x]))
+    (loss, (grad,)), (expected_loss, (expected_grad,)) = ours, theirs
+    assert loss.isnan().tolist() == [True] * 6 + [False]
+    assert grad[:6].isnan().all() and not grad[6:].isnan().any()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    assert_close(loss.float(), expected_loss.float(), equal_nan=True, **tol)
+    assert_close(grad.float(), expected_grad.float(), equal_nan=True, **tol)
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("shape", [(4, 5), (2, 5, 3)])
 def test_all_targets_ignored(backend, reduction, shape):
