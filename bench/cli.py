@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+import lossops
+
 from . import report
 from .cases import FAMILIES, FLOORS, Shape, implementations, ours_name
 from .measure import PeakMemory
@@ -35,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="discarded calls before timing (default 3, --quick 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--no-gradient-cache", action="store_true",
+                        help="CPU: allocate every lossops gradient afresh (lossops.set_gradient_cache(False)) instead "
+                             "of reusing the buffer the previous call freed, as a training loop does by default")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 10)
@@ -111,6 +116,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_gradient_cache:
+        lossops.set_gradient_cache(False)
     notes = []
     cases = plan(args, notes.append)
     for line in notes:
@@ -138,7 +145,11 @@ def main(argv=None) -> int:
 
     recs = report.records(rows, stamp)
     settings_line = (f"Timer: {'CUDA events' if args.device.type == 'cuda' else 'time.perf_counter_ns'}; "
-                     f"{args.warmup} warm-up + {args.repeats} timed calls per phase; median and IQR in ms.")
+                     f"{args.warmup} warm-up + {args.repeats} timed calls per phase; median and IQR in ms."
+                     + ("" if args.device.type == "cuda" else
+                        f" lossops gradient cache: {'on' if lossops.gradient_cache_enabled() else 'off'} (each "
+                        "call after the first reuses the gradient buffer the previous one freed, as in a training "
+                        "loop; peak memory is measured with it emptied first, so it counts the gradient)."))
     sections = [report.markdown(recs, stamp, settings_line), report.targets(recs, ours_name(args.device),
                                                                             args.device.type)]
     if notes:

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+import lossops
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -139,6 +141,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
         else:
+            # A buffer kept for reuse (lossops.set_gradient_cache) would already be resident and go uncounted.
+            lossops.empty_cache()
             self._trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

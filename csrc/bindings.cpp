@@ -43,6 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CPU_CAPABILITY") = LOSSOPS_STR(CPU_CAPABILITY);
   m.def("empty_gradient_like", [](const at::Tensor& like) { return lossops::empty_gradient(like.sizes(), like.scalar_type()); },
         "Uninitialised contiguous CPU tensor shaped like `like`, on transparent huge pages when large", py::arg("like"));
+  m.def("set_gradient_cache", &lossops::set_gradient_cache, "Keep the last freed large gradient buffer for reuse",
+        py::arg("enabled"));
+  m.def("release_gradient_cache", &lossops::release_gradient_cache, "Free the kept gradient buffer; returns its bytes");
+  m.def("gradient_cache_bytes", &lossops::gradient_cache_bytes, "Bytes of the kept gradient buffer (0 if none)");
+  m.def("gradient_cache_enabled", &lossops::gradient_cache_enabled, "Whether freed gradient buffers are kept");
   m.def("cross_entropy", &lossops::cross_entropy, "Fused cross-entropy / softmax-focal forward (+ gradient)",
         py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("grad"), py::arg("ignore_index"),
         py::arg("label_smoothing"), py::arg("lse_square_scale"), py::arg("softcap"), py::arg("focal_gamma"),

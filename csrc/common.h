@@ -213,8 +213,13 @@ inline int64_t row_grain(int64_t row_length) {
   return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(1, row_length));
 }
 
-// An uninitialised contiguous CPU tensor for a gradient, on huge pages when large (allocation.cpp).
+// An uninitialised contiguous CPU tensor for a gradient, on huge pages when large, reusing the buffer the
+// previous step freed when it has the same size (allocation.cpp).
 at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype);
+void set_gradient_cache(bool enabled);
+size_t release_gradient_cache();
+size_t gradient_cache_bytes();
+bool gradient_cache_enabled();
 
 // Dispatch over the floating dtypes every loss accepts.
 #define LOSSOPS_DISPATCH_FLOATING(TYPE, NAME, ...) \

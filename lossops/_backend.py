@@ -107,10 +107,38 @@ def kernels(name: str, family: str):
 def empty_gradient(like: torch.Tensor) -> torch.Tensor:
     """An uninitialised contiguous buffer shaped like `like` for a gradient written in forward.
 
-    On CPU it comes from the C++ module, on transparent huge pages when large: faulting in a fresh N x C
-    buffer page by page costs more than computing the gradient.
+    On CPU it comes from the C++ module, on transparent huge pages when large (faulting in a fresh N x C
+    buffer page by page costs more than computing the gradient), and is the buffer the previous step freed
+    when it has the same size (see set_gradient_cache).
     """
     if like.device.type == "cpu" and _cpp_available():
         from . import _cpp
         return _cpp.module().empty_gradient_like(like)
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def set_gradient_cache(enabled: bool) -> None:
+    """CPU: keep the most recently freed large gradient buffer (>= 8 MiB) for the next call that needs one of
+    the same size, so a training loop does not fault in (and have the OS zero) a fresh N x C buffer every
+    step. On by default (LOSSOPS_GRADIENT_CACHE=0 turns the default off). Peak memory within a step is
+    unchanged (a request of another size frees the kept buffer first); between steps one gradient's memory
+    stays allocated. Turning it off frees the kept buffer."""
+    from . import _cpp
+    _cpp.set_gradient_cache(enabled)
+
+
+def gradient_cache_enabled() -> bool:
+    from . import _cpp
+    return _cpp.gradient_cache_enabled()
+
+
+def empty_cache() -> int:
+    """Frees the gradient buffer kept for the next step (like torch.cuda.empty_cache); returns its bytes."""
+    from . import _cpp
+    return _cpp.empty_cache()
+
+
+def gradient_cache_bytes() -> int:
+    """Bytes held by the kept gradient buffer right now (0 when none)."""
+    from . import _cpp
+    return _cpp.gradient_cache_bytes()

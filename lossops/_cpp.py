@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
+from typing import Optional
 
 import torch
 
@@ -28,11 +30,46 @@ def module():
     for isa in _candidates():
         name = "lossops._C" if isa == "default" else f"lossops._C_{isa}"
         try:
-            return importlib.import_module(name)
+            loaded = importlib.import_module(name)
         except ImportError as e:
             errors.append(f"{name}: {e}")
+            continue
+        if _gradient_cache_choice is not None:
+            loaded.set_gradient_cache(_gradient_cache_choice)
+        return loaded
     raise ImportError("lossops: no C++ kernel module could be loaded (" + "; ".join(errors) + ")")
 
 
 def capability() -> str:
     return module().CPU_CAPABILITY
+
+
+# --- the kept gradient buffer (csrc/allocation.cpp) ---------------------------------------------------------------
+# Each ISA build has its own slot; these functions act on every build loaded in this process.
+_MODULE_NAMES = ("lossops._C", "lossops._C_avx2", "lossops._C_avx512")
+_gradient_cache_choice: Optional[bool] = None  # set_gradient_cache's last word; None: LOSSOPS_GRADIENT_CACHE decides
+
+
+def _loaded() -> list:
+    return [sys.modules[name] for name in _MODULE_NAMES if name in sys.modules]
+
+
+def set_gradient_cache(enabled: bool) -> None:
+    global _gradient_cache_choice
+    _gradient_cache_choice = bool(enabled)
+    for m in _loaded():
+        m.set_gradient_cache(_gradient_cache_choice)
+
+
+def gradient_cache_enabled() -> bool:
+    if _gradient_cache_choice is not None:
+        return _gradient_cache_choice
+    return os.environ.get("LOSSOPS_GRADIENT_CACHE", "1") != "0"
+
+
+def empty_cache() -> int:
+    return sum(m.release_gradient_cache() for m in _loaded())
+
+
+def gradient_cache_bytes() -> int:
+    return sum(m.gradient_cache_bytes() for m in _loaded())
