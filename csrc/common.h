@@ -92,6 +92,17 @@ __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) inline int64_t s
   return i;
 }
 
+// The same with non-temporal stores; dst must be 64-byte aligned and n a multiple of 32.
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) inline int64_t stream_bf16_native(
+    const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), reinterpret_cast<__m512i>(packed));
+  }
+  return i;
+}
+
 inline bool cpu_has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512bf16");
   return has;
@@ -125,6 +136,44 @@ template <typename T>
 inline void prefetch(const T* p, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(bytes + off, 0, 2);
+}
+
+// write_block for a destination nobody reads soon (a gradient far larger than the caches, written once):
+// non-temporal stores skip reading each destination line before overwriting it, a third of an out-of-place
+// pass's memory traffic. The aligned middle is streamed, the ragged ends stored normally; call
+// finish_streaming() before the data is handed to another thread. Other builds and dtypes store normally.
+template <typename scalar_t>
+inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+#if defined(__GNUC__)
+  constexpr bool is_bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+  constexpr bool is_bf16 = false;
+#endif
+  if constexpr (is_float || is_bf16) {
+    constexpr int64_t kPerLine = 64 / sizeof(scalar_t);
+    const int64_t head = std::min<int64_t>(n, ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / sizeof(scalar_t));
+    if (reinterpret_cast<uintptr_t>(dst) % sizeof(scalar_t) == 0 && (is_float || cpu_has_avx512_bf16())) {
+      write_block<scalar_t>(src, dst, 1, head);
+      int64_t i = head;
+      if constexpr (is_float) {
+        for (; i + kPerLine <= n; i += kPerLine) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+      } else {
+        i += stream_bf16_native(src + i, dst + i, (n - i) / kPerLine * kPerLine);
+      }
+      write_block<scalar_t>(src + i, dst + i, 1, n - i);
+      return;
+    }
+  }
+#endif
+  write_block<scalar_t>(src, dst, 1, n);
+}
+
+inline void finish_streaming() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
 }
 
 // x <- cap * tanh(x / cap), in place; also keeps what the chain rule needs later (recomputed, not stored).

@@ -171,6 +171,11 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
   const bool cache_exp = g_ptr != nullptr && C <= kExpCacheElements;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
 
+  // Out of place, the gradient is written with non-temporal stores (stream_block: measured -10% for bf16,
+  // -5% fp32 at 4096 x 32000); in place the lines were just read and sit in cache, where streaming them out
+  // measured slower.
+  const bool stream = g_ptr && gl.stride_class == 1 && static_cast<const void*>(g_ptr) != static_cast<const void*>(x_ptr);
+
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(kBlock), tbuf(kBlock), gbuf(kBlock);
     std::vector<acc_t> exp_cache(cache_exp ? C : 0), block_ref(cache_exp ? blocks : 0);
@@ -252,7 +257,7 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
       for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
         const int64_t n = std::min(kBlock, C - b0);
         const acc_t* xb = (!cache_exp || capped) ? load_x(b0, n) : nullptr;
-        const bool direct = std::is_same_v<scalar_t, acc_t> && gl.stride_class == 1;
+        const bool direct = !stream && std::is_same_v<scalar_t, acc_t> && gl.stride_class == 1;
         acc_t* gb = direct ? reinterpret_cast<acc_t*>(g + b0) : gbuf.data();
         const acc_t* qb = prob_target ? load_q(b0, n) : nullptr;
         const acc_t* eb = cache_exp ? exp_cache.data() + b0 : nullptr;
@@ -302,9 +307,11 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
           if (capped) gy *= softcap_derivative(x_target, cap);
           gb[y - b0] = gy * scale;
         }
-        if (!direct) write_block<scalar_t>(gb, g + b0 * gl.stride_class, gl.stride_class, n);
+        if (stream) stream_block<scalar_t>(gb, g + b0, n);
+        else if (!direct) write_block<scalar_t>(gb, g + b0 * gl.stride_class, gl.stride_class, n);
       }
     }
+    if (stream) finish_streaming();
   });
 }
 
