@@ -9,9 +9,12 @@
 // a request of another size frees the kept buffer first, so no step ever holds more memory than it would
 // without the cache; between steps one gradient's memory stays allocated. LOSSOPS_GRADIENT_CACHE=0 (read
 // at import) or set_gradient_cache(false) turns it off, release_gradient_cache() frees the kept buffer.
+// Kernels ask gradient_pages_resident() before writing with non-temporal stores, which pay off only on
+// pages that are already there (on fresh ones they measured slower than the page faults' own cache fills).
 // Small buffers use the default allocator.
 #include "common.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -30,6 +33,8 @@ struct KeptBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
   bool enabled = true;
+  // The buffer last handed out again: its pages are resident (see gradient_pages_resident).
+  std::atomic<const void*> reused{nullptr};
 
   KeptBuffer() {
     const char* env = std::getenv("LOSSOPS_GRADIENT_CACHE");
@@ -42,6 +47,14 @@ KeptBuffer& kept() {
   return *slot;
 }
 
+// Memory handed back to the OS: a later allocation at the same address has fresh pages again.
+void forget_and_free(void* ptr) {
+  if (ptr == nullptr) return;
+  const void* expected = ptr;
+  kept().reused.compare_exchange_strong(expected, nullptr);
+  std::free(ptr);
+}
+
 void* take_or_allocate(size_t bytes) {
   KeptBuffer& k = kept();
   void* stale = nullptr;
@@ -51,13 +64,14 @@ void* take_or_allocate(size_t bytes) {
       void* ptr = k.ptr;
       k.ptr = nullptr;
       k.bytes = 0;
+      k.reused.store(ptr);
       return ptr;
     }
     stale = k.ptr;  // another size: freed before allocating, so peak memory is what it would be uncached
     k.ptr = nullptr;
     k.bytes = 0;
   }
-  std::free(stale);
+  forget_and_free(stale);
   void* ptr = std::aligned_alloc(kHugePage, bytes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (ptr != nullptr) madvise(ptr, bytes, MADV_HUGEPAGE);  // advisory: a refusal only costs speed
@@ -76,7 +90,7 @@ void give_back(void* ptr, size_t bytes) {
       k.bytes = bytes;
     }
   }
-  std::free(evicted);
+  forget_and_free(evicted);
 }
 }  // namespace
 
@@ -93,6 +107,8 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
   }
   return at::empty(sizes, options);
 }
+
+bool gradient_pages_resident(const void* ptr) { return ptr != nullptr && kept().reused.load() == ptr; }
 
 void set_gradient_cache(bool enabled) {
   KeptBuffer& k = kept();
@@ -114,7 +130,7 @@ size_t release_gradient_cache() {
     k.ptr = nullptr;
     k.bytes = 0;
   }
-  std::free(ptr);
+  forget_and_free(ptr);
   return bytes;
 }
 

@@ -265,6 +265,8 @@ inline int64_t row_grain(int64_t row_length) {
 // An uninitialised contiguous CPU tensor for a gradient, on huge pages when large, reusing the buffer the
 // previous step freed when it has the same size (allocation.cpp).
 at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype);
+// Whether ptr starts a gradient buffer reused from the previous step, i.e. whose pages are resident.
+bool gradient_pages_resident(const void* ptr);
 void set_gradient_cache(bool enabled);
 size_t release_gradient_cache();
 size_t gradient_cache_bytes();

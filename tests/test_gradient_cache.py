@@ -57,6 +57,24 @@ def test_next_step_reuses_the_freed_buffer_and_rewrites_all_of_it(cache, op):
     assert_close(second, expected)
 
 
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (256, 16411)), (torch.bfloat16, (512, 16411))],
+                         ids=["fp32-ragged-rows", "bf16-ragged-rows"])
+def test_reused_buffer_rows_that_start_off_a_cache_line(cache, dtype, shape):
+    """A reused buffer's gradient is written with non-temporal stores on whole cache lines and ordinary stores at
+    the ragged row ends (16411 classes: no row after the first starts on a 64-byte boundary)."""
+    for seed in range(3):  # the second and third calls get the reused buffer
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=g).to(dtype).requires_grad_()
+        target = torch.randint(0, shape[1], shape[:1], generator=g)
+        target[::7] = -100
+        (grad,) = torch.autograd.grad(lossops.cross_entropy(x, target, label_smoothing=0.1), x)
+        x32 = x.detach().float().requires_grad_()
+        (expected,) = torch.autograd.grad(F.cross_entropy(x32, target, label_smoothing=0.1), x32)
+        tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-7)
+        assert_close(grad.float(), expected, **tol)
+        del grad
+
+
 def test_a_request_of_another_size_frees_the_kept_buffer_first(cache):
     """Within a step the cache never adds memory: a different-size gradient does not coexist with it."""
     step("cross_entropy", 0)
