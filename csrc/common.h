@@ -82,23 +82,17 @@ inline const opmath_t<scalar_t>* read_block(const scalar_t* src, int64_t stride,
 // Lake, Sapphire Rapids and later), instead of ATen's ~10-operation integer emulation; same round to nearest
 // even and NaN stays NaN. Unlike the emulation it flushes subnormal values (< 1.2e-38) to zero.
 // Not part of ATen's AVX512 capability, so it is compiled for that target alone and chosen at run time.
+// Converts and stores the leading multiple of 32 of n values; returns how many. Streaming (non-temporal
+// stores, see stream_block) needs dst 64-byte aligned.
+template <bool kStream>
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) inline int64_t store_bf16_native(
     const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
-    _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), reinterpret_cast<__m512i>(packed));
-  }
-  return i;
-}
-
-// The same with non-temporal stores; dst must be 64-byte aligned and n a multiple of 32.
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) inline int64_t stream_bf16_native(
-    const float* src, c10::BFloat16* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), reinterpret_cast<__m512i>(packed));
+    const __m512i packed = reinterpret_cast<__m512i>(
+        _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i)));
+    if constexpr (kStream) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), packed);
+    else _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), packed);
   }
   return i;
 }
@@ -118,7 +112,7 @@ inline void write_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t st
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (cpu_has_avx512_bf16()) {
-          const int64_t done = store_bf16_native(src, dst, n);
+          const int64_t done = store_bf16_native<false>(src, dst, n);
           at::vec::convert(src + done, dst + done, n - done);
           return;
         }
@@ -160,7 +154,7 @@ inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n
       if constexpr (is_float) {
         for (; i + kPerLine <= n; i += kPerLine) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
       } else {
-        i += stream_bf16_native(src + i, dst + i, (n - i) / kPerLine * kPerLine);
+        i += store_bf16_native<true>(src + i, dst + i, (n - i) / kPerLine * kPerLine);
       }
       write_block<scalar_t>(src + i, dst + i, 1, n - i);
       return;
@@ -202,36 +196,36 @@ namespace exp_detail {
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187045e-6f;
 constexpr float kPoly[6] = {1.0000001192092896f, 0.9999997019767761f, 0.49998894333839417f,
                             0.16667574644088745f, 0.04191538318991661f, 0.008297650143504143f};
-// Below -110 exp is 0 in float, above 89 it is inf: clamping keeps n small. max/min return their second
-// operand when either is NaN, so a NaN argument stays NaN.
+// Below -110 exp is 0 in float, above 89 it is inf: clamping keeps n small.
 constexpr float kLowest = -110.0f, kHighest = 89.0f;
+
+// The part both instruction sets share: x = n ln2 + r; returns e^r and sets n. clamp_min/clamp_max are plain
+// vmaxps/vminps with the argument second, which they return when it is NaN: a NaN argument stays NaN.
+inline at::vec::Vectorized<float> exp_of_remainder(const at::vec::Vectorized<float>& v, at::vec::Vectorized<float>& n) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec x = at::vec::clamp_max(at::vec::clamp_min(v, Vec(kLowest)), Vec(kHighest));
+  n = (x * Vec(kLog2e)).round();
+  Vec r = at::vec::fmadd(n, Vec(-kLn2Hi), x);
+  r = at::vec::fmadd(n, Vec(-kLn2Lo), r);
+  Vec p(kPoly[5]);
+  for (int k = 4; k >= 0; --k) p = at::vec::fmadd(p, r, Vec(kPoly[k]));
+  return p;
+}
 }  // namespace exp_detail
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 template <>
 inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& v) {
-  using namespace exp_detail;
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(kHighest), _mm512_max_ps(_mm512_set1_ps(kLowest), v));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kPoly[5]);
-  for (int k = 4; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kPoly[k]));
+  at::vec::Vectorized<float> n;
+  const at::vec::Vectorized<float> p = exp_detail::exp_of_remainder(v, n);
   return _mm512_scalef_ps(p, n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 template <>
 inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& v) {
-  using namespace exp_detail;
-  const __m256 x = _mm256_min_ps(_mm256_set1_ps(kHighest), _mm256_max_ps(_mm256_set1_ps(kLowest), v));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kPoly[5]);
-  for (int k = 4; k >= 0; --k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[k]));
+  at::vec::Vectorized<float> n;
+  const at::vec::Vectorized<float> p = exp_detail::exp_of_remainder(v, n);
   // n in [-159, 128]: h = floor(n / 2) and n - h both lie in [-80, 64], normal exponents of a float.
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i h = _mm256_srai_epi32(ni, 1);
