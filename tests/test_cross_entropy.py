@@ -149,6 +149,25 @@ def test_float32_softmax_accurate_across_the_exp_range(build):
     assert (leaf.grad[truth.abs() > 1e-37] != 0).all()  # no flush to zero in float32's normal range
 
 
+@pytest.mark.parametrize("classes", [2 ** 17, 2 ** 17 + 1])
+def test_rows_either_side_of_the_kept_exponentials_limit(classes):
+    """The C++ kernel keeps a row's exponentials between its passes up to 2^17 classes and recomputes them beyond:
+    both paths, with smoothing and weights, stay within ~1e-6 of the float64 truth in float32 (torch's own float32
+    result is ~2e-5 off here, so the truth is the oracle, not torch's float32)."""
+    g = torch.Generator().manual_seed(classes)
+    x = (4 * torch.randn(3, classes, generator=g)).requires_grad_()
+    target = torch.tensor([0, classes - 1, 12345])
+    weight = 0.5 + torch.rand(classes, generator=g)
+    with lossops.backend("cpp"):
+        loss, (grad,) = forward_backward(
+            lambda x: lossops.cross_entropy(x, target, weight=weight, label_smoothing=0.1), [x])
+    x64, weight64 = leaf_copies([x, weight], torch.float64)
+    truth_loss, (truth_grad,) = forward_backward(
+        lambda x: F.cross_entropy(x, target, weight=weight64, label_smoothing=0.1), [x64])
+    assert_close(loss.double(), truth_loss, rtol=2e-6, atol=0)
+    assert_close(grad.double(), truth_grad, rtol=5e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_anywhere_in_a_long_row_makes_the_row_nan(kernel_backend, dtype):
     """Rows long enough for the kernels' vector lanes and several blocks: a NaN in a lane, in a later block,
