@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <utility>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -40,6 +41,14 @@ struct KeptBuffer {
     const char* env = std::getenv("LOSSOPS_GRADIENT_CACHE");
     enabled = env == nullptr || std::strcmp(env, "0") != 0;
   }
+
+  // Empties the slot (the caller holds the mutex) and returns what it held.
+  std::pair<void*, size_t> take_locked() {
+    const std::pair<void*, size_t> held{ptr, bytes};
+    ptr = nullptr;
+    bytes = 0;
+    return held;
+  }
 };
 
 KeptBuffer& kept() {
@@ -57,19 +66,15 @@ void forget_and_free(void* ptr) {
 
 void* take_or_allocate(size_t bytes) {
   KeptBuffer& k = kept();
-  void* stale = nullptr;
+  void* stale;
   {
     std::lock_guard<std::mutex> lock(k.mutex);
-    if (k.ptr != nullptr && k.bytes == bytes) {
-      void* ptr = k.ptr;
-      k.ptr = nullptr;
-      k.bytes = 0;
-      k.reused.store(ptr);
-      return ptr;
+    const auto [held, held_bytes] = k.take_locked();
+    if (held != nullptr && held_bytes == bytes) {
+      k.reused.store(held);
+      return held;
     }
-    stale = k.ptr;  // another size: freed before allocating, so peak memory is what it would be uncached
-    k.ptr = nullptr;
-    k.bytes = 0;
+    stale = held;  // another size: freed before allocating, so peak memory is what it would be uncached
   }
   forget_and_free(stale);
   void* ptr = std::aligned_alloc(kHugePage, bytes);
@@ -121,17 +126,13 @@ void set_gradient_cache(bool enabled) {
 
 size_t release_gradient_cache() {
   KeptBuffer& k = kept();
-  void* ptr;
-  size_t bytes;
+  std::pair<void*, size_t> held;
   {
     std::lock_guard<std::mutex> lock(k.mutex);
-    ptr = k.ptr;
-    bytes = k.bytes;
-    k.ptr = nullptr;
-    k.bytes = 0;
+    held = k.take_locked();
   }
-  forget_and_free(ptr);
-  return bytes;
+  forget_and_free(held.first);
+  return held.second;
 }
 
 size_t gradient_cache_bytes() {

@@ -84,6 +84,7 @@ inline const opmath_t<scalar_t>* read_block(const scalar_t* src, int64_t stride,
 // Lake, Sapphire Rapids and later), instead of ATen's ~10-operation integer emulation; same round to nearest
 // even and NaN stays NaN. Unlike the emulation it flushes subnormal values (< 1.2e-38) to zero.
 // Not part of ATen's AVX512 capability, so it is compiled for that target alone and chosen at run time.
+//
 // Converts and stores the leading multiple of 32 of n values; returns how many. Streaming (non-temporal
 // stores, see stream_block) needs dst 64-byte aligned.
 template <bool kStream>
@@ -149,8 +150,8 @@ inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n
 #endif
   if constexpr (is_float || is_bf16) {
     constexpr int64_t kPerLine = 64 / sizeof(scalar_t);
-    const int64_t head = std::min<int64_t>(n, ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / sizeof(scalar_t));
-    if (reinterpret_cast<uintptr_t>(dst) % sizeof(scalar_t) == 0 && (is_float || cpu_has_avx512_bf16())) {
+    if (is_float || cpu_has_avx512_bf16()) {
+      const int64_t head = std::min<int64_t>(n, ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / sizeof(scalar_t));
       write_block<scalar_t>(src, dst, 1, head);
       int64_t i = head;
       if constexpr (is_float) {

@@ -24,11 +24,15 @@ def _candidates() -> tuple[str, ...]:
     return _PREFERENCE.get(torch.backends.cpu.get_cpu_capability(), ("default",))
 
 
+def _module_name(isa: str) -> str:
+    return "lossops._C" if isa == "default" else f"lossops._C_{isa}"
+
+
 @functools.lru_cache(maxsize=None)
 def module():
     errors = []
     for isa in _candidates():
-        name = "lossops._C" if isa == "default" else f"lossops._C_{isa}"
+        name = _module_name(isa)
         try:
             loaded = importlib.import_module(name)
         except ImportError as e:
@@ -46,12 +50,12 @@ def capability() -> str:
 
 # --- the kept gradient buffer (csrc/allocation.cpp) ---------------------------------------------------------------
 # Each ISA build has its own slot; these functions act on every build loaded in this process.
-_MODULE_NAMES = ("lossops._C", "lossops._C_avx2", "lossops._C_avx512")
-_gradient_cache_choice: Optional[bool] = None  # set_gradient_cache's last word; None: LOSSOPS_GRADIENT_CACHE decides
+_gradient_cache_choice: Optional[bool] = None  # set_gradient_cache's last word, applied to builds loaded later
 
 
 def _loaded() -> list:
-    return [sys.modules[name] for name in _MODULE_NAMES if name in sys.modules]
+    names = (_module_name(isa) for isa in ("default", "avx2", "avx512"))
+    return [sys.modules[name] for name in names if name in sys.modules]
 
 
 def set_gradient_cache(enabled: bool) -> None:
@@ -62,9 +66,8 @@ def set_gradient_cache(enabled: bool) -> None:
 
 
 def gradient_cache_enabled() -> bool:
-    if _gradient_cache_choice is not None:
-        return _gradient_cache_choice
-    return os.environ.get("LOSSOPS_GRADIENT_CACHE", "1") != "0"
+    # The serving build holds the setting (LOSSOPS_GRADIENT_CACHE read at its load, or set_gradient_cache's).
+    return module().gradient_cache_enabled()
 
 
 def empty_cache() -> int:

@@ -118,4 +118,3 @@ def forced_isa(isa: str):
             yield
         finally:
             lossops._cpp.module.cache_clear()
-    lossops._cpp.module.cache_clear()
