@@ -1,23 +1,38 @@
-"""Builds lossops' C++ CPU kernels once per instruction set and installs the Triton kernels inside the package.
+"""Builds lossops' C++ CPU kernels; the package metadata lives in pyproject.toml.
 
-Each ISA variant is its own extension module (lossops._C, lossops._C_avx2, lossops._C_avx512) rather than
-three object sets linked into one library: inline functions from the torch headers compiled with AVX-512
-flags would otherwise be merged with the baseline copies by the linker, and the baseline module could end
-up calling an AVX-512 instruction on an older CPU. lossops._cpp picks the best module the CPU supports.
+Two kinds of shared object (csrc/kernel_abi.h explains why):
+  lossops._C                     the host module: Python bindings and gradient buffers, compiled once
+  lossops/_kernels_<isa>.so      the loss kernels, once per instruction set (default, avx2, avx512), each with
+                                 ATen's CPU_CAPABILITY macros so at::vec uses real intrinsics; no
+                                 -march=native, so a wheel built here runs on older CPUs
+Only the kernel files are compiled per ISA, as one translation unit per ISA that includes every family's .cpp
+(generated under build/unity/): the ATen headers are then parsed three times instead of fifteen. None of them
+includes torch/extension.h.
 
 Environment:
   DEBUG=1     -O0 -g
-  SANITIZE=1  AddressSanitizer + UndefinedBehaviourSanitizer (see .ci/run)
+  SANITIZE=1  AddressSanitizer + UndefinedBehaviourSanitizer (see .ci/sanitize.sh)
   LOSSOPS_ISAS=default,avx2,avx512   restrict the variants built (default: all the platform supports)
+  MAX_JOBS    parallel compile jobs (ninja); ccache is used when it is installed and CXX is not set
 """
 import os
 import platform
+import shutil
+import sys
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    import torch  # noqa: F401  (the extension is compiled against the installed torch)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit("lossops: building needs torch importable; install torch first (e.g. pip install torch==2.13.0 for the "
+             "CPU wheel), then pip install --no-build-isolation .")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SOURCES = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".cpp"))
+CSRC = os.path.join(ROOT, "csrc")
+HOST_SOURCES = ["bindings.cpp", "allocation.cpp"]
+KERNEL_SOURCES = sorted(f for f in os.listdir(CSRC) if f.endswith(".cpp") and f not in HOST_SOURCES)
 
 # ATen's own per-ISA flags (cmake/Codegen.cmake): CPU_CAPABILITY names at::vec's inline namespace and the
 # CPU_CAPABILITY_* macro switches at::vec from its scalar fallback to the intrinsics.
@@ -37,23 +52,38 @@ def isas():
     return ["default"]
 
 
-def extension(isa):
-    debug = os.environ.get("DEBUG") == "1"
-    sanitize = os.environ.get("SANITIZE") == "1"
-    cflags = ["-fopenmp", "-fvisibility=hidden", "-DCPU_CAPABILITY=" + isa.upper(),
-              "-DCPU_CAPABILITY_" + isa.upper(), "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
-    cflags += ["-O0", "-g"] if debug else ["-O3"]
+def flags():
+    cflags = ["-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wall", "-Wno-unknown-pragmas",
+              "-Wno-maybe-uninitialized"]
+    cflags += ["-O0", "-g"] if os.environ.get("DEBUG") == "1" else ["-O3"]
     ldflags = ["-fopenmp"]
-    if sanitize:
+    if os.environ.get("SANITIZE") == "1":
         cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
         ldflags += ["-fsanitize=address,undefined"]
-    name = "lossops._C" if isa == "default" else "lossops._C_" + isa
-    return CppExtension(name, SOURCES, include_dirs=[os.path.join(ROOT, "csrc")],
-                        extra_compile_args={"cxx": cflags + ISA_FLAGS[isa]}, extra_link_args=ldflags)
+    return cflags, ldflags
+
+
+def extension(name, sources, isa):
+    cflags, ldflags = flags()
+    cflags += ["-DCPU_CAPABILITY=" + isa.upper(), "-DCPU_CAPABILITY_" + isa.upper()] + ISA_FLAGS[isa]
+    return CppExtension(name, sources, include_dirs=[CSRC], extra_compile_args={"cxx": cflags},
+                        extra_link_args=ldflags)
+
+
+def unity_source(isa):
+    """One file that includes every kernel source; rewritten only when its contents change, so ninja's
+    dependency files (not this file's timestamp) decide what to rebuild."""
+    path = os.path.join(ROOT, "build", "unity", f"kernels_{isa}.cpp")
+    text = "".join(f'#include "{os.path.join(CSRC, f)}"\n' for f in KERNEL_SOURCES)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as out:
+            out.write(text)
+    return path
 
 
 class PerExtensionBuild(BuildExtension):
-    """Gives each ISA variant its own object directory: they compile the same sources with other flags."""
+    """Gives each extension its own object directory: the ISA variants compile the same sources with other flags."""
 
     def build_extension(self, ext):
         shared_temp = self.build_temp
@@ -64,15 +94,16 @@ class PerExtensionBuild(BuildExtension):
             self.build_temp = shared_temp
 
 
+def use_ccache():
+    # /usr/lib/ccache/g++ is ccache posing as the compiler: torch's compiler checks see a plain g++.
+    masquerade = "/usr/lib/ccache/g++"
+    if "CXX" not in os.environ and shutil.which("ccache") and os.path.exists(masquerade):
+        os.environ["CXX"] = masquerade
+
+
+use_ccache()
 setup(
-    name="lossops",
-    version="0.1.0",
-    description="Fused forward+backward loss kernels for PyTorch (C++ on CPU, Triton on GPU)",
-    packages=["lossops", "lossops.triton_kernels"],
-    package_dir={"lossops": "lossops", "lossops.triton_kernels": "triton_kernels"},
-    ext_modules=[extension(isa) for isa in isas()],
+    ext_modules=[extension("lossops._C", [os.path.join("csrc", f) for f in HOST_SOURCES], "default")]
+    + [extension("lossops._kernels_" + isa, [unity_source(isa)], isa) for isa in isas()],
     cmdclass={"build_ext": PerExtensionBuild.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={"gpu": ["triton>=3.0"], "test": ["pytest", "hypothesis", "expecttest", "numpy", "triton"]},
 )

@@ -3,7 +3,7 @@
 # (SANITIZE=1, baseline ISA) into a directory of its own and runs the C++-backend tests against that build.
 # Exits non-zero on any sanitizer report (or test failure).
 #
-# The in-place modules (lossops/_C*.so) are never touched: the sanitized package is assembled under
+# The in-place modules (lossops/_C*.so, lossops/_kernels_*.so) are never touched: the sanitized package is assembled under
 # $LOSSOPS_SANITIZE_DIR (default build/sanitize) and put first on the path. The tests run with
 # -k "$LOSSOPS_SANITIZE_K" (default "cpp": the parametrisations on the C++ backend); extra arguments go
 # to pytest. test_large.py is left out: ~4 GB under ASan's allocator doubles its time for no new code path.
@@ -30,7 +30,7 @@ skip = shutil.ignore_patterns("*.so", "__pycache__", ".build-stamp")
 shutil.rmtree(pkg, ignore_errors=True)
 shutil.copytree(root / "lossops", pkg / "lossops", ignore=skip)
 shutil.copytree(root / "triton_kernels", pkg / "lossops" / "triton_kernels", ignore=skip)
-for module in (lib / "lossops").glob("_C*.so"):
+for module in [*(lib / "lossops").glob("_C*.so"), *(lib / "lossops").glob("_kernels_*.so")]:
     shutil.copy2(module, pkg / "lossops")
 EOF
 
@@ -48,7 +48,7 @@ export PYTHONPATH="$PKG:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 import lossops, lossops._cpp as c
 m = c.module()
 assert lossops.__file__.startswith('$PKG') and m.__file__.startswith('$PKG'), (lossops.__file__, m.__file__)
-print('sanitize: testing', m.__file__, '(', m.CPU_CAPABILITY, ')')
+print('sanitize: testing', m.__file__, '(', m.capability(), ')')
 ")
 
 mapfile -t files < <(cd "$ROOT" && ls tests/test_*.py | grep -v -e '^tests/test_large\.py$' -e 'triton_aot')

@@ -9,10 +9,13 @@
 // a request of another size frees the kept buffer first, so no step ever holds more memory than it would
 // without the cache; between steps one gradient's memory stays allocated. LOSSOPS_GRADIENT_CACHE=0 (read
 // at import) or set_gradient_cache(false) turns it off, release_gradient_cache() frees the kept buffer.
-// Kernels ask gradient_pages_resident() before writing with non-temporal stores, which pay off only on
+// Kernels ask host_gradient_pages_resident() before writing with non-temporal stores, which pay off only on
 // pages that are already there (on fresh ones they measured slower than the page faults' own cache fills).
 // Small buffers use the default allocator.
-#include "common.h"
+#include "allocation.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -34,7 +37,7 @@ struct KeptBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
   bool enabled = true;
-  // The buffer last handed out again: its pages are resident (see gradient_pages_resident).
+  // The buffer last handed out again: its pages are resident (see host_gradient_pages_resident).
   std::atomic<const void*> reused{nullptr};
 
   KeptBuffer() {
@@ -113,7 +116,7 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::empty(sizes, options);
 }
 
-bool gradient_pages_resident(const void* ptr) { return ptr != nullptr && kept().reused.load() == ptr; }
+bool host_gradient_pages_resident(const void* ptr) { return ptr != nullptr && kept().reused.load() == ptr; }
 
 void set_gradient_cache(bool enabled) {
   KeptBuffer& k = kept();

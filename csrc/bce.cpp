@@ -1,6 +1,7 @@
 // BCE with logits, torch's definition: L = w * ((1 - t) x + lw * softplus(-x)), lw = 1 + (pos_weight - 1) t.
 // dL/dx = w * (lw * sigmoid(x) - pos_weight * t) = w * ((1 - t) sigmoid(x) - pos_weight * t * sigmoid(-x));  dL/dt = w * (-x + (pos_weight - 1) * softplus(-x)).
 #include "bce.h"
+#include "elementwise.h"
 
 namespace lossops {
 namespace {

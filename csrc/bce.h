@@ -1,6 +1,6 @@
 #pragma once
 // BCE-with-logits (torch.nn.functional.binary_cross_entropy_with_logits): params {}; aux = pos_weight.
-#include "elementwise.h"
+#include "kernel_abi.h"
 
 namespace lossops {
 

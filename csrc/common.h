@@ -5,7 +5,10 @@
 // build without being written three times.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -259,15 +262,9 @@ inline int64_t row_grain(int64_t row_length) {
   return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(1, row_length));
 }
 
-// An uninitialised contiguous CPU tensor for a gradient, on huge pages when large, reusing the buffer the
-// previous step freed when it has the same size (allocation.cpp).
-at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype);
-// Whether ptr starts a gradient buffer reused from the previous step, i.e. whose pages are resident.
+// Whether ptr starts a gradient buffer reused from the previous step, i.e. whose pages are resident (the
+// host's allocation.cpp knows; kernel_table.cpp asks it).
 bool gradient_pages_resident(const void* ptr);
-void set_gradient_cache(bool enabled);
-size_t release_gradient_cache();
-size_t gradient_cache_bytes();
-bool gradient_cache_enabled();
 
 // Dispatch over the floating dtypes every loss accepts.
 #define LOSSOPS_DISPATCH_FLOATING(TYPE, NAME, ...) \

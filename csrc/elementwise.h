@@ -9,28 +9,14 @@
 #pragma once
 
 #include "common.h"
+#include "kernel_abi.h"
 
 #include <optional>
 #include <vector>
 
 namespace lossops {
 
-// Kernel arguments shared by every elementwise family (the Python side builds them in lossops/_elementwise.py).
-struct ElementwiseArgs {
-  at::Tensor input;                    // contiguous, any floating dtype
-  at::Tensor target;                   // contiguous, input's shape and dtype; or int64 class indices (one per row)
-  std::optional<at::Tensor> weight;    // compact, contiguous, opmath dtype; element i reads weight[(i / inner) % period]
-  std::vector<int64_t> weight_layout;  // {inner, period}
-  std::optional<at::Tensor> aux;       // like weight (pos_weight for BCE)
-  std::vector<int64_t> aux_layout;
-  std::vector<double> params;          // family parameters (beta, gamma, ...)
-  std::optional<at::Tensor> grad_input, grad_target;  // written when given (input's shape and dtype)
-  double grad_scale = 1.0;
-  bool per_element = false;            // also return the per-element loss (reduction="none")
-  int64_t ignore_index = -100;         // class-index targets only: rows with this index contribute nothing
-};
-
-// Returns {per-element loss (opmath dtype; empty unless per_element), sum of the losses (0-d, opmath)}.
+// See ElementwiseKernel (kernel_abi.h).
 template <template <typename> class Loss>
 std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& args);
 

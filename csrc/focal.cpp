@@ -5,6 +5,7 @@
 // as q^gamma * r removes the negative power: r <= 2 for every t in [0, 1] and r -> 1 where q underflows to 0
 // (hard targets at saturated logits), so the gradient is finite for every gamma >= 0, including 0 < gamma < 1.
 #include "focal.h"
+#include "elementwise.h"
 
 namespace lossops {
 namespace {

@@ -1,6 +1,6 @@
 #pragma once
 // Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss): params {alpha (< 0: off), gamma}; dense or class-index targets.
-#include "elementwise.h"
+#include "kernel_abi.h"
 
 namespace lossops {
 

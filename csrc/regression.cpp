@@ -5,6 +5,7 @@
 // linear branch's derivative m * sign(d) keeps torch's conventions: sign(0) = 0 (L1's subgradient), and a NaN
 // difference gives a NaN gradient for smooth-L1 / Huber but 0 for L1, as torch does.
 #include "regression.h"
+#include "elementwise.h"
 
 namespace lossops {
 namespace {

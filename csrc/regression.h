@@ -1,6 +1,6 @@
 #pragma once
 // Regression losses: params {kind (0 L1, 1 MSE, 2 smooth-L1, 3 Huber), beta or delta}.
-#include "elementwise.h"
+#include "kernel_abi.h"
 
 namespace lossops {
 

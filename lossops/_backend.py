@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.metadata
 import os
 
 import torch
@@ -142,3 +143,27 @@ def gradient_cache_bytes() -> int:
     """Bytes held by the kept gradient buffer right now (0 when none)."""
     from . import _cpp
     return _cpp.gradient_cache_bytes()
+
+
+def show_config() -> str:
+    """What this installation runs on: version, the C++ kernel build serving CPU calls, backends, Triton."""
+    import lossops
+    lines = [f"lossops {lossops.__version__}, torch {torch.__version__}"]
+    try:
+        from . import _cpp
+        built = [isa for isa in _cpp.ISAS if _cpp.kernel_library(isa)]
+        lines.append(f"C++ kernels: {_cpp.capability()} build in use (built: {', '.join(built)}; "
+                     f"this CPU: {torch.backends.cpu.get_cpu_capability()})")
+    except ImportError as e:
+        lines.append(f"C++ kernels: not available ({e})")
+    triton = importlib.util.find_spec("triton")
+    if triton is None:
+        lines.append("Triton: not installed (pip install triton for the GPU backend)")
+    else:
+        mode = ", interpreter (TRITON_INTERPRET=1)" if triton_interpreted() else ""
+        lines.append(f"Triton: {importlib.metadata.version('triton')}{mode}")
+    usable = [name for name in BACKENDS[1:] if name == "reference"
+              or (name == "cpp" and _cpp_available())
+              or (name == "triton" and triton is not None and (torch.cuda.is_available() or triton_interpreted()))]
+    lines.append(f"backends usable here: {', '.join(usable)}; selected: {get_backend()}")
+    return "\n".join(lines)

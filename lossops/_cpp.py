@@ -1,19 +1,20 @@
 """Loads the C++ kernels built for the best instruction set this CPU supports.
 
-setup.py builds the same sources as lossops._C (baseline), lossops._C_avx2 and lossops._C_avx512. The
-choice follows PyTorch's own (torch.backends.cpu.get_cpu_capability(), which honours ATEN_CPU_CAPABILITY);
-LOSSOPS_CPU_CAPABILITY=default|avx2|avx512 forces one, e.g. to test every variant on one machine.
+lossops._C (the host module: bindings, gradient buffers) is built once; the kernels are built per ISA as
+lossops/_kernels_default.so, _kernels_avx2.so and _kernels_avx512.so (see csrc/kernel_abi.h), and _C loads
+one of them. The choice follows PyTorch's own (torch.backends.cpu.get_cpu_capability(), which honours
+ATEN_CPU_CAPABILITY); LOSSOPS_CPU_CAPABILITY=default|avx2|avx512 forces one, e.g. to test every variant on
+one machine.
 """
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.machinery
 import os
-import sys
-from typing import Optional
 
 import torch
 
+ISAS = ("default", "avx2", "avx512")
 _PREFERENCE = {"AVX512": ("avx512", "avx2", "default"), "AVX2": ("avx2", "default")}
 
 
@@ -24,55 +25,57 @@ def _candidates() -> tuple[str, ...]:
     return _PREFERENCE.get(torch.backends.cpu.get_cpu_capability(), ("default",))
 
 
-def _module_name(isa: str) -> str:
-    return "lossops._C" if isa == "default" else f"lossops._C_{isa}"
+def _host():
+    from . import _C
+    return _C
+
+
+def kernel_library(isa: str) -> str | None:
+    """The path of the kernel library built for `isa`, or None when it was not built."""
+    folder = os.path.dirname(os.path.abspath(_host().__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(folder, f"_kernels_{isa}{suffix}")
+        if os.path.exists(path):
+            return path
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def module():
+    """lossops._C, serving calls from the kernel library of the best ISA this CPU supports."""
+    host = _host()
     errors = []
     for isa in _candidates():
-        name = _module_name(isa)
-        try:
-            loaded = importlib.import_module(name)
-        except ImportError as e:
-            errors.append(f"{name}: {e}")
+        path = kernel_library(isa)
+        if path is None:
+            errors.append(f"no _kernels_{isa} library was built" + ("" if isa in ISAS else f" (known: {ISAS})"))
             continue
-        if _gradient_cache_choice is not None:
-            loaded.set_gradient_cache(_gradient_cache_choice)
-        return loaded
-    raise ImportError("lossops: no C++ kernel module could be loaded (" + "; ".join(errors) + ")")
+        try:
+            host.load_kernels(path)
+        except RuntimeError as e:
+            errors.append(str(e))
+            continue
+        return host
+    raise ImportError("lossops: no C++ kernel library could be loaded (" + "; ".join(errors) + ")")
 
 
 def capability() -> str:
-    return module().CPU_CAPABILITY
+    return module().capability()
 
 
-# --- the kept gradient buffer (csrc/allocation.cpp) ---------------------------------------------------------------
-# Each ISA build has its own slot; these functions act on every build loaded in this process.
-_gradient_cache_choice: Optional[bool] = None  # set_gradient_cache's last word, applied to builds loaded later
-
-
-def _loaded() -> list:
-    names = (_module_name(isa) for isa in ("default", "avx2", "avx512"))
-    return [sys.modules[name] for name in names if name in sys.modules]
-
+# --- the kept gradient buffer (csrc/allocation.cpp), one per process in the host module --------------------------
 
 def set_gradient_cache(enabled: bool) -> None:
-    global _gradient_cache_choice
-    _gradient_cache_choice = bool(enabled)
-    for m in _loaded():
-        m.set_gradient_cache(_gradient_cache_choice)
+    _host().set_gradient_cache(bool(enabled))
 
 
 def gradient_cache_enabled() -> bool:
-    # The serving build holds the setting (LOSSOPS_GRADIENT_CACHE read at its load, or set_gradient_cache's).
-    return module().gradient_cache_enabled()
+    return _host().gradient_cache_enabled()
 
 
 def empty_cache() -> int:
-    return sum(m.release_gradient_cache() for m in _loaded())
+    return _host().release_gradient_cache()
 
 
 def gradient_cache_bytes() -> int:
-    return sum(m.gradient_cache_bytes() for m in _loaded())
+    return _host().gradient_cache_bytes()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by the README commands: creates/activates the venv, installs torch (CPU wheel) if no torch is
-# present, installs the dev requirements and builds lossops in place (editable install).
+# present, installs the dev requirements (setuptools and wheel among them: Python 3.12+ venvs have none) and
+# builds lossops in place (editable install).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LOSSOPS_VENV:-$ROOT/.venv}"
@@ -17,7 +18,7 @@ fi
 pip install -q -r "$ROOT/requirements-dev.txt"
 # Rebuild only when a C++ source or the build script is newer than the built modules.
 stamp="$ROOT/lossops/.build-stamp"
-if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$stamp" 2>/dev/null | head -1)" ] \
+if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" -newer "$stamp" 2>/dev/null | head -1)" ] \
    || ! python -c "import lossops._C" >/dev/null 2>&1; then
   (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" pip install -q --no-build-isolation -e .)
   touch "$stamp"

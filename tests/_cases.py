@@ -109,7 +109,7 @@ def cpu_supports(isa: str) -> bool:
 @contextlib.contextmanager
 def forced_isa(isa: str):
     """The C++ backend served by one ISA build, chosen the way a user forces it (LOSSOPS_CPU_CAPABILITY).
-    In this process: the builds are separate extension modules with hidden symbols, so they load side by side."""
+    In this process: the builds are separate kernel libraries with hidden symbols, so they load side by side."""
     import lossops
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOSSOPS_CPU_CAPABILITY", isa)

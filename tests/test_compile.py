@@ -119,7 +119,7 @@ BAD_PARAMS = [pytest.param(op, bad, id=f"{op.id}-{bad.__name__}")
 def test_every_public_op_is_in_the_table():
     functions = {name for name in lossops.__all__ if inspect.isfunction(getattr(lossops, name))}
     settings = {"backend", "get_backend", "set_backend", "set_gradient_cache", "gradient_cache_enabled", "empty_cache",
-                "gradient_cache_bytes"}
+                "gradient_cache_bytes", "show_config"}
     assert functions - settings == {op.name for op in OPS}
 
 
