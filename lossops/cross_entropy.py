@@ -25,8 +25,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """Drop-in for torch.nn.functional.cross_entropy, fused forward+backward.
 
     Extras (defaults reproduce torch exactly):
-      lse_square_scale: z-loss; adds lse_square_scale * logsumexp(row)**2 to each non-ignored row's loss
-        before the reduction (same mean denominator as the cross-entropy term).
+      lse_square_scale: z-loss; adds lse_square_scale * logsumexp(row)**2 to each non-ignored row's loss.
+        It is not multiplied by the class weights, and the mean divides it by the number of non-ignored
+        rows (the cross-entropy term by the sum of their weights), so rescaling weight leaves it unchanged.
       softcap: logits <- softcap * tanh(logits / softcap) before the softmax (gradient flows through it).
       inplace_backward: the gradient is written into the logits' storage in forward, so the logits hold
         the gradient afterwards and no second N x C buffer is allocated. Refused for leaf tensors; any
@@ -127,9 +128,18 @@ def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignor
                 weight_normalizes_mean: bool, grad: Optional[Tensor], backend: str) -> Tensor:
     acc = _checks.opmath_dtype(logits3.dtype)
     denominator = _denominator(logits3, target, weight, ignore_index, weight_normalizes_mean)
+    weight = None if weight is None else weight.to(acc).contiguous()
+    if (reduction == "mean" and weight is not None and lse_square_scale > 0 and focal_gamma < 0
+            and not target.is_floating_point()):
+        # The z-loss is not class-weighted: its mean is over the kept rows, the cross-entropy's over their
+        # weights. The kernels scale a whole row by one factor, so the weights carry count / sum_w instead
+        # (the cross-entropy part is linear in them) and every row is divided by the count.
+        count = _reduce.class_index_denominator(target, None, ignore_index, logits3.shape[1], acc)
+        weight = weight * torch.where(count > 0, count / denominator, 1)
+        denominator = count
     kernels = _backend.kernels(backend, "cross_entropy")
     row_loss, _lse, total = kernels.cross_entropy(
-        logits3, target, None if weight is None else weight.to(acc).contiguous(), grad, ignore_index, label_smoothing,
+        logits3, target, weight, grad, ignore_index, label_smoothing,
         lse_square_scale, softcap, focal_gamma, _reduce.gradient_scale(reduction, denominator))
     return _reduce.reduce(reduction, row_loss, total, denominator)
 
@@ -220,10 +230,9 @@ def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tens
     z = lse_square_scale * lse * lse
     if target.shape == input.shape:
         denominator = lse.new_tensor(float(lse.numel()))
-    else:
+    else:  # not class-weighted: the mean is over the kept rows whatever the weights
         keep = target != ignore_index
         z = z * keep
-        w = torch.ones(input.shape[class_dim], dtype=lse.dtype, device=input.device) if weight is None else weight
-        denominator = (w.to(lse.dtype)[torch.where(keep, target, 0)] * keep).sum()
+        denominator = keep.sum().to(lse.dtype)
     z_reduced = z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / denominator
     return (loss + z_reduced).to(loss.dtype)

@@ -29,10 +29,9 @@ def torch_loss(input, target, weight=None, ignore_index=-100, reduction="mean", 
     lse = logits.logsumexp(1 if input.dim() > 1 else 0)
     if target.is_floating_point():
         kept, denominator = torch.ones_like(lse), lse.numel()
-    else:
+    else:  # the z-loss is not class-weighted: its mean is over the kept rows
         kept = (target != ignore_index).to(lse.dtype)
-        w = torch.ones(input.shape[1 if input.dim() > 1 else 0], dtype=lse.dtype) if weight is None else weight
-        denominator = (w[torch.where(target == ignore_index, 0, target)] * kept).sum()
+        denominator = kept.sum()
     z = lse_square_scale * lse.square() * kept
     return loss + (z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / denominator)
 
@@ -87,6 +86,42 @@ GRADCHECK_CASES = backend_cases({"cpp": grid(OPTIONS, _valid), "reference": pair
 @pytest.mark.parametrize("backend, case", GRADCHECK_CASES, indirect=["backend"])
 def test_float64_matches_torch_and_gradcheck(backend, case):
     x, target, kwargs = make_inputs(case)
+    assert_same(*compare(x, target, kwargs))
+    assert torch.autograd.gradcheck(lambda x: lossops.cross_entropy(x, target, **kwargs), (x,),
+                                    fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6, 5), (3, 5, 2)])
+def test_z_loss_is_not_class_weighted(backend, shape, reduction, label_smoothing):
+    """The z-loss term, loss(s) - loss(0), is s * lse^2 on each kept row, averaged over the kept rows for
+    'mean': multiplying the class weights by 10 changes neither its value nor its gradient."""
+    x = (3 * torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(0, shape[1], shape[:1] + shape[2:])
+    target.view(-1)[::3] = IGNORE
+    weight = 0.5 + torch.rand(shape[1], dtype=torch.float64)
+    scale = 0.1
+
+    def z_term(w):
+        options = dict(weight=w, ignore_index=IGNORE, reduction=reduction, label_smoothing=label_smoothing)
+        with_z = forward_backward(lambda x: lossops.cross_entropy(x, target, lse_square_scale=scale, **options), [x])
+        without = forward_backward(lambda x: lossops.cross_entropy(x, target, **options), [x])
+        return with_z[0] - without[0], with_z[1][0] - without[1][0]
+
+    kept = (target != IGNORE).to(x.dtype)
+
+    def z_loss(x):
+        z = scale * x.logsumexp(1).square() * kept
+        return z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / kept.sum()
+
+    expected_value, (expected_grad,) = forward_backward(z_loss, [x])
+    for w in (weight, 10 * weight):
+        value, grad = z_term(w)
+        assert_close(value, expected_value, rtol=1e-10, atol=1e-12)
+        assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    kwargs = dict(weight=10 * weight, ignore_index=IGNORE, reduction=reduction, label_smoothing=label_smoothing,
+                  lse_square_scale=scale)
     assert_same(*compare(x, target, kwargs))
     assert torch.autograd.gradcheck(lambda x: lossops.cross_entropy(x, target, **kwargs), (x,),
                                     fast_mode=backend == "triton")

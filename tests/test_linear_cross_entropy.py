@@ -103,6 +103,34 @@ def test_gradcheck_triton():
         gradcheck(CASES["all"], "none")
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend_name", ["cpp", "triton", "reference"])
+def test_z_loss_term_is_averaged_over_kept_rows(backend_name, reduction):
+    """cross_entropy's rule: the z-loss term loss(s) - loss(0) is s * lse^2 on each kept row, not class-weighted,
+    and 'mean' divides it by the number of kept rows (in value and in every gradient)."""
+    hidden, weight, bias, target, options = make_inputs(dict(ignore_index=3, label_smoothing=0.1))
+    scale = 0.05
+    kept = (target != 3).to(hidden.dtype)
+
+    def z_loss(h, w, b):
+        z = scale * F.linear(h, w, b).logsumexp(-1).square() * kept
+        return z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / kept.sum()
+
+    def loss(s):
+        return lossops.linear_cross_entropy(hidden, weight, target, bias, reduction=reduction, chunk_size=CHUNK,
+                                            lse_square_scale=s, **options)
+
+    with lossops.backend(backend_name):
+        with_z, without = loss(scale), loss(0.0)
+    expected = z_loss(hidden, weight, bias)
+    torch.testing.assert_close(with_z - without, expected, rtol=1e-12, atol=1e-14)
+    grad_output = torch.rand_like(expected) + 0.5
+    got = [a - b for a, b in zip(torch.autograd.grad(with_z, (hidden, weight, bias), grad_output),
+                                 torch.autograd.grad(without, (hidden, weight, bias), grad_output))]
+    for g, e in zip(got, torch.autograd.grad(expected, (hidden, weight, bias), grad_output)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 def test_bfloat16_accumulates_across_chunks_in_float32():
     # 64 chunks: a bfloat16 running sum of grad_W / grad_b would be far worse than torch's one matmul.
     hidden, weight, bias, target, _ = make_inputs({}, n=1024, d=32, v=64, dtype=torch.float64)
