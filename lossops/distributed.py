@@ -149,7 +149,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = (x - lse[:, None]).exp_()
         if label_smoothing > 0:
             grad -= label_smoothing / vocab
-        onehot = torch.where(owned, 1 - label_smoothing, 0).to(acc)
+        # In the accumulation dtype: torch.where(owned, 1 - label_smoothing, 0) would round it to float32.
+        onehot = owned.to(acc) * (1 - label_smoothing)
         if grad.shape[-1]:
             grad.scatter_add_(1, local_index[:, None], -onehot[:, None])
         row_scale = grad_loss.reshape(-1).to(acc) if reduction == "none" else grad_loss.to(acc).expand(lse.shape)
