@@ -5,7 +5,14 @@ eager and in compiled code; value-dependent checks (target ranges) live in the k
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+try:
+    from numpy import bool_ as np_bool
+except ImportError:  # numpy is optional for torch
+    np_bool = bool
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -25,10 +32,10 @@ def tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def floating(name: str, value: torch.Tensor) -> torch.Tensor:
+def floating(name: str, value: torch.Tensor, exception=TypeError) -> torch.Tensor:
     tensor(name, value)
     if not value.is_floating_point():
-        raise TypeError(f"lossops: {name} must be a floating-point tensor, got dtype {value.dtype}")
+        raise exception(f"lossops: {name} must be a floating-point tensor, got dtype {value.dtype}")
     return value
 
 
@@ -52,7 +59,7 @@ def same_dtype(reference: torch.Tensor, **others) -> None:
 def class_weight(weight, num_classes: int, input: torch.Tensor, name: str = "weight"):
     if weight is None:
         return None
-    floating(name, weight)
+    floating(name, weight, exception=RuntimeError)  # torch: "expected scalar type Float but found Long"
     same_device(input, **{name: weight})
     if weight.dim() != 1 or weight.numel() != num_classes:
         raise RuntimeError(f"lossops: {name} must be a 1-D tensor of {num_classes} elements (one per class), "
@@ -85,8 +92,34 @@ def class_index_in_range(name: str, target: torch.Tensor, num_classes: int, igno
                          f"ignore_index is {ignore_index})")
 
 
+def real(name: str, value) -> float:
+    """A float argument taken as torch's argument parser takes one: a real number or a one-element tensor.
+    Anything else is a TypeError, as there; float() alone would accept "0.5" and give ValueError for "a"."""
+    if isinstance(value, (str, bytes)) or (isinstance(value, torch.Tensor) and value.numel() != 1):
+        raise TypeError(f"lossops: {name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"lossops: {name} must be a number, got {type(value).__name__} {value!r}") from None
+
+
+def integer(name: str, value) -> int:
+    """An int argument taken as torch's argument parser takes one: an int (not a bool) or an integer tensor of
+    one element; anything else is a TypeError, and a value beyond int64 a ValueError, as there."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    else:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool))
+    if not ok:
+        raise TypeError(f"lossops: {name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"lossops: {name} must fit in int64, got {value}")
+    return value
+
+
 def in_range(name: str, value: float, low: float, high: float | None = None, exception=ValueError) -> float:
-    value = float(value)
+    value = real(name, value)
     if value != value or value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise exception(f"lossops: {name} must be {bound}, got {value}")
@@ -97,7 +130,7 @@ def positive_or_none(name: str, value) -> float:
     """Optional strictly positive float; None (off) becomes 0."""
     if value is None:
         return 0.0
-    value = float(value)
+    value = real(name, value)
     if not value > 0 or value == float("inf"):
         raise ValueError(f"lossops: {name} must be a positive finite number or None, got {value}")
     return value

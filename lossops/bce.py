@@ -28,6 +28,8 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     _checks.floating("target", target)
     _checks.same_device(input, target=target)
+    weight = _real_weight("weight", weight, input, bool_ok=True)
+    pos_weight = _real_weight("pos_weight", pos_weight, input, bool_ok=False)
     weight = _checks.broadcastable("weight", weight, input.shape, input, exception=RuntimeError)
     pos_weight = _checks.broadcastable("pos_weight", pos_weight, input.shape, input, exception=RuntimeError)
 
@@ -39,3 +41,14 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     return _elementwise.elementwise_loss(_op, input_k, target_k, reduction=reduction,
                                          denominator=input.numel(), reference=reference, weight=weight,
                                          aux=pos_weight, out_dtype=target.dtype)
+
+
+def _real_weight(name: str, value: Optional[Tensor], input: Tensor, bool_ok: bool) -> Optional[Tensor]:
+    """torch multiplies by an integer (or, for weight, boolean) tensor in the loss's dtype; a complex one cannot be
+    cast to that dtype, and pos_weight - 1 is undefined for a boolean one: both are RuntimeErrors there."""
+    if not isinstance(value, Tensor) or value.is_floating_point():
+        return value
+    if value.is_complex() or (value.dtype == torch.bool and not bool_ok):
+        raise RuntimeError(f"lossops: {name} must be a real{'' if bool_ok else ', non-boolean'} tensor, "
+                           f"got dtype {value.dtype}")
+    return value.to(input.dtype)

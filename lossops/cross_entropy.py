@@ -39,7 +39,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     lse_square_scale = _checks.in_range("lse_square_scale", lse_square_scale, 0.0)
     cap = _checks.positive_or_none("softcap", softcap)
     if weight is not None:  # torch's cross_entropy refuses a weight of another dtype than the input's
-        _checks.same_dtype(_checks.floating("input", input), weight=_checks.floating("weight", weight))
+        _checks.same_dtype(_checks.floating("input", input),
+                           weight=_checks.floating("weight", weight, exception=RuntimeError))
     return row_softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing=label_smoothing,
                             lse_square_scale=lse_square_scale, softcap=cap, inplace_backward=inplace_backward,
                             reference=reference_cross_entropy)
@@ -53,6 +54,7 @@ def row_softmax_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ig
     _checks.floating("input", input)
     _checks.tensor("target", target)
     _checks.same_device(input, target=target)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
     if input.dim() == 0:
         raise ValueError("lossops: input must have at least one dimension (classes), got a 0-d tensor")
     num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]

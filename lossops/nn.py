@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn import _reduction
 
 from . import bce as _bce
 from . import focal as _focal
@@ -15,6 +16,14 @@ from . import regression as _regression
 _ce = importlib.import_module(f"{__package__}.cross_entropy")
 
 
+def _reduction_of(reduction, size_average=None, reduce=None):
+    """What torch's loss Modules do when constructed: the legacy size_average/reduce become a reduction (with
+    torch's warning); the reduction itself is checked when the Module is called, by the functional op."""
+    if size_average is not None or reduce is not None:
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
 class CrossEntropyLoss(torch.nn.Module):
     """Drop-in for torch.nn.CrossEntropyLoss, plus lossops.cross_entropy's keyword extras."""
 
@@ -22,10 +31,9 @@ class CrossEntropyLoss(torch.nn.Module):
                  reduction: str = "mean", label_smoothing: float = 0.0, *, lse_square_scale: float = 0.0,
                  softcap: Optional[float] = None, inplace_backward: bool = False):
         super().__init__()
-        from ._checks import reduction as _reduction
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.reduction = _reduction(reduction, size_average, reduce)
+        self.reduction = _reduction_of(reduction, size_average, reduce)
         self.label_smoothing = label_smoothing
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
@@ -43,9 +51,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None):
         super().__init__()
-        from ._checks import reduction as _reduction
         self.ignore_index = ignore_index
-        self.reduction = _reduction(reduction)
+        self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
@@ -67,8 +74,7 @@ class _RegressionLoss(torch.nn.Module):
 
     def __init__(self, size_average=None, reduce=None, reduction: str = "mean"):
         super().__init__()
-        from ._checks import reduction as _reduction
-        self.reduction = _reduction(reduction, size_average, reduce)
+        self.reduction = _reduction_of(reduction, size_average, reduce)
 
     def options(self) -> dict:
         return {}
@@ -105,6 +111,8 @@ class HuberLoss(_RegressionLoss):
     function = staticmethod(_regression.huber_loss)
 
     def __init__(self, reduction: str = "mean", delta: float = 1.0):
+        if not isinstance(delta, (float, int)):  # torch.nn.HuberLoss checks this type when constructed
+            raise TypeError(f"delta must be a float or int, got: {type(delta)}")
         super().__init__(reduction=reduction)
         self.delta = delta
 
@@ -118,10 +126,9 @@ class BCEWithLogitsLoss(torch.nn.Module):
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None, reduction: str = "mean",
                  pos_weight: Optional[Tensor] = None):
         super().__init__()
-        from ._checks import reduction as _reduction
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
-        self.reduction = _reduction(reduction, size_average, reduce)
+        self.reduction = _reduction_of(reduction, size_average, reduce)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _bce.binary_cross_entropy_with_logits(input, target, self.weight, reduction=self.reduction,

@@ -42,7 +42,9 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, redu
 def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
                    beta: float = 1.0, *, weight: Optional[Tensor] = None, avg_factor=None) -> Tensor:
     """Drop-in for torch.nn.functional.smooth_l1_loss, fused; beta=0 is L1 (gradient 0 where input == target)."""
-    beta = float(beta)
+    if isinstance(beta, Tensor) and beta.numel() != 1:  # torch's `beta == 0.0` test fails the same way
+        raise RuntimeError(f"lossops: beta must be a number, got a tensor of shape {tuple(beta.shape)}")
+    beta = _checks.real("beta", beta)
     if not beta >= 0:
         raise RuntimeError(f"smooth_l1_loss does not support negative values for beta (got beta={beta}).")
     return _regression(SMOOTH_L1, input, target, _checks.reduction(reduction, size_average, reduce), beta, weight,
@@ -52,7 +54,7 @@ def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None
 def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
                weight: Optional[Tensor] = None, *, avg_factor=None) -> Tensor:
     """Drop-in for torch.nn.functional.huber_loss, fused."""
-    delta = float(delta)
+    delta = _checks.real("delta", delta)
     if not delta > 0:
         raise RuntimeError(f"huber_loss does not support non-positive values for delta (got delta={delta}).")
     # unlike l1 / mse / smooth-L1, torch's huber_loss promotes nothing: one floating dtype for both

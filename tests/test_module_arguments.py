@@ -1,0 +1,123 @@
+"""lossops.nn Modules check their arguments when torch's do: the same exception type, at the same moment.
+
+torch.nn.HuberLoss refuses a delta that is not a float or int when it is constructed; the other losses only
+turn size_average/reduce into a reduction then, and everything else (the reduction string included) is
+checked by the functional op on the first call. Each row is one invalid (or borderline valid) argument; the
+outcome is where it surfaced ("init", "call" or "ok") and the exception type, torch's being the expectation.
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import lossops
+
+N, C = 4, 5
+
+
+def class_call():
+    return torch.randn(N, C, requires_grad=True), torch.tensor([0, 1, 2, 3])
+
+
+def elementwise_call():
+    return torch.randn(N, C, requires_grad=True), torch.rand(N, C)
+
+
+def _tensor(*shape, dtype=torch.float32):
+    return torch.ones(shape, dtype=dtype)
+
+
+REDUCTIONS = [dict(reduction="avg"), dict(reduction="MEAN"), dict(reduction=None), dict(reduction=1),
+              dict(size_average=torch.tensor([1, 2])), dict(size_average=False), dict(reduce=False)]
+BUFFER_MISUSE = [[1.0] * C, 1.0, "a"]
+
+ROWS = {
+    "CrossEntropyLoss": (class_call, REDUCTIONS + [
+        *(dict(weight=w) for w in BUFFER_MISUSE),
+        dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
+        dict(weight=_tensor(C, dtype=torch.complex64)), dict(weight=_tensor(C, dtype=torch.float64)),
+        dict(weight=_tensor(C + 1)), dict(weight=_tensor(1, C)),
+        dict(ignore_index=1.5), dict(ignore_index="a"), dict(ignore_index=None), dict(ignore_index=True),
+        dict(ignore_index=2 ** 70), dict(ignore_index=torch.tensor(1.5)), dict(ignore_index=torch.tensor([1, 2])),
+        dict(ignore_index=torch.tensor(1)), dict(ignore_index=np.int64(2)), dict(ignore_index=np.float64(1.0)),
+        dict(label_smoothing=1.5), dict(label_smoothing="0.1"), dict(label_smoothing="a"), dict(label_smoothing=None),
+        dict(label_smoothing=1 + 0j), dict(label_smoothing=[0.1]), dict(label_smoothing=torch.tensor([0.1, 0.2])),
+        dict(label_smoothing=torch.tensor(1.5)), dict(label_smoothing=torch.tensor(0.1)),
+        dict(label_smoothing=np.float32(0.1)), dict(label_smoothing=True),
+    ]),
+    "BCEWithLogitsLoss": (elementwise_call, REDUCTIONS + [
+        *(dict(weight=w) for w in BUFFER_MISUSE), *(dict(pos_weight=w) for w in BUFFER_MISUSE),
+        dict(weight=_tensor(C + 1)), dict(weight=_tensor(C, dtype=torch.complex64)),
+        dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
+        dict(weight=_tensor(C, dtype=torch.float64)),
+        dict(pos_weight=_tensor(C + 1)), dict(pos_weight=_tensor(C, dtype=torch.complex64)),
+        dict(pos_weight=_tensor(C, dtype=torch.bool)), dict(pos_weight=_tensor(C, dtype=torch.int64)),
+    ]),
+    "SmoothL1Loss": (elementwise_call, REDUCTIONS + [
+        dict(beta=-1.0), dict(beta=-1), dict(beta=float("nan")), dict(beta="a"), dict(beta="0.5"), dict(beta=None),
+        dict(beta=1 + 0j), dict(beta=[1.0]), dict(beta=torch.tensor([1.0, 2.0])), dict(beta=torch.tensor(-1.0)),
+        dict(beta=torch.tensor(0.5)), dict(beta=np.float64(0.5)), dict(beta=float("inf")), dict(beta=True),
+        dict(beta=0),
+    ]),
+    "HuberLoss": (elementwise_call, [r for r in REDUCTIONS if "reduction" in r] + [
+        dict(delta=1 + 0j), dict(delta="a"), dict(delta=None), dict(delta=[1.0]), dict(delta=torch.tensor(1.0)),
+        dict(delta=np.float32(0.5)), dict(delta=np.int64(2)), dict(delta=np.float64(0.5)),
+        dict(delta=-1.0), dict(delta=0.0), dict(delta=0), dict(delta=-2), dict(delta=float("nan")),
+        dict(delta=float("inf")), dict(delta=True),
+    ]),
+    "L1Loss": (elementwise_call, REDUCTIONS),
+    "MSELoss": (elementwise_call, REDUCTIONS),
+}
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}-{str(value.dtype)[6:]}"
+    return repr(value)
+
+
+CASES = [pytest.param(name, kwargs, id=f"{name}-" + ",".join(f"{k}={_describe(v)}" for k, v in kwargs.items()))
+         for name, (_, rows) in ROWS.items() for kwargs in rows]
+
+
+def outcome(cls, kwargs, make_call):
+    """Where an argument is refused ("init", "call") or "ok", and the exception type."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # size_average/reduce are deprecated (both warn alike)
+        try:
+            module = cls(**kwargs)
+        except Exception as e:  # noqa: BLE001 - which exception is what is compared
+            return "init", type(e)
+        try:
+            module(*make_call()).sum().backward()
+        except Exception as e:  # noqa: BLE001
+            return "call", type(e)
+    return "ok", None
+
+
+@pytest.mark.parametrize("name, kwargs", CASES)
+def test_same_exception_at_the_same_moment_as_torch(backend, name, kwargs):
+    make_call = ROWS[name][0]
+    theirs = outcome(getattr(torch.nn, name), kwargs, make_call)
+    ours = outcome(getattr(lossops.nn, name), kwargs, make_call)
+    assert ours == theirs, f"torch: {theirs}, lossops: {ours}"
+
+
+# Values torch accepts without a word that lossops refuses on purpose (see tests/test_bad_inputs.py): refused
+# when called, the moment torch checks the argument's neighbours.
+OURS_ONLY = [("CrossEntropyLoss", dict(label_smoothing=-0.1)), ("CrossEntropyLoss", dict(label_smoothing=float("nan")))]
+
+
+@pytest.mark.parametrize("name, kwargs", OURS_ONLY, ids=[f"{n}-{k}" for n, k in OURS_ONLY])
+def test_stricter_checks_also_wait_for_the_call(backend, name, kwargs):
+    assert outcome(getattr(torch.nn, name), kwargs, ROWS[name][0]) == ("ok", None)
+    assert outcome(getattr(lossops.nn, name), kwargs, ROWS[name][0]) == ("call", RuntimeError)
+
+
+def test_every_module_with_a_torch_counterpart_is_covered():
+    ours = {name for name in dir(lossops.nn) if isinstance(getattr(lossops.nn, name), type)
+            and issubclass(getattr(lossops.nn, name), torch.nn.Module) and not name.startswith("_")}
+    # torch.nn.LinearCrossEntropyLoss owns its Linear layer: a different Module behind the same name.
+    counterparts = {name for name in ours if hasattr(torch.nn, name)} - {"LinearCrossEntropyLoss"}
+    assert counterparts == set(ROWS)
