@@ -62,14 +62,13 @@ def mark_gradient_outputs(ctx, *outputs) -> None:
     ctx.set_materialize_grads(False)
 
 
-def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None, owns_buffer=False):
+def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None):
     """grad_input = (gradient written in forward) * grad_output.
 
     grad_output is a scalar, or one value per item for reduction='none' (item_shape: how it broadcasts
     against the gradient, e.g. (outer, 1, inner) for row losses). A scalar != 1 (GradScaler's scale) is
     applied in place so no second N x C buffer is allocated; ctx remembers the factor so that a second
     backward through the same graph (retain_graph=True, gradcheck) still gets exact results.
-    owns_buffer: the buffer is the caller's (inplace_backward) and may also be scaled per item in place.
     """
     if grad_output is None:  # the loss did not reach the result (materialize_grads is off): no gradient
         return None
@@ -87,7 +86,7 @@ def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_s
             raise RuntimeError("lossops: a second backward through this loss cannot recover its gradient "
                                "(the first backward scaled it by zero in place); use retain_graph=False")
         return grad * (grad_output / applied)
-    if grad_output.dim() > 0 and not owns_buffer:
+    if grad_output.dim() > 0:
         return grad * grad_output
     ctx.lossops_applied_scale = grad_output.detach().clone()
     grad.data.mul_(grad_output)  # .data: the saved tensor's version counter stays valid for a second backward

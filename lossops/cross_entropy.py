@@ -29,10 +29,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         It is not multiplied by the class weights, and the mean divides it by the number of non-ignored
         rows (the cross-entropy term by the sum of their weights), so rescaling weight leaves it unchanged.
       softcap: logits <- softcap * tanh(logits / softcap) before the softmax (gradient flows through it).
-      inplace_backward: the gradient is written into the logits' storage in forward, so the logits hold
-        the gradient afterwards and no second N x C buffer is allocated. Refused for leaf tensors; any
-        autograd node that saved the logits detects the overwrite (version counter) and raises. Falls back
-        to out-of-place under torch.compile.
+      inplace_backward: backward writes the gradient with respect to the logits over the logits' storage,
+        so no second N x C buffer is allocated; until backward the logits are untouched (metrics and other
+        terms computed from them are exact), after it they hold that gradient (grad_output applied). Refused
+        for leaf tensors. A node that saved the logits and runs its backward after this loss's fails its
+        version check instead of reading the gradient, as does a second backward (retain_graph=True).
+        Falls back to out-of-place under torch.compile.
     """
     reduction = _checks.reduction(reduction, size_average, reduce)
     label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0, exception=RuntimeError)
@@ -127,7 +129,9 @@ def _denominator(logits3: Tensor, target: Tensor, weight: Optional[Tensor], igno
 
 def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
                 label_smoothing: float, lse_square_scale: float, softcap: float, focal_gamma: float,
-                weight_normalizes_mean: bool, grad: Optional[Tensor], backend: str) -> Tensor:
+                weight_normalizes_mean: bool, grad: Optional[Tensor], backend: str,
+                grad_output: Optional[Tensor] = None) -> Tensor:
+    """grad_output: a scalar upstream gradient folded into the gradient's scale (one pass, no second multiply)."""
     acc = _checks.opmath_dtype(logits3.dtype)
     denominator = _denominator(logits3, target, weight, ignore_index, weight_normalizes_mean)
     weight = None if weight is None else weight.to(acc).contiguous()
@@ -139,10 +143,13 @@ def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignor
         count = _reduce.class_index_denominator(target, None, ignore_index, logits3.shape[1], acc)
         weight = weight * torch.where(count > 0, count / denominator, 1)
         denominator = count
+    scale = _reduce.gradient_scale(reduction, denominator)
+    if grad_output is not None:
+        scale = scale * grad_output.to(scale.dtype)
     kernels = _backend.kernels(backend, "cross_entropy")
     row_loss, _lse, total = kernels.cross_entropy(
         logits3, target, weight, grad, ignore_index, label_smoothing,
-        lse_square_scale, softcap, focal_gamma, _reduce.gradient_scale(reduction, denominator))
+        lse_square_scale, softcap, focal_gamma, scale)
     return _reduce.reduce(reduction, row_loss, total, denominator)
 
 
@@ -189,7 +196,13 @@ _cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _InplaceRowSoftmaxLoss(torch.autograd.Function):
-    """inplace_backward=True: the forward writes the gradient over the logits (one N x C buffer in total)."""
+    """inplace_backward=True: forward only reads the logits; backward writes the gradient over them.
+
+    One N x C buffer in total, and nothing reads a half-overwritten tensor: reads between the loss and backward
+    (an accuracy metric, another loss term) see the logits. A node that saved the logits and runs its backward
+    after ours fails its version check instead of using the gradient, and so does a second backward through
+    this loss (retain_graph=True): the logits it would need are gone.
+    """
 
     @staticmethod
     def forward(ctx, input, logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
@@ -198,24 +211,40 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
             raise RuntimeError("lossops: inplace_backward=True would overwrite a leaf tensor that requires grad "
                                "(its values and its .grad would be lost); pass inplace_backward=False")
         loss = _run_kernel(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                           softcap, focal_gamma, weight_normalizes_mean, logits3, backend)
-        # Autograd nodes that saved these logits now fail their version check instead of using the gradient.
-        torch.autograd.graph.increment_version(input)
-        ctx.grad = logits3.view_as(input) if logits3.data_ptr() == input.data_ptr() else logits3.reshape(input.shape)
-        ctx.item_shape = (logits3.shape[0], 1, logits3.shape[2]) if reduction == "none" else None
-        ctx.input_shape = input.shape
+                           softcap, focal_gamma, weight_normalizes_mean, None, backend)
+        ctx.save_for_backward(input, target, weight)
+        ctx.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                           lse_square_scale=lse_square_scale, softcap=softcap, focal_gamma=focal_gamma,
+                           weight_normalizes_mean=weight_normalizes_mean, backend=backend)
+        ctx.logits3_shape = logits3.shape
+        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad = ctx.grad
-        if ctx.item_shape is not None:
-            grad3 = grad.reshape(ctx.item_shape[0], -1, ctx.item_shape[2])
-            grad = _reduce.apply_grad_output(ctx, grad3, grad_loss, ctx.item_shape, owns_buffer=True)
-            grad = None if grad is None else grad.reshape(ctx.input_shape)
-        else:
-            grad = _reduce.apply_grad_output(ctx, grad, grad_loss, owns_buffer=True)
-        return (grad,) + (None,) * 11
+        if ctx.consumed:
+            raise RuntimeError("lossops: inplace_backward=True wrote the first backward's gradient over the logits, "
+                               "so a second backward through this loss (retain_graph=True) has nothing to recompute "
+                               "from; use inplace_backward=False")
+        if grad_loss is None:
+            return (None,) * 12
+        if torch.is_grad_enabled():
+            raise RuntimeError("lossops: double backward (create_graph=True through a lossops loss) is not supported")
+        input, target, weight = ctx.saved_tensors
+        ctx.consumed = True
+        o = ctx.options
+        # reshape views the logits' own storage whenever it can (contiguous or class-sliced logits); where it
+        # has to copy, the gradient lands in that copy: still correct, one buffer more.
+        logits3 = input.reshape(ctx.logits3_shape)
+        per_row = o["reduction"] == "none"
+        _run_kernel(logits3, target, weight, o["ignore_index"], o["reduction"], o["label_smoothing"],
+                    o["lse_square_scale"], o["softcap"], o["focal_gamma"], o["weight_normalizes_mean"], logits3,
+                    o["backend"], grad_output=None if per_row else grad_loss)
+        if per_row:  # one upstream value per row: applied after the kernel, in the same buffer
+            logits3.mul_(grad_loss.reshape(ctx.logits3_shape[0], 1, ctx.logits3_shape[2]))
+        # Nodes that saved the logits and have not run yet now fail their version check.
+        torch.autograd.graph.increment_version(input)
+        return (logits3.reshape(input.shape),) + (None,) * 11
 
 
 def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,

@@ -381,6 +381,91 @@ def test_inplace_backward_with_output_saving_consumer(backend):
     assert_close(ours, theirs)
 
 
+def _fresh_logits(seed=0, rows=6, classes=7):
+    """Non-leaf float64 logits from a matmul, and the leaf the gradient flows to."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, classes, dtype=torch.float64, generator=g)
+    return h, w
+
+
+def test_inplace_backward_logits_intact_until_backward(kernel_backend):
+    """The accuracy line every training loop has, computed after the loss: it must see the logits."""
+    h, w = _fresh_logits()
+    target = torch.tensor([0, 4, 6, 2, 2, 1])
+    logits = h @ w
+    expected_logits = logits.detach().clone()
+    loss = lossops.cross_entropy(logits, target, inplace_backward=True)
+    accuracy = (logits.argmax(1) == target).float().mean()
+    assert torch.equal(logits.detach(), expected_logits)
+    assert accuracy == (expected_logits.argmax(1) == target).float().mean()
+    loss.backward()
+    h_ref = h.detach().clone().requires_grad_()
+    F.cross_entropy(h_ref @ w, target).backward()
+    assert_close(h.grad, h_ref.grad)
+
+
+def test_inplace_backward_logits_hold_the_gradient_afterwards(kernel_backend):
+    """What the README promises the logits hold after backward: d(loss)/d(logits), grad_output applied."""
+    h, w = _fresh_logits()
+    target = torch.tensor([0, 4, -100, 2, 2, 1])
+    logits = h @ w
+    x_ref = logits.detach().clone().requires_grad_()
+    (3.0 * F.cross_entropy(x_ref, target, label_smoothing=0.1)).backward()
+    (3.0 * lossops.cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=True)).backward()
+    assert_close(logits.detach(), x_ref.grad)
+
+
+@pytest.mark.parametrize("order", ["loss_first", "term_first"])
+def test_inplace_backward_with_another_term_reading_the_logits(kernel_backend, order):
+    """loss + (logits ** 2).sum(): correct gradients or a clear error, never a wrong number."""
+    h, w = _fresh_logits()
+    target = torch.tensor([0, 4, 6, 2, 2, 1])
+
+    def total(h, inplace):
+        logits = h @ w
+        ce = (lossops.cross_entropy(logits, target, inplace_backward=True) if inplace
+              else F.cross_entropy(logits, target))
+        if order == "loss_first":
+            return ce + (logits ** 2).sum()
+        square = (logits ** 2).sum()
+        return square + (lossops.cross_entropy(logits, target, inplace_backward=True) if inplace else ce)
+
+    h_ref = h.detach().clone().requires_grad_()
+    total(h_ref, inplace=False).backward()
+    try:
+        total(h, inplace=True).backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+        return
+    assert_close(h.grad, h_ref.grad)
+
+
+@pytest.mark.parametrize("kind", ["plain", "reshaped_view", "class_slice_view"])
+def test_inplace_backward_autograd_grad_with_respect_to_the_logits(kernel_backend, kind):
+    h, w = _fresh_logits()
+    target = torch.tensor([0, 4, -100, 2, 2, 1])
+    logits = _logits_from(h, w, kind)
+    x_ref = logits.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(F.cross_entropy(x_ref, target, reduction="sum"), x_ref)
+    (grad,) = torch.autograd.grad(lossops.cross_entropy(logits, target, reduction="sum", inplace_backward=True),
+                                  logits)
+    assert_close(grad, expected)
+
+
+def test_inplace_backward_second_backward_raises(kernel_backend):
+    """retain_graph=True: the first backward is exact, the second cannot recompute and says so."""
+    h, w = _fresh_logits()
+    target = torch.tensor([0, 4, 6, 2, 2, 1])
+    loss = lossops.cross_entropy(h @ w, target, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    h_ref = h.detach().clone().requires_grad_()
+    F.cross_entropy(h_ref @ w, target).backward()
+    assert_close(h.grad, h_ref.grad)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
 def test_probability_target_gradient(backend):
     """torch differentiates with respect to probability targets too."""
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
