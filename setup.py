@@ -73,13 +73,14 @@ def extension(name, sources, isa):
 def unity_source(isa):
     """One file that includes every kernel source; rewritten only when its contents change, so ninja's
     dependency files (not this file's timestamp) decide what to rebuild."""
-    path = os.path.join(ROOT, "build", "unity", f"kernels_{isa}.cpp")
+    relative = os.path.join("build", "unity", f"kernels_{isa}.cpp")  # setuptools < 69 refuses absolute sources
+    path = os.path.join(ROOT, relative)
     text = "".join(f'#include "{os.path.join(CSRC, f)}"\n' for f in KERNEL_SOURCES)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if not os.path.exists(path) or open(path).read() != text:
         with open(path, "w") as out:
             out.write(text)
-    return path
+    return relative
 
 
 class PerExtensionBuild(BuildExtension):
@@ -105,5 +106,5 @@ use_ccache()
 setup(
     ext_modules=[extension("lossops._C", [os.path.join("csrc", f) for f in HOST_SOURCES], "default")]
     + [extension("lossops._kernels_" + isa, [unity_source(isa)], isa) for isa in isas()],
-    cmdclass={"build_ext": PerExtensionBuild.with_options(use_ninja=True)},
+    cmdclass={"build_ext": PerExtensionBuild},  # ninja by default when it is installed
 )
