@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -84,15 +85,21 @@ def unity_source(isa):
 
 
 class PerExtensionBuild(BuildExtension):
-    """Gives each extension its own object directory: the ISA variants compile the same sources with other flags."""
+    """Gives each extension its own object directory: the ISA variants compile the same sources with other flags.
+
+    pip hands every build a fresh temporary directory, which would make each `pip install -e .` a full rebuild;
+    objects go to build/obj instead, so ninja recompiles only what changed (an explicit --build-temp, as the
+    sanitizer build passes, is kept)."""
 
     def build_extension(self, ext):
-        shared_temp = self.build_temp
-        self.build_temp = os.path.join(shared_temp, ext.name.replace(".", "_"))
+        given = self.build_temp
+        shared = os.path.join(ROOT, "build", "obj") if os.path.abspath(given).startswith(
+            tempfile.gettempdir() + os.sep) else given
+        self.build_temp = os.path.join(shared, ext.name.replace(".", "_"))
         try:
             super().build_extension(ext)
         finally:
-            self.build_temp = shared_temp
+            self.build_temp = given
 
 
 def use_ccache():
