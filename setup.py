@@ -88,13 +88,14 @@ class PerExtensionBuild(BuildExtension):
     """Gives each extension its own object directory: the ISA variants compile the same sources with other flags.
 
     pip hands every build a fresh temporary directory, which would make each `pip install -e .` a full rebuild;
-    objects go to build/obj instead, so ninja recompiles only what changed (an explicit --build-temp, as the
-    sanitizer build passes, is kept)."""
+    objects go to build/obj instead, so ninja recompiles only what changed (a --build-temp inside the clone, as
+    the sanitizer build passes, is kept)."""
 
     def build_extension(self, ext):
         given = self.build_temp
-        shared = os.path.join(ROOT, "build", "obj") if os.path.abspath(given).startswith(
-            tempfile.gettempdir() + os.sep) else given
+        given_abs = os.path.abspath(given)
+        pip_temporary = given_abs.startswith(tempfile.gettempdir() + os.sep) and not given_abs.startswith(ROOT + os.sep)
+        shared = os.path.join(ROOT, "build", "obj") if pip_temporary else given
         self.build_temp = os.path.join(shared, ext.name.replace(".", "_"))
         try:
             super().build_extension(ext)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Memory safety of the C++ kernels: builds csrc/ (every ISA, so forced-ISA tests run sanitized code too) with ASan + UBSan
-# (SANITIZE=1, baseline ISA) into a directory of its own and runs the C++-backend tests against that build.
+# (SANITIZE=1) into a directory of its own and runs the C++-backend tests against that build (served by the
+# baseline ISA unless a test forces another).
 # Exits non-zero on any sanitizer report (or test failure).
 #
 # The in-place modules (lossops/_C*.so, lossops/_kernels_*.so) are never touched: the sanitized package is assembled under
