@@ -62,6 +62,12 @@ def mark_gradient_outputs(ctx, *outputs) -> None:
     ctx.set_materialize_grads(False)
 
 
+def refuse_double_backward() -> None:
+    """For backward functions: with create_graph=True the result would silently have no second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("lossops: double backward (create_graph=True through a lossops loss) is not supported")
+
+
 def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None):
     """grad_input = (gradient written in forward) * grad_output.
 
@@ -72,8 +78,7 @@ def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_s
     """
     if grad_output is None:  # the loss did not reach the result (materialize_grads is off): no gradient
         return None
-    if torch.is_grad_enabled():  # create_graph=True: the result would silently have no second derivative
-        raise RuntimeError("lossops: double backward (create_graph=True through a lossops loss) is not supported")
+    refuse_double_backward()
     applied = getattr(ctx, "lossops_applied_scale", None)
     if applied is None and _is_one(grad_output):
         return grad

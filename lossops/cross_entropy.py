@@ -228,8 +228,7 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
                                "from; use inplace_backward=False")
         if grad_loss is None:
             return (None,) * 12
-        if torch.is_grad_enabled():
-            raise RuntimeError("lossops: double backward (create_graph=True through a lossops loss) is not supported")
+        _reduce.refuse_double_backward()
         input, target, weight = ctx.saved_tensors
         ctx.consumed = True
         o = ctx.options
