@@ -342,9 +342,8 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at:
   const auto acc_type = at::toOpMathType(input.scalar_type());
   at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
   TORCH_CHECK(!w.defined() || w.numel() == C, "lossops: weight must have ", C, " elements, got ", w.numel());
-  auto opts = input.options().dtype(acc_type);
-  at::Tensor row_loss = at::empty({rows}, opts);
-  at::Tensor row_lse = at::empty({rows}, opts);
+  at::Tensor row_loss = new_cpu_tensor({rows}, acc_type);
+  at::Tensor row_lse = new_cpu_tensor({rows}, acc_type);
   at::Tensor g = grad.has_value() ? *grad : at::Tensor();
   if (g.defined()) TORCH_CHECK(g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type(), "lossops: bad gradient buffer");
   if (rows > 0 && C > 0) {
@@ -365,7 +364,7 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at:
       return s;
     });
   });
-  return {row_loss, row_lse, at::scalar_tensor(total, opts)};
+  return {row_loss, row_lse, cpu_scalar(total, acc_type)};
 }
 
 }  // namespace lossops

@@ -178,14 +178,14 @@ std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& a) {
   }
   const auto acc_type = at::toOpMathType(x.scalar_type());
   const int64_t n = x.numel();
-  at::Tensor loss = at::empty({a.per_element ? n : 0}, x.options().dtype(acc_type));
+  at::Tensor loss = new_cpu_tensor({a.per_element ? n : 0}, acc_type);
   std::vector<double> chunk_sums((n + kReduceChunk - 1) / kReduceChunk);
   if (n > 0) {
     LOSSOPS_DISPATCH_FLOATING(x.scalar_type(), "lossops_elementwise", [&] { detail::run<scalar_t, Loss>(a, loss, chunk_sums); });
   }
   double total = 0.0;
   for (double s : chunk_sums) total += s;
-  return {loss, at::scalar_tensor(total, x.options().dtype(acc_type))};
+  return {loss, cpu_scalar(total, acc_type)};
 }
 
 // Pieces several families share, on vectors.
