@@ -33,7 +33,7 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
-HOST_SOURCES = ["bindings.cpp", "allocation.cpp"]
+HOST_SOURCES = ["bindings.cpp", "allocation.cpp", "eager_path.cpp"]
 KERNEL_SOURCES = sorted(f for f in os.listdir(CSRC) if f.endswith(".cpp") and f not in HOST_SOURCES)
 
 # ATen's own per-ISA flags (cmake/Codegen.cmake): CPU_CAPABILITY names at::vec's inline namespace and the

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "allocation.h"
+#include "eager_path.h"
 #include "kernel_abi.h"
 
 namespace lossops {
@@ -30,11 +31,7 @@ std::string load_kernels(const std::string& path) {
   return table->capability;
 }
 
-const KernelTable& kernels() {
-  const KernelTable* table = g_kernels.load();
-  TORCH_CHECK(table != nullptr, "lossops: no kernel library loaded (lossops._cpp.module() loads one)");
-  return *table;
-}
+const KernelTable& kernels() { return loaded_kernels(); }
 
 std::string capability() { return kernels().capability; }
 
@@ -62,6 +59,13 @@ std::vector<at::Tensor> elementwise(const at::Tensor& input, const at::Tensor& t
 }
 
 }  // namespace
+
+const KernelTable& loaded_kernels() {
+  const KernelTable* table = g_kernels.load();
+  TORCH_CHECK(table != nullptr, "lossops: no kernel library loaded (lossops._cpp.module() loads one)");
+  return *table;
+}
+
 }  // namespace lossops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -79,6 +83,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("grad"), py::arg("ignore_index"),
         py::arg("label_smoothing"), py::arg("lse_square_scale"), py::arg("softcap"), py::arg("focal_gamma"),
         py::arg("grad_scale"));
+  m.def("eager_cross_entropy", &lossops::eager_cross_entropy,
+        "Class-index cross-entropy for plain CPU tensors in one call (loss with its autograd node), or None "
+        "where this path does not apply", py::arg("input"), py::arg("target"), py::arg("weight"),
+        py::arg("ignore_index"), py::arg("reduction"), py::arg("label_smoothing"));
+  m.def("eager_elementwise", &lossops::eager_elementwise,
+        "An unweighted elementwise family for plain CPU tensors in one call, or None where this path does not apply",
+        py::arg("family"), py::arg("input"), py::arg("target"), py::arg("params"), py::arg("reduction"),
+        py::arg("target_grad"));
 #define LOSSOPS_ELEMENTWISE(NAME, FAMILY, DOC)                                                                      \
   m.def(NAME, &lossops::elementwise<&lossops::KernelTable::FAMILY>, DOC, py::arg("input"), py::arg("target"),     \
         py::arg("weight"), py::arg("weight_layout"), py::arg("aux"), py::arg("aux_layout"), py::arg("params"),    \

@@ -23,7 +23,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _reduce
+from . import _backend, _checks, _eager, _reduce
+
+# custom op -> the name of its kernel in each backend (the C++ eager path calls it by that name)
+_KERNEL_NAMES = {}
 
 
 def broadcast_layout(operand: Optional[Tensor], shape: torch.Size, dtype: torch.dtype) -> tuple[Optional[Tensor], list[int]]:
@@ -87,7 +90,18 @@ def define_op(name: str, module: str):
         return (grad_input, grad_target) + (None,) * 11
 
     custom.register_autograd(backward, setup_context=setup_context)
+    _KERNEL_NAMES[custom] = name
     return custom
+
+
+def eager(op, input: Tensor, target: Tensor, reduction, params: Sequence[float] = (),
+          kernel_target_grad: bool = True) -> Optional[Tensor]:
+    """The C++ eager path (lossops/_eager.py) for a call with input and target of one shape and dtype, no weights
+    and the mean over all elements; None where it does not apply, and then the family's checks and custom op
+    run (they raise the errors, so this is tried first)."""
+    if type(reduction) is not str or not (cpp := _eager.cpp_module(input, target)):
+        return None
+    return cpp.eager_elementwise(_KERNEL_NAMES[op], input, target, params, reduction, kernel_target_grad)
 
 
 def denominator_tensor(value, input: Tensor) -> Tensor:

@@ -81,6 +81,8 @@ def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_s
     refuse_double_backward()
     applied = getattr(ctx, "lossops_applied_scale", None)
     if applied is None and _is_one(grad_output):
+        # handed out as it is (it may become a leaf's .grad): a later backward must not scale it in place
+        ctx.lossops_applied_scale = grad_output.detach().clone()
         return grad
     if item_shape is not None and grad_output.dim() > 0:
         grad_output = grad_output.reshape(item_shape)

@@ -21,6 +21,10 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
                                      size_average=None, reduce=None, reduction: str = "mean",
                                      pos_weight: Optional[Tensor] = None) -> Tensor:
     """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits, fused forward+backward."""
+    if weight is None and pos_weight is None and size_average is None and reduce is None:
+        loss = _elementwise.eager(_op, input, target, reduction)
+        if loss is not None:
+            return loss
     reduction = _checks.reduction(reduction, size_average, reduce)
     _checks.floating("input", input)
     _checks.tensor("target", target)

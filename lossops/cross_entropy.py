@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _reduce
+from . import _backend, _checks, _eager, _reduce
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
@@ -36,6 +36,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         version check instead of reading the gradient, as does a second backward (retain_graph=True).
         Falls back to out-of-place under torch.compile.
     """
+    if (size_average is None and reduce is None and softcap is None and not inplace_backward
+            and type(lse_square_scale) is float and lse_square_scale == 0 and type(reduction) is str
+            and type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63
+            and type(label_smoothing) in (float, int) and (cpp := _eager.cpp_module(input, target, weight))):
+        # The C++ eager path checks what it relies on and returns None for anything else (errors included),
+        # which then takes the path below and its messages.
+        loss = cpp.eager_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        if loss is not None:
+            return loss
     reduction = _checks.reduction(reduction, size_average, reduce)
     label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0, exception=RuntimeError)
     lse_square_scale = _checks.in_range("lse_square_scale", lse_square_scale, 0.0)

@@ -30,6 +30,10 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     """
     reduction = _checks.reduction(reduction)
     alpha, gamma = _alpha(alpha), _gamma(gamma)
+    if weight is None and avg_factor is None:
+        loss = _elementwise.eager(_op, inputs, targets, reduction, (alpha, gamma), kernel_target_grad=False)
+        if loss is not None:
+            return loss
     _checks.floating("inputs", inputs)
     _checks.floating("targets", targets)
     if targets.size() != inputs.size():

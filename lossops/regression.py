@@ -67,6 +67,10 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
 
 def _regression(kind: int, input: Tensor, target: Tensor, reduction: str, param: float, weight: Optional[Tensor],
                 avg_factor) -> Tensor:
+    if weight is None and avg_factor is None:
+        loss = _elementwise.eager(_op, input, target, reduction, (float(kind), param))
+        if loss is not None:
+            return loss
     _checks.tensor("input", input)
     _checks.tensor("target", target)
     _checks.same_device(input, target=target)

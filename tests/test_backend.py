@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 import lossops
 import lossops._cpp
-from lossops import _backend
+from lossops import _backend, _eager
 from _cases import ISA_ORDER, cpu_supports, forced_isa, run_python
 
 
@@ -31,6 +31,15 @@ def served_by(monkeypatch):
         return real(name, family)
 
     monkeypatch.setattr(_backend, "kernels", recording)
+    real_eager = _eager.cpp_module
+
+    def recording_eager(*tensors):  # the C++ eager path serves on the cpp backend too
+        module = real_eager(*tensors)
+        if module is not None:
+            calls.append("cpp")
+        return module
+
+    monkeypatch.setattr(_eager, "cpp_module", recording_eager)
     return calls
 
 

@@ -1,0 +1,249 @@
+// The eager call path for plain CPU tensors (part of the host module): one call from Python runs the kernel,
+// the reduction, the output cast and creates the autograd node, all in C++.
+//
+// On small inputs the Python custom-op route (torch.library's autograd wrapper, redispatch, the mean's
+// denominator and the casts as separate tensor ops) cost 10-30x the kernel and made lossops several times
+// slower than eager PyTorch. The custom op stays the route for everything this path does not take
+// (torch.compile, tensor subclasses, dispatch modes, autocast, other backends; lossops/_eager.py decides),
+// and its Python checks run before this path is tried, so every error message keeps one source. The values
+// are the custom op's bit for bit: same kernel, same denominators in the same order, same casts.
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/utils/pybind.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/scalar_tensor.h>
+
+#include <optional>
+#include <string>
+
+#include "allocation.h"
+#include "eager_path.h"
+#include "kernel_abi.h"
+
+namespace lossops {
+namespace {
+
+enum class Reduction { kNone, kMean, kSum };
+
+std::optional<Reduction> parse_reduction(const std::string& name) {
+  if (name == "mean") return Reduction::kMean;
+  if (name == "sum") return Reduction::kSum;
+  if (name == "none") return Reduction::kNone;
+  return std::nullopt;
+}
+
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// A value computed in the accumulation type, rounded there (as the custom op's 0-d tensor arithmetic rounds),
+// then cast to the loss's dtype.
+at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out) {
+  at::Tensor t = at::scalar_tensor(acc == at::kDouble ? value : static_cast<double>(static_cast<float>(value)),
+                                   at::TensorOptions().dtype(acc));
+  return acc == out ? t : t.to(out);
+}
+
+// One gradient written in forward, multiplied by grad_output in backward as lossops._reduce.apply_grad_output
+// does for the custom op: the first backward scales the buffer in place (no second input-sized buffer, e.g.
+// for GradScaler's scale) and hands it out; any later backward through the same graph (retain_graph=True)
+// never touches that buffer again and undoes the first scale in a new tensor.
+struct WrittenGradient {
+  at::Tensor buffer;  // scaled for the reduction; undefined when not needed
+  std::optional<double> applied;  // the scale the handed-out buffer carries
+
+  at::Tensor times(const at::Tensor& grad_output, at::IntArrayRef item_shape, at::IntArrayRef shape) {
+    if (!buffer.defined()) return {};
+    if (!item_shape.empty()) return buffer.mul(grad_output.reshape(item_shape)).view(shape);
+    const double g = grad_output.item<double>();
+    if (applied.has_value()) {
+      TORCH_CHECK(*applied != 0, "lossops: a second backward through this loss cannot recover its gradient "
+                  "(the first backward scaled it by zero in place); use retain_graph=False");
+      return buffer.mul(g / *applied).view(shape);
+    }
+    if (g != 1) buffer.mul_(g);
+    applied = g;
+    return buffer.view(shape);
+  }
+};
+
+struct FusedLossBackward : torch::autograd::Node {
+  WrittenGradient input_gradient, target_gradient;
+  std::vector<int64_t> item_shape;   // reduction="none": how grad_output broadcasts against the gradients
+  std::vector<int64_t> input_shape;  // the gradients' shape as the input had it
+  bool released = false;
+  std::string node_name;
+
+  std::string name() const override { return node_name; }
+
+  void release_variables() override {
+    input_gradient.buffer.reset();
+    target_gradient.buffer.reset();
+    released = true;
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    TORCH_CHECK(!released, "Trying to backward through the graph a second time (or directly access saved tensors "
+                "after they have already been freed). Saved intermediate values of the graph are freed when you call "
+                ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
+                "a second time or if you need to access saved tensors after calling backward.");
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "lossops: double backward (create_graph=True through a lossops loss) is not supported");
+    torch::autograd::variable_list out(2);
+    const at::Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) return out;  // the loss did not reach the result
+    if (should_compute_output(0)) out[0] = input_gradient.times(grad_output, item_shape, input_shape);
+    if (should_compute_output(1)) out[1] = target_gradient.times(grad_output, item_shape, input_shape);
+    return out;
+  }
+};
+
+py::object attach_gradient(at::Tensor loss, const at::Tensor& input, const at::Tensor& target, at::Tensor grad_input,
+                           at::Tensor grad_target, std::vector<int64_t> item_shape, const char* name) {
+  auto node = c10::make_intrusive<FusedLossBackward>();
+  node->input_gradient.buffer = std::move(grad_input);
+  node->target_gradient.buffer = std::move(grad_target);
+  node->item_shape = std::move(item_shape);
+  node->input_shape = input.sizes().vec();
+  node->node_name = name;
+  node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+  torch::autograd::set_history(loss, node);
+  return py::cast(loss);
+}
+
+}  // namespace
+
+// Class-index cross-entropy with torch's options (weight, ignore_index, reduction, label_smoothing). The
+// Python layer has validated the arguments; anything this path does not serve returns None.
+py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                               const std::string& reduction_name, double label_smoothing) {
+  const auto reduction = parse_reduction(reduction_name);
+  if (!reduction || !(label_smoothing >= 0 && label_smoothing <= 1) || !input.device().is_cpu() ||
+      !kernel_dtype(input.scalar_type()) || input.dim() < 1 || input.numel() == 0 ||
+      target.scalar_type() != at::kLong || !target.device().is_cpu())
+    return py::none();
+  const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
+  if (weight.has_value() && (weight->scalar_type() != input.scalar_type() || weight->dim() != 1 ||
+                             weight->numel() != C || weight->requires_grad() || !weight->device().is_cpu()))
+    return py::none();
+  // torch's target shape: the input's without the class dimension.
+  std::vector<int64_t> expected = input.sizes().vec();
+  expected.erase(expected.begin() + (input.dim() == 1 ? 0 : 1));
+  if (target.sizes() != at::IntArrayRef(expected)) return py::none();
+  at::Tensor logits3 = input.dim() == 1 ? input.reshape({1, C, 1})
+                       : input.dim() == 2 ? input.unsqueeze(-1)
+                                          : input.flatten(2);
+  const at::Tensor target_rows = target.reshape({-1}).contiguous();
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const bool needs_grad = at::GradMode::is_enabled() && input.requires_grad();
+  // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since
+  // the loss gets its own node.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+
+  // The mean's denominator as lossops._reduce.class_index_denominator forms it: the count of kept rows, or
+  // the float64 sum of their weights in index order (out-of-range targets are the kernel's to reject).
+  std::optional<at::Tensor> weight_acc;
+  double denominator = 0;
+  const int64_t* t = target_rows.const_data_ptr<int64_t>();
+  const int64_t rows = target_rows.numel();
+  if (weight.has_value()) {
+    weight_acc = weight->to(acc).contiguous();
+    const at::Tensor w64 = weight->to(at::kDouble).contiguous();
+    const double* w = w64.const_data_ptr<double>();
+    for (int64_t r = 0; r < rows; ++r) {
+      if (t[r] != ignore_index) denominator += w[std::clamp<int64_t>(t[r], 0, C - 1)];
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) denominator += t[r] != ignore_index;
+  }
+  if (acc != at::kDouble) denominator = static_cast<float>(denominator);
+  double scale = 1.0;
+  if (*reduction == Reduction::kMean)
+    scale = acc == at::kDouble ? 1.0 / denominator : static_cast<double>(1.0f / static_cast<float>(denominator));
+
+  std::optional<at::Tensor> grad;
+  if (needs_grad) grad = empty_gradient(logits3.sizes(), logits3.scalar_type());
+  CrossEntropyOptions options;
+  options.ignore_index = ignore_index;
+  options.label_smoothing = label_smoothing;
+  std::vector<at::Tensor> result =
+      loaded_kernels().cross_entropy(logits3, target_rows, weight_acc, grad, options, scale);
+
+  at::Tensor loss;
+  if (*reduction == Reduction::kNone) {
+    loss = result[0].view(target.sizes());
+    if (acc != input.scalar_type()) loss = loss.to(input.scalar_type());
+  } else {
+    double total = acc == at::kDouble ? result[2].item<double>() : result[2].item<float>();
+    if (*reduction == Reduction::kMean)
+      total = acc == at::kDouble ? total / denominator
+                                 : static_cast<double>(static_cast<float>(total) / static_cast<float>(denominator));
+    loss = scalar_loss(total, acc, input.scalar_type());
+  }
+  if (!needs_grad) return py::cast(loss);
+  std::vector<int64_t> item_shape;
+  if (*reduction == Reduction::kNone) item_shape = {logits3.size(0), 1, logits3.size(2)};
+  return attach_gradient(loss, input, target, *grad, at::Tensor(), std::move(item_shape), "LossopsCrossEntropyBackward");
+}
+
+// An elementwise family on input and target of one shape and dtype, without weights: the mean divides by
+// the number of elements. target_grad: whether this family's kernel computes the target's gradient.
+py::object eager_elementwise(const std::string& family, const at::Tensor& input, const at::Tensor& target,
+                             std::vector<double> params, const std::string& reduction_name, bool target_grad) {
+  const auto reduction = parse_reduction(reduction_name);
+  const KernelTable& table = loaded_kernels();
+  ElementwiseKernel kernel = family == "regression"        ? table.regression
+                             : family == "bce_with_logits" ? table.bce_with_logits
+                             : family == "sigmoid_focal"   ? table.sigmoid_focal
+                                                           : nullptr;
+  if (!reduction || kernel == nullptr || !input.device().is_cpu() || !target.device().is_cpu() ||
+      !kernel_dtype(input.scalar_type()) || target.scalar_type() != input.scalar_type() ||
+      input.sizes() != target.sizes() || input.numel() == 0)
+    return py::none();
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool needs_input = grad_mode && input.requires_grad();
+  const bool needs_target = grad_mode && target.requires_grad();
+  if (needs_target && !target_grad) return py::none();
+  const auto acc = at::toOpMathType(input.scalar_type());
+  // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since
+  // the loss gets its own node.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  double denominator = static_cast<double>(input.numel());
+  if (acc != at::kDouble) denominator = static_cast<float>(denominator);
+  double scale = 1.0;
+  if (*reduction == Reduction::kMean)
+    scale = acc == at::kDouble ? 1.0 / denominator : static_cast<double>(1.0f / static_cast<float>(denominator));
+  const at::Tensor x = input.contiguous(), y = target.contiguous();
+  ElementwiseArgs args;
+  args.input = x;
+  args.target = y;
+  args.weight_layout = {1, 1};
+  args.aux_layout = {1, 1};
+  args.params = std::move(params);
+  if (needs_input) args.grad_input = empty_gradient(x.sizes(), x.scalar_type());
+  if (needs_target) args.grad_target = empty_gradient(x.sizes(), x.scalar_type());
+  args.grad_scale = scale;
+  args.per_element = *reduction == Reduction::kNone;
+  std::vector<at::Tensor> result = kernel(args);
+
+  at::Tensor loss;
+  if (*reduction == Reduction::kNone) {
+    loss = result[0].view(input.sizes());
+    if (acc != input.scalar_type()) loss = loss.to(input.scalar_type());
+  } else {
+    double total = acc == at::kDouble ? result[1].item<double>() : result[1].item<float>();
+    if (*reduction == Reduction::kMean)
+      total = acc == at::kDouble ? total / denominator
+                                 : static_cast<double>(static_cast<float>(total) / static_cast<float>(denominator));
+    loss = scalar_loss(total, acc, input.scalar_type());
+  }
+  if (!needs_input && !needs_target) return py::cast(loss);
+  std::vector<int64_t> item_shape;
+  if (*reduction == Reduction::kNone) item_shape = input.sizes().vec();
+  return attach_gradient(loss, input, target, needs_input ? *args.grad_input : at::Tensor(),
+                         needs_target ? *args.grad_target : at::Tensor(), std::move(item_shape),
+                         "LossopsElementwiseBackward");
+}
+
+}  // namespace lossops

@@ -1,0 +1,216 @@
+"""The C++ eager path (csrc/eager_path.cpp): taken for plain CPU tensors in eager mode, and identical to the
+custom op in values, gradients and autograd behaviour. The rest of the suite runs through it as well (every
+cpp-backend test of an eligible call); here it is compared with the custom op bit for bit."""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lossops
+from lossops import _eager
+
+CE_NODE, ELEMENTWISE_NODE = "LossopsCrossEntropyBackward", "LossopsElementwiseBackward"
+
+
+@contextlib.contextmanager
+def custom_op_only(monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(_eager, "applies", lambda *tensors: False)
+        yield
+
+
+def run(fn, make_inputs, grad_output=None):
+    tensors = make_inputs()
+    loss = fn(*tensors)
+    grads = ()
+    differentiable = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+    if differentiable:
+        g = torch.ones_like(loss) if grad_output is None else grad_output
+        grads = torch.autograd.grad(loss, differentiable, g)
+    return loss, grads, loss.grad_fn
+
+
+def assert_same_as_custom_op(monkeypatch, fn, make_inputs, node, grad_output=None, taken=True):
+    loss, grads, grad_fn = run(fn, make_inputs, grad_output)
+    assert grad_fn is None or (grad_fn.name() == node) == taken
+    with custom_op_only(monkeypatch):
+        ref_loss, ref_grads, ref_fn = run(fn, make_inputs, grad_output)
+    assert ref_fn is None or ref_fn.name() != node
+    assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0, equal_nan=True)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=0, atol=0, equal_nan=True)
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SHAPES = [(32, 10), (10,), (4, 5, 3, 2), (7, 300)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"weighted": True}, {"ignore_index": 1}, {"label_smoothing": 0.2},
+                                     {"weighted": True, "ignore_index": 2, "label_smoothing": 0.1}])
+def test_cross_entropy_matches_custom_op(monkeypatch, dtype, shape, reduction, options):
+    gen = torch.Generator().manual_seed(0)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    target_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    weight = torch.rand(C, generator=gen).to(dtype) if options.get("weighted") else None
+    x0 = torch.randn(shape, generator=gen).to(dtype)
+    target = torch.randint(0, C, target_shape, generator=gen)
+    kwargs = dict(reduction=reduction, ignore_index=options.get("ignore_index", -100),
+                  label_smoothing=options.get("label_smoothing", 0.0))
+    grad_output = torch.rand(target_shape, generator=gen).to(dtype) if reduction == "none" else None
+
+    def make_inputs():
+        return x0.clone().requires_grad_(), target, weight
+
+    assert_same_as_custom_op(monkeypatch, lambda x, t, w: lossops.cross_entropy(x, t, w, **kwargs), make_inputs,
+                             CE_NODE, grad_output)
+    with torch.no_grad():
+        assert_same_as_custom_op(monkeypatch, lambda x, t, w: lossops.cross_entropy(x, t, w, **kwargs),
+                                 lambda: (x0, target, weight), CE_NODE)
+
+
+ELEMENTWISE = {
+    "mse_loss": (lossops.mse_loss, True),
+    "l1_loss": (lossops.l1_loss, True),
+    "smooth_l1_loss": (lambda x, t, reduction: lossops.smooth_l1_loss(x, t, reduction=reduction, beta=0.5), True),
+    "huber_loss": (lambda x, t, reduction: lossops.huber_loss(x, t, reduction=reduction, delta=0.7), True),
+    "binary_cross_entropy_with_logits": (lossops.binary_cross_entropy_with_logits, True),
+    "sigmoid_focal_loss": (lambda x, t, reduction: lossops.sigmoid_focal_loss(x, t, 0.3, 1.5, reduction), False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_elementwise_matches_custom_op(monkeypatch, dtype, name, reduction, target_grad):
+    fn, kernel_target_grad = ELEMENTWISE[name]
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(64, 5, generator=gen).to(dtype)
+    t0 = torch.rand(64, 5, generator=gen).to(dtype)
+    grad_output = torch.rand(64, 5, generator=gen).to(dtype) if reduction == "none" else None
+
+    def make_inputs():
+        return x0.clone().requires_grad_(), t0.clone().requires_grad_(target_grad)
+
+    # a target that needs a gradient the kernel does not compute goes to the reference, not this path
+    assert_same_as_custom_op(monkeypatch, lambda x, t: fn(x, t, reduction=reduction), make_inputs, ELEMENTWISE_NODE,
+                             grad_output, taken=kernel_target_grad or not target_grad)
+
+
+def test_scaled_grad_output_and_retain_graph_match_custom_op(monkeypatch):
+    x0 = torch.randn(16, 7)
+    target = torch.randint(0, 7, (16,))
+
+    def twice(x):
+        loss = lossops.cross_entropy(x, target)
+        first = torch.autograd.grad(loss, x, torch.tensor(1024.0), retain_graph=True)[0].clone()
+        second = torch.autograd.grad(loss, x, torch.tensor(3.0), retain_graph=True)[0]
+        third = torch.autograd.grad(loss, x, torch.tensor(1.0))[0]
+        return loss.grad_fn.name(), first, second, third
+
+    name, *grads = twice(x0.clone().requires_grad_())
+    assert name == CE_NODE
+    with custom_op_only(monkeypatch):
+        ref_name, *ref = twice(x0.clone().requires_grad_())
+    assert ref_name != CE_NODE
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[2] * 1024)
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_gradient_handed_out_is_never_scaled_afterwards(monkeypatch, path):
+    # loss.backward() hands its buffer to x.grad; a second backward with another scale must not rewrite it.
+    if path == "custom op":
+        monkeypatch.setattr(_eager, "applies", lambda *tensors: False)
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    for fn in (lambda: lossops.cross_entropy(x, target), lambda: lossops.mse_loss(x, torch.zeros(8, 5))):
+        x.grad = None
+        loss = fn()
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        loss.backward(torch.tensor(2.0))
+        torch.testing.assert_close(x.grad, 3 * first)
+
+
+def test_backward_errors():
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    loss = lossops.cross_entropy(x, target)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    loss = lossops.cross_entropy(x, target)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_gradcheck_through_the_eager_path():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 1, -100])
+    weight = torch.rand(4, dtype=torch.float64)
+    ce = lambda x: lossops.cross_entropy(x, target, weight, label_smoothing=0.1)
+    assert ce(x).grad_fn.name() == CE_NODE
+    assert torch.autograd.gradcheck(ce, (x,))
+    assert torch.autograd.gradcheck(lambda x: lossops.cross_entropy(x, target, reduction="none"), (x,))
+    t = torch.rand(6, 4, dtype=torch.float64, requires_grad=True)
+    assert lossops.mse_loss(x, t).grad_fn.name() == ELEMENTWISE_NODE
+    assert torch.autograd.gradcheck(lambda x, t: lossops.binary_cross_entropy_with_logits(x, t), (x, t))
+    assert torch.autograd.gradcheck(lambda x, t: lossops.smooth_l1_loss(x, t, reduction="none", beta=0.3), (x, t))
+
+
+def test_all_ignored_mean_is_nan_like_torch():
+    x = torch.randn(3, 4, requires_grad=True)
+    target = torch.full((3,), -100)
+    loss = lossops.cross_entropy(x, target)
+    assert loss.grad_fn.name() == CE_NODE
+    assert torch.isnan(loss) and torch.isnan(torch.nn.functional.cross_entropy(x, target))
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_custom_op_serves_everything_else():
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    with RecordOps() as mode:  # dispatch modes (opcheck, FlopCounterMode, make_fx) see the op
+        lossops.cross_entropy(x, target)
+        lossops.mse_loss(x, torch.zeros(8, 5))
+    assert any("lossops.cross_entropy" in op for op in mode.ops)
+    assert any("lossops.regression" in op for op in mode.ops)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lossops.cross_entropy(x, target).grad_fn.name() != CE_NODE
+    with lossops.backend("reference"):
+        assert lossops.cross_entropy(x, target).grad_fn.name() != CE_NODE
+    # options this path does not take
+    assert lossops.cross_entropy(x, target, lse_square_scale=1e-4).grad_fn.name() != CE_NODE
+    assert lossops.cross_entropy(x, target, softcap=5.0).grad_fn.name() != CE_NODE
+    assert lossops.cross_entropy(x, torch.rand(8, 5)).grad_fn.name() != CE_NODE
+    assert lossops.mse_loss(x, torch.zeros(8, 5), weight=torch.rand(5)).grad_fn.name() != ELEMENTWISE_NODE
+    assert lossops.cross_entropy(x, target.to(torch.uint8)).grad_fn.name() != CE_NODE
+
+    compiled = torch.compile(lambda x: lossops.cross_entropy(x, target), backend="eager", fullgraph=True)
+    assert compiled(x).grad_fn.name() != CE_NODE
+
+
+def test_bad_targets_raise_on_the_eager_path():
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(IndexError, match="out of bounds"):
+        lossops.cross_entropy(x, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(IndexError, match="out of bounds"):
+        lossops.cross_entropy(x, torch.tensor([0, 1, -5, 0]), torch.rand(3))
