@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/scalar_tensor.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -42,6 +43,36 @@ at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out) {
   at::Tensor t = at::scalar_tensor(acc == at::kDouble ? value : static_cast<double>(static_cast<float>(value)),
                                    at::TensorOptions().dtype(acc));
   return acc == out ? t : t.to(out);
+}
+
+// The mean's denominator as the custom op's 0-d tensor holds it (rounded to the accumulation type), and the
+// gradient's scale (its reciprocal for "mean", computed in that type; 1 otherwise).
+struct Denominator {
+  double value, gradient_scale;
+};
+
+Denominator denominator_of(double exact, at::ScalarType acc, Reduction reduction) {
+  const bool fp64 = acc == at::kDouble;
+  const double value = fp64 ? exact : static_cast<float>(exact);
+  double scale = 1.0;
+  if (reduction == Reduction::kMean) scale = fp64 ? 1.0 / value : static_cast<double>(1.0f / static_cast<float>(value));
+  return {value, scale};
+}
+
+// The loss from the kernel's per-item losses or their sum, reduced and cast as lossops._reduce.reduce and the
+// public function do it.
+at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at::IntArrayRef item_sizes,
+                        Denominator denominator, at::ScalarType acc, at::ScalarType out, Reduction reduction) {
+  if (reduction == Reduction::kNone) {
+    at::Tensor loss = per_item.view(item_sizes);
+    return acc == out ? loss : loss.to(out);
+  }
+  const bool fp64 = acc == at::kDouble;
+  double value = fp64 ? total.item<double>() : total.item<float>();
+  if (reduction == Reduction::kMean)
+    value = fp64 ? value / denominator.value
+                 : static_cast<double>(static_cast<float>(value) / static_cast<float>(denominator.value));
+  return scalar_loss(value, acc, out);
 }
 
 // One gradient written in forward, multiplied by grad_output in backward as lossops._reduce.apply_grad_output
@@ -157,10 +188,7 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
   } else {
     for (int64_t r = 0; r < rows; ++r) denominator += t[r] != ignore_index;
   }
-  if (acc != at::kDouble) denominator = static_cast<float>(denominator);
-  double scale = 1.0;
-  if (*reduction == Reduction::kMean)
-    scale = acc == at::kDouble ? 1.0 / denominator : static_cast<double>(1.0f / static_cast<float>(denominator));
+  const Denominator mean = denominator_of(denominator, acc, *reduction);
 
   std::optional<at::Tensor> grad;
   if (needs_grad) grad = empty_gradient(logits3.sizes(), logits3.scalar_type());
@@ -168,19 +196,8 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
   options.ignore_index = ignore_index;
   options.label_smoothing = label_smoothing;
   std::vector<at::Tensor> result =
-      loaded_kernels().cross_entropy(logits3, target_rows, weight_acc, grad, options, scale);
-
-  at::Tensor loss;
-  if (*reduction == Reduction::kNone) {
-    loss = result[0].view(target.sizes());
-    if (acc != input.scalar_type()) loss = loss.to(input.scalar_type());
-  } else {
-    double total = acc == at::kDouble ? result[2].item<double>() : result[2].item<float>();
-    if (*reduction == Reduction::kMean)
-      total = acc == at::kDouble ? total / denominator
-                                 : static_cast<double>(static_cast<float>(total) / static_cast<float>(denominator));
-    loss = scalar_loss(total, acc, input.scalar_type());
-  }
+      loaded_kernels().cross_entropy(logits3, target_rows, weight_acc, grad, options, mean.gradient_scale);
+  at::Tensor loss = reduced_loss(result[0], result[2], target.sizes(), mean, acc, input.scalar_type(), *reduction);
   if (!needs_grad) return py::cast(loss);
   std::vector<int64_t> item_shape;
   if (*reduction == Reduction::kNone) item_shape = {logits3.size(0), 1, logits3.size(2)};
@@ -209,11 +226,7 @@ py::object eager_elementwise(const std::string& family, const at::Tensor& input,
   // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since
   // the loss gets its own node.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  double denominator = static_cast<double>(input.numel());
-  if (acc != at::kDouble) denominator = static_cast<float>(denominator);
-  double scale = 1.0;
-  if (*reduction == Reduction::kMean)
-    scale = acc == at::kDouble ? 1.0 / denominator : static_cast<double>(1.0f / static_cast<float>(denominator));
+  const Denominator mean = denominator_of(static_cast<double>(input.numel()), acc, *reduction);
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   ElementwiseArgs args;
   args.input = x;
@@ -223,21 +236,10 @@ py::object eager_elementwise(const std::string& family, const at::Tensor& input,
   args.params = std::move(params);
   if (needs_input) args.grad_input = empty_gradient(x.sizes(), x.scalar_type());
   if (needs_target) args.grad_target = empty_gradient(x.sizes(), x.scalar_type());
-  args.grad_scale = scale;
+  args.grad_scale = mean.gradient_scale;
   args.per_element = *reduction == Reduction::kNone;
   std::vector<at::Tensor> result = kernel(args);
-
-  at::Tensor loss;
-  if (*reduction == Reduction::kNone) {
-    loss = result[0].view(input.sizes());
-    if (acc != input.scalar_type()) loss = loss.to(input.scalar_type());
-  } else {
-    double total = acc == at::kDouble ? result[1].item<double>() : result[1].item<float>();
-    if (*reduction == Reduction::kMean)
-      total = acc == at::kDouble ? total / denominator
-                                 : static_cast<double>(static_cast<float>(total) / static_cast<float>(denominator));
-    loss = scalar_loss(total, acc, input.scalar_type());
-  }
+  at::Tensor loss = reduced_loss(result[0], result[1], input.sizes(), mean, acc, input.scalar_type(), *reduction);
   if (!needs_input && !needs_target) return py::cast(loss);
   std::vector<int64_t> item_shape;
   if (*reduction == Reduction::kNone) item_shape = input.sizes().vec();
