@@ -31,15 +31,13 @@ std::string load_kernels(const std::string& path) {
   return table->capability;
 }
 
-const KernelTable& kernels() { return loaded_kernels(); }
-
-std::string capability() { return kernels().capability; }
+std::string capability() { return loaded_kernels().capability; }
 
 std::vector<at::Tensor> cross_entropy(const at::Tensor& input, const at::Tensor& target,
                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad,
                                       int64_t ignore_index, double label_smoothing, double lse_square_scale,
                                       double softcap, double focal_gamma, const at::Tensor& grad_scale) {
-  return kernels().cross_entropy(input, target, weight, grad,
+  return loaded_kernels().cross_entropy(input, target, weight, grad,
                                  {ignore_index, label_smoothing, lse_square_scale, softcap, focal_gamma},
                                  grad_scale.item<double>());
 }
@@ -53,7 +51,7 @@ std::vector<at::Tensor> elementwise(const at::Tensor& input, const at::Tensor& t
                                     const std::optional<at::Tensor>& grad_input,
                                     const std::optional<at::Tensor>& grad_target, const at::Tensor& grad_scale,
                                     bool per_element) {
-  return (kernels().*Family)({input, target, weight, std::move(weight_layout), aux, std::move(aux_layout),
+  return (loaded_kernels().*Family)({input, target, weight, std::move(weight_layout), aux, std::move(aux_layout),
                               std::move(params), grad_input, grad_target, grad_scale.item<double>(), per_element,
                               ignore_index});
 }

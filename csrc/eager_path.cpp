@@ -4,8 +4,9 @@
 // On small inputs the Python custom-op route (torch.library's autograd wrapper, redispatch, the mean's
 // denominator and the casts as separate tensor ops) cost 10-30x the kernel and made lossops several times
 // slower than eager PyTorch. The custom op stays the route for everything this path does not take
-// (torch.compile, tensor subclasses, dispatch modes, autocast, other backends; lossops/_eager.py decides),
-// and its Python checks run before this path is tried, so every error message keeps one source. The values
+// (torch.compile, tensor subclasses, dispatch modes, autocast, other backends; lossops/_eager.py decides).
+// This path is tried before the Python checks and returns None for anything it does not recognise (bad
+// arguments included), so the Python path raises every error and each message keeps one source. The values
 // are the custom op's bit for bit: same kernel, same denominators in the same order, same casts.
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -144,8 +145,8 @@ py::object attach_gradient(at::Tensor loss, const at::Tensor& input, const at::T
 
 }  // namespace
 
-// Class-index cross-entropy with torch's options (weight, ignore_index, reduction, label_smoothing). The
-// Python layer has validated the arguments; anything this path does not serve returns None.
+// Class-index cross-entropy with torch's options (weight, ignore_index, reduction, label_smoothing). Anything
+// this path does not serve, invalid arguments included, returns None (the Python path then raises).
 py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target,
                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                const std::string& reduction_name, double label_smoothing) {
