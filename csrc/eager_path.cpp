@@ -187,7 +187,9 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
       if (t[r] != ignore_index) denominator += w[std::clamp<int64_t>(t[r], 0, C - 1)];
     }
   } else {
-    for (int64_t r = 0; r < rows; ++r) denominator += t[r] != ignore_index;
+    int64_t kept = 0;  // an integer count vectorises; a double sum is one dependent add per row
+    for (int64_t r = 0; r < rows; ++r) kept += t[r] != ignore_index;
+    denominator = static_cast<double>(kept);
   }
   const Denominator mean = denominator_of(denominator, acc, *reduction);
 

@@ -199,11 +199,11 @@ struct Logistic {
   explicit Logistic(const Vec& x) {
     const Vec zero(acc_t(0)), one(acc_t(1));
     const Vec e = x.abs().neg().exp();  // exp(-|x|) in (0, 1]: never overflows
-    const Vec big = one / (one + e), small = e / (one + e);
+    const Vec big = one / (one + e), small = e * big;
     const Vec positive = x >= zero;
     p = Vec::blendv(small, big, positive);
     one_minus_p = Vec::blendv(big, small, positive);
-    log1p_exp = e.log1p();
+    log1p_exp = log1p_unit(e);
     softplus_neg = at::vec::maximum(x.neg(), zero) + log1p_exp;
   }
 };
