@@ -1,0 +1,138 @@
+"""Cross-entropy over the layouts and row counts that decide how the C++ kernel vectorises: rows of few classes
+(one row per SIMD lane, groups of 16-32 rows with a ragged last group), class-dim-1 layouts read in place,
+(N, C) rows transposed in register blocks, and strided views of each, on every ISA build this CPU runs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import lossops
+from _cases import ISA_ORDER, cpu_supports, forced_isa, lowp_error_no_worse
+
+ISAS = [isa for isa in ISA_ORDER if cpu_supports(isa)]
+
+
+# Each maker draws the same float64 values for a given seed and lays them out in `dtype`.
+def _contiguous(shape, dtype):
+    return (torch.randn(*shape, dtype=torch.float64) * 3).to(dtype)
+
+
+def _channels_last(shape, dtype):  # lanes strided by C, classes contiguous
+    return _contiguous(shape, dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _class_sliced(shape, dtype):  # (N, C) rows inside wider rows
+    return _contiguous((shape[0], shape[1] + 5, *shape[2:]), dtype)[:, 2:2 + shape[1]]
+
+
+def _class_major(shape, dtype):  # (N, C) logits stored as (C, N): every class's rows contiguous
+    return _contiguous((shape[1], shape[0]), dtype).t()
+
+
+LAYOUTS = {"contiguous": _contiguous, "channels_last": _channels_last, "class_sliced": _class_sliced,
+           "class_major": _class_major}
+# Row counts on both sides of the lane groups (8, 16, 32 rows per group across the ISA builds and dtypes).
+SHAPES = [(1, 3), (7, 2), (31, 10), (33, 10), (65, 100), (40, 101), (3, 5, 33), (2, 21, 9, 11), (2, 7, 4, 4)]
+OPTIONS = [{}, {"label_smoothing": 0.15}, {"weight": True}, {"weight": True, "label_smoothing": 0.1},
+           {"reduction": "none"}, {"reduction": "sum", "lse_square_scale": 0.01}, {"softcap": 4.0}]
+
+
+def _cases():
+    for shape in SHAPES:
+        for layout, make in LAYOUTS.items():
+            if layout == "channels_last" and len(shape) != 4 or layout == "class_major" and len(shape) != 2:
+                continue
+            yield pytest.param(shape, layout, id=f"{'x'.join(map(str, shape))}-{layout}")
+
+
+def _torch_loss(x, t, opts, weight):
+    """torch's cross_entropy plus the lossops extras, written out: z-loss (lse^2 per counted row) and softcap."""
+    logits = opts["softcap"] * torch.tanh(x / opts["softcap"]) if "softcap" in opts else x
+    reduction = opts.get("reduction", "mean")
+    loss = F.cross_entropy(logits, t, weight=weight, label_smoothing=opts.get("label_smoothing", 0.0),
+                           reduction=reduction)
+    if "lse_square_scale" in opts:
+        lse = torch.logsumexp(logits, dim=1)
+        loss = loss + opts["lse_square_scale"] * (lse.square() * (t != -100)).sum()
+    return loss
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape,layout", list(_cases()))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_matches_torch_in_float32_and_float64(isa, shape, layout, options):
+    seed = sum(shape) * 7 + len(layout)
+    C = shape[1]
+    torch.manual_seed(seed)
+    target = torch.randint(0, C, (shape[0],) + tuple(shape[2:]))
+    target.view(-1)[::4] = -100
+    weight64 = torch.rand(C, dtype=torch.float64) + 0.2 if options.get("weight") else None
+    extras = {k: v for k, v in options.items() if k != "weight"}
+    torch.manual_seed(seed)
+    x64 = LAYOUTS[layout](shape, torch.float64).requires_grad_()
+    truth = _torch_loss(x64, target, options, weight64)
+    truth.sum().backward()
+    with forced_isa(isa):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+            torch.manual_seed(seed)
+            x = LAYOUTS[layout](shape, dtype).requires_grad_()
+            assert x.stride() == x64.stride()
+            w = None if weight64 is None else weight64.to(dtype)
+            loss = lossops.cross_entropy(x, target, weight=w, **extras)
+            loss.sum().backward()
+            assert_close(loss.double(), truth.detach(), rtol=tol, atol=tol, equal_nan=True)  # all ignored: nan
+            assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol * 0.1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,layout", [((33, 10), "contiguous"), ((40, 101), "class_sliced"),
+                                          ((2, 21, 9, 11), "contiguous"), ((2, 21, 9, 11), "channels_last"),
+                                          ((33, 10), "class_major")])
+def test_low_precision_error_no_worse_than_torch(isa, dtype, shape, layout):
+    torch.manual_seed(3)
+    C = shape[1]
+    x_low = LAYOUTS[layout](shape, dtype)
+    target = torch.randint(0, C, (shape[0],) + tuple(shape[2:]))
+    x64 = x_low.double().requires_grad_()
+    truth = F.cross_entropy(x64, target, reduction="none")
+    truth.sum().backward()
+    x_torch = x_low.detach().requires_grad_()
+    theirs = F.cross_entropy(x_torch, target, reduction="none")
+    theirs.sum().backward()
+    with forced_isa(isa):
+        x = x_low.detach().requires_grad_()
+        ours = lossops.cross_entropy(x, target, reduction="none")
+        ours.sum().backward()
+    lowp_error_no_worse(ours, theirs, truth, "loss")
+    lowp_error_no_worse(x.grad, x_torch.grad, x64.grad, "gradient")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(37, 10), (3, 6, 35)])
+def test_non_finite_logits_stay_in_their_row(isa, shape):
+    """A NaN row is NaN and an ignored NaN row is 0, without touching the other lanes of its group; -inf at a
+    non-target class is a probability of 0."""
+    torch.manual_seed(5)
+    C = shape[1]
+    x = torch.randn(*shape)
+    target = torch.randint(1, C, (shape[0],) + tuple(shape[2:]))
+    rows = x.movedim(1, -1).reshape(-1, C)  # a copy: edit, then move back
+    flat_target = target.reshape(-1)
+    rows[3, 2] = float("nan")
+    rows[5, 1] = float("nan")
+    flat_target[5] = -100
+    rows[7, 0] = float("-inf")
+    x = rows.reshape(*[shape[0], *shape[2:], C]).movedim(-1, 1).contiguous().requires_grad_()
+    with forced_isa(isa):
+        loss = lossops.cross_entropy(x, target, reduction="none")
+        loss.sum().backward()
+    per_row = loss.reshape(-1)
+    grad_rows = x.grad.movedim(1, -1).reshape(-1, C)
+    assert per_row[3].isnan() and grad_rows[3].isnan().all()
+    assert per_row[5] == 0 and (grad_rows[5] == 0).all()
+    keep = torch.ones(per_row.numel(), dtype=torch.bool)
+    keep[[3, 5]] = False
+    reference = F.cross_entropy(x.detach().movedim(1, -1).reshape(-1, C)[keep], flat_target[keep], reduction="none")
+    assert_close(per_row[keep], reference)
+    assert grad_rows[7, 0] == 0 and torch.isfinite(grad_rows[keep]).all()
