@@ -25,12 +25,16 @@ MEMORY_COPIES = 6
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a smoke run)")
+    parser.add_argument("--grid", action="store_true",
+                        help="every family x shapes tiny to LLM x dtype x {fwd+bwd, no_grad fwd} x {1, all threads} "
+                             "against eager and torch.compile, interleaved, with a verdict per cell (bench/grid.py)")
     parser.add_argument("--op", action="append", choices=sorted(FAMILIES),
                         help="op family to run (repeatable; default: every family lossops has)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
                         help="dtype (repeatable; default float32 and bfloat16)")
     parser.add_argument("--shape", action="append", type=_shape, help="ROWSxCOLS, e.g. 4096x32000 (repeatable; "
-                        "default: each family's own list)")
+                        "default: each family's own list; --grid also takes NxCxD1x... and runs only its own shapes "
+                        "that are named)")
     parser.add_argument("--impl", action="append", help="only these implementations (repeatable; names as in the "
                         "table, e.g. eager, compile, lossops-cpp; the floors always run)")
     parser.add_argument("--repeats", type=int, help="timed calls per phase (default 10, --quick 3)")
@@ -42,18 +46,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "of reusing the buffer the previous call freed, as a training loop does by default")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.repeats = args.repeats or (3 if args.quick else 7 if args.grid else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2 if args.grid else 3)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
 
 
 def _shape(text: str) -> Shape:
+    """ROWSxCOLS, or NxCxD1x... for the grid's class-dim-1 layouts."""
     try:
-        rows, cols = (int(part) for part in text.lower().split("x"))
+        dims = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 4096x32000, got {text!r}") from None
-    return rows, cols
+        dims = ()
+    if len(dims) < 2:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 4096x32000, got {text!r}")
+    return dims
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -79,6 +86,9 @@ def plan(args: argparse.Namespace, note) -> list[tuple]:
         for dtype_name in dict.fromkeys(args.dtype or ["float32", "bfloat16"]):
             dtype = DTYPES[dtype_name]
             for shape in shapes:
+                if len(shape) != 2:
+                    note(f"skipped {name} {'x'.join(map(str, shape))}: only --grid runs shapes of more than 2 dims")
+                    continue
                 needed = shape[0] * shape[1] * max(4, dtype.itemsize) * MEMORY_COPIES
                 if needed > _available_bytes(args.device):
                     note(f"skipped {name} {dtype_name} {shape[0]}x{shape[1]}: needs ~{needed / 2**30:.1f} GiB, "
@@ -114,6 +124,9 @@ class Progress:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.grid:
+        from . import grid
+        return grid.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_gradient_cache:

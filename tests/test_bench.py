@@ -1,5 +1,6 @@
 """The benchmark CLI (bench/): a tiny end-to-end run, its memory measurement and its targets verdict."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,58 @@ def test_targets_compare_ratios_from_the_same_run():
     slower = [_row("eager", 250)] + rows[1:]
     text = report.targets(report.records(slower, stamp), "lossops-cpp", "cpu")
     assert "| 2.50× | missed |" in text
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--grid", "--quick", "--op", "cross_entropy", "--op", "mse_loss",
+         "--dtype", "float32", "--repeats", "1", "--warmup", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_grid_measures_every_cell_against_eager_and_compile(grid_run):
+    from bench import grid
+    out, result = grid_run
+    (csv_path,) = out.glob("grid_*.csv")
+    with csv_path.open() as f:
+        cells = list(csv.DictReader(f))
+    threads = {"1"} | ({str(os.cpu_count())} if (os.cpu_count() or 1) > 1 else set())
+    expected = {(op, "x".join(map(str, shape)), mode, t) for op in ("cross_entropy", "mse_loss")
+                for shape in grid.QUICK_SHAPES[op] for mode in grid.MODES for t in threads}
+    assert {(c["op"], c["shape"], c["mode"], c["threads"]) for c in cells} == expected
+    for c in cells:
+        assert not c["error"], c
+        for impl in ("eager", "compile", "lossops"):
+            assert float(c[f"{impl}_ms"]) > 0, c
+        assert c["verdict"] in ("ok", "target met", "SLOWER than eager") or c["verdict"].startswith("target "), c
+        assert "CPU capability" in c["isa"] and torch.backends.cpu.get_cpu_capability() in c["isa"]
+    assert any(c["shape"] == "2x5x4x4" for c in cells)  # a class-dim-1 layout runs through the grid
+    stem = str(csv_path)[:-len(".csv")]
+    assert Path(stem + ".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = Path(stem + ".md").read_text()
+    assert text.strip() == result.stdout.strip()
+    assert "lossops kernels in use" in text and text.count("\n| cross_entropy |") == sum(
+        c["op"] == "cross_entropy" for c in cells)
+
+
+def test_grid_verdicts_hold_each_cell_to_eager_and_its_target():
+    from bench.grid import Cell, target_for
+    assert target_for("cross_entropy", (65536, 10), "float32", "1", "fwd+bwd") == 3.0
+    assert target_for("cross_entropy", (65536, 10), "float32", "1", "no_grad fwd") == 1.0
+    assert target_for("sigmoid_focal_loss", (65536, 80), "float32", "all", "fwd+bwd") == 5.0
+    assert target_for("sigmoid_focal_loss", (65536, 80), "float32", "1", "fwd+bwd") == 1.0
+    assert target_for("cross_entropy", (4096, 32000), "bfloat16", "1", "fwd+bwd") == 8.0
+    assert target_for("cross_entropy", (4096, 32000), "float32", "1", "fwd+bwd") == 1.0
+
+    def cell(eager, ours, target=1.0):
+        return Cell("cross_entropy", "float32", (32, 10), "fwd+bwd", 1, "1",
+                    {"eager": eager, "compile": 2.0, "lossops": ours}, target)
+    assert cell(1.0, 1.0).verdict == "ok"
+    assert cell(1.0, 1.25).verdict == "SLOWER than eager"
+    assert cell(3.0, 1.0, target=3.0).verdict == "target met"
+    assert cell(2.0, 1.0, target=3.0).verdict == "target 3x missed"
+    assert cell(2.0, 1.0).speedup("compile") == 2.0

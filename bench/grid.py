@@ -1,0 +1,295 @@
+"""`python -m bench --grid`: every op family over the shapes users have, tiny to LLM-sized, in float32 and
+bfloat16, forward+backward and forward under no_grad, on 1 thread and on all of them, against eager and
+torch.compile, timed interleaved (one sample of each implementation in turn, medians), with a verdict per cell:
+lossops at least as fast as eager, and the speed targets where one is set.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import lossops
+
+from .cases import FAMILIES, Family
+from .report import Stamp
+
+TINY = [(32, 10), (256, 4)]
+SMALL_CLASSES = [(65536, 10), (65536, 100), (1000, 80)]
+CLASS_DIM_1 = [(8, 21, 128, 128), (4, 150, 64, 64)]
+MID = [(16384, 1000)]
+LLM = [(4096, 32000), (1024, 128000)]
+ELEMENTWISE_LARGE = [(65536, 80), (4096, 8192)]
+GRID_SHAPES = {
+    "cross_entropy": TINY + SMALL_CLASSES + CLASS_DIM_1 + MID + LLM,
+    "softmax_focal_loss": TINY + SMALL_CLASSES + MID + [(4096, 32000)],
+    "sigmoid_focal_loss": TINY + SMALL_CLASSES + MID + ELEMENTWISE_LARGE,
+    "binary_cross_entropy_with_logits": TINY + SMALL_CLASSES + MID + ELEMENTWISE_LARGE,
+    **{name: TINY + [(1000, 80)] + MID + ELEMENTWISE_LARGE
+       for name in ("smooth_l1_loss", "huber_loss", "l1_loss", "mse_loss")},
+}
+QUICK_SHAPES = {name: TINY + ([(2, 5, 4, 4)] if name == "cross_entropy" else []) for name in GRID_SHAPES}
+
+# Speed targets beyond "at least eager's speed", for forward+backward: (op, shape, dtype or None, threads
+# "all"/"1"/None) -> the lowest acceptable lossops speed-up over eager.
+TARGETS = {
+    ("cross_entropy", (65536, 10), None, None): 3.0,
+    ("cross_entropy", (65536, 100), None, None): 3.0,
+    ("sigmoid_focal_loss", (1000, 80), None, None): 2.0,
+    ("binary_cross_entropy_with_logits", (1000, 80), None, None): 2.0,
+    ("cross_entropy", (8, 21, 128, 128), None, None): 2.0,
+    ("cross_entropy", (4, 150, 64, 64), None, None): 2.0,
+    ("sigmoid_focal_loss", (65536, 80), "float32", "all"): 5.0,
+    ("cross_entropy", (4096, 32000), "bfloat16", None): 8.0,
+}
+MODES = ("fwd+bwd", "no_grad fwd")
+# A sample is at least this long: tiny calls are timed in batches, so the timer's own cost does not count.
+MIN_SAMPLE_S = 2e-3
+MAX_CALLS_PER_SAMPLE = 2000
+
+
+def target_for(op: str, shape: tuple, dtype: str, threads: str, mode: str) -> float:
+    if mode != "fwd+bwd":
+        return 1.0
+    best = 1.0
+    for (t_op, t_shape, t_dtype, t_threads), bound in TARGETS.items():
+        if (t_op, t_shape) == (op, shape) and t_dtype in (None, dtype) and t_threads in (None, threads):
+            best = max(best, bound)
+    return best
+
+
+def class_target(x: torch.Tensor) -> torch.Tensor:
+    """Class indices for (N, C) or (N, C, d1, ..., dk) logits."""
+    return torch.randint(0, x.shape[1], x.shape[:1] + x.shape[2:], device=x.device)
+
+
+@dataclass
+class Cell:
+    op: str
+    dtype: str
+    shape: tuple
+    mode: str
+    threads: int
+    thread_setting: str  # "1" or "all"
+    times_ms: dict  # implementation -> median ms
+    target: float
+    error: str = ""
+
+    @property
+    def ours(self):
+        return self.times_ms.get("lossops")
+
+    def speedup(self, other: str):
+        ours, theirs = self.ours, self.times_ms.get(other)
+        return None if not ours or theirs is None else theirs / ours
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "error"
+        s = self.speedup("eager")
+        if s is None:
+            return "n/a"
+        if s >= self.target:
+            return "ok" if self.target <= 1.0 else "target met"
+        return "SLOWER than eager" if s < 1.0 else f"target {self.target:g}x missed"
+
+
+def _calls_per_sample(fn) -> int:
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    return int(min(MAX_CALLS_PER_SAMPLE, max(1, MIN_SAMPLE_S / once)))
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict:
+    """Median seconds per call of each function, sampled in turn so that drift and noise hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    batch = {name: _calls_per_sample(fn) for name, fn in fns.items()}
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(batch[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / batch[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _callables(family: Family, device: torch.device, x: torch.Tensor, target: torch.Tensor, mode: str):
+    def eager(inp, tgt):
+        return family.eager(inp, tgt, **family.kwargs)
+
+    def ours(inp, tgt):  # what a user's call gets: the default backend for the device
+        return family.ours(inp, tgt, **family.kwargs)
+
+    compiled = torch.compile(eager, dynamic=False)
+
+    if mode == "fwd+bwd":
+        def wrap(loss):
+            return lambda: torch.autograd.grad(loss(x, target), x)
+    else:
+        def wrap(loss):
+            def run():
+                with torch.no_grad():
+                    return loss(x, target)
+            return run
+    return {"eager": wrap(eager), "compile": wrap(compiled), "lossops": wrap(ours)}
+
+
+def run_grid(args, note) -> list[Cell]:
+    device = args.device
+    ops = args.op or list(GRID_SHAPES)
+    dtypes = args.dtype or ["float32", "bfloat16"]
+    all_threads = os.cpu_count() or 1
+    thread_settings = [("1", 1)] + ([("all", all_threads)] if all_threads > 1 else [])
+    cells = []
+    plan = [(op, shape, dtype) for op in ops for dtype in dict.fromkeys(dtypes)
+            for shape in (QUICK_SHAPES if args.quick else GRID_SHAPES)[op]]
+    if args.shape:
+        plan = [p for p in plan if p[1] in args.shape]
+    from .cli import DTYPES  # the CLI's dtype names
+    start = time.monotonic()
+    for index, (op, shape, dtype_name) in enumerate(plan):
+        family = FAMILIES[op]
+        dtype = DTYPES[dtype_name]
+        torch.manual_seed(0)
+        x = torch.randn(shape, dtype=dtype, device=device).requires_grad_()
+        target = class_target(x) if family.make_target.__name__ == "class_index" else family.make_target(x.detach())
+        label = f"{op} {dtype_name} {'x'.join(map(str, shape))}"
+        print(f"[{index + 1}/{len(plan)} {time.monotonic() - start:5.0f}s] {label}", file=sys.stderr, flush=True)
+        for mode in MODES:
+            torch._dynamo.reset()  # each cell compiles afresh: dynamo's recompile limit is never reached
+            error = ""
+            try:
+                fns = _callables(family, device, x, target, mode)
+                for fn in fns.values():  # compiles, and fails early on an implementation that cannot run
+                    fn()
+            except Exception as exc:  # noqa: BLE001 - one broken cell must not end the grid
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                fns = {}
+            for setting, threads in thread_settings:
+                torch.set_num_threads(threads)
+                times = {}
+                if fns:
+                    times = {k: v * 1e3 for k, v in interleaved_medians(fns, args.repeats, args.warmup).items()}
+                cells.append(Cell(op, dtype_name, shape, mode, threads, setting, times,
+                                  target_for(op, shape, dtype_name, setting, mode), error))
+        del x, target
+    torch.set_num_threads(all_threads)
+    return cells
+
+
+def _fmt_ms(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 1e3:.1f} µs" if value < 1 else f"{value:.2f} ms"
+
+
+def _fmt_x(value) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def isa_line() -> str:
+    from lossops import _cpp
+    try:
+        kernels = _cpp.capability()
+    except Exception as exc:  # noqa: BLE001
+        kernels = f"unavailable ({exc})"
+    return (f"CPU capability (torch): {torch.backends.cpu.get_cpu_capability()}; lossops kernels in use: {kernels}"
+            + (f" (forced by LOSSOPS_CPU_CAPABILITY={os.environ['LOSSOPS_CPU_CAPABILITY']})"
+               if "LOSSOPS_CPU_CAPABILITY" in os.environ else ""))
+
+
+def markdown(cells: list[Cell], stamp: Stamp, settings: str) -> str:
+    lines = [f"### lossops grid — {stamp.machine}, torch {stamp.torch}, {os.cpu_count()} CPUs", "",
+             isa_line() + ".", settings, "",
+             "| op | dtype | shape | mode | threads | eager | compile | lossops | vs eager | vs compile | verdict |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in cells:
+        t = c.times_ms
+        lines.append(f"| {c.op} | {c.dtype} | {'×'.join(map(str, c.shape))} | {c.mode} | {c.threads} | "
+                     f"{_fmt_ms(t.get('eager'))} | {_fmt_ms(t.get('compile'))} | {_fmt_ms(c.ours)} | "
+                     f"{_fmt_x(c.speedup('eager'))} | {_fmt_x(c.speedup('compile'))} | "
+                     f"{c.verdict}{': ' + c.error if c.error else ''} |")
+    below = [c for c in cells if c.verdict not in ("ok", "target met")]
+    lines += ["", f"{len(cells) - len(below)} of {len(cells)} cells at least as fast as eager and on target; "
+              f"{len(below)} not" + (":" if below else ".")]
+    for c in below:
+        lines.append(f"- {c.op} {c.dtype} {'×'.join(map(str, c.shape))} {c.mode} {c.threads} thread(s): "
+                     f"{_fmt_x(c.speedup('eager'))} eager (wanted ≥ {c.target:g}×) — {c.verdict}")
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = ("op", "dtype", "shape", "mode", "threads", "eager_ms", "compile_ms", "lossops_ms", "speedup_vs_eager",
+               "speedup_vs_compile", "target_vs_eager", "verdict", "error", "machine", "isa", "torch")
+
+
+def write_csv(path: Path, cells: list[Cell], stamp: Stamp) -> None:
+    isa = isa_line()
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for c in cells:
+            writer.writerow({"op": c.op, "dtype": c.dtype, "shape": "x".join(map(str, c.shape)), "mode": c.mode,
+                             "threads": c.threads, "eager_ms": c.times_ms.get("eager"),
+                             "compile_ms": c.times_ms.get("compile"), "lossops_ms": c.ours,
+                             "speedup_vs_eager": c.speedup("eager"), "speedup_vs_compile": c.speedup("compile"),
+                             "target_vs_eager": c.target, "verdict": c.verdict, "error": c.error,
+                             "machine": stamp.machine, "isa": isa, "torch": stamp.torch})
+
+
+def write_plot(path: Path, cells: list[Cell], stamp: Stamp) -> None:
+    """A heat map of lossops' speed-up over eager: a row per (op, dtype, shape), a column per (mode, threads)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = list(dict.fromkeys((c.op, c.dtype, c.shape) for c in cells))
+    cols = list(dict.fromkeys((c.mode, c.thread_setting) for c in cells))
+    values = np.full((len(rows), len(cols)), np.nan)
+    for c in cells:
+        s = c.speedup("eager")
+        if s is not None:
+            values[rows.index((c.op, c.dtype, c.shape)), cols.index((c.mode, c.thread_setting))] = s
+    fig, ax = plt.subplots(figsize=(2.2 * len(cols) + 4, 0.28 * len(rows) + 1.6))
+    image = ax.imshow(np.log2(values), cmap="RdYlGn", vmin=-3, vmax=3, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2f}×", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(len(cols)), [f"{m}\n{t} thread{'s' if t != '1' else ''}" for m, t in cols], fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{op} {dt} {'×'.join(map(str, sh))}" for op, dt, sh in rows], fontsize=6)
+    fig.colorbar(image, ax=ax, label="log2(lossops speed-up over eager)")
+    ax.set_title(f"lossops vs eager — {stamp.header()}\n{isa_line()}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    notes = []
+    cells = run_grid(args, notes.append)
+    stamp = Stamp.current(args.device, "n/a")
+    settings = (f"Forward+backward = torch.autograd.grad of the loss; no_grad fwd = the loss under torch.no_grad(). "
+                f"Medians of {args.repeats} interleaved samples per implementation after {args.warmup} warm-up calls; "
+                f"a sample times a batch of calls at least {MIN_SAMPLE_S * 1e3:g} ms long. 'compile' is "
+                f"torch.compile(dynamic=False) of the eager formula.")
+    text = markdown(cells, stamp, settings)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = str(args.out / stamp.file_stem().replace("bench_", "grid_", 1))
+    write_csv(Path(stem + ".csv"), cells, stamp)
+    write_plot(Path(stem + ".png"), cells, stamp)
+    Path(stem + ".md").write_text(text + "\n")
+    print(f"\nwrote {stem}.csv, .png and .md", file=sys.stderr)
+    return 0
