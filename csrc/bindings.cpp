@@ -83,8 +83,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_scale"));
   m.def("eager_cross_entropy", &lossops::eager_cross_entropy,
         "Class-index cross-entropy for plain CPU tensors in one call (loss with its autograd node), or None "
-        "where this path does not apply", py::arg("input"), py::arg("target"), py::arg("weight"),
-        py::arg("ignore_index"), py::arg("reduction"), py::arg("label_smoothing"));
+        "where this path does not apply; a focal_gamma makes it softmax focal loss", py::arg("input"),
+        py::arg("target"), py::arg("weight"), py::arg("ignore_index"), py::arg("reduction"),
+        py::arg("label_smoothing"), py::arg("focal_gamma") = py::none(), py::arg("uniform_alpha") = py::none());
   m.def("eager_elementwise", &lossops::eager_elementwise,
         "An unweighted elementwise family for plain CPU tensors in one call, or None where this path does not apply",
         py::arg("family"), py::arg("input"), py::arg("target"), py::arg("params"), py::arg("reduction"),

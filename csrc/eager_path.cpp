@@ -12,9 +12,11 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -145,12 +147,20 @@ py::object attach_gradient(at::Tensor loss, const at::Tensor& input, const at::T
 
 }  // namespace
 
-// Class-index cross-entropy with torch's options (weight, ignore_index, reduction, label_smoothing). Anything
-// this path does not serve, invalid arguments included, returns None (the Python path then raises).
+// Class-index cross-entropy with torch's options (weight, ignore_index, reduction, label_smoothing), and
+// softmax focal loss (focal_gamma given; weight = per-class alpha, or uniform_alpha for a float alpha, whose
+// mean divides by the count of kept rows, not by their alphas). Anything this path does not serve, invalid
+// arguments included, returns None (the Python path then raises).
 py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target,
                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                               const std::string& reduction_name, double label_smoothing) {
+                               const std::string& reduction_name, double label_smoothing,
+                               std::optional<double> focal_gamma, std::optional<double> uniform_alpha) {
   const auto reduction = parse_reduction(reduction_name);
+  const bool focal = focal_gamma.has_value();
+  if (focal && (!(*focal_gamma >= 0) || !std::isfinite(*focal_gamma) || label_smoothing != 0 ||
+                (uniform_alpha && (weight.has_value() || !(*uniform_alpha >= 0) || !std::isfinite(*uniform_alpha)))))
+    return py::none();
+  if (!focal && uniform_alpha) return py::none();
   if (!reduction || !(label_smoothing >= 0 && label_smoothing <= 1) || !input.device().is_cpu() ||
       !kernel_dtype(input.scalar_type()) || input.dim() < 1 || input.numel() == 0 ||
       target.scalar_type() != at::kLong || !target.device().is_cpu())
@@ -190,6 +200,8 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
     int64_t kept = 0;  // an integer count vectorises; a double sum is one dependent add per row
     for (int64_t r = 0; r < rows; ++r) kept += t[r] != ignore_index;
     denominator = static_cast<double>(kept);
+    // A float alpha weighs every row alike, rounded to the input's dtype as the Python path's full() does.
+    if (uniform_alpha) weight_acc = at::full({C}, *uniform_alpha, input.scalar_type()).to(acc);
   }
   const Denominator mean = denominator_of(denominator, acc, *reduction);
 
@@ -198,13 +210,15 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
   CrossEntropyOptions options;
   options.ignore_index = ignore_index;
   options.label_smoothing = label_smoothing;
+  if (focal) options.focal_gamma = *focal_gamma;
   std::vector<at::Tensor> result =
       loaded_kernels().cross_entropy(logits3, target_rows, weight_acc, grad, options, mean.gradient_scale);
   at::Tensor loss = reduced_loss(result[0], result[2], target.sizes(), mean, acc, input.scalar_type(), *reduction);
   if (!needs_grad) return py::cast(loss);
   std::vector<int64_t> item_shape;
   if (*reduction == Reduction::kNone) item_shape = {logits3.size(0), 1, logits3.size(2)};
-  return attach_gradient(loss, input, target, *grad, at::Tensor(), std::move(item_shape), "LossopsCrossEntropyBackward");
+  return attach_gradient(loss, input, target, *grad, at::Tensor(), std::move(item_shape),
+                         focal ? "LossopsSoftmaxFocalLossBackward" : "LossopsCrossEntropyBackward");
 }
 
 // An elementwise family on input and target of one shape and dtype, without weights: the mean divides by

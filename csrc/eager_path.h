@@ -16,7 +16,8 @@ const KernelTable& loaded_kernels();
 
 pybind11::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target,
                                      const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                     const std::string& reduction, double label_smoothing);
+                                     const std::string& reduction, double label_smoothing,
+                                     std::optional<double> focal_gamma, std::optional<double> uniform_alpha);
 pybind11::object eager_elementwise(const std::string& family, const at::Tensor& input, const at::Tensor& target,
                                    std::vector<double> params, const std::string& reduction, bool target_grad);
 

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _checks, _elementwise
+from . import _checks, _eager, _elementwise
 from .cross_entropy import row_softmax_loss
 
 _op = _elementwise.define_op("sigmoid_focal", "focal")
@@ -97,6 +97,15 @@ def softmax_focal_loss(input: Tensor, target: Tensor, alpha: Union[None, float, 
     mean divides by the number of non-ignored targets) or a per-class tensor (acts as cross_entropy's weight,
     the mean divides by the sum of the targets' alphas), so gamma=0 equals cross_entropy(weight=alpha).
     """
+    tensor_alpha = isinstance(alpha, Tensor)
+    if (type(reduction) is str and type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63
+            and type(gamma) in (float, int) and (alpha is None or tensor_alpha or type(alpha) in (float, int))
+            and (cpp := _eager.cpp_module(input, target, alpha if tensor_alpha else None))):
+        # As for cross_entropy: the C++ eager path returns None for anything it does not serve, errors included.
+        loss = cpp.eager_cross_entropy(input, target, alpha if tensor_alpha else None, ignore_index, reduction, 0.0,
+                                       float(gamma), None if alpha is None or tensor_alpha else float(alpha))
+        if loss is not None:
+            return loss
     reduction = _checks.reduction(reduction)
     gamma = _gamma(gamma)
     _checks.floating("input", input)

@@ -11,6 +11,7 @@ import lossops
 from lossops import _eager
 
 CE_NODE, ELEMENTWISE_NODE = "LossopsCrossEntropyBackward", "LossopsElementwiseBackward"
+FOCAL_NODE = "LossopsSoftmaxFocalLossBackward"
 
 
 @contextlib.contextmanager
@@ -73,6 +74,43 @@ def test_cross_entropy_matches_custom_op(monkeypatch, dtype, shape, reduction, o
     with torch.no_grad():
         assert_same_as_custom_op(monkeypatch, lambda x, t, w: lossops.cross_entropy(x, t, w, **kwargs),
                                  lambda: (x0, target, weight), CE_NODE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("alpha", [None, 0.3, "per_class"])
+@pytest.mark.parametrize("options", [{"gamma": 2.0}, {"gamma": 0.0}, {"gamma": 0.5, "ignore_index": 1}])
+def test_softmax_focal_matches_custom_op(monkeypatch, dtype, shape, reduction, alpha, options):
+    gen = torch.Generator().manual_seed(1)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    target_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    alpha_value = torch.rand(C, generator=gen).to(dtype) if alpha == "per_class" else alpha
+    x0 = torch.randn(shape, generator=gen).to(dtype)
+    target = torch.randint(0, C, target_shape, generator=gen)
+    kwargs = dict(reduction=reduction, gamma=options["gamma"], ignore_index=options.get("ignore_index", -100))
+    grad_output = torch.rand(target_shape, generator=gen).to(dtype) if reduction == "none" else None
+
+    def loss(x, t):
+        return lossops.softmax_focal_loss(x, t, alpha=alpha_value, **kwargs)
+
+    assert_same_as_custom_op(monkeypatch, loss, lambda: (x0.clone().requires_grad_(), target), FOCAL_NODE,
+                             grad_output)
+    with torch.no_grad():
+        assert_same_as_custom_op(monkeypatch, loss, lambda: (x0, target), FOCAL_NODE)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, t: lossops.softmax_focal_loss(x, t, gamma=-1.0),
+    lambda x, t: lossops.softmax_focal_loss(x, t, alpha=-0.5),
+    lambda x, t: lossops.softmax_focal_loss(x, t, gamma=float("inf")),
+    lambda x, t: lossops.softmax_focal_loss(x, t, reduction="avg"),
+    lambda x, t: lossops.softmax_focal_loss(x, t.clamp(max=3) + 7),
+], ids=["negative-gamma", "negative-alpha", "inf-gamma", "bad-reduction", "target-out-of-range"])
+def test_softmax_focal_bad_arguments_raise_from_the_python_checks(call):
+    x = torch.randn(6, 5, requires_grad=True)
+    with pytest.raises((ValueError, RuntimeError, IndexError)):
+        call(x, torch.randint(0, 5, (6,)))
 
 
 ELEMENTWISE = {
