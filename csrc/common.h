@@ -184,28 +184,45 @@ inline void prefetch(const T* p, int64_t n) {
 
 // write_block for a destination nobody reads soon (a gradient far larger than the caches, written once):
 // non-temporal stores skip reading each destination line before overwriting it, a third of an out-of-place
-// pass's memory traffic. The aligned middle is streamed, the ragged ends stored normally; call
-// finish_streaming() before the data is handed to another thread. Other builds and dtypes store normally.
+// pass's memory traffic. The 64-byte-aligned middle is streamed, the ragged ends stored normally; call
+// finish_streaming() before the data is handed to another thread. fp32 and bf16 on the AVX-512 and AVX2
+// builds (bf16 on AVX-512 only where the CPU converts natively); other builds and dtypes store normally.
 template <typename scalar_t>
 inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)) && defined(__GNUC__)
   constexpr bool is_float = std::is_same_v<scalar_t, float>;
-#if defined(__GNUC__)
   constexpr bool is_bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-#else
-  constexpr bool is_bf16 = false;
-#endif
   if constexpr (is_float || is_bf16) {
     constexpr int64_t kPerLine = 64 / sizeof(scalar_t);
-    if (is_float || cpu_has_avx512_bf16()) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const bool can_stream = is_float || cpu_has_avx512_bf16();
+#else
+    const bool can_stream = true;
+#endif
+    if (can_stream) {
       const int64_t head = std::min<int64_t>(n, ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / sizeof(scalar_t));
       write_block<scalar_t>(src, dst, 1, head);
       int64_t i = head;
+#if defined(CPU_CAPABILITY_AVX512)
       if constexpr (is_float) {
         for (; i + kPerLine <= n; i += kPerLine) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
       } else {
         i += store_bf16_native<true>(src + i, dst + i, (n - i) / kPerLine * kPerLine);
       }
+#else
+      for (; i + kPerLine <= n; i += kPerLine) {
+        if constexpr (is_float) {
+          _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+          _mm256_stream_ps(dst + i + 8, _mm256_loadu_ps(src + i + 8));
+        } else {
+          using Vec = at::vec::Vectorized<float>;
+          for (int64_t half = 0; half < kPerLine; half += 16) {
+            const __m256i packed = at::vec::convert_float_bfloat16(Vec::loadu(src + i + half), Vec::loadu(src + i + half + 8));
+            _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + half), packed);
+          }
+        }
+      }
+#endif
       write_block<scalar_t>(src + i, dst + i, 1, n - i);
       return;
     }
@@ -215,7 +232,7 @@ inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n
 }
 
 inline void finish_streaming() {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
 #endif
 }

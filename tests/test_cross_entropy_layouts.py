@@ -136,3 +136,30 @@ def test_non_finite_logits_stay_in_their_row(isa, shape):
     reference = F.cross_entropy(x.detach().movedim(1, -1).reshape(-1, C)[keep], flat_target[keep], reduction="none")
     assert_close(per_row[keep], reference)
     assert grad_rows[7, 0] == 0 and torch.isfinite(grad_rows[keep]).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape,dtype", [((65543, 40), torch.float32), ((65543, 80), torch.bfloat16),
+                                         ((3, 21, 181, 191), torch.float32), ((3, 21, 181, 383), torch.bfloat16)])
+def test_gradient_reused_from_the_previous_step(isa, shape, dtype):
+    """Gradients of 8 MiB or more come from the kept buffer from the second call on, and are then written with
+    non-temporal stores: the second step must be as right as the first."""
+    torch.manual_seed(11)
+    C = shape[1]
+    x = torch.randn(*shape).to(dtype).requires_grad_()
+    target = torch.randint(0, C, (shape[0],) + tuple(shape[2:]))
+    target.view(-1)[::5] = -100
+    x64 = x.detach().double().requires_grad_()
+    F.cross_entropy(x64, target, label_smoothing=0.1).backward()
+    with forced_isa(isa):
+        grads, buffers = [], []
+        for _ in range(2):
+            (grad,) = torch.autograd.grad(lossops.cross_entropy(x, target, label_smoothing=0.1), x)
+            grads.append(grad.clone())
+            buffers.append(grad.data_ptr())
+            del grad  # back to the kept buffer for the next step
+    assert buffers[0] == buffers[1]  # the second step did write into the kept (resident) buffer
+    tol = 1e-7 if dtype == torch.float32 else 2e-3
+    for grad in grads:
+        assert_close(grad.double(), x64.grad, rtol=0.02, atol=tol)
+    assert torch.equal(grads[0], grads[1])
