@@ -600,11 +600,11 @@ void cross_entropy_lanes(const at::Tensor& input, const int64_t* index_ptr, cons
 }
 
 // Which kernel serves a class-index call. (N, C) rows: the lane kernel up to kLaneRowClasses classes, beyond
-// which a row is long enough for the row kernel's vector loop (65536 rows, 1 thread, fp32 fwd+bwd, AVX-512:
-// lanes 1.1 / 1.8 / 3.2 / 6.1 ms at C = 10 / 32 / 64 / 100, rows 6.3 / 5.1 / 5.6 / 8.8 ms; at C = 128 both
-// ~7-8 ms). Class-dim-1 (inner > 1): the lane kernel whenever its class-major tile (C x G values per
-// thread, twice with a gradient) stays in L2.
-constexpr int64_t kLaneRowClasses = 100;
+// which a row is long enough for the row kernel's vector loop (65536 rows, 1 thread, fwd+bwd, AVX-512, fp32 /
+// bf16 ms: lanes 1.5/1.9, 3.1/3.3, 4.9/5.8, 5.9/6.5, 7.2/7.9, 12.0/12.7 at C = 32, 64, 100, 128, 160, 256; rows
+// 5.2/5.5, 5.6/6.0, 8.5/11.0, 7.2/7.4, 7.3/9.8, 10.2/10.9). Class-dim-1 (inner > 1): the lane kernel
+// whenever its class-major tile (C x 32 values per thread, twice with a gradient) stays in L2.
+constexpr int64_t kLaneRowClasses = 160;
 constexpr int64_t kLaneTileClasses = 2048;
 
 inline bool lanes_kernel_serves(const at::Tensor& input, const at::Tensor& target) {

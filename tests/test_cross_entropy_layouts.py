@@ -32,7 +32,7 @@ def _class_major(shape, dtype):  # (N, C) logits stored as (C, N): every class's
 LAYOUTS = {"contiguous": _contiguous, "channels_last": _channels_last, "class_sliced": _class_sliced,
            "class_major": _class_major}
 # Row counts on both sides of the lane groups (8, 16, 32 rows per group across the ISA builds and dtypes).
-SHAPES = [(1, 3), (7, 2), (31, 10), (33, 10), (65, 100), (40, 101), (3, 5, 33), (2, 21, 9, 11), (2, 7, 4, 4)]
+SHAPES = [(1, 3), (7, 2), (31, 10), (33, 10), (65, 100), (40, 101), (9, 161), (3, 5, 33), (2, 21, 9, 11), (2, 7, 4, 4)]
 OPTIONS = [{}, {"label_smoothing": 0.15}, {"weight": True}, {"weight": True, "label_smoothing": 0.1},
            {"reduction": "none"}, {"reduction": "sum", "lse_square_scale": 0.01}, {"softcap": 4.0}]
 
