@@ -198,7 +198,9 @@ struct Logistic {
 
   explicit Logistic(const Vec& x) {
     const Vec zero(acc_t(0)), one(acc_t(1));
-    const Vec e = x.abs().neg().exp();  // exp(-|x|) in (0, 1]: never overflows
+    // exp(-|x|) in (0, 1]: never overflows. fast_exp (about 2 ulp, subnormal results kept) instead of Sleef's
+    // exp: with log1p_unit, the sigmoid losses' transcendental cost measured about half of what it was.
+    const Vec e = fast_exp(x.abs().neg());
     const Vec big = one / (one + e), small = e * big;
     const Vec positive = x >= zero;
     p = Vec::blendv(small, big, positive);
