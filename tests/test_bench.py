@@ -16,15 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--op", "cross_entropy", "--dtype", "float32",
-         "--shape", "64x128", "--shape", "64x512", "--repeats", "2", "--threads", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+def run_bench(tmp_path_factory, name, *args, timeout=600):
+    """`python -m bench ARGS --out <fresh folder>`, which must succeed; returns the folder and the process."""
+    out = tmp_path_factory.mktemp(name)
+    result = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return run_bench(tmp_path_factory, "bench", "--quick", "--op", "cross_entropy", "--dtype", "float32",
+                     "--shape", "64x128", "--shape", "64x512", "--repeats", "2", "--threads", "1")
 
 
 def test_cli_writes_stamped_csv_png_and_markdown(quick_run):
@@ -98,13 +102,8 @@ def test_targets_compare_ratios_from_the_same_run():
 
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grid")
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--grid", "--quick", "--op", "cross_entropy", "--op", "mse_loss",
-         "--dtype", "float32", "--repeats", "1", "--warmup", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    return out, result
+    return run_bench(tmp_path_factory, "grid", "--grid", "--quick", "--op", "cross_entropy", "--op", "mse_loss",
+                     "--dtype", "float32", "--repeats", "1", "--warmup", "1", timeout=900)
 
 
 def test_grid_measures_every_cell_against_eager_and_compile(grid_run):
