@@ -148,13 +148,60 @@ inline void write_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t st
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// One 16x16 float block, kept in registers: 32-bit, 64-bit, then two 128-bit-lane interleaves (64 shuffles).
+// Written out because ATen's transpose_mxn_16x16 is not inlined and passes its rows through the stack: it was a
+// quarter of the lane kernel's time at 100 classes.
+inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  // r[4q + k] now holds, in each 128-bit lane L, elements k of rows 4q..4q+3 for column 4L + k.
+  for (int q = 0; q < 4; q += 2) {
+    for (int k = 0; k < 4; ++k) {
+      t[4 * q + k] = _mm512_shuffle_f32x4(r[4 * q + k], r[4 * q + 4 + k], 0x88);
+      t[4 * q + 4 + k] = _mm512_shuffle_f32x4(r[4 * q + k], r[4 * q + 4 + k], 0xdd);
+    }
+  }
+  for (int k = 0; k < 4; ++k) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512 a = t[4 * h + k], b = t[8 + 4 * h + k];
+      // a, b hold columns 4h + k and 4h + 8 + k in alternate lanes (rows 0-7 in a, 8-15 in b).
+      r[4 * h + k] = _mm512_shuffle_f32x4(a, b, 0x88);
+      r[4 * h + 8 + k] = _mm512_shuffle_f32x4(a, b, 0xdd);
+    }
+  }
+  for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * ld_dst, r[k]);
+}
+#endif
+
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: 16x16 (AVX-512) or 8x8 (AVX2) register blocks
 // for float, element by element otherwise.
 template <typename T>
 inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+    const int64_t M16 = M / 16 * 16, N16 = N / 16 * 16;
+    for (int64_t i = 0; i < M16; i += 16) {
+      for (int64_t j = 0; j < N16; j += 16) transpose_16x16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+    }
+    if (N16 < N) {
+      at::vec::transpose_mxn<float>(src + N16, ld_src, dst + N16 * ld_dst, ld_dst, static_cast<int>(M),
+                                    static_cast<int>(N - N16));
+    }
+    if (M16 < M && N16 > 0) {
+      at::vec::transpose_mxn<float>(src + M16 * ld_src, ld_src, dst + M16, ld_dst, static_cast<int>(M - M16),
+                                    static_cast<int>(N16));
+    }
     return;
   }
 #endif
