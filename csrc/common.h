@@ -236,12 +236,16 @@ inline void prefetch(const T* p, int64_t n) {
 // builds (bf16 on AVX-512 only where the CPU converts natively); other builds and dtypes store normally.
 template <typename scalar_t>
 inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n) {
-#if (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)) && defined(__GNUC__)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr bool is_float = std::is_same_v<scalar_t, float>;
+#if defined(CPU_CAPABILITY_AVX512) && !defined(__GNUC__)
+  constexpr bool is_bf16 = false;  // the native conversion (store_bf16_native) needs GCC/Clang's target attribute
+#else
   constexpr bool is_bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+#endif
   if constexpr (is_float || is_bf16) {
     constexpr int64_t kPerLine = 64 / sizeof(scalar_t);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
     const bool can_stream = is_float || cpu_has_avx512_bf16();
 #else
     const bool can_stream = true;
@@ -254,7 +258,9 @@ inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n
       if constexpr (is_float) {
         for (; i + kPerLine <= n; i += kPerLine) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
       } else {
+#if defined(__GNUC__)
         i += store_bf16_native<true>(src + i, dst + i, (n - i) / kPerLine * kPerLine);
+#endif
       }
 #else
       for (; i + kPerLine <= n; i += kPerLine) {
@@ -308,7 +314,9 @@ inline at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 namespace exp_detail {
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187045e-6f;
-constexpr float kPoly[6] = {1.0000001192092896f, 0.9999997019767761f, 0.49998894333839417f,
+// The constant term is exactly 1 (the fit's own is 1 + 2^-23): e^0 = 1 exactly, so a row whose target holds all
+// the probability has loss 0, as in torch, instead of a floor of 2^-23. Worst case it costs half an ulp elsewhere.
+constexpr float kPoly[6] = {1.0f, 0.9999997019767761f, 0.49998894333839417f,
                             0.16667574644088745f, 0.04191538318991661f, 0.008297650143504143f};
 // Below -110 exp is 0 in float, above 89 it is inf: clamping keeps n small.
 constexpr float kLowest = -110.0f, kHighest = 89.0f;

@@ -163,3 +163,23 @@ def test_gradient_reused_from_the_previous_step(isa, shape, dtype):
     for grad in grads:
         assert_close(grad.double(), x64.grad, rtol=0.02, atol=tol)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(64, 1), (40, 7), (3, 40), (37, 300), (2, 5, 33)])
+def test_certain_rows_have_loss_exactly_zero(isa, shape):
+    """A row whose target holds all the probability (one class, or every other logit -inf or far below) has
+    loss 0 and gradient 0, exactly, as in torch: e^0 must be exactly 1 in the fast exponential."""
+    C = shape[1]
+    x = torch.full(shape, -200.0)
+    target = torch.randint(0, C, (shape[0],) + tuple(shape[2:]))
+    if C > 2:
+        x.select(1, 1).fill_(float("-inf"))
+    x.scatter_(1, target.unsqueeze(1), 0.0)
+    x.requires_grad_()
+    with forced_isa(isa):
+        loss = lossops.cross_entropy(x, target, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert (F.cross_entropy(x.detach(), target, reduction="none") == 0).all()  # torch's own answer
+    assert (loss == 0).all(), loss.max()
+    assert (grad == 0).all(), grad.abs().max()
