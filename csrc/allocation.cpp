@@ -11,7 +11,7 @@
 // at import) or set_gradient_cache(false) turns it off, release_gradient_cache() frees the kept buffer.
 // Kernels ask host_gradient_pages_resident() before writing with non-temporal stores, which pay off only on
 // pages that are already there (on fresh ones they measured slower than the page faults' own cache fills).
-// Small buffers use the default allocator.
+// Buffers under 1 MiB use the default allocator; from 1 MiB they are kept, on huge pages from 8 MiB.
 #include "allocation.h"
 
 #include <ATen/ops/empty.h>
@@ -31,6 +31,10 @@ namespace lossops {
 namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kMinHugeBytes = size_t(8) << 20;
+// Buffers from 1 MiB on are kept too (on 4 KiB pages): a 5.5 MiB bf16 segmentation gradient otherwise took ~390
+// page faults per step from the default allocator, a quarter of the loss's time.
+constexpr size_t kMinKeptBytes = size_t(1) << 20;
+constexpr size_t kPage = size_t(4) << 10;
 
 struct KeptBuffer {
   std::mutex mutex;
@@ -80,9 +84,10 @@ void* take_or_allocate(size_t bytes) {
     stale = held;  // another size: freed before allocating, so peak memory is what it would be uncached
   }
   forget_and_free(stale);
-  void* ptr = std::aligned_alloc(kHugePage, bytes);
+  const bool huge = bytes >= kMinHugeBytes;
+  void* ptr = std::aligned_alloc(huge ? kHugePage : kPage, bytes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (ptr != nullptr) madvise(ptr, bytes, MADV_HUGEPAGE);  // advisory: a refusal only costs speed
+  if (ptr != nullptr && huge) madvise(ptr, bytes, MADV_HUGEPAGE);  // advisory: a refusal only costs speed
 #endif
   return ptr;
 }
@@ -107,8 +112,9 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * at::elementSize(dtype);
-  if (bytes >= kMinHugeBytes) {
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  if (bytes >= kMinKeptBytes) {
+    const size_t unit = bytes >= kMinHugeBytes ? kHugePage : kPage;
+    const size_t rounded = (bytes + unit - 1) / unit * unit;
     if (void* ptr = take_or_allocate(rounded)) {
       return at::from_blob(ptr, sizes, [rounded](void* p) { give_back(p, rounded); }, options);
     }

@@ -125,3 +125,15 @@ def test_environment_variable_turns_the_default_off():
     result = run_python(code, {"LOSSOPS_GRADIENT_CACHE": "0"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "0"]
+
+
+def test_mid_sized_gradients_are_kept_on_ordinary_pages(cache):
+    """From 1 MiB (below the huge-page threshold) the buffer is kept too: the next step reuses it."""
+    x = torch.randn(8, 21, 64, 64, dtype=torch.bfloat16, requires_grad=True)  # 1.3 MiB gradient
+    target = torch.randint(0, 21, (8, 64, 64))
+    (first,) = torch.autograd.grad(lossops.cross_entropy(x, target), x)
+    address = first.data_ptr()
+    del first
+    assert 1 * MIB <= lossops.gradient_cache_bytes() < 2 * MIB
+    (second,) = torch.autograd.grad(lossops.cross_entropy(x, target), x)
+    assert second.data_ptr() == address
