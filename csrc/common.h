@@ -30,8 +30,10 @@ constexpr int64_t kExpCacheElements = 1 << 17;
 // Work units for at::parallel_for: large enough that a thread streams long runs of memory.
 constexpr int64_t kRowGrainElements = 1 << 16;
 // Elementwise reductions sum fixed-size chunks, then the chunk sums in order: the result does not
-// depend on the number of threads (bitwise reproducible).
-constexpr int64_t kReduceChunk = 1 << 15;
+// depend on the number of threads (bitwise reproducible). Chunks are also the unit of work split between
+// threads: 8192 elements keep an 80k-element loss (a detection head's 1000 x 80) balanced on two threads,
+// where 32768 split it 2:1 (forward 60 -> 44 us on 2 threads, measured).
+constexpr int64_t kReduceChunk = 1 << 13;
 
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;

@@ -25,7 +25,7 @@ from _cases import forward_backward
 from test_bad_inputs import OPS
 
 # Big enough that at::parallel_for splits rows over both threads and the reduction has several chunks
-# (kReduceChunk = 2^15 rows or elements).
+# (kReduceChunk = 2^13 rows or elements).
 PROBLEMS = {
     "many_short_rows": dict(shape=(70_001, 7)),
     "long_rows": dict(shape=(96, 5_003), label_smoothing=0.2),
