@@ -144,8 +144,7 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
         if (gx_ptr || gt_ptr) block(std::true_type{});
         else block(std::false_type{});
         if (index_target) zero_ignored_rows(idx_ptr, C, a.ignore_index, b0, nb, lbuf, gxbuf);
-        chunk_sum += static_cast<double>(
-            at::vec::reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, lbuf, nb));
+        chunk_sum += static_cast<double>(block_sum(lbuf, nb));
         if (l_ptr) std::memcpy(l_ptr + b0, lbuf, nb * sizeof(acc_t));
         if (gx_ptr) write_block<scalar_t>(gxbuf, gx_ptr + b0, 1, nb);
         if (gt_ptr) write_block<scalar_t>(gtbuf, gt_ptr + b0, 1, nb);
