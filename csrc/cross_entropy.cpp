@@ -409,9 +409,8 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
   // Into a reused (resident) gradient buffer, full cache lines are written with non-temporal stores, which
   // skip reading each line before overwriting it: contiguous (N, C) rows as one run per group, class planes as
   // one run per class. Transposed straight into the rows, each 64-byte store straddles two lines.
-  const bool stream = p.stream;
-  const bool stream_rows = stream && rows_transposed_out && p.gl.stride_lane == C;
-  const bool stream_planes = stream && p.gl.stride_lane == 1;
+  const bool stream_rows = p.stream && rows_transposed_out && p.gl.stride_lane == C;
+  const bool stream_planes = p.stream && p.gl.stride_lane == 1;
   std::vector<acc_t> row_buf((kNarrow && (rows_transposed || rows_transposed_out)) || stream_rows ? C * G : 0);
   alignas(64) acc_t x_target[G], w_target[G], valid[G], patch[G];
   int64_t target_class[G];
@@ -523,8 +522,8 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
           gv.store(out + k * W);
         }
       }
-      // Ignored and padding lanes were written as exactly 0 by the zero coefficients only when the
-      // exponentials are finite; those rows (and the target entries) are set here.
+      // The zero coefficients give ignored rows exactly 0 only where their exponentials are finite: those rows,
+      // and the target entries, are set here.
       for (int64_t l = 0; l < n; ++l) {
         const int64_t y = target_class[l];
         if (write_in_place) {
@@ -536,24 +535,21 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
           else for (int64_t c = 0; c < C; ++c) e_tile[c * G + l] = acc_t(0);
         }
       }
-      if (stream_rows) {
+      if (rows_transposed_out && (stream_rows || kNarrow)) {
+        // Back to row-major in the staging buffer, then streamed as one run or narrowed row by row.
         transpose(e_tile.data(), G, row_buf.data(), C, C, n);
-        stream_block<scalar_t>(row_buf.data(), g0, n * C);
+        if (stream_rows) stream_block<scalar_t>(row_buf.data(), g0, n * C);
+        else for (int64_t l = 0; l < n; ++l) write_block<scalar_t>(row_buf.data() + l * C, g0 + l * p.gl.stride_lane, 1, C);
+      } else if (rows_transposed_out) {
+        if constexpr (!kNarrow) transpose(e_tile.data(), G, reinterpret_cast<acc_t*>(g0), p.gl.stride_lane, C, n);
       } else if (stream_planes) {
         for (int64_t c = 0; c < C; ++c) stream_block<scalar_t>(e_tile.data() + c * G, g0 + c * p.gl.stride_class, n);
-      } else if (rows_transposed_out) {
-        if constexpr (kNarrow) {
-          transpose(e_tile.data(), G, row_buf.data(), C, C, n);
-          for (int64_t l = 0; l < n; ++l) write_block<scalar_t>(row_buf.data() + l * C, g0 + l * p.gl.stride_lane, 1, C);
-        } else {
-          transpose(e_tile.data(), G, reinterpret_cast<acc_t*>(g0), p.gl.stride_lane, C, n);
-        }
       } else if (!write_in_place) {
         for (int64_t c = 0; c < C; ++c) write_block<scalar_t>(e_tile.data() + c * G, g0 + c * p.gl.stride_class, p.gl.stride_lane, n);
       }
     }
   }
-  if (stream) finish_streaming();
+  if (p.stream) finish_streaming();
 }
 
 template <typename scalar_t>
