@@ -1,8 +1,8 @@
-"""What is benchmarked: the op families (one `register(...)` each) and the implementations compared.
+"""What is benchmarked: the loss families (from each one's declared `Bench`) and the implementations compared.
 
 A family names its lossops function, the plain-PyTorch formula it replaces (that formula is also what
 torch.compile compiles), how to draw a target, its keyword arguments (passed to both sides) and its shapes
-as (rows, columns). Families whose function lossops does not have yet are skipped.
+as (rows, columns).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import lossops
+from lossops._family import FAMILIES as LOSS_FAMILIES
 
 Shape = tuple[int, int]
 
@@ -28,65 +29,25 @@ class Family:
     kwargs: dict = field(default_factory=dict)
     columns: str = "classes"  # what the second dimension means, for the plot's x axis
     inplace_variant: bool = False  # lossops takes inplace_backward=True
+    make_inputs: Optional[Callable] = None  # (shape, dtype, device) -> (x, *rest) when not (x, make_target(x))
 
     @property
     def ours(self) -> Optional[Callable]:
         return getattr(lossops, self.name, None)
 
     def inputs(self, shape: Shape, dtype: torch.dtype, device: torch.device):
+        if self.make_inputs is not None:
+            return self.make_inputs(shape, dtype, device)
         x = torch.randn(shape, dtype=dtype, device=device).requires_grad_()
         return x, self.make_target(x.detach())
 
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register(name: str, eager: Callable, make_target: Callable, shapes, quick_shapes=((128, 256), (128, 1024)),
-             **options) -> None:
-    FAMILIES[name] = Family(name, eager, make_target, tuple(shapes), tuple(quick_shapes), **options)
-
-
-def class_index(x: torch.Tensor) -> torch.Tensor:
-    return torch.randint(0, x.shape[1], x.shape[:1], device=x.device)
-
-
-def binary(x: torch.Tensor) -> torch.Tensor:
-    return torch.randint(0, 2, x.shape, device=x.device).to(x.dtype)
-
-
-def regression(x: torch.Tensor) -> torch.Tensor:
-    return torch.randn_like(x)
-
-
-def torchvision_sigmoid_focal_loss(x, target, alpha=0.25, gamma=2.0, reduction="mean"):
-    """torchvision.ops.sigmoid_focal_loss, written out so torchvision is not needed."""
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
-
-
-def softmax_focal_loss(x, target, gamma=2.0, reduction="mean"):
-    log_p = F.log_softmax(x, dim=1).gather(1, target[:, None]).squeeze(1)
-    loss = -((1 - log_p.exp()) ** gamma) * log_p
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
-
-
-LLM_SHAPES = ((256, 1000), (4096, 1024), (4096, 8192), (4096, 32000), (4096, 128256))
-ELEMENTWISE_SHAPES = ((256, 1000), (4096, 1024), (4096, 4096))
-
-register("cross_entropy", F.cross_entropy, class_index, LLM_SHAPES, columns="vocab size", inplace_variant=True)
-register("softmax_focal_loss", softmax_focal_loss, class_index, ((256, 1000), (65536, 80), (4096, 8192), (4096, 32000)),
-         kwargs={"gamma": 2.0, "reduction": "mean"})
-register("sigmoid_focal_loss", torchvision_sigmoid_focal_loss, binary, ((256, 80), (65536, 80), (4096, 1000)),
-         quick_shapes=((128, 80), (128, 320)), kwargs={"alpha": 0.25, "gamma": 2.0, "reduction": "mean"})
-register("binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits, binary, ELEMENTWISE_SHAPES,
-         columns="columns")
-for _name in ("smooth_l1_loss", "huber_loss", "l1_loss", "mse_loss"):
-    register(_name, getattr(F, _name), regression, ELEMENTWISE_SHAPES, columns="columns")
+# Every loss family that declares a benchmark (lossops._family.Bench).
+FAMILIES: dict[str, Family] = {
+    name: Family(name, b.eager, b.make_target, tuple(b.shapes), tuple(b.quick_shapes), dict(b.kwargs), b.columns,
+                 b.inplace_variant, b.make_inputs)
+    for name, declared in LOSS_FAMILIES.items() if (b := declared.bench) is not None
+}
 
 
 @dataclass(frozen=True)

@@ -31,4 +31,6 @@ std::vector<at::Tensor> bce_with_logits_forward(const ElementwiseArgs& args) {
   return elementwise_forward<BceWithLogits>(args);
 }
 
+LOSSOPS_REGISTER_ELEMENTWISE("bce_with_logits", bce_with_logits_forward);
+
 }  // namespace lossops

@@ -1,8 +1,11 @@
 // The host module lossops._C (compiled once, baseline ISA): Python bindings, the gradient buffers, and the
 // loading of the kernel library built for the CPU's instruction set (kernel_abi.h explains the split).
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <dlfcn.h>
+
+#include <c10/util/StringUtil.h>
 
 #include <atomic>
 #include <string>
@@ -33,27 +36,51 @@ std::string load_kernels(const std::string& path) {
 
 std::string capability() { return loaded_kernels().capability; }
 
-std::vector<at::Tensor> cross_entropy(const at::Tensor& input, const at::Tensor& target,
-                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad,
-                                      int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                                      double softcap, double focal_gamma, const at::Tensor& grad_scale) {
-  return loaded_kernels().cross_entropy(input, target, weight, grad,
-                                 {ignore_index, label_smoothing, lse_square_scale, softcap, focal_gamma},
-                                 grad_scale.item<double>());
+c10::IValue to_ivalue(const std::string& kernel, const std::string& name, py::handle value) {
+  if (value.is_none()) return {};
+  if (THPVariable_Check(value.ptr())) return THPVariable_Unpack(value.ptr());
+  if (py::isinstance<py::bool_>(value)) return value.cast<bool>();
+  if (py::isinstance<py::int_>(value)) return value.cast<int64_t>();
+  if (py::isinstance<py::float_>(value)) return value.cast<double>();
+  if (py::isinstance<py::list>(value) || py::isinstance<py::tuple>(value)) {
+    const py::sequence items = py::reinterpret_borrow<py::sequence>(value);
+    bool all_int = true;
+    for (py::handle item : items) all_int &= py::isinstance<py::int_>(item) && !py::isinstance<py::bool_>(item);
+    if (all_int) return items.cast<std::vector<int64_t>>();
+    return items.cast<std::vector<double>>();
+  }
+  TORCH_CHECK(false, "lossops: kernel ", kernel, ": argument ", name, " has unsupported type ",
+              std::string(py::str(value.get_type().attr("__name__"))));
 }
 
-// Every elementwise family takes the same arguments (see ElementwiseArgs in kernel_abi.h).
-template <ElementwiseKernel KernelTable::*Family>
-std::vector<at::Tensor> elementwise(const at::Tensor& input, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight, std::vector<int64_t> weight_layout,
-                                    const std::optional<at::Tensor>& aux, std::vector<int64_t> aux_layout,
-                                    std::vector<double> params, int64_t ignore_index,
-                                    const std::optional<at::Tensor>& grad_input,
-                                    const std::optional<at::Tensor>& grad_target, const at::Tensor& grad_scale,
-                                    bool per_element) {
-  return (loaded_kernels().*Family)({input, target, weight, std::move(weight_layout), aux, std::move(aux_layout),
-                              std::move(params), grad_input, grad_target, grad_scale.item<double>(), per_element,
-                              ignore_index});
+// Calls a registered kernel with keyword arguments: exactly the names it registered, each once.
+std::vector<at::Tensor> call_kernel(const std::string& name, const py::kwargs& kwargs) {
+  const KernelEntry* entry = loaded_kernels().find(name);
+  TORCH_CHECK(entry != nullptr, "lossops: the kernel library has no kernel ", name);
+  std::vector<c10::IValue> values;
+  values.reserve(entry->parameters.size());
+  for (const std::string& parameter : entry->parameters) {
+    TORCH_CHECK(kwargs.contains(parameter.c_str()), "lossops: kernel ", name, " called without its argument ",
+                parameter);
+    values.push_back(to_ivalue(name, parameter, kwargs[parameter.c_str()]));
+  }
+  TORCH_CHECK(kwargs.size() == entry->parameters.size(), "lossops: kernel ", name, " takes ",
+              entry->parameters.size(), " arguments (", c10::Join(", ", entry->parameters), "), got ", kwargs.size(),
+              ": ", std::string(py::str(kwargs.attr("keys")())));
+  py::gil_scoped_release no_gil;
+  return entry->function(KernelArgs(entry->name.c_str(), entry->parameters, std::move(values)));
+}
+
+std::vector<std::string> kernel_names() {
+  std::vector<std::string> names;
+  for (const KernelEntry& e : *loaded_kernels().kernels) names.push_back(e.name);
+  return names;
+}
+
+std::vector<std::string> kernel_parameters(const std::string& name) {
+  const KernelEntry* entry = loaded_kernels().find(name);
+  TORCH_CHECK(entry != nullptr, "lossops: the kernel library has no kernel ", name);
+  return entry->parameters;
 }
 
 }  // namespace
@@ -77,10 +104,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_gradient_cache", &lossops::release_gradient_cache, "Free the kept gradient buffer; returns its bytes");
   m.def("gradient_cache_bytes", &lossops::gradient_cache_bytes, "Bytes of the kept gradient buffer (0 if none)");
   m.def("gradient_cache_enabled", &lossops::gradient_cache_enabled, "Whether freed gradient buffers are kept");
-  m.def("cross_entropy", &lossops::cross_entropy, "Fused cross-entropy / softmax-focal forward (+ gradient)",
-        py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("grad"), py::arg("ignore_index"),
-        py::arg("label_smoothing"), py::arg("lse_square_scale"), py::arg("softcap"), py::arg("focal_gamma"),
-        py::arg("grad_scale"));
+  m.def("call_kernel", &lossops::call_kernel,
+        "Run the kernel `name` of the loaded library with its registered keyword arguments", py::arg("name"));
+  m.def("kernel_names", &lossops::kernel_names, "The kernels the loaded library registered");
+  m.def("kernel_parameters", &lossops::kernel_parameters, "A kernel's registered argument names, in order",
+        py::arg("name"));
   m.def("eager_cross_entropy", &lossops::eager_cross_entropy,
         "Class-index cross-entropy for plain CPU tensors in one call (loss with its autograd node), or None "
         "where this path does not apply; a focal_gamma makes it softmax focal loss", py::arg("input"),
@@ -90,13 +118,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "An unweighted elementwise family for plain CPU tensors in one call, or None where this path does not apply",
         py::arg("family"), py::arg("input"), py::arg("target"), py::arg("params"), py::arg("reduction"),
         py::arg("target_grad"));
-#define LOSSOPS_ELEMENTWISE(NAME, FAMILY, DOC)                                                                      \
-  m.def(NAME, &lossops::elementwise<&lossops::KernelTable::FAMILY>, DOC, py::arg("input"), py::arg("target"),     \
-        py::arg("weight"), py::arg("weight_layout"), py::arg("aux"), py::arg("aux_layout"), py::arg("params"),    \
-        py::arg("ignore_index"), py::arg("grad_input"), py::arg("grad_target"), py::arg("grad_scale"),            \
-        py::arg("per_element"))
-  LOSSOPS_ELEMENTWISE("sigmoid_focal", sigmoid_focal, "Fused sigmoid focal loss forward (+ gradient)");
-  LOSSOPS_ELEMENTWISE("bce_with_logits", bce_with_logits, "Fused BCE-with-logits forward (+ gradients)");
-  LOSSOPS_ELEMENTWISE("regression", regression, "Fused L1 / MSE / smooth-L1 / Huber forward (+ gradients)");
-#undef LOSSOPS_ELEMENTWISE
 }

@@ -668,4 +668,18 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at:
   return {row_loss, row_lse, cpu_scalar(total, acc_type)};
 }
 
+namespace {
+std::vector<at::Tensor> cross_entropy_kernel(const KernelArgs& a) {
+  return cross_entropy_forward(a.tensor("input"), a.tensor("target"), a.optional_tensor("weight"),
+                               a.optional_tensor("grad"),
+                               {a.integer("ignore_index"), a.real("label_smoothing"), a.real("lse_square_scale"),
+                                a.optional_real("softcap").value_or(0.0), a.optional_real("focal_gamma").value_or(-1.0)},
+                               a.tensor("grad_scale").item<double>());
+}
+}  // namespace
+
+LOSSOPS_REGISTER_KERNEL("cross_entropy", cross_entropy_kernel, &cross_entropy_forward, "input", "target", "weight",
+                        "grad", "ignore_index", "label_smoothing", "lse_square_scale", "softcap", "focal_gamma",
+                        "grad_scale");
+
 }  // namespace lossops

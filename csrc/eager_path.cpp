@@ -211,8 +211,9 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
   options.ignore_index = ignore_index;
   options.label_smoothing = label_smoothing;
   if (focal) options.focal_gamma = *focal_gamma;
-  std::vector<at::Tensor> result =
-      loaded_kernels().cross_entropy(logits3, target_rows, weight_acc, grad, options, mean.gradient_scale);
+  const CrossEntropyKernel cross_entropy = loaded_kernels().typed<CrossEntropyKernel>("cross_entropy");
+  TORCH_CHECK(cross_entropy != nullptr, "lossops: the kernel library has no typed cross_entropy kernel");
+  std::vector<at::Tensor> result = cross_entropy(logits3, target_rows, weight_acc, grad, options, mean.gradient_scale);
   at::Tensor loss = reduced_loss(result[0], result[2], target.sizes(), mean, acc, input.scalar_type(), *reduction);
   if (!needs_grad) return py::cast(loss);
   std::vector<int64_t> item_shape;
@@ -226,11 +227,7 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
 py::object eager_elementwise(const std::string& family, const at::Tensor& input, const at::Tensor& target,
                              std::vector<double> params, const std::string& reduction_name, bool target_grad) {
   const auto reduction = parse_reduction(reduction_name);
-  const KernelTable& table = loaded_kernels();
-  ElementwiseKernel kernel = family == "regression"        ? table.regression
-                             : family == "bce_with_logits" ? table.bce_with_logits
-                             : family == "sigmoid_focal"   ? table.sigmoid_focal
-                                                           : nullptr;
+  ElementwiseKernel kernel = loaded_kernels().typed<ElementwiseKernel>(family);
   if (!reduction || kernel == nullptr || !input.device().is_cpu() || !target.device().is_cpu() ||
       !kernel_dtype(input.scalar_type()) || target.scalar_type() != input.scalar_type() ||
       input.sizes() != target.sizes() || input.numel() == 0)

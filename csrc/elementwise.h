@@ -195,6 +195,28 @@ std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& a) {
   return {loss, cpu_scalar(total, acc_type)};
 }
 
+// The named arguments every elementwise kernel takes; a family registers its own parameters after them
+// (LOSSOPS_REGISTER_ELEMENTWISE) and its functor reads them from `params` in that order.
+#define LOSSOPS_ELEMENTWISE_PARAMETERS                                                                          \
+  "input", "target", "weight", "weight_layout", "aux", "aux_layout", "ignore_index", "grad_input", "grad_target", \
+      "grad_scale", "per_element"
+constexpr size_t kElementwiseParameters = 11;
+
+inline ElementwiseArgs elementwise_args(const KernelArgs& a) {
+  std::vector<double> params;
+  for (size_t i = kElementwiseParameters; i < a.names().size(); ++i) params.push_back(a.real(a.names()[i].c_str()));
+  return {a.tensor("input"),        a.tensor("target"),          a.optional_tensor("weight"),
+          a.integers("weight_layout"), a.optional_tensor("aux"),  a.integers("aux_layout"),
+          std::move(params),        a.optional_tensor("grad_input"), a.optional_tensor("grad_target"),
+          a.tensor("grad_scale").item<double>(), a.flag("per_element"), a.integer("ignore_index")};
+}
+
+// LOSSOPS_REGISTER_ELEMENTWISE("name", forward, "param", ...): forward(const ElementwiseArgs&) as kernel "name".
+#define LOSSOPS_REGISTER_ELEMENTWISE(NAME, FORWARD, ...)                                                 \
+  LOSSOPS_REGISTER_KERNEL(                                                                              \
+      NAME, [](const ::lossops::KernelArgs& a) { return FORWARD(::lossops::elementwise_args(a)); }, &FORWARD, \
+      LOSSOPS_ELEMENTWISE_PARAMETERS __VA_OPT__(, ) __VA_ARGS__)
+
 // Pieces several families share, on vectors.
 template <typename acc_t>
 struct Logistic {

@@ -42,4 +42,6 @@ std::vector<at::Tensor> sigmoid_focal_forward(const ElementwiseArgs& args) {
   return elementwise_forward<SigmoidFocal>(args);
 }
 
+LOSSOPS_REGISTER_ELEMENTWISE("sigmoid_focal", sigmoid_focal_forward, "alpha", "gamma");
+
 }  // namespace lossops

@@ -8,9 +8,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 
 #include <cstdint>
+#include <cstring>
+#include <typeinfo>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace lossops {
@@ -48,12 +52,103 @@ using CrossEntropyKernel = std::vector<at::Tensor> (*)(const at::Tensor& input, 
 // Returns {per-element loss (opmath dtype; empty unless per_element), sum of the losses (0-d, opmath)}.
 using ElementwiseKernel = std::vector<at::Tensor> (*)(const ElementwiseArgs& args);
 
+// Named kernel arguments: the Python side calls every kernel of both backends with keyword arguments, the
+// host module checks them against the names the kernel registered (a missing, extra or misspelt name is an
+// error, never a shifted position), and a kernel reads each by name with its type checked.
+class KernelArgs {
+ public:
+  KernelArgs(const char* kernel, const std::vector<std::string>& names, std::vector<c10::IValue> values)
+      : kernel_(kernel), names_(names), values_(std::move(values)) {}
+
+  // The registered parameter names, in registration order.
+  const std::vector<std::string>& names() const { return names_; }
+
+  at::Tensor tensor(const char* name) const {
+    const c10::IValue& v = get(name);
+    TORCH_CHECK(v.isTensor(), "lossops: kernel ", kernel_, ": argument ", name, " must be a tensor, got ", v.tagKind());
+    return v.toTensor();
+  }
+  std::optional<at::Tensor> optional_tensor(const char* name) const {
+    const c10::IValue& v = get(name);
+    if (v.isNone()) return std::nullopt;
+    return tensor(name);
+  }
+  double real(const char* name) const {
+    const c10::IValue& v = get(name);
+    TORCH_CHECK(v.isDouble() || v.isInt(), "lossops: kernel ", kernel_, ": argument ", name, " must be a number, got ",
+                v.tagKind());
+    return v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
+  }
+  std::optional<double> optional_real(const char* name) const {
+    if (get(name).isNone()) return std::nullopt;
+    return real(name);
+  }
+  int64_t integer(const char* name) const {
+    const c10::IValue& v = get(name);
+    TORCH_CHECK(v.isInt(), "lossops: kernel ", kernel_, ": argument ", name, " must be an int, got ", v.tagKind());
+    return v.toInt();
+  }
+  bool flag(const char* name) const {
+    const c10::IValue& v = get(name);
+    TORCH_CHECK(v.isBool(), "lossops: kernel ", kernel_, ": argument ", name, " must be a bool, got ", v.tagKind());
+    return v.toBool();
+  }
+  std::vector<int64_t> integers(const char* name) const {
+    const c10::IValue& v = get(name);
+    TORCH_CHECK(v.isIntList(), "lossops: kernel ", kernel_, ": argument ", name, " must be a list of ints");
+    return v.toIntVector();
+  }
+  std::vector<double> reals(const char* name) const {
+    const c10::IValue& v = get(name);
+    TORCH_CHECK(v.isDoubleList(), "lossops: kernel ", kernel_, ": argument ", name, " must be a list of floats");
+    return v.toDoubleVector();
+  }
+
+ private:
+  const c10::IValue& get(const char* name) const {
+    for (size_t i = 0; i < names_.size(); ++i) {
+      if (names_[i] == name) return values_[i];
+    }
+    TORCH_CHECK(false, "lossops: kernel ", kernel_, " reads an argument ", name, " it did not register");
+  }
+  const char* kernel_;
+  const std::vector<std::string>& names_;
+  std::vector<c10::IValue> values_;
+};
+
+using KernelFunction = std::vector<at::Tensor> (*)(const KernelArgs& args);
+
+// One kernel of a loss family, as a kernel library registers it (LOSSOPS_REGISTER_KERNEL, kernel_table.cpp).
+// `typed` is the same kernel with its C++ signature, for the host's eager call path (nullptr if it has none).
+struct TypedKernel {
+  const void* function = nullptr;
+  const char* type = "";  // typeid(...).name() of its function pointer type: checked before a cast
+};
+struct KernelEntry {
+  std::string name;
+  std::vector<std::string> parameters;
+  KernelFunction function;
+  TypedKernel typed;
+};
+
 struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2", "AVX512": the CPU_CAPABILITY the library was built for
-  CrossEntropyKernel cross_entropy;
-  ElementwiseKernel sigmoid_focal;
-  ElementwiseKernel bce_with_logits;
-  ElementwiseKernel regression;
+  const std::vector<KernelEntry>* kernels;
+
+  const KernelEntry* find(const std::string& name) const {
+    for (const KernelEntry& e : *kernels) {
+      if (e.name == name) return &e;
+    }
+    return nullptr;
+  }
+  // The typed form of a kernel the host calls directly; raises when the library does not have it.
+  // nullptr when the library has no kernel of that name with that C++ signature.
+  template <typename Fn>
+  Fn typed(const std::string& name) const {
+    const KernelEntry* e = find(name);
+    if (e == nullptr || e->typed.function == nullptr || std::strcmp(e->typed.type, typeid(Fn).name()) != 0) return nullptr;
+    return reinterpret_cast<Fn>(const_cast<void*>(e->typed.function));
+  }
 };
 
 // What the kernels ask of the host (the kept gradient buffer lives there, once per process).
@@ -63,7 +158,27 @@ struct HostServices {
 
 // The one symbol a kernel library exports; its suffix changes whenever KernelTable or HostServices do, so a
 // stale library is refused instead of called with the wrong layout.
-#define LOSSOPS_KERNEL_TABLE_SYMBOL "lossops_kernel_table_v1"
+#define LOSSOPS_KERNEL_TABLE_SYMBOL "lossops_kernel_table_v2"
 using KernelTableEntry = const KernelTable* (*)(const HostServices* host);
+
+template <typename Fn>
+TypedKernel typed_pointer(Fn fn) { return {reinterpret_cast<const void*>(fn), typeid(Fn).name()}; }
+inline TypedKernel typed_pointer(std::nullptr_t) { return {}; }
+
+// For kernel translation units: adds a kernel to the library's table when the library is loaded.
+std::vector<KernelEntry>& kernel_registry();
+struct KernelRegistration {
+  KernelRegistration(const char* name, std::vector<std::string> parameters, KernelFunction function,
+                     TypedKernel typed = {}) {
+    kernel_registry().push_back({name, std::move(parameters), function, typed});
+  }
+};
+#define LOSSOPS_REGISTER_KERNEL_CAT2(a, b) a##b
+#define LOSSOPS_REGISTER_KERNEL_CAT(a, b) LOSSOPS_REGISTER_KERNEL_CAT2(a, b)
+// LOSSOPS_REGISTER_KERNEL("name", function, typed_or_nullptr, "param", ...): the parameter names are the
+// keywords the Python side passes (the same as the Triton kernel's), in any order.
+#define LOSSOPS_REGISTER_KERNEL(NAME, FUNCTION, TYPED, ...)                                                \
+  static const ::lossops::KernelRegistration LOSSOPS_REGISTER_KERNEL_CAT(lossops_kernel_, __COUNTER__)( \
+      NAME, {__VA_ARGS__}, FUNCTION, ::lossops::typed_pointer(TYPED))
 
 }  // namespace lossops

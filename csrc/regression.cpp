@@ -50,4 +50,6 @@ struct Regression {
 
 std::vector<at::Tensor> regression_forward(const ElementwiseArgs& args) { return elementwise_forward<Regression>(args); }
 
+LOSSOPS_REGISTER_ELEMENTWISE("regression", regression_forward, "kind", "beta");
+
 }  // namespace lossops

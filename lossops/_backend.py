@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -95,14 +96,16 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernels(name: str, family: str):
-    """The kernel module of a family for a concrete backend: both expose the same functions."""
-    if name == "cpp":
+@functools.lru_cache(maxsize=None)
+def kernel(backend: str, module: str, name: str):
+    """A family's kernel on a concrete backend, called with keyword arguments only: the C++ host module checks
+    them against the names the kernel registered (csrc/kernel_abi.h), Python against the Triton function's."""
+    if backend == "cpp":
         from . import _cpp
-        return _cpp.module()
-    if name == "triton":
-        return importlib.import_module(f"lossops.triton_kernels.{family}")
-    raise ValueError(f"lossops: backend {name!r} has no kernels")
+        return functools.partial(_cpp.module().call_kernel, name)
+    if backend == "triton":
+        return getattr(importlib.import_module(f"lossops.triton_kernels.{module}"), name)
+    raise ValueError(f"lossops: backend {backend!r} has no kernels")
 
 
 def empty_gradient(like: torch.Tensor) -> torch.Tensor:

@@ -126,10 +126,10 @@ def in_range(name: str, value: float, low: float, high: float | None = None, exc
     return value
 
 
-def positive_or_none(name: str, value) -> float:
-    """Optional strictly positive float; None (off) becomes 0."""
+def positive_or_none(name: str, value):
+    """Optional strictly positive finite float (None: off)."""
     if value is None:
-        return 0.0
+        return None
     value = real(name, value)
     if not value > 0 or value == float("inf"):
         raise ValueError(f"lossops: {name} must be a positive finite number or None, got {value}")

@@ -25,14 +25,15 @@ def _candidates() -> tuple[str, ...]:
     return _PREFERENCE.get(torch.backends.cpu.get_cpu_capability(), ("default",))
 
 
-def _host():
+def host():
+    """lossops._C without loading a kernel library (kernel calls go through it to the loaded one)."""
     from . import _C
     return _C
 
 
 def kernel_library(isa: str) -> str | None:
     """The path of the kernel library built for `isa`, or None when it was not built."""
-    folder = os.path.dirname(os.path.abspath(_host().__file__))
+    folder = os.path.dirname(os.path.abspath(host().__file__))
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = os.path.join(folder, f"_kernels_{isa}{suffix}")
         if os.path.exists(path):
@@ -43,7 +44,7 @@ def kernel_library(isa: str) -> str | None:
 @functools.lru_cache(maxsize=None)
 def module():
     """lossops._C, serving calls from the kernel library of the best ISA this CPU supports."""
-    host = _host()
+    lib = host()
     errors = []
     for isa in _candidates():
         path = kernel_library(isa)
@@ -51,11 +52,11 @@ def module():
             errors.append(f"no _kernels_{isa} library was built" + ("" if isa in ISAS else f" (known: {ISAS})"))
             continue
         try:
-            host.load_kernels(path)
+            lib.load_kernels(path)
         except RuntimeError as e:
             errors.append(str(e))
             continue
-        return host
+        return lib
     raise ImportError("lossops: no C++ kernel library could be loaded (" + "; ".join(errors) + ")")
 
 
@@ -66,16 +67,16 @@ def capability() -> str:
 # --- the kept gradient buffer (csrc/allocation.cpp), one per process in the host module --------------------------
 
 def set_gradient_cache(enabled: bool) -> None:
-    _host().set_gradient_cache(bool(enabled))
+    host().set_gradient_cache(bool(enabled))
 
 
 def gradient_cache_enabled() -> bool:
-    return _host().gradient_cache_enabled()
+    return host().gradient_cache_enabled()
 
 
 def empty_cache() -> int:
-    return _host().release_gradient_cache()
+    return host().release_gradient_cache()
 
 
 def gradient_cache_bytes() -> int:
-    return _host().gradient_cache_bytes()
+    return host().gradient_cache_bytes()

@@ -1,32 +1,73 @@
-"""The custom op, autograd and backend plumbing shared by every elementwise loss family.
+"""What every elementwise loss family shares: its op's inputs and plumbing options, the kernel call, the eager path.
 
-Call path (one per family module: focal.py, bce.py, regression.py): the public function validates and
-works out the mean's denominator -> elementwise_loss() picks the backend -> the family's custom op
-(`lossops::<name>`, defined here by define_op) runs the backend's fused kernel (csrc/<family>.cpp or
+Call path (the family modules: focal.py, bce.py, regression.py): the public function validates and works out
+the mean's denominator -> elementwise_loss() picks the backend -> the family's custom op (`lossops::<name>`,
+made by lossops._family from declare()'s Family) runs the backend's fused kernel (csrc/<family>.cpp or
 triton_kernels/<family>.py through triton_kernels/elementwise.py), which returns the per-element loss
 (reduction="none") or its sum and, in the same pass, the gradients with respect to input and target,
 already multiplied by the per-element weight and 1/denominator -> backward multiplies them by
 grad_output (lossops._reduce.apply_grad_output).
 
-Both kernel backends expose, per family, the same function:
-    kernel(input, target, weight, weight_layout, aux, aux_layout, params, ignore_index,
-           grad_input, grad_target, grad_scale, per_element) -> [per-element loss or empty, sum]
-where weight and aux (pos_weight) are compact broadcast operands: element i reads operand[(i // inner) % period]
-with layout = [inner, period] (see broadcast_layout), so a (C,) pos_weight is never expanded to (N, C).
+Every elementwise kernel takes the keyword parameters ELEMENTWISE_PARAMETERS followed by its family's own
+(beta, gamma, ...): weight and aux (pos_weight) are compact broadcast operands, element i reads
+operand[(i // inner) % period] with layout = [inner, period] (see broadcast_layout), so a (C,) pos_weight is
+never expanded to (N, C).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import types
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _eager, _reduce
+from . import _backend, _checks, _eager, _family, _reduce
 
-# custom op -> the name of its kernel in each backend (the C++ eager path calls it by that name)
-_KERNEL_NAMES = {}
+ELEMENTWISE_PARAMETERS = ("input", "target", "weight", "weight_layout", "aux", "aux_layout", "ignore_index",
+                          "grad_input", "grad_target", "grad_scale", "per_element")
+INPUTS = (_family.Input("input", differentiable=True), _family.Input("target", differentiable=True),
+          _family.Input("weight", optional=True), _family.Input("aux", optional=True), _family.Input("denominator"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwiseOptions:
+    """The op arguments every elementwise family has; a family's options record extends it."""
+    reduction: str = "mean"
+    ignore_index: int = -100           # class-index targets only
+    weight_layout: list[int] = dataclasses.field(default_factory=lambda: [1, 1])
+    aux_layout: list[int] = dataclasses.field(default_factory=lambda: [1, 1])
+
+
+def kernel(name: str, module: str, parameters: tuple[str, ...] = ()) -> _family.Kernel:
+    """An elementwise kernel: the shared parameters, then the family's own (in the order its functor reads them)."""
+    return _family.Kernel(name, module, ELEMENTWISE_PARAMETERS + tuple(parameters))
+
+
+def _run(family, backend, t, o, grads):
+    input = t["input"]
+    gi = _backend.empty_gradient(input) if grads["input"] else None
+    gt = _backend.empty_gradient(input) if grads["target"] else None
+    extra = family.kernel_options(t, o)
+    loss, total = family.kernel(backend, input=input, target=t["target"], weight=t["weight"],
+                                weight_layout=o.weight_layout, aux=t["aux"], aux_layout=o.aux_layout,
+                                ignore_index=o.ignore_index, grad_input=gi, grad_target=gt,
+                                grad_scale=_reduce.gradient_scale(o.reduction, t["denominator"]),
+                                per_element=o.reduction == "none", **extra)
+    out = _reduce.reduce(o.reduction, loss.view(input.shape) if o.reduction == "none" else loss, total,
+                         t["denominator"])
+    return out, {"input": gi, "target": gt}
+
+
+def _loss_like(t, o):
+    input = t["input"]
+    return input.new_empty(input.shape if o.reduction == "none" else (), dtype=_checks.opmath_dtype(input.dtype))
+
+
+def declare(name: str, options: type, kernel: _family.Kernel, kernel_options: Callable, **declaration) -> _family.Family:
+    """Registers an elementwise family: kernel_options(tensors, options) -> its own kernel parameters by name."""
+    return _family.register(_family.Family(name=name, inputs=INPUTS, options=options, kernel=kernel, run=_run,
+                                           loss_like=_loss_like, kernel_options=kernel_options, **declaration))
 
 
 def broadcast_layout(operand: Optional[Tensor], shape: torch.Size, dtype: torch.dtype) -> tuple[Optional[Tensor], list[int]]:
@@ -49,59 +90,16 @@ def broadcast_layout(operand: Optional[Tensor], shape: torch.Size, dtype: torch.
     return operand.expand(shape).reshape(numel).to(dtype).contiguous(), [1, numel]
 
 
-def define_op(name: str, module: str):
-    """Registers `lossops::<name>` with its fake implementation and autograd; returns the op. Its kernel is the
-    function `name` of the C++ module, or of lossops.triton_kernels.<module>."""
-
-    def op(input: Tensor, target: Tensor, weight: Optional[Tensor], weight_layout: list[int], aux: Optional[Tensor],
-           aux_layout: list[int], params: list[float], ignore_index: int, reduction: str, denominator: Tensor,
-           grad_input: bool, grad_target: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-        gi = _backend.empty_gradient(input) if grad_input else None
-        gt = _backend.empty_gradient(input) if grad_target else None
-        kernel = getattr(_backend.kernels(backend, module), name)
-        loss, total = kernel(input, target, weight, weight_layout, aux, aux_layout, params, ignore_index, gi, gt,
-                             _reduce.gradient_scale(reduction, denominator), reduction == "none")
-        out = _reduce.reduce(reduction, loss.view(input.shape) if reduction == "none" else loss, total, denominator)
-        return out, input.new_empty((0,)) if gi is None else gi, input.new_empty((0,)) if gt is None else gt
-
-    op.__name__ = name
-    custom = torch.library.custom_op(f"lossops::{name}", op, mutates_args=())
-
-    @custom.register_fake
-    def _(input, target, weight, weight_layout, aux, aux_layout, params, ignore_index, reduction, denominator,
-          grad_input, grad_target, backend):
-        loss = input.new_empty(input.shape if reduction == "none" else (), dtype=_checks.opmath_dtype(input.dtype))
-        return (loss, input.new_empty(input.shape if grad_input else (0,)),
-                input.new_empty(input.shape if grad_target else (0,)))
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1], output[2])
-        # apply_grad_output keeps per-gradient state on the object it is given: one per gradient.
-        ctx.target_state = types.SimpleNamespace()
-        _reduce.mark_gradient_outputs(ctx, output[1], output[2])
-
-    def backward(ctx, grad_loss, _grad_input, _grad_target):
-        if any(ctx.needs_input_grad[2:]):
-            raise RuntimeError(f"lossops: {name} computes no gradient with respect to weights; "
-                               "the public function routes such calls to the reference backend")
-        gi, gt = ctx.saved_tensors
-        grad_input = _reduce.apply_grad_output(ctx, gi, grad_loss) if ctx.needs_input_grad[0] else None
-        grad_target = _reduce.apply_grad_output(ctx.target_state, gt, grad_loss) if ctx.needs_input_grad[1] else None
-        return (grad_input, grad_target) + (None,) * 11
-
-    custom.register_autograd(backward, setup_context=setup_context)
-    _KERNEL_NAMES[custom] = name
-    return custom
-
-
-def eager(op, input: Tensor, target: Tensor, reduction, params: Sequence[float] = (),
+def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, options,
           kernel_target_grad: bool = True) -> Optional[Tensor]:
     """The C++ eager path (lossops/_eager.py) for a call with input and target of one shape and dtype, no weights
     and the mean over all elements; None where it does not apply, and then the family's checks and custom op
-    run (they raise the errors, so this is tried first)."""
+    run (they raise the errors, so this is tried first). options: the family's options record."""
     if type(reduction) is not str or not (cpp := _eager.cpp_module(input, target)):
         return None
-    return cpp.eager_elementwise(_KERNEL_NAMES[op], input, target, params, reduction, kernel_target_grad)
+    extra = family.kernel_options(None, options)
+    params = [float(extra[p]) for p in family.kernel.parameters[len(ELEMENTWISE_PARAMETERS):]]
+    return cpp.eager_elementwise(family.kernel.name, input, target, params, reduction, kernel_target_grad)
 
 
 def denominator_tensor(value, input: Tensor) -> Tensor:
@@ -137,15 +135,15 @@ def kernel_operands(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return input.to(dtype), target.to(dtype)
 
 
-def elementwise_loss(op, input: Tensor, target: Tensor, *, reduction: str, denominator, reference: Callable[[], Tensor],
-                     weight: Optional[Tensor] = None, aux: Optional[Tensor] = None, params: Sequence[float] = (),
-                     ignore_index: int = -100, kernel_target_grad: bool = True,
-                     out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def elementwise_loss(family: _family.Family, input: Tensor, target: Tensor, *, options, denominator,
+                     reference: Callable[[], Tensor], weight: Optional[Tensor] = None, aux: Optional[Tensor] = None,
+                     kernel_target_grad: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Runs a family's op on the backend serving `input`, or `reference()` (plain PyTorch) where the kernels do not
     apply: the reference backend, and gradients the kernels do not compute (weights; targets when
     kernel_target_grad is False).
 
     input and target (floating, same shape and dtype, or int64 class indices per row) are already validated.
+    options: the family's options record (reduction and family options; layouts are filled in here).
     out_dtype: the loss's dtype where torch's differs from the input's (outside autocast).
     """
     backend = _backend.resolve(input.device)
@@ -157,9 +155,11 @@ def elementwise_loss(op, input: Tensor, target: Tensor, *, reduction: str, denom
     acc = _checks.opmath_dtype(input.dtype)
     w, w_layout = broadcast_layout(weight, input.shape, acc)
     a, a_layout = broadcast_layout(aux, input.shape, acc)
-    loss, _, _ = op(input.contiguous(), target.contiguous(), w, w_layout, a, a_layout, [float(p) for p in params],
-                    ignore_index, reduction, denominator_tensor(denominator, input),
-                    grad_enabled and input.requires_grad, target_grad, backend)
+    options = family.replace(options, weight_layout=w_layout, aux_layout=a_layout)
+    tensors = {"input": input.contiguous(), "target": target.contiguous(), "weight": w, "aux": a,
+               "denominator": denominator_tensor(denominator, input)}
+    loss = family.apply(backend, tensors, options,
+                        {"input": grad_enabled and input.requires_grad, "target": target_grad})
     if out_dtype is None or torch.is_autocast_enabled(input.device.type):
         out_dtype = _checks.output_dtype(input)
     return loss.to(out_dtype)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks, _reduce
-from .cross_entropy import reference_cross_entropy
+from .losses.cross_entropy import KERNEL as ROW_KERNEL, CrossEntropyOptions, reference_cross_entropy
 
 # Chunk logits are at most 1/_CHUNKS_PER_PASS of the full logits, and at most about _CHUNK_BYTES once the
 # logits are huge, but never fewer than _MIN_CHUNK_ROWS rows (smaller matmuls lose too much speed).
@@ -55,8 +55,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
 
     backend = _backend.resolve(hidden.device)
     if backend == "reference":
-        return reference_cross_entropy(F.linear(hidden, weight, bias), target, None, ignore_index, reduction,
-                                       label_smoothing, lse_square_scale, cap).to(_checks.output_dtype(hidden))
+        options = CrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, cap)
+        return reference_cross_entropy(F.linear(hidden, weight, bias), target, None,
+                                       options).to(_checks.output_dtype(hidden))
 
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     target1 = target.reshape(-1).to(torch.int64).contiguous()
@@ -110,7 +111,7 @@ def check_last_dim_target(target: Tensor, name: str, input: Tensor) -> None:
 
 
 def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                  label_smoothing: float, lse_square_scale: float, softcap: float, chunk_size: int,
+                  label_smoothing: float, lse_square_scale: float, softcap: Optional[float], chunk_size: int,
                   grad_mask: list[bool], backend: str, grad_scale: Tensor,
                   row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, list[Optional[Tensor]]]:
     """One pass over the token chunks: (per-row loss, summed loss, [grad_hidden, grad_weight, grad_bias]).
@@ -120,7 +121,6 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     """
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     acc = _checks.opmath_dtype(hidden.dtype)
-    kernels = _backend.kernels(backend, "cross_entropy")
     want_h, want_w, want_b = grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None
     need_dlogits = want_h or want_w or want_b
     # grad_W and grad_b are sums over chunks: accumulated in at least float32, cast once at the end.
@@ -140,9 +140,10 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
         else:
             torch.addmm(bias, h, weight.t(), out=logits)
         logits3 = logits.unsqueeze(-1)
-        loss, _lse, chunk_total = kernels.cross_entropy(
-            logits3, target[start:stop], None, logits3 if need_dlogits else None, ignore_index, label_smoothing,
-            lse_square_scale, softcap, -1.0, grad_scale)
+        loss, _lse, chunk_total = ROW_KERNEL(
+            backend, input=logits3, target=target[start:stop], weight=None, grad=logits3 if need_dlogits else None,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+            softcap=softcap, focal_gamma=None, grad_scale=grad_scale)
         row_loss[start:stop] = loss
         total += chunk_total
         if not need_dlogits:
@@ -172,7 +173,7 @@ def _empty_or(grad: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("lossops::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                              ignore_index: int, reduction: str, label_smoothing: float, lse_square_scale: float,
-                             softcap: float, chunk_size: int, grad_mask: list[bool],
+                             softcap: Optional[float], chunk_size: int, grad_mask: list[bool],
                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias); the gradients are empty where not computed in forward
     (not requested, or reduction='none', whose backward recomputes them)."""
@@ -201,7 +202,7 @@ def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, ls
 @torch.library.custom_op("lossops::linear_cross_entropy_backward", mutates_args=())
 def _linear_cross_entropy_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                       target: Tensor, ignore_index: int, label_smoothing: float,
-                                      lse_square_scale: float, softcap: float, chunk_size: int,
+                                      lse_square_scale: float, softcap: Optional[float], chunk_size: int,
                                       grad_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """reduction='none': recomputes the chunks, each row of dlogits scaled by its grad_loss."""
     acc = _checks.opmath_dtype(hidden.dtype)

@@ -1,48 +1,19 @@
-"""nn.Module wrappers: each forward calls the functional op with the module's stored arguments."""
+"""nn.Module wrappers: each forward calls the functional op with the module's stored arguments.
+
+The Module of each loss family is made from its declaration (lossops._family.make_module) and exported here;
+the ones below combine or wrap several functions.
+"""
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn import _reduction
 
-from . import bce as _bce
-from . import focal as _focal
-from . import regression as _regression
+from ._family import FAMILIES as _FAMILIES
+from .losses import focal as _focal
 
-# `from . import cross_entropy` would bind lossops.cross_entropy, which the package rebinds to the function.
-_ce = importlib.import_module(f"{__package__}.cross_entropy")
-
-
-def _reduction_of(reduction, size_average=None, reduce=None):
-    """What torch's loss Modules do when constructed: the legacy size_average/reduce become a reduction (with
-    torch's warning); the reduction itself is checked when the Module is called, by the functional op."""
-    if size_average is not None or reduce is not None:
-        return _reduction.legacy_get_string(size_average, reduce)
-    return reduction
-
-
-class CrossEntropyLoss(torch.nn.Module):
-    """Drop-in for torch.nn.CrossEntropyLoss, plus lossops.cross_entropy's keyword extras."""
-
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *, lse_square_scale: float = 0.0,
-                 softcap: Optional[float] = None, inplace_backward: bool = False):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = _reduction_of(reduction, size_average, reduce)
-        self.label_smoothing = label_smoothing
-        self.lse_square_scale = lse_square_scale
-        self.softcap = softcap
-        self.inplace_backward = inplace_backward
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _ce.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                                 label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
-                                 softcap=self.softcap, inplace_backward=self.inplace_backward)
+globals().update({family.module.__name__: family.module for family in _FAMILIES.values() if family.module})
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -66,75 +37,6 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     chunk_size=self.chunk_size)
 
 
-class _RegressionLoss(torch.nn.Module):
-    """Base of the regression modules: forward(input, target, *, weight=None, avg_factor=None) calls `function`
-    with the module's reduction and options (lossops.regression documents the keyword extras)."""
-
-    function = None
-
-    def __init__(self, size_average=None, reduce=None, reduction: str = "mean"):
-        super().__init__()
-        self.reduction = _reduction_of(reduction, size_average, reduce)
-
-    def options(self) -> dict:
-        return {}
-
-    def forward(self, input: Tensor, target: Tensor, *, weight: Optional[Tensor] = None, avg_factor=None) -> Tensor:
-        return type(self).function(input, target, reduction=self.reduction, weight=weight, avg_factor=avg_factor,
-                                   **self.options())
-
-
-class L1Loss(_RegressionLoss):
-    """Drop-in for torch.nn.L1Loss."""
-    function = staticmethod(_regression.l1_loss)
-
-
-class MSELoss(_RegressionLoss):
-    """Drop-in for torch.nn.MSELoss."""
-    function = staticmethod(_regression.mse_loss)
-
-
-class SmoothL1Loss(_RegressionLoss):
-    """Drop-in for torch.nn.SmoothL1Loss."""
-    function = staticmethod(_regression.smooth_l1_loss)
-
-    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", beta: float = 1.0):
-        super().__init__(size_average, reduce, reduction)
-        self.beta = beta
-
-    def options(self) -> dict:
-        return {"beta": self.beta}
-
-
-class HuberLoss(_RegressionLoss):
-    """Drop-in for torch.nn.HuberLoss."""
-    function = staticmethod(_regression.huber_loss)
-
-    def __init__(self, reduction: str = "mean", delta: float = 1.0):
-        if not isinstance(delta, (float, int)):  # torch.nn.HuberLoss checks this type when constructed
-            raise TypeError(f"delta must be a float or int, got: {type(delta)}")
-        super().__init__(reduction=reduction)
-        self.delta = delta
-
-    def options(self) -> dict:
-        return {"delta": self.delta}
-
-
-class BCEWithLogitsLoss(torch.nn.Module):
-    """Drop-in for torch.nn.BCEWithLogitsLoss."""
-
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None, reduction: str = "mean",
-                 pos_weight: Optional[Tensor] = None):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("pos_weight", pos_weight)
-        self.reduction = _reduction_of(reduction, size_average, reduce)
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _bce.binary_cross_entropy_with_logits(input, target, self.weight, reduction=self.reduction,
-                                                     pos_weight=self.pos_weight)
-
-
 class FocalLoss(torch.nn.Module):
     """Sigmoid focal loss (torchvision semantics). Float targets of the inputs' shape go to
     lossops.sigmoid_focal_loss; integer (N,) class indices (C = background) to sigmoid_focal_loss_index."""
@@ -149,21 +51,6 @@ class FocalLoss(torch.nn.Module):
                                              avg_factor=avg_factor)
         return _focal.sigmoid_focal_loss_index(inputs, targets, self.alpha, self.gamma, self.reduction,
                                                ignore_index=self.ignore_index, weight=weight, avg_factor=avg_factor)
-
-
-class SoftmaxFocalLoss(torch.nn.Module):
-    """lossops.softmax_focal_loss as a module; a per-class alpha tensor is a buffer (moves with .to())."""
-
-    def __init__(self, alpha=None, gamma: float = 2.0, ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__()
-        if isinstance(alpha, Tensor):
-            self.register_buffer("alpha", alpha)
-        else:
-            self.alpha = alpha
-        self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _focal.softmax_focal_loss(input, target, self.alpha, self.gamma, self.ignore_index, self.reduction)
 
 
 class MultiTaskLoss(torch.nn.Module):
@@ -181,8 +68,9 @@ class MultiTaskLoss(torch.nn.Module):
     Add `log_vars` to the optimizer (it is a parameter of this module).
     """
 
-    CLASSIFICATION = {"cross_entropy": CrossEntropyLoss, "focal": FocalLoss, "softmax_focal": SoftmaxFocalLoss}
-    REGRESSION = {"smooth_l1": SmoothL1Loss}
+    CLASSIFICATION = {"cross_entropy": _FAMILIES["cross_entropy"].module, "focal": FocalLoss,
+                      "softmax_focal": _FAMILIES["softmax_focal_loss"].module}
+    REGRESSION = {"smooth_l1": _FAMILIES["smooth_l1_loss"].module}
 
     def __init__(self, classification="cross_entropy", regression="smooth_l1", *, weights=(1.0, 1.0),
                  learn_weights: bool = False, classification_options: Optional[dict] = None,

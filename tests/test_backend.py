@@ -24,13 +24,13 @@ def clean_selection(monkeypatch):
 def served_by(monkeypatch):
     """Records which backend's kernels each call reached (the reference backend reaches none)."""
     calls = []
-    real = _backend.kernels
+    real = _backend.kernel
 
-    def recording(name, family):
-        calls.append(name)
-        return real(name, family)
+    def recording(backend, module, name):
+        calls.append(backend)
+        return real(backend, module, name)
 
-    monkeypatch.setattr(_backend, "kernels", recording)
+    monkeypatch.setattr(_backend, "kernel", recording)
     real_eager = _eager.cpp_module
 
     def recording_eager(*tensors):  # the C++ eager path serves on the cpp backend too

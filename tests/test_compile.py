@@ -1,8 +1,9 @@
-"""Every lossops op as a first-class PyTorch 2 citizen (issue 6): torch.library.opcheck, torch.compile with
+"""Every lossops op as a first-class PyTorch 2 citizen: torch.library.opcheck, torch.compile with
 no graph break and eager's values/gradients/errors, and torch.autocast.
 
-OPS is the table: a new op needs one line there (its inputs, keyword arguments, torch counterpart and the
-bad arguments it must reject), and test_every_public_op_is_in_the_table fails until it has one.
+OPS is the table, made from the cases each loss family declares (its inputs, keyword arguments, torch
+counterpart and the bad arguments it must reject): test_every_public_op_is_in_the_table fails for an
+exported function without one.
 """
 from __future__ import annotations
 
@@ -18,38 +19,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lossops
+from lossops._family import FAMILIES
 from _cases import leaf_copies
-
-
-# --- inputs: the first tensor is what a model produces (logits / predictions) -------------------------------------
-
-def _classes(dtype):
-    logits = torch.randn(6, 5, dtype=dtype)
-    target = torch.tensor([0, 4, -100, 2, 2, 1])
-    return [logits, target]
-
-
-def _classes_4d_weighted(dtype):
-    target = torch.randint(0, 5, (2, 3, 4))
-    target[0, 0, 0] = -100
-    return [torch.randn(2, 5, 3, 4, dtype=dtype), target, torch.rand(5, dtype=dtype) + 0.5]
-
-
-def _probabilities(dtype):
-    return [torch.randn(6, 5, dtype=dtype), torch.randn(6, 5, dtype=dtype).softmax(1)]
-
-
-def _binary(dtype):
-    return [torch.randn(6, 5, dtype=dtype), torch.randint(0, 2, (6, 5)).to(dtype)]
-
-
-def _background_classes(dtype):
-    """Detection-style: class C (=5) is background."""
-    return [torch.randn(6, 5, dtype=dtype), torch.tensor([0, 5, -100, 2, 4, 5])]
-
-
-def _regression(dtype):
-    return [torch.randn(6, 5, dtype=dtype), torch.randn(6, 5, dtype=dtype)]
 
 
 def _hidden_and_vocab(dtype):
@@ -94,20 +65,16 @@ class Op:
         return self.name + "".join(f"-{k}={v}" for k, v in self.kwargs.items())
 
 
-OPS = [
-    Op("cross_entropy", _classes, dict(label_smoothing=0.1), F.cross_entropy,
-       bad=(_target_out_of_range, _with(label_smoothing=1.5))),
-    Op("cross_entropy", _classes_4d_weighted, dict(reduction="none", lse_square_scale=0.01, softcap=4.0),
-       bad=(_with(softcap=-1.0),)),
-    Op("cross_entropy", _probabilities, dict(reduction="sum"), F.cross_entropy),
-    Op("softmax_focal_loss", _classes, dict(gamma=1.5), bad=(_target_out_of_range, _with(gamma=-1.0))),
-    Op("sigmoid_focal_loss", _binary, dict(reduction="mean"), bad=(_with(gamma=-0.5),)),
-    Op("sigmoid_focal_loss_index", _background_classes, dict(reduction="sum"), bad=(_target_out_of_range,)),
-    Op("binary_cross_entropy_with_logits", _binary, {}, F.binary_cross_entropy_with_logits),
-    Op("smooth_l1_loss", _regression, dict(beta=0.5), F.smooth_l1_loss, bad=(_with(beta=-1.0),)),
-    Op("huber_loss", _regression, dict(delta=0.5), F.huber_loss, bad=(_with(delta=0.0),)),
-    Op("l1_loss", _regression, {}, F.l1_loss),
-    Op("mse_loss", _regression, {}, F.mse_loss),
+_BAD = {"target_out_of_range": _target_out_of_range}
+
+
+def _bad(spec):
+    return _with(**spec) if isinstance(spec, dict) else _BAD[spec]
+
+
+# Every registered loss family's declared cases, and linear_cross_entropy (an op of its own, not a family).
+OPS = [Op(name, case.make, case.kwargs, case.torch_fn, bad=tuple(map(_bad, case.bad)), target=case.target)
+       for name, family in FAMILIES.items() for case in family.cases] + [
     Op("linear_cross_entropy", _hidden_and_vocab, dict(chunk_size=4), target=2,
        bad=(_target_out_of_range, _with(chunk_size=0))),
 ]
@@ -118,9 +85,7 @@ BAD_PARAMS = [pytest.param(op, bad, id=f"{op.id}-{bad.__name__}")
 
 def test_every_public_op_is_in_the_table():
     functions = {name for name in lossops.__all__ if inspect.isfunction(getattr(lossops, name))}
-    settings = {"backend", "get_backend", "set_backend", "set_gradient_cache", "gradient_cache_enabled", "empty_cache",
-                "gradient_cache_bytes", "show_config"}
-    assert functions - settings == {op.name for op in OPS}
+    assert functions - set(lossops.SETTINGS) == {op.name for op in OPS}
 
 
 class _LossopsCalls(TorchDispatchMode):

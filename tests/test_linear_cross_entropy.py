@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import lossops
-from lossops.cross_entropy import reference_cross_entropy
+from lossops.losses.cross_entropy import CrossEntropyOptions, reference_cross_entropy
 from lossops.linear_cross_entropy import default_chunk_size
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -41,8 +41,8 @@ def make_inputs(case, n=N, d=D, v=V, dtype=torch.float64):
 def truth(hidden, weight, bias, target, reduction="mean", ignore_index=-100, label_smoothing=0.0,
           lse_square_scale=0.0, softcap=None):
     """The contract: plain PyTorch on the materialised logits (lossops' extras in their plain-torch form)."""
-    return reference_cross_entropy(F.linear(hidden, weight, bias), target, None, ignore_index, reduction,
-                                   label_smoothing, lse_square_scale, softcap or 0.0)
+    options = CrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    return reference_cross_entropy(F.linear(hidden, weight, bias), target, None, options)
 
 
 def leaves(hidden, weight, bias):

@@ -166,9 +166,13 @@ def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def cross_entropy(logits3, target, weight, grad, ignore_index, label_smoothing, lse_square_scale, softcap,
+def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing, lse_square_scale, softcap,
                   focal_gamma, grad_scale):
-    """Same contract as lossops._C.cross_entropy: returns (row_loss, row_lse, loss_sum)."""
+    """Same contract as the C++ kernel cross_entropy: returns (row_loss, row_lse, loss_sum). softcap and
+    focal_gamma: None when off (focal_gamma set: softmax focal loss, weight = per-class alpha)."""
+    logits3 = input
+    softcap = 0.0 if softcap is None else softcap
+    focal_gamma = -1.0 if focal_gamma is None else focal_gamma
     outer, C, inner = logits3.shape
     rows = outer * inner
     acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32

@@ -3,11 +3,13 @@
 A family module (focal.py, bce.py, regression.py) writes its per-element math as a @triton.jit function
     loss_fn(x, t, a, p0, p1) -> (loss, d loss / d x, d loss / d t)
 (a: the auxiliary operand, pos_weight, 1 when absent; p0, p1: the family's parameters) and gets its kernel
-entry point from kernel_function(loss_fn) and its ahead-of-time compile cases from aot_kernels(loss_fn).
+entry point from kernel_function(loss_fn, parameter names) and its ahead-of-time compile cases from aot_kernels(loss_fn).
 The driver passes loss_fn to elementwise_kernel as a tl.constexpr, so every family compiles to one fused
 kernel: load, per-element weight, gradients scaled by the reduction, per-block partial sums (added up in
 a fixed order by torch afterwards), all with int64 offsets.
 """
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -68,11 +70,26 @@ def elementwise_kernel(
         tl.store(GT + offs, tl.where(keep, gt * scale, 0.0).to(GT.dtype.element_ty), mask=mask)
 
 
-def kernel_function(loss_fn):
-    """The family's kernel entry point, with lossops._C's elementwise signature (see lossops/_elementwise.py)."""
+ELEMENTWISE_PARAMETERS = ("input", "target", "weight", "weight_layout", "aux", "aux_layout", "ignore_index",
+                          "grad_input", "grad_target", "grad_scale", "per_element")
+# loss_fn receives this many family parameters (p0, p1); a family with more needs a wider LOSS_FN signature.
+MAX_FAMILY_PARAMETERS = 2
 
-    def run(input, target, weight, weight_layout, aux, aux_layout, params, ignore_index, grad_input, grad_target,
-            grad_scale, per_element):
+
+def kernel_function(loss_fn, parameters=()):
+    """The family's kernel entry point: keyword arguments ELEMENTWISE_PARAMETERS, then the family's own
+    `parameters` (passed to loss_fn as p0, p1 in this order), as the C++ kernel registers them."""
+    parameters = tuple(parameters)
+    if len(parameters) > MAX_FAMILY_PARAMETERS:
+        raise ValueError(f"lossops: {loss_fn.__name__} declares {len(parameters)} parameters {parameters}; "
+                         f"the elementwise driver passes at most {MAX_FAMILY_PARAMETERS}")
+
+    def run(*, input, target, weight, weight_layout, aux, aux_layout, ignore_index, grad_input, grad_target,
+            grad_scale, per_element, **family_parameters):
+        if set(family_parameters) != set(parameters):
+            raise TypeError(f"lossops: kernel {run.__name__} takes the parameters {parameters}, got "
+                            f"{tuple(family_parameters)}")
+        params = [float(family_parameters[p]) for p in parameters]
         n = input.numel()
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         loss = torch.empty(n if per_element else 0, dtype=acc, device=input.device)
@@ -83,7 +100,7 @@ def kernel_function(loss_fn):
         blocks = triton.cdiv(n, cfg["BLOCK"])
         partial = torch.empty(blocks, dtype=acc, device=input.device)
         bad = torch.zeros(1, dtype=torch.int64, device=input.device)
-        params_t = float_options(tuple((list(params) + [0.0, 0.0])[:2]), acc, input.device)
+        params_t = float_options(tuple(params + [0.0] * (MAX_FAMILY_PARAMETERS - len(params))), acc, input.device)
         elementwise_kernel[(blocks,)](
             input, target, partial if weight is None else weight, partial if aux is None else aux, loss,
             input if grad_input is None else grad_input, input if grad_target is None else grad_target, partial,
@@ -100,7 +117,11 @@ def kernel_function(loss_fn):
         return loss, partial.sum()
 
     run.__name__ = loss_fn.__name__.lstrip("_")
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    run.__signature__ = inspect.Signature([inspect.Parameter(p, keyword) for p in ELEMENTWISE_PARAMETERS + parameters])
     return run
+
+
 
 
 def aot_kernels(loss_fn, index_target=False, grad_target=False):

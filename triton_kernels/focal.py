@@ -21,6 +21,6 @@ def _sigmoid_focal(x, t, a, alpha, gamma):
     return scale * ce, gx, gx  # no target gradient: lossops.focal routes that to the reference
 
 
-sigmoid_focal = kernel_function(_sigmoid_focal)
+sigmoid_focal = kernel_function(_sigmoid_focal, ("alpha", "gamma"))
 
 AOT_KERNELS = aot_kernels(_sigmoid_focal) + aot_kernels(_sigmoid_focal, index_target=True)

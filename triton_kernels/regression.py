@@ -29,6 +29,6 @@ def _regression(x, t, a, kind, b):
     return loss, g, -g
 
 
-regression = kernel_function(_regression)
+regression = kernel_function(_regression, ("kind", "beta"))
 
 AOT_KERNELS = aot_kernels(_regression, grad_target=True)

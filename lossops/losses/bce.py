@@ -6,15 +6,40 @@ when the target requires grad. Kernels: csrc/bce.cpp, triton_kernels/bce.py.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _elementwise
+from .. import _checks, _elementwise, _family
 
-_op = _elementwise.define_op("bce_with_logits", "bce")
+
+@dataclasses.dataclass(frozen=True)
+class BCEWithLogitsOptions(_elementwise.ElementwiseOptions):
+    pass
+
+
+def _logits_and_binary(dtype):
+    return [torch.randn(6, 5, dtype=dtype), torch.randint(0, 2, (6, 5)).to(dtype)]
+
+
+def _selfcheck_inputs(dtype):
+    return torch.randn(512, 80, dtype=dtype) * 4, torch.rand(512, 80, dtype=dtype).round()
+
+
+def _binary_target(x: Tensor) -> Tensor:
+    return torch.randint(0, 2, x.shape, device=x.device).to(x.dtype)
+
+
+BCE_WITH_LOGITS = _elementwise.declare(
+    "binary_cross_entropy_with_logits", BCEWithLogitsOptions, _elementwise.kernel("bce_with_logits", "bce"),
+    lambda _tensors, _options: {}, bad_inputs="elementwise", torch_fn=F.binary_cross_entropy_with_logits,
+    cases=(_family.Case(_logits_and_binary, {}, F.binary_cross_entropy_with_logits),),
+    selfcheck=({}, F.binary_cross_entropy_with_logits, _selfcheck_inputs),
+    bench=_family.Bench(F.binary_cross_entropy_with_logits, _binary_target,
+                        ((256, 1000), (4096, 1024), (4096, 4096)), columns="columns"))
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
@@ -22,7 +47,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
                                      pos_weight: Optional[Tensor] = None) -> Tensor:
     """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits, fused forward+backward."""
     if weight is None and pos_weight is None and size_average is None and reduce is None:
-        loss = _elementwise.eager(_op, input, target, reduction)
+        loss = _elementwise.eager(BCE_WITH_LOGITS, input, target, reduction, BCEWithLogitsOptions())
         if loss is not None:
             return loss
     reduction = _checks.reduction(reduction, size_average, reduce)
@@ -42,9 +67,12 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
 
     # torch's loss has the target's dtype: it is computed as (1 - target) * input - ..., in place.
     input_k, target_k = _elementwise.kernel_operands(input, target)
-    return _elementwise.elementwise_loss(_op, input_k, target_k, reduction=reduction,
+    return _elementwise.elementwise_loss(BCE_WITH_LOGITS, input_k, target_k, options=BCEWithLogitsOptions(reduction),
                                          denominator=input.numel(), reference=reference, weight=weight,
                                          aux=pos_weight, out_dtype=target.dtype)
+
+
+BCE_WITH_LOGITS.function = binary_cross_entropy_with_logits
 
 
 def _real_weight(name: str, value: Optional[Tensor], input: Tensor, bool_ok: bool) -> Optional[Tensor]:
@@ -56,3 +84,7 @@ def _real_weight(name: str, value: Optional[Tensor], input: Tensor, bool_ok: boo
         raise RuntimeError(f"lossops: {name} must be a real{'' if bool_ok else ', non-boolean'} tensor, "
                            f"got dtype {value.dtype}")
     return value.to(input.dtype)
+
+
+BCE_WITH_LOGITS.module = _family.make_module(BCE_WITH_LOGITS, "BCEWithLogitsLoss",
+                                             doc="Drop-in for torch.nn.BCEWithLogitsLoss.")

@@ -1,21 +1,37 @@
-"""Cross-entropy: `lossops.cross_entropy`, its custom op `lossops::cross_entropy`, and its autograd.
+"""Cross-entropy: `lossops.cross_entropy` (the op `lossops::cross_entropy`) and the softmax-row machinery it
+shares with softmax focal loss (lossops/focal.py).
 
-Call path: cross_entropy() validates (lossops._checks) and views the input as (outer, C, inner) without
-moving the class dimension -> the custom op runs the backend's fused kernel (csrc/cross_entropy.cpp or
-triton_kernels/cross_entropy.py), which returns the loss and, when a gradient is needed, writes it in the
-same pass -> backward multiplies that gradient by grad_output (lossops._reduce).
-
-The same op also serves softmax focal loss (focal_gamma >= 0), which differs only per row.
+Call path: cross_entropy() validates (lossops._checks) -> row_softmax_loss() views the input as (outer, C, inner)
+without moving the class dimension and calls the family's op -> the op runs the backend's fused kernel
+(csrc/cross_entropy.cpp or triton_kernels/cross_entropy.py) through softmax_rows(), which returns the loss
+and, when a gradient is needed, writes it in the same pass -> backward multiplies that gradient by
+grad_output (lossops._reduce).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _eager, _reduce
+from .. import _backend, _checks, _eager, _family, _reduce
+
+# One kernel for every loss over softmax rows; focal_gamma (None: off) makes it softmax focal loss.
+KERNEL = _family.Kernel("cross_entropy", "cross_entropy",
+                        ("input", "target", "weight", "grad", "ignore_index", "label_smoothing", "lse_square_scale",
+                         "softcap", "focal_gamma", "grad_scale"))
+ROW_INPUTS = (_family.Input("input", differentiable=True), _family.Input("target"), _family.Input("weight", optional=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyOptions:
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    softcap: Optional[float] = None
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
@@ -52,33 +68,29 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if weight is not None:  # torch's cross_entropy refuses a weight of another dtype than the input's
         _checks.same_dtype(_checks.floating("input", input),
                            weight=_checks.floating("weight", weight, exception=RuntimeError))
-    return row_softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing=label_smoothing,
-                            lse_square_scale=lse_square_scale, softcap=cap, inplace_backward=inplace_backward,
-                            reference=reference_cross_entropy)
+    options = CrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, cap)
+    return row_softmax_loss(CROSS_ENTROPY, input, target, weight, options, inplace_backward=inplace_backward)
 
 
-def row_softmax_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str, *,
-                     label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
-                     focal_gamma: float = -1.0, weight_normalizes_mean: bool = True,
-                     inplace_backward: bool = False, reference=None) -> Tensor:
-    """Shared entry for every loss over softmax(input, dim=1): layout, checks, backend choice, op call."""
+def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weight: Optional[Tensor], options, *,
+                     weight_name: str = "weight", inplace_backward: bool = False) -> Tensor:
+    """Shared entry for every loss over softmax(input, dim=1): layout, checks, backend choice, the family's op.
+    weight: the per-class tensor the family's op takes (weight_name: what the caller called it, for errors)."""
     _checks.floating("input", input)
     _checks.tensor("target", target)
     _checks.same_device(input, target=target)
-    ignore_index = _checks.integer("ignore_index", ignore_index)
+    ignore_index = _checks.integer("ignore_index", options.ignore_index)
     if input.dim() == 0:
         raise ValueError("lossops: input must have at least one dimension (classes), got a 0-d tensor")
     num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    # Softmax focal (focal_gamma >= 0) calls its per-class tensor alpha: errors name what the caller passed.
-    weight = _checks.class_weight(weight, num_classes, input, "alpha" if focal_gamma >= 0 else "weight")
+    weight = _checks.class_weight(weight, num_classes, input, weight_name)
     probabilities = target.shape == input.shape
     _check_target(input, target, probabilities, ignore_index)
 
     backend = _backend.resolve(input.device)
     if backend == "reference" or (probabilities and target.requires_grad):
         # Gradients with respect to probability targets come from the plain-PyTorch path.
-        return reference(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                         softcap, focal_gamma=focal_gamma, weight_normalizes_mean=weight_normalizes_mean)
+        return family.reference(input, target, weight, options)
 
     logits3 = input.reshape(1, num_classes, 1) if input.dim() == 1 else input.flatten(2) if input.dim() > 2 \
         else input.unsqueeze(-1)
@@ -92,15 +104,12 @@ def row_softmax_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ig
     item_shape = target.shape if not probabilities else input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
 
     needs_grad = torch.is_grad_enabled() and input.requires_grad
+    tensors = {"input": logits3, "target": target_k, "weight": weight}
     if inplace_backward and needs_grad and not torch.compiler.is_compiling():
-        loss = _InplaceRowSoftmaxLoss.apply(input, logits3, target_k, weight, ignore_index, reduction,
-                                            label_smoothing, lse_square_scale, softcap, focal_gamma,
-                                            weight_normalizes_mean, backend)
+        loss = _InplaceRowSoftmaxLoss.apply(input, family, tensors, options, backend)
     else:
-        loss, _ = torch.ops.lossops.cross_entropy(logits3, target_k, weight, ignore_index, reduction,
-                                                  label_smoothing, lse_square_scale, softcap, focal_gamma,
-                                                  weight_normalizes_mean, needs_grad, backend)
-    if reduction == "none":
+        loss = family.apply(backend, tensors, options, {"input": needs_grad})
+    if options.reduction == "none":
         loss = loss.reshape(item_shape)
     out_dtype = _checks.output_dtype(input)
     if probabilities:  # torch's loss is input * target: a float64 target makes a float64 loss
@@ -136,15 +145,19 @@ def _denominator(logits3: Tensor, target: Tensor, weight: Optional[Tensor], igno
                                            logits3.shape[1], acc)
 
 
-def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
-                label_smoothing: float, lse_square_scale: float, softcap: float, focal_gamma: float,
-                weight_normalizes_mean: bool, grad: Optional[Tensor], backend: str,
-                grad_output: Optional[Tensor] = None) -> Tensor:
-    """grad_output: a scalar upstream gradient folded into the gradient's scale (one pass, no second multiply)."""
+def softmax_rows(backend: str, logits3: Tensor, target: Tensor, weight: Optional[Tensor], grad: Optional[Tensor], *,
+                 ignore_index: int, reduction: str, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                 softcap: Optional[float] = None, focal_gamma: Optional[float] = None,
+                 weight_normalizes_mean: bool = True, grad_output: Optional[Tensor] = None) -> Tensor:
+    """The reduced loss over softmax rows of a (outer, C, inner) view, the gradient written into `grad` when given.
+
+    weight_normalizes_mean: the mean divides by the kept targets' weights (False: by their count).
+    grad_output: a scalar upstream gradient folded into the gradient's scale (one pass, no second multiply).
+    """
     acc = _checks.opmath_dtype(logits3.dtype)
     denominator = _denominator(logits3, target, weight, ignore_index, weight_normalizes_mean)
     weight = None if weight is None else weight.to(acc).contiguous()
-    if (reduction == "mean" and weight is not None and lse_square_scale > 0 and focal_gamma < 0
+    if (reduction == "mean" and weight is not None and lse_square_scale > 0 and focal_gamma is None
             and not target.is_floating_point()):
         # The z-loss is not class-weighted: its mean is over the kept rows, the cross-entropy's over their
         # weights. The kernels scale a whole row by one factor, so the weights carry count / sum_w instead
@@ -155,53 +168,36 @@ def _run_kernel(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignor
     scale = _reduce.gradient_scale(reduction, denominator)
     if grad_output is not None:
         scale = scale * grad_output.to(scale.dtype)
-    kernels = _backend.kernels(backend, "cross_entropy")
-    row_loss, _lse, total = kernels.cross_entropy(
-        logits3, target, weight, grad, ignore_index, label_smoothing,
-        lse_square_scale, softcap, focal_gamma, scale)
+    row_loss, _lse, total = KERNEL(backend, input=logits3, target=target, weight=weight, grad=grad,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                   lse_square_scale=lse_square_scale, softcap=softcap, focal_gamma=focal_gamma,
+                                   grad_scale=scale)
     return _reduce.reduce(reduction, row_loss, total, denominator)
 
 
-@torch.library.custom_op("lossops::cross_entropy", mutates_args=())
-def _cross_entropy_op(logits3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
-                      label_smoothing: float, lse_square_scale: float, softcap: float, focal_gamma: float,
-                      weight_normalizes_mean: bool, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
-    grad = _backend.empty_gradient(logits3) if compute_grad else None
-    loss = _run_kernel(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
-                       focal_gamma, weight_normalizes_mean, grad, backend)
-    return loss, grad if grad is not None else logits3.new_empty((0,))
+def _rows_run(family, backend, t, o, grads):
+    grad = _backend.empty_gradient(t["input"]) if grads["input"] else None
+    weight, arguments = family.kernel_options(t, o)
+    return softmax_rows(backend, t["input"], t["target"], weight, grad, **arguments), {"input": grad}
 
 
-@_cross_entropy_op.register_fake
-def _(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, focal_gamma,
-      weight_normalizes_mean, compute_grad, backend):
-    acc = _checks.opmath_dtype(logits3.dtype)
+def _rows_loss_like(t, o):
+    logits3 = t["input"]
     rows = logits3.shape[0] * logits3.shape[2]
-    loss = logits3.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-    grad = logits3.new_empty(logits3.shape) if compute_grad else logits3.new_empty((0,))
-    return loss, grad
+    return logits3.new_empty((rows,) if o.reduction == "none" else (), dtype=_checks.opmath_dtype(logits3.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    logits3, reduction, compute_grad = inputs[0], inputs[4], inputs[10]
-    ctx.save_for_backward(output[1])
-    ctx.compute_grad = compute_grad
-    ctx.item_shape = (logits3.shape[0], 1, logits3.shape[2]) if reduction == "none" else None
-    _reduce.mark_gradient_outputs(ctx, output[1])
+def _rows_item_shape(t, o):
+    logits3 = t["input"]
+    return (logits3.shape[0], 1, logits3.shape[2])
 
 
-def _backward(ctx, grad_loss, _unused):
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        raise RuntimeError("lossops: gradients with respect to class-index targets or class weights are not "
-                           "defined (torch does not define them either)")
-    if not ctx.compute_grad:
-        raise RuntimeError("lossops: the forward ran with compute_grad=False; call lossops.cross_entropy "
-                           "with grad mode enabled and an input that requires grad")
-    (grad,) = ctx.saved_tensors
-    return (_reduce.apply_grad_output(ctx, grad, grad_loss, ctx.item_shape),) + (None,) * 11
-
-
-_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+def declare_rows(name: str, options: type, kernel_options, **declaration) -> _family.Family:
+    """A loss over softmax rows on the cross-entropy kernel: kernel_options(tensors, options) -> (per-class
+    weight or None, softmax_rows' keyword arguments)."""
+    return _family.register(_family.Family(name=name, inputs=ROW_INPUTS, options=options, kernel=KERNEL,
+                                           run=_rows_run, loss_like=_rows_loss_like, item_shape=_rows_item_shape,
+                                           kernel_options=kernel_options, **declaration))
 
 
 class _InplaceRowSoftmaxLoss(torch.autograd.Function):
@@ -214,18 +210,15 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                softcap, focal_gamma, weight_normalizes_mean, backend):
+    def forward(ctx, input, family, tensors, options, backend):
         if input.is_leaf:
             raise RuntimeError("lossops: inplace_backward=True would overwrite a leaf tensor that requires grad "
                                "(its values and its .grad would be lost); pass inplace_backward=False")
-        loss = _run_kernel(logits3, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                           softcap, focal_gamma, weight_normalizes_mean, None, backend)
-        ctx.save_for_backward(input, target, weight)
-        ctx.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                           lse_square_scale=lse_square_scale, softcap=softcap, focal_gamma=focal_gamma,
-                           weight_normalizes_mean=weight_normalizes_mean, backend=backend)
-        ctx.logits3_shape = logits3.shape
+        weight, arguments = family.kernel_options(tensors, options)
+        loss = softmax_rows(backend, tensors["input"], tensors["target"], weight, None, **arguments)
+        ctx.save_for_backward(input, tensors["target"], weight)
+        ctx.arguments, ctx.backend = arguments, backend
+        ctx.logits3_shape = tensors["input"].shape
         ctx.consumed = False
         return loss
 
@@ -236,32 +229,30 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
                                "so a second backward through this loss (retain_graph=True) has nothing to recompute "
                                "from; use inplace_backward=False")
         if grad_loss is None:
-            return (None,) * 12
+            return (None,) * 5
         _reduce.refuse_double_backward()
         input, target, weight = ctx.saved_tensors
         ctx.consumed = True
-        o = ctx.options
         # reshape views the logits' own storage whenever it can (contiguous or class-sliced logits); where it
         # has to copy, the gradient lands in that copy: still correct, one buffer more.
         logits3 = input.reshape(ctx.logits3_shape)
-        per_row = o["reduction"] == "none"
-        _run_kernel(logits3, target, weight, o["ignore_index"], o["reduction"], o["label_smoothing"],
-                    o["lse_square_scale"], o["softcap"], o["focal_gamma"], o["weight_normalizes_mean"], logits3,
-                    o["backend"], grad_output=None if per_row else grad_loss)
+        per_row = ctx.arguments["reduction"] == "none"
+        softmax_rows(ctx.backend, logits3, target, weight, logits3, **ctx.arguments,
+                     grad_output=None if per_row else grad_loss)
         if per_row:  # one upstream value per row: applied after the kernel, in the same buffer
             logits3.mul_(grad_loss.reshape(ctx.logits3_shape[0], 1, ctx.logits3_shape[2]))
         # Nodes that saved the logits and have not run yet now fail their version check.
         torch.autograd.graph.increment_version(input)
-        return (logits3.reshape(input.shape),) + (None,) * 11
+        return logits3.reshape(input.shape), None, None, None, None
 
 
-def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                            reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float,
-                            **_focal_options) -> Tensor:
+def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                            options: CrossEntropyOptions) -> Tensor:
     """Plain-PyTorch cross-entropy with the extras; the "reference" backend."""
-    logits = softcap * torch.tanh(input / softcap) if softcap > 0 else input
-    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
+    softcap, lse_square_scale = options.softcap, options.lse_square_scale
+    logits = softcap * torch.tanh(input / softcap) if softcap is not None else input
+    loss = F.cross_entropy(logits, target, weight, ignore_index=options.ignore_index, reduction=options.reduction,
+                           label_smoothing=options.label_smoothing)
     if lse_square_scale == 0:
         return loss
     class_dim = 1 if input.dim() > 1 else 0
@@ -270,8 +261,51 @@ def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tens
     if target.shape == input.shape:
         denominator = lse.new_tensor(float(lse.numel()))
     else:  # not class-weighted: the mean is over the kept rows whatever the weights
-        keep = target != ignore_index
+        keep = target != options.ignore_index
         z = z * keep
         denominator = keep.sum().to(lse.dtype)
+    reduction = options.reduction
     z_reduced = z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / denominator
     return (loss + z_reduced).to(loss.dtype)
+
+
+def _classes(dtype):
+    return [torch.randn(6, 5, dtype=dtype), torch.tensor([0, 4, -100, 2, 2, 1])]
+
+
+def _classes_4d_weighted(dtype):
+    target = torch.randint(0, 5, (2, 3, 4))
+    target[0, 0, 0] = -100
+    return [torch.randn(2, 5, 3, 4, dtype=dtype), target, torch.rand(5, dtype=dtype) + 0.5]
+
+
+def _probabilities(dtype):
+    return [torch.randn(6, 5, dtype=dtype), torch.randn(6, 5, dtype=dtype).softmax(1)]
+
+
+def _selfcheck_inputs(dtype):
+    return torch.randn(64, 1000, dtype=dtype) * 3, torch.randint(0, 1000, (64,))
+
+
+def class_index(x: Tensor) -> Tensor:
+    return torch.randint(0, x.shape[1], x.shape[:1], device=x.device)
+
+
+CROSS_ENTROPY = declare_rows(
+    "cross_entropy", CrossEntropyOptions,
+    lambda t, o: (t["weight"], dict(ignore_index=o.ignore_index, reduction=o.reduction,
+                                    label_smoothing=o.label_smoothing, lse_square_scale=o.lse_square_scale,
+                                    softcap=o.softcap)),
+    reference=reference_cross_entropy, function=cross_entropy, bad_inputs="classes", torch_fn=F.cross_entropy,
+    cases=(_family.Case(_classes, dict(label_smoothing=0.1), F.cross_entropy,
+                        bad=("target_out_of_range", dict(label_smoothing=1.5))),
+           _family.Case(_classes_4d_weighted, dict(reduction="none", lse_square_scale=0.01, softcap=4.0),
+                        bad=(dict(softcap=-1.0),)),
+           _family.Case(_probabilities, dict(reduction="sum"), F.cross_entropy)),
+    selfcheck=(dict(label_smoothing=0.1), lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1), _selfcheck_inputs),
+    bench=_family.Bench(F.cross_entropy, class_index,
+                        ((256, 1000), (4096, 1024), (4096, 8192), (4096, 32000), (4096, 128256)),
+                        columns="vocab size", inplace_variant=True))
+CROSS_ENTROPY.module = _family.make_module(CROSS_ENTROPY, "CrossEntropyLoss",
+                                           doc="Drop-in for torch.nn.CrossEntropyLoss, plus lossops.cross_entropy's "
+                                               "keyword extras.")

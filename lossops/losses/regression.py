@@ -13,6 +13,8 @@ triton_kernels/regression.py). Keyword extras, whose defaults reproduce torch:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from typing import Optional
 
@@ -20,23 +22,79 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _elementwise
+from .. import _checks, _elementwise, _family
 
 L1, MSE, SMOOTH_L1, HUBER = 0, 1, 2, 3
+# One kernel serves the four losses: kind selects the formula, beta is smooth-L1's beta or Huber's delta.
+KERNEL = _elementwise.kernel("regression", "regression", ("kind", "beta"))
 
-_op = _elementwise.define_op("regression", "regression")
+
+@dataclasses.dataclass(frozen=True)
+class L1Options(_elementwise.ElementwiseOptions):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class MSEOptions(_elementwise.ElementwiseOptions):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothL1Options(_elementwise.ElementwiseOptions):
+    beta: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HuberOptions(_elementwise.ElementwiseOptions):
+    delta: float = 1.0
+
+
+def _pair(dtype):
+    return [torch.randn(6, 5, dtype=dtype), torch.randn(6, 5, dtype=dtype)]
+
+
+def _selfcheck_pair(dtype):
+    return torch.randn(4096, dtype=dtype), torch.randn(4096, dtype=dtype)
+
+
+def _regression_target(x: Tensor) -> Tensor:
+    return torch.randn_like(x)
+
+
+ELEMENTWISE_SHAPES = ((256, 1000), (4096, 1024), (4096, 4096))
+
+
+def _declare(name, options, kind, param, bad=(), selfcheck_kwargs=None) -> _family.Family:
+    torch_fn = getattr(F, name)
+    kwargs = selfcheck_kwargs or {}
+    return _elementwise.declare(
+        name, options, KERNEL, lambda _tensors, o: {"kind": kind, "beta": float(getattr(o, param)) if param else 0.0},
+        reference=None, bad_inputs="elementwise", torch_fn=torch_fn,
+        cases=(_family.Case(_pair, kwargs, torch_fn, bad=bad),),
+        selfcheck=(kwargs, functools.partial(torch_fn, **kwargs), _selfcheck_pair),
+        bench=_family.Bench(torch_fn, _regression_target, ELEMENTWISE_SHAPES, columns="columns"))
+
+
+L1_LOSS = _declare("l1_loss", L1Options, L1, None)
+MSE_LOSS = _declare("mse_loss", MSEOptions, MSE, None)
+SMOOTH_L1_LOSS = _declare("smooth_l1_loss", SmoothL1Options, SMOOTH_L1, "beta", bad=(dict(beta=-1.0),),
+                          selfcheck_kwargs=dict(beta=0.5))
+HUBER_LOSS = _declare("huber_loss", HuberOptions, HUBER, "delta", bad=(dict(delta=0.0),),
+                      selfcheck_kwargs=dict(delta=0.5))
 
 
 def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
             weight: Optional[Tensor] = None, *, avg_factor=None) -> Tensor:
     """Drop-in for torch.nn.functional.l1_loss, fused."""
-    return _regression(L1, input, target, _checks.reduction(reduction, size_average, reduce), 0.0, weight, avg_factor)
+    return _regression(L1_LOSS, L1Options(_checks.reduction(reduction, size_average, reduce)), input, target, weight,
+                       avg_factor)
 
 
 def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
              weight: Optional[Tensor] = None, *, avg_factor=None) -> Tensor:
     """Drop-in for torch.nn.functional.mse_loss, fused."""
-    return _regression(MSE, input, target, _checks.reduction(reduction, size_average, reduce), 0.0, weight, avg_factor)
+    return _regression(MSE_LOSS, MSEOptions(_checks.reduction(reduction, size_average, reduce)), input, target, weight,
+                       avg_factor)
 
 
 def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
@@ -47,8 +105,8 @@ def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None
     beta = _checks.real("beta", beta)
     if not beta >= 0:
         raise RuntimeError(f"smooth_l1_loss does not support negative values for beta (got beta={beta}).")
-    return _regression(SMOOTH_L1, input, target, _checks.reduction(reduction, size_average, reduce), beta, weight,
-                       avg_factor)
+    return _regression(SMOOTH_L1_LOSS, SmoothL1Options(_checks.reduction(reduction, size_average, reduce), beta=beta),
+                       input, target, weight, avg_factor)
 
 
 def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
@@ -62,13 +120,15 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
         raise RuntimeError(f"lossops: huber_loss input must be a floating-point tensor, got dtype {input.dtype}")
     _checks.same_device(input, target=_checks.tensor("target", target))
     _checks.same_dtype(input, target=target)
-    return _regression(HUBER, input, target, _checks.reduction(reduction), delta, weight, avg_factor)
+    return _regression(HUBER_LOSS, HuberOptions(_checks.reduction(reduction), delta=delta), input, target, weight,
+                       avg_factor)
 
 
-def _regression(kind: int, input: Tensor, target: Tensor, reduction: str, param: float, weight: Optional[Tensor],
+def _regression(family: _family.Family, options, input: Tensor, target: Tensor, weight: Optional[Tensor],
                 avg_factor) -> Tensor:
+    reduction = options.reduction
     if weight is None and avg_factor is None:
-        loss = _elementwise.eager(_op, input, target, reduction, (float(kind), param))
+        loss = _elementwise.eager(family, input, target, reduction, options)
         if loss is not None:
             return loss
     _checks.tensor("input", input)
@@ -88,33 +148,43 @@ def _regression(kind: int, input: Tensor, target: Tensor, reduction: str, param:
     factor = _elementwise.avg_factor(avg_factor, reduction)
     if factor is not None:
         denominator = factor
-    elif weight is not None and kind in (L1, MSE):
+    elif weight is not None and family in (L1_LOSS, MSE_LOSS):
         # torch: sum(loss * weight) / sum(weight); a broadcast weight repeats each element numel / weight.numel() times
         denominator = weight.detach().sum(dtype=_checks.opmath_dtype(dtype)) * (x.numel() // max(weight.numel(), 1))
     else:
         denominator = x.numel()
 
     def reference():
-        return reference_regression(kind, x, t, param, weight, reduction, denominator)
+        return reference_regression(family, options, x, t, weight, denominator)
 
     if not dtype.is_floating_point:  # torch's integer l1/mse: no kernel serves them
         return reference()
     out_dtype = dtype if weight is None else torch.promote_types(dtype, weight.dtype)
-    return _elementwise.elementwise_loss(_op, x, t, reduction=reduction, denominator=denominator, reference=reference,
-                                         weight=weight, params=(kind, param), out_dtype=out_dtype)
+    return _elementwise.elementwise_loss(family, x, t, options=options, denominator=denominator, reference=reference,
+                                         weight=weight, out_dtype=out_dtype)
 
 
-def reference_regression(kind: int, input: Tensor, target: Tensor, param: float, weight: Optional[Tensor],
-                         reduction: str, denominator) -> Tensor:
+def reference_regression(family: _family.Family, options, input: Tensor, target: Tensor, weight: Optional[Tensor],
+                         denominator) -> Tensor:
     """Plain PyTorch (the "reference" backend): torch's per-element loss, weighted, reduced like the kernels."""
-    if kind == L1:
-        loss = F.l1_loss(input, target, reduction="none")
-    elif kind == MSE:
-        loss = F.mse_loss(input, target, reduction="none")
-    elif kind == SMOOTH_L1:
-        loss = F.smooth_l1_loss(input, target, reduction="none", beta=param)
-    else:
-        loss = F.huber_loss(input, target, reduction="none", delta=param)
+    extra = {f: getattr(options, f) for f in ("beta", "delta") if hasattr(options, f)}
+    loss = family.torch_fn(input, target, reduction="none", **extra)
     if weight is not None:
         loss = loss * weight
-    return _elementwise.reduce_reference(loss, reduction, denominator)
+    return _elementwise.reduce_reference(loss, options.reduction, denominator)
+
+
+def _huber_delta_type(delta, **_):
+    if not isinstance(delta, (float, int)):  # torch.nn.HuberLoss checks this type when constructed
+        raise TypeError(f"delta must be a float or int, got: {type(delta)}")
+
+
+for _declared, _function, _module in ((L1_LOSS, l1_loss, "L1Loss"), (MSE_LOSS, mse_loss, "MSELoss"),
+                                      (SMOOTH_L1_LOSS, smooth_l1_loss, "SmoothL1Loss"),
+                                      (HUBER_LOSS, huber_loss, "HuberLoss")):
+    _declared.reference = reference_regression
+    _declared.function = _function
+    _declared.module = _family.make_module(
+        _declared, _module, per_call=("weight", "avg_factor"),
+        check=_huber_delta_type if _declared is HUBER_LOSS else None,
+        doc=f"Drop-in for torch.nn.{_module}; forward(input, target, *, weight=None, avg_factor=None).")

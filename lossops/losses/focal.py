@@ -3,21 +3,41 @@
 Sigmoid focal has torchvision.ops.sigmoid_focal_loss's semantics (alpha < 0 disables the alpha term, soft
 targets allowed) on the shared elementwise driver (lossops/_elementwise.py; kernels csrc/focal.cpp and
 triton_kernels/focal.py), with a gradient that stays finite for every gamma >= 0 (see csrc/focal.cpp).
-Softmax focal is a per-row variant of cross-entropy and runs on the cross-entropy kernels
-(lossops.cross_entropy.row_softmax_loss with focal_gamma).
+Softmax focal is a per-row variant of cross-entropy: its own op `lossops::softmax_focal_loss` on the
+cross-entropy kernel (lossops.cross_entropy.declare_rows, with focal_gamma set).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _eager, _elementwise
-from .cross_entropy import row_softmax_loss
+from .. import _checks, _eager, _elementwise, _family
+from .cross_entropy import declare_rows, row_softmax_loss
 
-_op = _elementwise.define_op("sigmoid_focal", "focal")
+SIGMOID_FOCAL_KERNEL = _elementwise.kernel("sigmoid_focal", "focal", ("alpha", "gamma"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidFocalOptions(_elementwise.ElementwiseOptions):
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxFocalOptions:
+    gamma: float = 2.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+    uniform_alpha: Optional[float] = None  # alpha given as a float: every class; the mean counts targets
+
+
+def _focal_kernel_options(_tensors, o):
+    return {"alpha": o.alpha, "gamma": o.gamma}
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -31,7 +51,8 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     reduction = _checks.reduction(reduction)
     alpha, gamma = _alpha(alpha), _gamma(gamma)
     if weight is None and avg_factor is None:
-        loss = _elementwise.eager(_op, inputs, targets, reduction, (alpha, gamma), kernel_target_grad=False)
+        loss = _elementwise.eager(SIGMOID_FOCAL, inputs, targets, reduction, SigmoidFocalOptions(alpha=alpha, gamma=gamma),
+                                  kernel_target_grad=False)
         if loss is not None:
             return loss
     _checks.floating("inputs", inputs)
@@ -47,9 +68,10 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
         loss = reference_sigmoid_focal(inputs, targets, alpha, gamma, weight)
         return _elementwise.reduce_reference(loss, reduction, denominator).to(_checks.output_dtype(inputs))
 
-    return _elementwise.elementwise_loss(_op, inputs, targets.to(inputs.dtype), reduction=reduction,
+    return _elementwise.elementwise_loss(SIGMOID_FOCAL, inputs, targets.to(inputs.dtype),
+                                         options=SigmoidFocalOptions(reduction, alpha=alpha, gamma=gamma),
                                          denominator=denominator, reference=reference, weight=weight,
-                                         params=(alpha, gamma), kernel_target_grad=False)
+                                         kernel_target_grad=False)
 
 
 def sigmoid_focal_loss_index(inputs: Tensor, target_index: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -84,9 +106,9 @@ def sigmoid_focal_loss_index(inputs: Tensor, target_index: Tensor, alpha: float 
         loss = reference_sigmoid_focal_index(inputs, target_index, alpha, gamma, weight, ignore_index)
         return _elementwise.reduce_reference(loss, reduction, denominator).to(_checks.output_dtype(inputs))
 
-    return _elementwise.elementwise_loss(_op, inputs, target_index.to(torch.int64), reduction=reduction,
-                                         denominator=denominator, reference=reference, weight=weight,
-                                         params=(alpha, gamma), ignore_index=ignore_index)
+    options = SigmoidFocalOptions(reduction, ignore_index=ignore_index, alpha=alpha, gamma=gamma)
+    return _elementwise.elementwise_loss(SIGMOID_FOCAL_INDEX, inputs, target_index.to(torch.int64), options=options,
+                                         denominator=denominator, reference=reference, weight=weight)
 
 
 def softmax_focal_loss(input: Tensor, target: Tensor, alpha: Union[None, float, Tensor] = None, gamma: float = 2.0,
@@ -113,18 +135,14 @@ def softmax_focal_loss(input: Tensor, target: Tensor, alpha: Union[None, float, 
     if input.dim() >= 1 and target.shape == input.shape:
         raise ValueError(f"lossops: softmax_focal_loss takes class-index targets, got a target of the input's shape "
                          f"{tuple(input.shape)}")
-    weight, normalizes = None, True
-    if isinstance(alpha, Tensor):
-        weight = alpha
-    elif alpha is not None:
-        value = _checks.in_range("alpha", alpha, 0.0)
-        if math.isinf(value):
-            raise ValueError(f"lossops: alpha must be finite, got {value}")
-        classes = input.shape[1] if input.dim() >= 2 else input.shape[0] if input.dim() == 1 else 1
-        weight = torch.full((classes,), value, dtype=input.dtype, device=input.device)
-        normalizes = False
-    return row_softmax_loss(input, target, weight, ignore_index, reduction, focal_gamma=gamma,
-                            weight_normalizes_mean=normalizes, reference=reference_softmax_focal)
+    uniform = None
+    if alpha is not None and not isinstance(alpha, Tensor):
+        uniform = _checks.in_range("alpha", alpha, 0.0)
+        if math.isinf(uniform):
+            raise ValueError(f"lossops: alpha must be finite, got {uniform}")
+    options = SoftmaxFocalOptions(gamma, ignore_index, reduction, uniform)
+    return row_softmax_loss(SOFTMAX_FOCAL, input, target, alpha if isinstance(alpha, Tensor) else None, options,
+                            weight_name="alpha")
 
 
 def _gamma(gamma) -> float:
@@ -175,12 +193,12 @@ def reference_sigmoid_focal_index(inputs: Tensor, target_index: Tensor, alpha: f
     return torch.where((target_index != ignore_index).unsqueeze(1), loss, 0)
 
 
-def reference_softmax_focal(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                            reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float, *,
-                            focal_gamma: float, weight_normalizes_mean: bool) -> Tensor:
+def reference_softmax_focal(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                            options: SoftmaxFocalOptions) -> Tensor:
     """-alpha_y (1 - p_y)^gamma log p_y in plain PyTorch, reduced as softmax_focal_loss documents."""
     acc = _checks.opmath_dtype(input.dtype)
     class_dim = 1 if input.dim() > 1 else 0
+    ignore_index, focal_gamma = options.ignore_index, options.gamma
     _checks.class_index_in_range("target", target, input.shape[class_dim], ignore_index)
     keep = target != ignore_index
     safe = torch.where(keep, target, 0).long()
@@ -188,10 +206,94 @@ def reference_softmax_focal(input: Tensor, target: Tensor, weight: Optional[Tens
         logp = input.to(acc).sum(class_dim)
     else:
         logp = torch.log_softmax(input.to(acc), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
-    w = torch.ones((), dtype=acc, device=input.device) if weight is None else weight.to(acc)[safe]
+    if options.uniform_alpha is not None:  # rounded to the input's dtype first, as a per-class tensor would be
+        w = torch.full((), options.uniform_alpha, dtype=input.dtype, device=input.device).to(acc)
+    else:
+        w = torch.ones((), dtype=acc, device=input.device) if weight is None else weight.to(acc)[safe]
     loss = torch.where(keep, -w * _focal_power(-torch.expm1(logp), focal_gamma) * logp, 0)
-    if weight is not None and weight_normalizes_mean:
+    if weight is not None:
         denominator = (w * keep).sum()
     else:
         denominator = keep.sum(dtype=acc)
-    return _elementwise.reduce_reference(loss, reduction, denominator).to(_checks.output_dtype(input))
+    return _elementwise.reduce_reference(loss, options.reduction, denominator).to(_checks.output_dtype(input))
+
+
+def _softmax_focal_kernel_options(t, o: SoftmaxFocalOptions):
+    weight = t["weight"]
+    if o.uniform_alpha is not None:  # in the input's dtype, as a per-class alpha tensor would be
+        logits3 = t["input"]
+        weight = torch.full((logits3.shape[1],), o.uniform_alpha, dtype=logits3.dtype, device=logits3.device)
+    return weight, dict(ignore_index=o.ignore_index, reduction=o.reduction, focal_gamma=o.gamma,
+                        weight_normalizes_mean=o.uniform_alpha is None)
+
+
+def _classes(dtype):
+    return [torch.randn(6, 5, dtype=dtype), torch.tensor([0, 4, -100, 2, 2, 1])]
+
+
+def _background_classes(dtype):
+    """Detection-style: class C (=5) is background."""
+    return [torch.randn(6, 5, dtype=dtype), torch.tensor([0, 5, -100, 2, 4, 5])]
+
+
+def _logits_and_binary(dtype):
+    return [torch.randn(6, 5, dtype=dtype), torch.randint(0, 2, (6, 5)).to(dtype)]
+
+
+def _selfcheck_classes(dtype):
+    return torch.randn(64, 1000, dtype=dtype) * 3, torch.randint(0, 1000, (64,))
+
+
+def _selfcheck_binary(dtype):
+    return torch.randn(512, 80, dtype=dtype) * 4, torch.rand(512, 80, dtype=dtype).round()
+
+
+def torchvision_sigmoid_focal_loss(x, target, alpha=0.25, gamma=2.0, reduction="mean"):
+    """torchvision.ops.sigmoid_focal_loss, written out (torchvision is not a dependency): the benchmark's eager
+    side and the self-check's truth."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def plain_softmax_focal_loss(x, target, gamma=2.0, reduction="mean"):
+    """Softmax focal loss in eager PyTorch, as a user would write it: the benchmark's eager side."""
+    log_p = F.log_softmax(x, dim=1).gather(1, target[:, None]).squeeze(1)
+    loss = -((1 - log_p.exp()) ** gamma) * log_p
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def _binary_target(x: Tensor) -> Tensor:
+    return torch.randint(0, 2, x.shape, device=x.device).to(x.dtype)
+
+
+def class_index(x: Tensor) -> Tensor:
+    return torch.randint(0, x.shape[1], x.shape[:1], device=x.device)
+
+
+SIGMOID_FOCAL = _elementwise.declare(
+    "sigmoid_focal_loss", SigmoidFocalOptions, SIGMOID_FOCAL_KERNEL, _focal_kernel_options,
+    function=sigmoid_focal_loss, bad_inputs="elementwise",
+    cases=(_family.Case(_logits_and_binary, dict(reduction="mean"), bad=(dict(gamma=-0.5),)),),
+    selfcheck=(dict(reduction="mean"), torchvision_sigmoid_focal_loss, _selfcheck_binary),
+    bench=_family.Bench(torchvision_sigmoid_focal_loss, _binary_target, ((256, 80), (65536, 80), (4096, 1000)),
+                        quick_shapes=((128, 80), (128, 320)), kwargs={"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}))
+SIGMOID_FOCAL_INDEX = _elementwise.declare(
+    "sigmoid_focal_loss_index", SigmoidFocalOptions, SIGMOID_FOCAL_KERNEL, _focal_kernel_options,
+    function=sigmoid_focal_loss_index,
+    cases=(_family.Case(_background_classes, dict(reduction="sum"), bad=("target_out_of_range",)),))
+SOFTMAX_FOCAL = declare_rows(
+    "softmax_focal_loss", SoftmaxFocalOptions, _softmax_focal_kernel_options, reference=reference_softmax_focal,
+    function=softmax_focal_loss, bad_inputs="classes",
+    cases=(_family.Case(_classes, dict(gamma=1.5), bad=("target_out_of_range", dict(gamma=-1.0))),),
+    selfcheck=(dict(gamma=0.0), F.cross_entropy, _selfcheck_classes),
+    bench=_family.Bench(plain_softmax_focal_loss, class_index,
+                        ((256, 1000), (65536, 80), (4096, 8192), (4096, 32000)),
+                        kwargs={"gamma": 2.0, "reduction": "mean"}))
+SOFTMAX_FOCAL.module = _family.make_module(
+    SOFTMAX_FOCAL, "SoftmaxFocalLoss",
+    doc="lossops.softmax_focal_loss as a module; a per-class alpha tensor is a buffer (moves with .to()).")

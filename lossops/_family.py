@@ -1,0 +1,253 @@
+"""A loss family is declared once; its op, fake implementation, autograd, Module and registry entries are made here.
+
+A family module (lossops/<family>.py) writes, per public loss:
+  - its options as a frozen dataclass (typed fields whose defaults reproduce torch),
+  - a `Family`: the op's tensor inputs (which of them receive gradients), that options record, its `Kernel`
+    (one name, the same keyword parameters on both backends), `run` (the op's body: one kernel call), the
+    loss's shape for the fake implementation, the plain-PyTorch reference, and its test and benchmark cases,
+  - its public function (torch's signature and checks), which ends in `family.apply(...)`.
+`register(family)` then makes the custom op `lossops::<name>`: its schema comes from the inputs and the options'
+fields, its autograd rebuilds the options by name (never by position) and multiplies the gradients the kernel
+wrote in forward by grad_output (lossops._reduce). `FAMILIES` is what lossops' exports, lossops.nn, the
+compile / opcheck / bad-input / Triton-AOT / kernel-ABI tests, selfcheck and the benchmark iterate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks, _reduce
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A kernel as both backends expose it: the C++ library registers `name` with these keyword parameters
+    (LOSSOPS_REGISTER_KERNEL), lossops.triton_kernels.<module> defines a function `name` taking the same ones."""
+    name: str
+    module: str
+    parameters: tuple[str, ...]
+
+    def __call__(self, backend: str, **arguments):
+        return _backend.kernel(backend, self.module, self.name)(**arguments)
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    name: str
+    optional: bool = False       # Tensor? in the schema
+    differentiable: bool = False  # the kernel writes its gradient in forward when asked
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call for the shared tests: make(dtype) -> positional arguments (the first is what a model produces),
+    keyword arguments, torch's own function where one has this signature, and bad arguments that must raise:
+    dicts of keyword overrides, or "target_out_of_range" (a target value no class has); and where the target
+    sits among the arguments."""
+    make: Callable[[torch.dtype], list]
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    torch_fn: Optional[Callable] = None
+    bad: tuple = ()
+    target: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """How `python -m bench` measures the loss: the plain-PyTorch formula it replaces (also what torch.compile
+    compiles), a target for a given input, keyword arguments for both sides, shapes, and what the columns mean."""
+    eager: Callable
+    make_target: Callable[[Tensor], Tensor]
+    shapes: tuple
+    quick_shapes: tuple = ((128, 256), (128, 1024))
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    columns: str = "classes"
+    inplace_variant: bool = False
+    make_inputs: Optional[Callable] = None  # (shape, dtype, device) -> (x, target...) when not (x, make_target(x))
+
+
+@dataclasses.dataclass
+class Family:
+    name: str                                # the public function, and the op lossops::<name>
+    inputs: tuple[Input, ...]
+    options: type                            # frozen dataclass; its fields follow the inputs in the schema
+    kernel: Kernel
+    run: Callable                            # (family, backend, tensors, options, grads) -> (loss, {input: grad})
+    loss_like: Callable                      # (tensors, options) -> an empty tensor shaped like the op's loss
+    reference: Optional[Callable] = None     # plain PyTorch, the "reference" backend
+    item_shape: Callable = lambda tensors, options: None  # how a per-item grad_output broadcasts on a gradient
+    function: Optional[Callable] = None      # the public function (set by @family.public)
+    module: Optional[type] = None            # its nn.Module (set by @family.module_class or make_module)
+    cases: tuple[Case, ...] = ()
+    bad_inputs: Optional[str] = None         # its kind in tests/test_bad_inputs.py ("classes", "elementwise")
+    torch_fn: Optional[Callable] = None      # torch's counterpart with the same signature, the tests' oracle
+    selfcheck: Optional[tuple] = None        # (keyword arguments, truth(x, t), make(dtype)) for lossops.selfcheck
+    bench: Optional[Bench] = None
+    kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
+    op: Any = None
+    option_fields: tuple = ()                           # the custom op, made by register()
+
+    def public(self, fn: Callable) -> Callable:
+        """Decorator for the family's public function."""
+        self.function = fn
+        return fn
+
+    def option_names(self) -> tuple[str, ...]:
+        # computed once by register(): torch.compile traces apply() and cannot trace dataclasses.fields
+        return self.option_fields
+
+    def replace(self, options, **changes):
+        """dataclasses.replace for this family's options, in a form torch.compile traces."""
+        return self.options(**{n: changes[n] if n in changes else getattr(options, n) for n in self.option_fields})
+
+    def apply(self, backend: str, tensors: dict, options, grads: dict) -> Tensor:
+        """Runs the op: tensors by input name, the options record, which differentiable inputs want a gradient."""
+        args = [tensors.get(i.name) for i in self.inputs]
+        args += [getattr(options, n) for n in self.option_names()]
+        args += [bool(grads.get(i.name, False)) for i in self.inputs if i.differentiable]
+        return self.op(*args, backend)[0]
+
+
+FAMILIES: dict[str, Family] = {}
+
+_SCHEMA_TYPES = {int: "int", float: "float", bool: "bool", str: "str", list[int]: "int[]", list[float]: "float[]",
+                 Tensor: "Tensor"}
+
+
+def _schema_type(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _schema_type(inner) + "?"
+    return _SCHEMA_TYPES[annotation]
+
+
+def _schema(family: Family) -> str:
+    hints = typing.get_type_hints(family.options)
+    params = [f"Tensor{'?' if i.optional else ''} {i.name}" for i in family.inputs]
+    params += [f"{_schema_type(hints[n])} {n}" for n in family.option_names()]
+    grads = [i.name for i in family.inputs if i.differentiable]
+    params += [f"bool grad_{n}" for n in grads] + ["str backend"]
+    outputs = ", ".join(["Tensor loss"] + [f"Tensor grad_{n}" for n in grads])
+    return f"({', '.join(params)}) -> ({outputs})"
+
+
+def register(family: Family) -> Family:
+    """Makes the custom op lossops::<name> with its fake implementation and autograd, and records the family."""
+    names = [i.name for i in family.inputs]
+    family.option_fields = options = tuple(f.name for f in dataclasses.fields(family.options))
+    differentiable = [i.name for i in family.inputs if i.differentiable]
+    n_in, n_opt = len(names), len(options)
+
+    def split(args):
+        tensors = dict(zip(names, args[:n_in]))
+        opts = family.options(**dict(zip(options, args[n_in:n_in + n_opt])))
+        grads = dict(zip(differentiable, args[n_in + n_opt:n_in + n_opt + len(differentiable)]))
+        return tensors, opts, grads, args[-1]
+
+    def empty(like: Tensor) -> Tensor:
+        return like.new_empty((0,))
+
+    def impl(*args):
+        tensors, opts, grads, backend = split(args)
+        loss, written = family.run(family, backend, tensors, opts, grads)
+        first = tensors[names[0]]
+        return (loss, *(written.get(n) if written.get(n) is not None else empty(first) for n in differentiable))
+
+    def fake(*args):
+        tensors, opts, grads, _ = split(args)
+        first = tensors[names[0]]
+        return (family.loss_like(tensors, opts),
+                *(tensors[n].new_empty(tensors[n].shape) if grads[n] else empty(first) for n in differentiable))
+
+    op = torch.library.custom_op(f"lossops::{family.name}", impl, mutates_args=(), schema=_schema(family))
+    op.register_fake(fake)
+
+    def setup_context(ctx, inputs, output):
+        tensors, opts, grads, _ = split(inputs)
+        ctx.save_for_backward(*output[1:])
+        ctx.computed = grads
+        ctx.item_shape = family.item_shape(tensors, opts) if opts.reduction == "none" else None
+        # apply_grad_output keeps per-gradient state on the object it is given: one per gradient.
+        ctx.states = {n: types.SimpleNamespace() for n in differentiable}
+        _reduce.mark_gradient_outputs(ctx, *output[1:])
+
+    def backward(ctx, grad_loss, *_unused):
+        saved = dict(zip(differentiable, ctx.saved_tensors))
+        result = []
+        for index, name in enumerate(names):
+            if not ctx.needs_input_grad[index]:
+                result.append(None)
+                continue
+            if name not in saved:
+                raise RuntimeError(f"lossops: {family.name} computes no gradient with respect to {name} (torch "
+                                   "defines none, or the public function takes the reference path for it)")
+            if not ctx.computed[name]:
+                raise RuntimeError(f"lossops: lossops::{family.name} ran with grad_{name}=False; call "
+                                   f"lossops.{family.name} with grad mode enabled and {name} requiring grad")
+            result.append(_reduce.apply_grad_output(ctx.states[name], saved[name], grad_loss, ctx.item_shape))
+        return (*result, *(None,) * (n_opt + len(differentiable) + 1))
+
+    op.register_autograd(backward, setup_context=setup_context)
+    family.op = op
+    if family.name in FAMILIES:
+        raise RuntimeError(f"lossops: a loss family named {family.name} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+_TENSOR_ANNOTATIONS = ("Tensor", "Optional[Tensor]", Tensor, Optional[Tensor])
+
+
+def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: tuple[str, ...] = (),
+                doc: Optional[str] = None, check: Optional[Callable] = None) -> type:
+    """The nn.Module of a public function: the constructor takes its arguments after the first `inputs` (tensor
+    ones become buffers, so they move with .to()), forward(*inputs, **per_call) calls the function with them.
+
+    As torch's loss Modules do, legacy size_average/reduce become a reduction when the Module is constructed
+    (with torch's warning); everything else is checked by the function on the first call. check(**arguments)
+    runs in the constructor for the checks torch makes there.
+    """
+    function = family.function
+    signature = inspect.signature(function)
+    params = [p for p in list(signature.parameters.values())[inputs:] if p.name not in per_call]
+    legacy = {"size_average", "reduce"} & {p.name for p in params}
+    stored = [p.name for p in params if p.name not in legacy]
+    init_signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + params)
+
+    def __init__(self, *args, **kwargs):
+        bound = init_signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        torch.nn.Module.__init__(self)
+        if check is not None:
+            check(**arguments)
+        if legacy and (arguments.get("size_average") is not None or arguments.get("reduce") is not None):
+            from torch.nn import _reduction
+            arguments["reduction"] = _reduction.legacy_get_string(arguments.get("size_average"),
+                                                                  arguments.get("reduce"))
+        for name in stored:
+            value = arguments[name]
+            # torch registers its tensor arguments as buffers whatever they are (a list is refused here)
+            if isinstance(value, Tensor) or signature.parameters[name].annotation in _TENSOR_ANNOTATIONS:
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, value)
+
+    def forward(self, *args, **kwargs):
+        return function(*args, **{name: getattr(self, name) for name in stored}, **kwargs)
+
+    __init__.__signature__ = init_signature
+    return type(class_name, (torch.nn.Module,), {
+        "__init__": __init__, "forward": forward, "__module__": "lossops.nn",
+        "__doc__": doc or f"lossops.{family.name} as a Module: arguments as the function's, stored at construction.",
+    })
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    return _checks.opmath_dtype(dtype)
