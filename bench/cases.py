@@ -36,8 +36,9 @@ class Family:
         return getattr(lossops, self.name, None)
 
     def inputs(self, shape: Shape, dtype: torch.dtype, device: torch.device):
-        if self.make_inputs is not None:
-            return self.make_inputs(shape, dtype, device)
+        if self.make_inputs is not None:  # (x, the other arguments as a tuple)
+            x, *rest = self.make_inputs(shape, dtype, device)
+            return x, tuple(rest)
         x = torch.randn(shape, dtype=dtype, device=device).requires_grad_()
         return x, self.make_target(x.detach())
 
@@ -75,9 +76,14 @@ def ours_name(device: torch.device) -> str:
     return "lossops-cpp" if device.type == "cpu" else "lossops-triton"
 
 
+def _arguments(target) -> tuple:
+    """The loss's arguments after x: one target, or a family's tuple of them (make_inputs)."""
+    return target if isinstance(target, tuple) else (target,)
+
+
 def implementations(family: Family, device: torch.device) -> list[Impl]:
     def eager(x, target):
-        return family.eager(x, target, **family.kwargs)
+        return family.eager(x, *_arguments(target), **family.kwargs)
 
     compiled = _Compiled(eager)
     impls = [Impl("eager", eager), Impl("compile", compiled, warm=compiled.warm)]
@@ -85,7 +91,7 @@ def implementations(family: Family, device: torch.device) -> list[Impl]:
 
     def ours(x, target, **extra):
         with lossops.backend(backend):
-            return family.ours(x, target, **family.kwargs, **extra)
+            return family.ours(x, *_arguments(target), **family.kwargs, **extra)
 
     impls.append(Impl(ours_name(device), ours))
     if family.inplace_variant:

@@ -86,7 +86,7 @@ def plan(args: argparse.Namespace, note) -> list[tuple]:
         for dtype_name in dict.fromkeys(args.dtype or ["float32", "bfloat16"]):
             dtype = DTYPES[dtype_name]
             for shape in shapes:
-                if len(shape) != 2:
+                if len(shape) != 2 and family.make_inputs is None:
                     note(f"skipped {name} {'x'.join(map(str, shape))}: only --grid runs shapes of more than 2 dims")
                     continue
                 needed = shape[0] * shape[1] * max(4, dtype.itemsize) * MEMORY_COPIES

@@ -87,8 +87,8 @@ def _close(value: float, reference: float, dtype: torch.dtype) -> bool:
 
 def _float32_loss(family: Family, x: torch.Tensor, target: torch.Tensor) -> float:
     with torch.no_grad():
-        target = target.float() if target.is_floating_point() else target
-        return float(family.eager(x.detach().float(), target, **family.kwargs))
+        rest = target if isinstance(target, tuple) else (target.float() if target.is_floating_point() else target,)
+        return float(family.eager(x.detach().float(), *rest, **family.kwargs))
 
 
 def measure_floor(name: str, x: torch.Tensor, settings: Settings, row: Row) -> Row:

@@ -1,0 +1,215 @@
+"""lossops.ctc_loss against torch.nn.functional.ctc_loss, on every backend.
+
+torch is the oracle for values and gradients (its gradient convention included: exp(log_probs) - posterior),
+float64 gradcheck runs through log_softmax (the raw derivative with respect to log_probs is not what torch
+returns, and torch's own CTC fails that check), and the cases where lossops differs on purpose (a target value
+outside [0, C), which torch's CPU kernel reads past the row for; bf16/fp16, which torch's CPU kernel refuses)
+are tested as such.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import lossops
+from _cases import forward_backward, leaf_copies
+
+CASES = [
+    dict(blank=0, reduction="mean", zero_infinity=False, layout="padded"),
+    dict(blank=5, reduction="sum", zero_infinity=False, layout="concatenated"),
+    dict(blank=2, reduction="none", zero_infinity=True, layout="padded"),
+    dict(blank=0, reduction="none", zero_infinity=False, layout="concatenated"),
+    dict(blank=0, reduction="mean", zero_infinity=True, layout="lists"),
+]
+
+
+def _problem(T=10, N=4, C=6, S=4, blank=0, layout="padded", seed=0, dtype=torch.float64, impossible=True):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, N, C, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, C - 1, (N, S), generator=gen)
+    targets = targets + (targets >= blank).long()  # never the blank
+    targets[0, 1] = targets[0, 0]  # a repeated label
+    input_lengths = torch.tensor([T, T - 1, T - 3, T][:N])
+    target_lengths = torch.tensor([S, S - 1, 0, 2][:N])
+    if impossible:  # sequence 3: four labels, two repeated, in two time steps
+        input_lengths[3], target_lengths[3] = 2, 3
+    if layout == "concatenated":
+        targets = torch.cat([targets[n, :target_lengths[n]] for n in range(N)])
+    if layout == "lists":
+        input_lengths, target_lengths = input_lengths.tolist(), target_lengths.tolist()
+    return logits.to(dtype), targets, input_lengths, target_lengths
+
+
+def _call(fn, options):
+    kwargs = {k: v for k, v in options.items() if k != "layout"}
+    return lambda logits, targets, il, tl: fn(logits.log_softmax(-1), targets, il, tl, **kwargs)
+
+
+@pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_float64_matches_torch(backend, options):
+    logits, targets, il, tl = _problem(blank=options["blank"], layout=options["layout"])
+    x = logits.requires_grad_()
+    ours = forward_backward(lambda x: _call(lossops.ctc_loss, options)(x, targets, il, tl), [x])
+    theirs = forward_backward(lambda x: _call(F.ctc_loss, options)(x, targets, il, tl), leaf_copies([x]))
+    assert_close(ours, theirs, equal_nan=True, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", CASES[:3], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_gradcheck_through_log_softmax(kernel_backend, options):
+    logits, targets, il, tl = _problem(T=6, N=3, C=5, S=3, blank=min(options["blank"], 4), layout=options["layout"],
+                                       impossible=False)
+    options = dict(options, blank=min(options["blank"], 4))
+    if options["layout"] == "concatenated":
+        targets = targets[:int(torch.as_tensor(tl).sum())]
+    fn = _call(lossops.ctc_loss, options)
+    assert torch.autograd.gradcheck(lambda x: fn(x, targets, il, tl), (logits.requires_grad_(),))
+
+
+def test_raw_log_probs_gradient_is_torchs_convention():
+    """Not the derivative with respect to log_probs: exp(log_probs) - posterior, as torch returns."""
+    logits, targets, il, tl = _problem(impossible=False)
+    lp = logits.log_softmax(-1)
+    ours = forward_backward(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="sum"), [lp.clone().requires_grad_()])
+    theirs = forward_backward(lambda x: F.ctc_loss(x, targets, il, tl, reduction="sum"), [lp.clone().requires_grad_()])
+    assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert not torch.autograd.gradcheck(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="sum"),
+                                        (lp.clone().requires_grad_(),), raise_exception=False)
+
+
+def test_unbatched_matches_torch(backend):
+    logits, targets, il, tl = _problem(N=1, impossible=False)
+    x = logits[:, 0].requires_grad_()
+    for reduction in ("none", "mean", "sum"):
+        ours = forward_backward(lambda x: lossops.ctc_loss(x.log_softmax(-1), targets[0], il[0], tl[0],
+                                                           reduction=reduction), [x])
+        theirs = forward_backward(lambda x: F.ctc_loss(x.log_softmax(-1), targets[0], il[0], tl[0],
+                                                       reduction=reduction), leaf_copies([x]))
+        assert_close(ours, theirs)
+
+
+def test_impossible_and_empty_sequences(backend):
+    logits, targets, _, _ = _problem(N=4, impossible=False)
+    lp = logits.log_softmax(-1)
+    il, tl = torch.tensor([0, 0, 3, 10]), torch.tensor([0, 2, 4, 0])  # empty ok, empty impossible, too short, blanks
+    for zero_infinity in (False, True):
+        x = lp.clone().requires_grad_()
+        loss = lossops.ctc_loss(x, targets, il, tl, reduction="none", zero_infinity=zero_infinity)
+        expected = F.ctc_loss(lp, targets, il, tl, reduction="none", zero_infinity=zero_infinity)
+        assert_close(loss, expected)
+        loss.sum().backward()
+        xt = lp.clone().requires_grad_()
+        F.ctc_loss(xt, targets, il, tl, reduction="sum", zero_infinity=zero_infinity).backward()
+        assert_close(x.grad, xt.grad, equal_nan=True)
+        if zero_infinity:
+            assert torch.isfinite(x.grad).all() and (x.grad[:, 1:3] == 0).all()
+
+
+def test_float32_matches_torch_and_noncontiguous_log_probs(backend):
+    logits, targets, il, tl = _problem(T=30, N=4, C=40, S=8, dtype=torch.float32, impossible=False)
+    batch_first = logits.transpose(0, 1).contiguous().requires_grad_()  # (N, T, C) stored: a strided (T, N, C) view
+    ours = forward_backward(lambda x: lossops.ctc_loss(x.transpose(0, 1).log_softmax(-1), targets, il, tl),
+                            [batch_first])
+    theirs = forward_backward(lambda x: F.ctc_loss(x.transpose(0, 1).log_softmax(-1), targets, il, tl),
+                              leaf_copies([batch_first]))
+    assert_close(ours, theirs, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_no_worse_than_float32(kernel_backend, dtype):
+    """torch's CPU kernel has no bf16/fp16: ours reads them and accumulates in float32, so against the float64
+    truth of the same (rounded) inputs its error is that of a float32 computation, rounded to the dtype."""
+    logits, targets, il, tl = _problem(T=40, N=4, C=30, S=10, impossible=False)
+    lp = logits.log_softmax(-1).to(dtype)
+    ours = forward_backward(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="none"), [lp.clone().requires_grad_()])
+    truth = forward_backward(lambda x: F.ctc_loss(x, targets, il, tl, reduction="none"), [lp.double().requires_grad_()])
+    f32 = forward_backward(lambda x: F.ctc_loss(x, targets, il, tl, reduction="none"), [lp.float().requires_grad_()])
+    assert ours[0].dtype == dtype and ours[1][0].dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for got, ref, true in ((ours[0], f32[0], truth[0]), (ours[1][0], f32[1][0], truth[1][0])):
+        ours_err = (got.double() - true).abs().max()
+        f32_rounded_err = (ref.to(dtype).double() - true).abs().max()
+        assert ours_err <= f32_rounded_err + eps * true.abs().max()
+
+
+def test_opinfo_samples(backend):
+    from torch.testing._internal.common_methods_invocations import op_db
+    (opinfo,) = [op for op in op_db if op.name == "nn.functional.ctc_loss"]
+    samples = list(opinfo.sample_inputs("cpu", torch.float64, requires_grad=True))
+    assert samples
+    for sample in samples:
+        inputs = [sample.input, *sample.args]
+        ours = forward_backward(lambda *a: lossops.ctc_loss(*a, **sample.kwargs), inputs)
+        theirs = forward_backward(lambda *a: F.ctc_loss(*a, **sample.kwargs), leaf_copies(inputs))
+        assert_close(ours, theirs)
+
+
+BAD = [
+    (dict(input_lengths=[11, 9, 7, 2]), RuntimeError, "input_lengths value 11"),
+    (dict(input_lengths=[10, -1, 7, 2]), RuntimeError, "input_lengths must be non-negative"),
+    (dict(target_lengths=[5, 3, 0, 3]), RuntimeError, "target_lengths value 5"),
+    (dict(target_lengths=[4, -1, 0, 3]), RuntimeError, "target_lengths must be non-negative"),
+    (dict(input_lengths=[10, 9, 7]), RuntimeError, "one entry per sequence"),
+    (dict(input_lengths=torch.tensor([10.0, 9, 7, 2])), RuntimeError, "must be integral"),
+    (dict(blank=6), RuntimeError, "blank must be in the label range"),
+    (dict(blank=-1), RuntimeError, "blank must be in the label range"),
+    (dict(targets=torch.full((4, 4), 99)), IndexError, "targets value 99"),
+    (dict(targets=torch.full((3, 4), 1)), RuntimeError, "targets must be padded"),
+    (dict(targets=torch.ones(4, 4, dtype=torch.bool)), RuntimeError, "class indices"),
+    (dict(reduction="bogus"), ValueError, "bogus"),
+    (dict(log_probs=torch.zeros(10, 4, 6, dtype=torch.int64)), TypeError, "log_probs must be a floating-point"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_arguments_name_the_argument(backend, change, error, message):
+    logits, targets, il, tl = _problem(impossible=False)
+    arguments = dict(log_probs=logits.log_softmax(-1), targets=targets, input_lengths=il, target_lengths=tl)
+    arguments.update(change)
+    with pytest.raises(error, match=message):
+        lossops.ctc_loss(**arguments)
+
+
+def test_out_of_range_target_raises_where_torch_reads_past_the_row():
+    logits, targets, il, tl = _problem(impossible=False)
+    targets[1, 0] = 6  # == C: torch 2.13's CPU kernel returns a number read from outside the class row
+    for backend in ("cpp", "triton"):
+        with lossops.backend(backend), pytest.raises(IndexError, match="targets value 6"):
+            lossops.ctc_loss(logits.log_softmax(-1), targets, il, tl)
+
+
+def test_bitwise_deterministic_for_any_thread_count():
+    logits, targets, il, tl = _problem(T=60, N=8, C=20, S=10, dtype=torch.float32, impossible=False)
+    il, tl = torch.full((8,), 60), torch.full((8,), 10)
+    targets = torch.randint(1, 20, (8, 10))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with lossops.backend("cpp"):
+                results.append(forward_backward(lambda x: lossops.ctc_loss(x, targets, il, tl),
+                                                [logits.log_softmax(-1).requires_grad_()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1][0], results[1][1][0])
+
+
+def test_module_matches_torch_module(backend):
+    logits, targets, il, tl = _problem(impossible=True)
+    for kwargs in (dict(), dict(blank=1, reduction="sum", zero_infinity=True)):
+        lp = logits.log_softmax(-1)
+        if kwargs.get("blank") == 1:
+            targets = torch.where(targets == 1, 2, targets)
+        ours = forward_backward(lambda x: lossops.nn.CTCLoss(**kwargs)(x, targets, il, tl), [lp.clone().requires_grad_()])
+        theirs = forward_backward(lambda x: torch.nn.CTCLoss(**kwargs)(x, targets, il, tl),
+                                  [lp.clone().requires_grad_()])
+        assert_close(ours, theirs, equal_nan=True)
+
+
+def test_padding_beyond_the_target_lengths_is_never_read(backend):
+    logits, targets, il, tl = _problem(impossible=False)
+    padded = targets.clone()
+    for n, length in enumerate(tl.tolist()):
+        padded[n, length:] = -1  # a common padding value, out of range for every class
+    lp = logits.log_softmax(-1)
+    assert_close(lossops.ctc_loss(lp, padded, il, tl), F.ctc_loss(lp, targets, il, tl))
