@@ -76,14 +76,24 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(bytes + off, kWrite, 3);
 }
 
+// Lane reductions through memory, in lane order (at::vec::vec_reduce_all takes the vector by value, which the
+// baseline build's GCC flags with a -Wpsabi note).
 template <typename acc_t>
 inline acc_t vec_sum(const CVec<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>([](CVec<acc_t>& x, CVec<acc_t>& y) { return x + y; }, v);
+  alignas(64) acc_t lanes[CVec<acc_t>::size()];
+  v.store(lanes);
+  acc_t total = lanes[0];
+  for (int64_t j = 1; j < CVec<acc_t>::size(); ++j) total += lanes[j];
+  return total;
 }
 
 template <typename acc_t>
 inline acc_t vec_max(const CVec<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>([](CVec<acc_t>& x, CVec<acc_t>& y) { return at::vec::clamp_min(x, y); }, v);
+  alignas(64) acc_t lanes[CVec<acc_t>::size()];
+  v.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t j = 1; j < CVec<acc_t>::size(); ++j) m = std::max(m, lanes[j]);
+  return m;
 }
 
 // The offset subtracted from the next row: the row's maximum, or 0 for a row with no finite state (or a NaN),
@@ -424,8 +434,8 @@ std::vector<at::Tensor> ctc_loss_forward(const at::Tensor& log_probs, const at::
                 ") lie outside the targets tensor of ", num_targets, " elements");
     for (int64_t k = 0; k < tl[n]; ++k) {
       const int64_t v = tg[to[n] + k];
-      TORCH_CHECK(v >= 0 && v < C, "lossops: targets value ", v, " at sequence ", n, " position ", k,
-                  " is out of bounds for ", C, " classes");
+      TORCH_CHECK_INDEX(v >= 0 && v < C, "lossops: targets value ", v, " at sequence ", n, " position ", k,
+                        " is out of bounds for ", C, " classes");
     }
   }
   if (grad.has_value()) {

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _reduce
+from . import _backend, _checks, _eager, _reduce
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,8 @@ class Family:
     bench: Optional[Bench] = None
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
     op: Any = None
-    option_fields: tuple = ()                           # the custom op, made by register()
+    option_fields: tuple = ()
+    eager_parts: tuple = ()  # (impl, setup_context, backward, number of tensor inputs) for LossopsEager                           # the custom op, made by register()
 
     def public(self, fn: Callable) -> Callable:
         """Decorator for the family's public function."""
@@ -110,7 +111,32 @@ class Family:
         args = [tensors.get(i.name) for i in self.inputs]
         args += [getattr(options, n) for n in self.option_names()]
         args += [bool(grads.get(i.name, False)) for i in self.inputs if i.differentiable]
-        return self.op(*args, backend)[0]
+        args.append(backend)
+        if _eager.applies(*args[:len(self.inputs)]):
+            return LossopsEager.apply((self, args), *args[:len(self.inputs)])
+        return self.op(*args)[0]
+
+
+class LossopsEager(torch.autograd.Function):
+    """A family's op body and autograd (the same functions the custom op registers) without the custom-op
+    dispatch, for plain eager calls (lossops._eager.applies: no torch.compile, tensor subclass, dispatch or
+    function mode, functorch transform, forward AD or autocast); everything else goes through the custom op, so
+    tracing, opcheck and FakeTensor see it. The custom-op machinery measured about 100 us a call, more than a small
+    problem's whole kernel."""
+
+    @staticmethod
+    def forward(ctx, call, *tensor_inputs):
+        family, args = call
+        impl, setup_context, _, _ = family.eager_parts
+        outputs = impl(*args)
+        setup_context(ctx, args, outputs, eager=True)
+        ctx.family = family
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _, _, backward, n_in = ctx.family.eager_parts
+        return (None, *backward(ctx, grad_loss, first_input=1)[:n_in])
 
 
 FAMILIES: dict[str, Family] = {}
@@ -167,20 +193,23 @@ def register(family: Family) -> Family:
     op = torch.library.custom_op(f"lossops::{family.name}", impl, mutates_args=(), schema=_schema(family))
     op.register_fake(fake)
 
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, eager=False):
         tensors, opts, grads, _ = split(inputs)
         ctx.save_for_backward(*output[1:])
         ctx.computed = grads
         ctx.item_shape = family.item_shape(tensors, opts) if opts.reduction == "none" else None
         # apply_grad_output keeps per-gradient state on the object it is given: one per gradient.
         ctx.states = {n: types.SimpleNamespace() for n in differentiable}
-        _reduce.mark_gradient_outputs(ctx, *output[1:])
+        if eager:  # the gradients are not outputs there
+            ctx.set_materialize_grads(False)
+        else:
+            _reduce.mark_gradient_outputs(ctx, *output[1:])
 
-    def backward(ctx, grad_loss, *_unused):
+    def backward(ctx, grad_loss, *_unused, first_input=0):
         saved = dict(zip(differentiable, ctx.saved_tensors))
         result = []
         for index, name in enumerate(names):
-            if not ctx.needs_input_grad[index]:
+            if not ctx.needs_input_grad[first_input + index]:
                 result.append(None)
                 continue
             if name not in saved:
@@ -193,6 +222,7 @@ def register(family: Family) -> Family:
         return (*result, *(None,) * (n_opt + len(differentiable) + 1))
 
     op.register_autograd(backward, setup_context=setup_context)
+    family.eager_parts = (impl, setup_context, backward, n_in)
     family.op = op
     if family.name in FAMILIES:
         raise RuntimeError(f"lossops: a loss family named {family.name} is already registered")
