@@ -278,7 +278,8 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
     }
   }
   const double nll = -log_likelihood;
-  if (nll == std::numeric_limits<double>::infinity()) {
+  // Tested in the accumulation type: a float nll that overflows is infinite for zero_infinity, as in torch.
+  if (static_cast<acc_t>(nll) == std::numeric_limits<acc_t>::infinity()) {
     p.nll[n] = p.zero_infinity ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
     if (want_grad) {
       fill_rows<scalar_t>(p, n, 0, T, p.zero_infinity ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN());

@@ -91,6 +91,7 @@ class Family:
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
     op: Any = None
     option_fields: tuple = ()
+    option_converters: tuple = ()
     eager_parts: tuple = ()  # (impl, setup_context, backward, number of tensor inputs) for LossopsEager                           # the custom op, made by register()
 
     def public(self, fn: Callable) -> Callable:
@@ -109,7 +110,9 @@ class Family:
     def apply(self, backend: str, tensors: dict, options, grads: dict) -> Tensor:
         """Runs the op: tensors by input name, the options record, which differentiable inputs want a gradient."""
         args = [tensors.get(i.name) for i in self.inputs]
-        args += [getattr(options, n) for n in self.option_names()]
+        # as the custom op's schema would convert them (numpy scalars, one-element tensors): the eager call below
+        # passes them straight to the kernels
+        args += [convert(getattr(options, n)) for n, convert in zip(self.option_fields, self.option_converters)]
         args += [bool(grads.get(i.name, False)) for i in self.inputs if i.differentiable]
         args.append(backend)
         if _eager.applies(*args[:len(self.inputs)]):
@@ -162,10 +165,24 @@ def _schema(family: Family) -> str:
     return f"({', '.join(params)}) -> ({outputs})"
 
 
+def _identity(value):
+    return value
+
+
+def _converter(annotation) -> Callable:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        convert = _converter(inner)
+        return lambda value: None if value is None else convert(value)
+    return {int: int, float: float, bool: bool}.get(annotation, _identity)
+
+
 def register(family: Family) -> Family:
     """Makes the custom op lossops::<name> with its fake implementation and autograd, and records the family."""
     names = [i.name for i in family.inputs]
     family.option_fields = options = tuple(f.name for f in dataclasses.fields(family.options))
+    hints = typing.get_type_hints(family.options)
+    family.option_converters = tuple(_converter(hints[n]) for n in options)
     differentiable = [i.name for i in family.inputs if i.differentiable]
     n_in, n_opt = len(names), len(options)
 
