@@ -30,6 +30,9 @@ class Family:
     columns: str = "classes"  # what the second dimension means, for the plot's x axis
     inplace_variant: bool = False  # lossops takes inplace_backward=True
     make_inputs: Optional[Callable] = None  # (shape, dtype, device) -> (x, *rest) when not (x, make_target(x))
+    grid_shapes: tuple = ()  # --grid's shapes, and its --quick ones
+    grid_quick_shapes: tuple = ()
+    targets: tuple = ()  # lossops._family.SpeedTarget
 
     @property
     def ours(self) -> Optional[Callable]:
@@ -46,7 +49,7 @@ class Family:
 # Every loss family that declares a benchmark (lossops._family.Bench).
 FAMILIES: dict[str, Family] = {
     name: Family(name, b.eager, b.make_target, tuple(b.shapes), tuple(b.quick_shapes), dict(b.kwargs), b.columns,
-                 b.inplace_variant, b.make_inputs)
+                 b.inplace_variant, b.make_inputs, tuple(b.grid_shapes), tuple(b.grid_quick_shapes), tuple(b.targets))
     for name, declared in LOSS_FAMILIES.items() if (b := declared.bench) is not None
 }
 

@@ -17,37 +17,16 @@ import torch
 
 import lossops
 
-from .cases import FAMILIES, Family
+from .cases import FAMILIES, Family, _arguments
 from .report import Stamp
 
-TINY = [(32, 10), (256, 4)]
-SMALL_CLASSES = [(65536, 10), (65536, 100), (1000, 80)]
-CLASS_DIM_1 = [(8, 21, 128, 128), (4, 150, 64, 64)]
-MID = [(16384, 1000)]
-LLM = [(4096, 32000), (1024, 128000)]
-ELEMENTWISE_LARGE = [(65536, 80), (4096, 8192)]
-GRID_SHAPES = {
-    "cross_entropy": TINY + SMALL_CLASSES + CLASS_DIM_1 + MID + LLM,
-    "softmax_focal_loss": TINY + SMALL_CLASSES + MID + [(4096, 32000)],
-    "sigmoid_focal_loss": TINY + SMALL_CLASSES + MID + ELEMENTWISE_LARGE,
-    "binary_cross_entropy_with_logits": TINY + SMALL_CLASSES + MID + ELEMENTWISE_LARGE,
-    **{name: TINY + [(1000, 80)] + MID + ELEMENTWISE_LARGE
-       for name in ("smooth_l1_loss", "huber_loss", "l1_loss", "mse_loss")},
-}
-QUICK_SHAPES = {name: TINY + ([(2, 5, 4, 4)] if name == "cross_entropy" else []) for name in GRID_SHAPES}
-
-# Speed targets beyond "at least eager's speed", for forward+backward: (op, shape, dtype or None, threads
-# "all"/"1"/None) -> the lowest acceptable lossops speed-up over eager.
-TARGETS = {
-    ("cross_entropy", (65536, 10), None, None): 3.0,
-    ("cross_entropy", (65536, 100), None, None): 3.0,
-    ("sigmoid_focal_loss", (1000, 80), None, None): 2.0,
-    ("binary_cross_entropy_with_logits", (1000, 80), None, None): 2.0,
-    ("cross_entropy", (8, 21, 128, 128), None, None): 2.0,
-    ("cross_entropy", (4, 150, 64, 64), None, None): 2.0,
-    ("sigmoid_focal_loss", (65536, 80), "float32", "all"): 5.0,
-    ("cross_entropy", (4096, 32000), "bfloat16", None): 8.0,
-}
+# Each family declares its grid shapes and speed targets (lossops._family.Bench, GridShapes).
+GRID_SHAPES = {name: family.grid_shapes for name, family in FAMILIES.items() if family.grid_shapes}
+QUICK_SHAPES = {name: FAMILIES[name].grid_quick_shapes for name in GRID_SHAPES}
+# (op, shape, dtype or None, threads "all"/"1"/None) -> the lowest acceptable lossops speed-up over eager,
+# forward+backward, beyond "at least eager's speed".
+TARGETS = {(name, tuple(t.shape), t.dtype, t.threads): t.speedup
+           for name, family in FAMILIES.items() for t in family.targets}
 MODES = ("fwd+bwd", "no_grad fwd")
 # A sample is at least this long: tiny calls are timed in batches, so the timer's own cost does not count.
 MIN_SAMPLE_S = 2e-3
@@ -126,10 +105,10 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict:
 
 def _callables(family: Family, device: torch.device, x: torch.Tensor, target: torch.Tensor, mode: str):
     def eager(inp, tgt):
-        return family.eager(inp, tgt, **family.kwargs)
+        return family.eager(inp, *_arguments(tgt), **family.kwargs)
 
     def ours(inp, tgt):  # what a user's call gets: the default backend for the device
-        return family.ours(inp, tgt, **family.kwargs)
+        return family.ours(inp, *_arguments(tgt), **family.kwargs)
 
     compiled = torch.compile(eager, dynamic=False)
 
@@ -162,8 +141,11 @@ def run_grid(args, note) -> list[Cell]:
         family = FAMILIES[op]
         dtype = DTYPES[dtype_name]
         torch.manual_seed(0)
-        x = torch.randn(shape, dtype=dtype, device=device).requires_grad_()
-        target = class_target(x) if family.make_target.__name__ == "class_index" else family.make_target(x.detach())
+        if family.make_inputs is not None:
+            x, target = family.inputs(shape, dtype, device)
+        else:
+            x = torch.randn(shape, dtype=dtype, device=device).requires_grad_()
+            target = class_target(x) if family.make_target.__name__ == "class_index" else family.make_target(x.detach())
         label = f"{op} {dtype_name} {'x'.join(map(str, shape))}"
         print(f"[{index + 1}/{len(plan)} {time.monotonic() - start:5.0f}s] {label}", file=sys.stderr, flush=True)
         for mode in MODES:

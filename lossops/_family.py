@@ -69,6 +69,30 @@ class Bench:
     columns: str = "classes"
     inplace_variant: bool = False
     make_inputs: Optional[Callable] = None  # (shape, dtype, device) -> (x, target...) when not (x, make_target(x))
+    # `python -m bench --grid`: the shapes users have, tiny to LLM-sized (GridShapes), and its --quick subset
+    grid_shapes: tuple = ()
+    grid_quick_shapes: tuple = ()
+    targets: tuple = ()  # SpeedTarget: forward+backward speed-ups over eager beyond "at least 1x"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedTarget:
+    """lossops at least `speedup` times eager's speed, forward+backward, at `shape`; dtype ("float32",
+    "bfloat16") and threads ("1", "all") restrict it, None meaning every one."""
+    shape: tuple
+    speedup: float
+    dtype: Optional[str] = None
+    threads: Optional[str] = None
+
+
+class GridShapes:
+    """The benchmark grid's shape groups, which families pick from in their Bench declaration."""
+    TINY = ((32, 10), (256, 4))  # per-call overhead is the cost
+    SMALL_CLASSES = ((65536, 10), (65536, 100), (1000, 80))  # CIFAR-10, detection heads
+    CLASS_DIM_1 = ((8, 21, 128, 128), (4, 150, 64, 64))  # segmentation (N, C, H, W)
+    MID = ((16384, 1000),)
+    LLM = ((4096, 32000), (1024, 128000))
+    ELEMENTWISE_LARGE = ((65536, 80), (4096, 8192))
 
 
 @dataclasses.dataclass

@@ -13,7 +13,12 @@ import lossops
 from lossops.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 N, D, V = 13, 6, 23  # V splits unevenly over 2 and 3 ranks
-OPTIONS = [dict(), dict(ignore_index=5), dict(label_smoothing=0.2), dict(ignore_index=5, label_smoothing=0.1)]
+OPTIONS = [dict(), dict(ignore_index=5), dict(label_smoothing=0.2), dict(ignore_index=5, label_smoothing=0.1),
+           dict(weight=True), dict(weight=True, ignore_index=5, label_smoothing=0.1),
+           dict(lse_square_scale=1e-2), dict(softcap=4.0), dict(weight=True, lse_square_scale=1e-2, softcap=3.0,
+                                                                label_smoothing=0.1, ignore_index=5)]
+# Each option set runs on one backend in turn (the spawn dominates the time; every backend meets every kind).
+BACKENDS = ["cpp", "triton", "reference"]
 REDUCTIONS = ["mean", "sum", "none"]
 
 
@@ -23,7 +28,17 @@ def _data(options, seed):
     logits = torch.randn(N, V, dtype=torch.float64, generator=gen) * 3
     target = torch.randint(0, V, (N,), generator=gen)
     target[::3] = options.get("ignore_index", -100)
-    return logits, target, torch.rand(N, dtype=torch.float64, generator=gen) + 0.5
+    if options.get("weight"):
+        options = dict(options, weight=torch.rand(V, dtype=torch.float64, generator=gen) + 0.2)
+    return logits, target, torch.rand(N, dtype=torch.float64, generator=gen) + 0.5, options
+
+
+def _single_process(logits, target, reduction, options):
+    """torch's cross_entropy on the full logits; lossops' reference where torch has no such option."""
+    if options.get("lse_square_scale") or options.get("softcap"):
+        with lossops.backend("reference"):
+            return lossops.cross_entropy(logits, target, reduction=reduction, **options)
+    return F.cross_entropy(logits, target, reduction=reduction, **options)
 
 
 def _shard(world_size, rank):
@@ -37,11 +52,11 @@ def _scaled(loss, grad_output, reduction):
 
 
 def _check_logits(shard, group, options, reduction, seed):
-    logits, target, grad_output = _data(options, seed)
+    logits, target, grad_output, options = _data(options, seed)
     local = logits[:, shard].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(local, target, group, reduction=reduction, **options)
     full = logits.clone().requires_grad_()
-    expected = F.cross_entropy(full, target, reduction=reduction, **options)
+    expected = _single_process(full, target, reduction, options)
     torch.testing.assert_close(loss, expected)
     _scaled(loss, grad_output, reduction).backward()
     _scaled(expected, grad_output, reduction).backward()
@@ -49,7 +64,7 @@ def _check_logits(shard, group, options, reduction, seed):
 
 
 def _check_linear(shard, group, options, reduction, seed):
-    logits, target, grad_output = _data(options, seed)
+    logits, target, grad_output, options = _data(options, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     hidden = torch.randn(2, N // 2 + 1, D, dtype=torch.float64, generator=gen)[:, :N // 2]  # batch dims
     target = target[:hidden.shape[0] * hidden.shape[1]].reshape(hidden.shape[:-1])
@@ -60,7 +75,7 @@ def _check_linear(shard, group, options, reduction, seed):
     ref = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     loss = vocab_parallel_linear_cross_entropy(ours[0], ours[1], target, group, local_bias=ours[2],
                                                reduction=reduction, **options)
-    expected = F.cross_entropy(F.linear(*ref).permute(0, 2, 1), target, reduction=reduction, **options)
+    expected = _single_process(F.linear(*ref).permute(0, 2, 1), target, reduction, options)
     torch.testing.assert_close(loss, expected)
     _scaled(loss, grad_output, reduction).backward()
     _scaled(expected, grad_output, reduction).backward()
@@ -72,11 +87,12 @@ def _check_linear(shard, group, options, reduction, seed):
 def _check_all(world_size, rank, group):
     shard = _shard(world_size, rank)
     for seed, options in enumerate(OPTIONS):
-        for reduction in REDUCTIONS:
-            _check_logits(shard, group, options, reduction, seed)
-            _check_linear(shard, group, options, reduction, seed)
+        for index, reduction in enumerate(REDUCTIONS):
+            with lossops.backend(BACKENDS[(seed + index) % len(BACKENDS)]):
+                _check_logits(shard, group, options, reduction, seed)
+                _check_linear(shard, group, options, reduction, seed)
     # Every rank rejects a target beyond the last shard at the same point, so none is left waiting in a collective.
-    logits, target, _ = _data({}, 0)
+    logits, target, _, _ = _data({}, 0)
     target[1] = V
     with pytest.raises(IndexError, match=f"target {V} is out of bounds .*classes over all ranks is {V}"):
         vocab_parallel_cross_entropy(logits[:, shard], target, group)

@@ -215,6 +215,103 @@ def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing,
     return row_loss, row_lse, row_loss.sum()
 
 
+# --- vocabulary-parallel cross-entropy (lossops.distributed): a rank holds classes [class_offset, + C) ----------
+
+@triton.jit
+def shard_stats_kernel(
+    X, stride_xr, stride_xc, T, W, STATS, PARAMS, C, class_offset, ignore_index,
+    HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_xr
+    cap = tl.load(PARAMS).to(ACC)
+    y = tl.load(T + row)
+    keep = y != ignore_index
+    read = tl.where(keep, C, 0)  # columns to read: none for an ignored row
+    m = float("-inf")
+    s = 0.0
+    dot = 0.0
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < read
+        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        new_m = tl.maximum(m, tl.max(x, axis=0))
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=0)
+        m = new_m
+        x0 = tl.where(mask, x, 0.0)
+        if HAS_WEIGHT:
+            x0 = x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        dot += tl.sum(x0, axis=0)
+    local = y - class_offset
+    owned = keep & (local >= 0) & (local < C)
+    x_y = _load_logits(X + tl.where(owned, local, 0) * stride_xc, owned, SOFTCAP, cap, ACC)
+    tl.store(STATS + row * 4 + 0, tl.where(keep, m, 0.0))
+    tl.store(STATS + row * 4 + 1, s)
+    tl.store(STATS + row * 4 + 2, tl.where(owned, x_y, 0.0))
+    tl.store(STATS + row * 4 + 3, dot)
+
+
+@triton.jit
+def shard_grad_kernel(
+    X, stride_xr, stride_xc, T, W, G, LSE, COEF, PARAMS, C, class_offset,
+    HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_xr
+    G += row * C
+    cap = tl.load(PARAMS).to(ACC)
+    a = tl.load(COEF + row * 3 + 0).to(ACC)
+    b = tl.load(COEF + row * 3 + 1).to(ACC)
+    d = tl.load(COEF + row * 3 + 2).to(ACC)
+    live = (a != 0.0) | (b != 0.0) | (d != 0.0)  # an ignored row: zeros, its logits never read
+    read = tl.where(live, C, 0)
+    lse = tl.load(LSE + row).to(ACC)
+    local = tl.load(T + row) - class_offset
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < read
+        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        g = a * tl.exp(x - lse) - tl.where(cols == local, b, 0.0)
+        if HAS_WEIGHT:
+            g -= d * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        else:
+            g -= d
+        if SOFTCAP:
+            t = x / cap
+            g = g * (1.0 - t * t)
+        tl.store(G + cols, tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
+
+
+def _shard_launch(input, softcap):
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    params = float_options((float(softcap) if softcap is not None else 1.0,), acc, input.device)
+    return acc, params, dict(SOFTCAP=softcap is not None, ACC=acc_dtype(input.dtype), **launch_config(input.shape[1]))
+
+
+def cross_entropy_shard_stats(*, input, target, weight, class_offset, ignore_index, softcap):
+    """Same contract as the C++ kernel: per row [max, sum exp(x - max), owned target logit, sum_j w_j x_j] of
+    this shard's (capped) logits, zeros for ignored rows."""
+    acc, params, flags = _shard_launch(input, softcap)
+    stats = torch.empty((input.shape[0], 4), dtype=acc, device=input.device)
+    if input.shape[0]:
+        shard_stats_kernel[(input.shape[0],)](
+            input, *input.stride(), target, weight if weight is not None else stats, stats, params, input.shape[1],
+            class_offset, ignore_index, HAS_WEIGHT=weight is not None, **flags)
+    return [stats]
+
+
+def cross_entropy_shard_grad(*, input, target, weight, grad, lse, coefficients, class_offset, softcap):
+    """Writes grad = softcap' * (A exp(x - lse) - B [j = target - class_offset] - D w_j) per row (coefficients
+    (N, 3) = A, B, D; a row of three zeros gets zeros)."""
+    _, params, flags = _shard_launch(input, softcap)
+    if input.shape[0]:
+        shard_grad_kernel[(input.shape[0],)](
+            input, *input.stride(), target, weight if weight is not None else lse, grad, lse, coefficients, params,
+            input.shape[1], class_offset, HAS_WEIGHT=weight is not None, **flags)
+    return [grad]
+
+
 def _out_of_bounds(value, C, ignore_index):
     return IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
 
@@ -236,8 +333,16 @@ def _aot_constexprs(**flags):
     return base
 
 
+_SHARD_AOT = dict(HAS_WEIGHT=True, SOFTCAP=True, ACC=tl.float32, BLOCK=4096)
+_SHARD_STATS_SIGNATURE = {"X": "*bf16", "stride_xr": "i64", "stride_xc": "i64", "T": "*i64", "W": "*fp32",
+                          "STATS": "*fp32", "PARAMS": "*fp32", "C": "i64", "class_offset": "i64", "ignore_index": "i64"}
+_SHARD_GRAD_SIGNATURE = {"X": "*bf16", "stride_xr": "i64", "stride_xc": "i64", "T": "*i64", "W": "*fp32", "G": "*bf16",
+                         "LSE": "*fp32", "COEF": "*fp32", "PARAMS": "*fp32", "C": "i64", "class_offset": "i64"}
+
 # (kernel, signature, constexprs) compiled ahead of time for sm_80 / sm_90 by tests/test_triton_aot.py.
 AOT_KERNELS = [
+    (shard_stats_kernel, {**_SHARD_STATS_SIGNATURE, **{k: "constexpr" for k in _SHARD_AOT}}, _SHARD_AOT),
+    (shard_grad_kernel, {**_SHARD_GRAD_SIGNATURE, **{k: "constexpr" for k in _SHARD_AOT}}, _SHARD_AOT),
     (cross_entropy_kernel, {**_aot_signature("bf16", "fp32"), **{k: "constexpr" for k in _aot_constexprs()}},
      _aot_constexprs()),
     (cross_entropy_kernel, {**_aot_signature("fp32", "fp32"), **{k: "constexpr" for k in _aot_constexprs()}},

@@ -118,20 +118,26 @@ def ctc_loss(*, log_probs, targets, target_offsets, input_lengths, target_length
     if not 0 <= blank < C:
         raise RuntimeError(f"lossops: blank must be in [0, {C}), got {blank}")
     # Checked before the launch: the kernel masks its loads, but a bad value must be an error, not a number.
-    # Only values inside a sequence count (padding may hold anything): a difference array marks them.
-    if targets.numel():
-        marks = torch.zeros(targets.numel() + 1, dtype=torch.int64, device=targets.device)
+    # Only values inside a sequence count (padding may hold anything): a difference array marks them. On a GPU
+    # the check is a device-side assertion, so the call never waits for the device (CUDA graphs can capture it).
+    flat = targets.reshape(-1)
+    if flat.numel():
+        marks = torch.zeros(flat.numel() + 1, dtype=torch.int64, device=flat.device)
         marks.index_add_(0, target_offsets, torch.ones_like(target_offsets))
         marks.index_add_(0, target_offsets + target_lengths, -torch.ones_like(target_offsets))
-        bad = (marks.cumsum(0)[:-1] > 0) & ((targets < 0) | (targets >= C))
-        if bool(bad.any()):
-            raise IndexError(f"lossops: targets value {int(targets[bad][0])} is out of bounds for {C} classes")
-    S = int(target_lengths.max()) if N else 0
+        bad = (marks.cumsum(0)[:-1] > 0) & ((flat < 0) | (flat >= C))
+        if flat.device.type != "cpu":
+            torch._assert_async(~bad.any(), f"lossops: a targets value is out of bounds for {C} classes")
+        elif bool(bad.any()):
+            raise IndexError(f"lossops: targets value {int(flat[bad][0])} is out of bounds for {C} classes")
+    # The label block must hold the longest target: padded (N, S) targets bound it by S with no device round
+    # trip; concatenated ones need the longest length from the device (one synchronisation).
+    S = targets.shape[1] if targets.dim() == 2 else int(target_lengths.max())
     block_l, block_c = _blocks(C, S)
     alpha = torch.empty((N, max(T, 1), block_l), dtype=acc, device=log_probs.device)
     beta = torch.empty((N, 2, block_l), dtype=acc, device=log_probs.device) if grad is not None else alpha
     ctc_kernel[(N,)](
-        log_probs, *log_probs.stride(), targets if targets.numel() else target_offsets, target_offsets,
+        log_probs, *log_probs.stride(), flat if flat.numel() else target_offsets, target_offsets,
         input_lengths, target_lengths, alpha, beta, grad if grad is not None else alpha,
         grad_scale.to(device=log_probs.device, dtype=acc), nll, T, N, C, blank,
         ZERO_INFINITY=bool(zero_infinity), WRITE_GRAD=grad is not None, ACC=acc_dtype(log_probs.dtype),

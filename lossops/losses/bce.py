@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _elementwise, _family
+from .._family import GridShapes as G
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,9 @@ BCE_WITH_LOGITS = _elementwise.declare(
     cases=(_family.Case(_logits_and_binary, {}, F.binary_cross_entropy_with_logits),),
     selfcheck=({}, F.binary_cross_entropy_with_logits, _selfcheck_inputs),
     bench=_family.Bench(F.binary_cross_entropy_with_logits, _binary_target,
-                        ((256, 1000), (4096, 1024), (4096, 4096)), columns="columns"))
+                        ((256, 1000), (4096, 1024), (4096, 4096)), columns="columns",
+                        grid_shapes=G.TINY + G.SMALL_CLASSES + G.MID + G.ELEMENTWISE_LARGE, grid_quick_shapes=G.TINY,
+                        targets=(_family.SpeedTarget((1000, 80), 2.0),)))
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,

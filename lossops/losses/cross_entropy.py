@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _checks, _eager, _family, _reduce
+from .._family import GridShapes as G
 
 # One kernel for every loss over softmax rows; focal_gamma (None: off) makes it softmax focal loss.
 KERNEL = _family.Kernel("cross_entropy", "cross_entropy",
@@ -305,7 +306,12 @@ CROSS_ENTROPY = declare_rows(
     selfcheck=(dict(label_smoothing=0.1), lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1), _selfcheck_inputs),
     bench=_family.Bench(F.cross_entropy, class_index,
                         ((256, 1000), (4096, 1024), (4096, 8192), (4096, 32000), (4096, 128256)),
-                        columns="vocab size", inplace_variant=True))
+                        columns="vocab size", inplace_variant=True,
+                        grid_shapes=G.TINY + G.SMALL_CLASSES + G.CLASS_DIM_1 + G.MID + G.LLM,
+                        grid_quick_shapes=G.TINY + ((2, 5, 4, 4),),
+                        targets=(_family.SpeedTarget((65536, 10), 3.0), _family.SpeedTarget((65536, 100), 3.0),
+                                 _family.SpeedTarget((8, 21, 128, 128), 2.0), _family.SpeedTarget((4, 150, 64, 64), 2.0),
+                                 _family.SpeedTarget((4096, 32000), 8.0, dtype="bfloat16"))))
 CROSS_ENTROPY.module = _family.make_module(CROSS_ENTROPY, "CrossEntropyLoss",
                                            doc="Drop-in for torch.nn.CrossEntropyLoss, plus lossops.cross_entropy's "
                                                "keyword extras.")

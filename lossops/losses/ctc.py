@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,6 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Lengths, target_
     if targets.is_complex() or targets.dtype == torch.bool:
         raise RuntimeError(f"lossops: targets must hold class indices (integers), got dtype {targets.dtype}")
     device = log_probs.device
-    input_lengths = _lengths("input_lengths", input_lengths, N, device, batched)
-    target_lengths = _lengths("target_lengths", target_lengths, N, device, batched)
     _checks.same_device(log_probs, targets=targets)
     if not batched and targets.dim() == 1:
         targets = targets.unsqueeze(0)
@@ -70,35 +68,46 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Lengths, target_
     if targets.dim() not in (1, 2) or (padded and targets.shape[0] != N):
         raise RuntimeError(f"lossops: targets must be padded (N={N}, S) or concatenated 1-D, got shape "
                            f"{tuple(targets.shape)}")
+    input_lengths = _lengths("input_lengths", input_lengths, N, device, batched, T)
+    target_lengths = _lengths("target_lengths", target_lengths, N, device, batched,
+                              targets.shape[1] if padded else None)
+    if not padded and not torch.compiler.is_compiling():
+        _check_total_target_length(target_lengths, targets)
     backend = _backend.resolve(device)
-    if not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in (input_lengths, target_lengths)):
-        _check_lengths(input_lengths, target_lengths, T, targets, padded)
     options = CTCOptions(blank, reduction, zero_infinity)
     if backend == "reference":
         _check_target_values(targets, target_lengths, padded, C)
         return reference_ctc(log_probs, targets if batched or not padded else targets[0], input_lengths if batched
                              else input_lengths[0], target_lengths if batched else target_lengths[0], options)
-    target_lengths64 = target_lengths.to(torch.int64)
     if padded:
-        offsets = torch.arange(N, dtype=torch.int64, device=device) * targets.shape[1]
+        width = targets.shape[1]
+        offsets = (torch.arange(0, N * width, width, dtype=torch.int64, device=device) if width
+                   else torch.zeros(N, dtype=torch.int64, device=device))
     else:
-        offsets = torch.cumsum(target_lengths64, 0) - target_lengths64
-    tensors = {"log_probs": lp, "targets": targets.reshape(-1).to(torch.int64).contiguous(), "target_offsets": offsets,
-               "input_lengths": input_lengths.to(torch.int64).contiguous(),
-               "target_lengths": target_lengths64.contiguous()}
+        offsets = torch.cumsum(target_lengths, 0) - target_lengths
+    # Padded targets stay (N, S): the kernels read them through the offsets, and the Triton one sizes its label
+    # block from S without asking the device for the longest target.
+    tensors = {"log_probs": lp, "targets": targets.to(torch.int64).contiguous(), "target_offsets": offsets,
+               "input_lengths": input_lengths.contiguous(), "target_lengths": target_lengths.contiguous()}
     loss = CTC.apply(backend, tensors, options, {"log_probs": torch.is_grad_enabled() and log_probs.requires_grad})
     if reduction == "none" and not batched:
         loss = loss.reshape(())
     return loss.to(_checks.output_dtype(log_probs))
 
 
-def _lengths(name: str, value: Lengths, batch: int, device, batched: bool) -> Tensor:
+def _lengths(name: str, value: Lengths, batch: int, device, batched: bool, high: Optional[int]) -> Tensor:
+    """The lengths as an int64 tensor on log_probs' device, checked where that costs no device sync: sequences
+    of ints and CPU tensors here; tensors on an accelerator by a device-side assertion (no host sync, so
+    the call can be captured in a CUDA graph). high: the largest value allowed, None for no bound here."""
     if isinstance(value, Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise RuntimeError(f"lossops: {name} must be integral, got dtype {value.dtype}")
         if value.device != device and not (value.device.type == "cpu" and value.dim() == 0):
             raise RuntimeError(f"lossops: {name} is on {value.device} but log_probs is on {device}")
-        value = value.to(device).reshape(-1) if value.dim() == 0 and not batched else value.to(device)
+        if value.dim() == 0 and not batched:
+            value = value.reshape(1)
+        items = value.tolist() if value.device.type == "cpu" and not torch.compiler.is_compiling() else None
+        value = value.to(device=device, dtype=torch.int64)
     else:
         items = [value] if isinstance(value, int) and not batched else list(value) if not isinstance(value, int) \
             else None
@@ -107,24 +116,31 @@ def _lengths(name: str, value: Lengths, batch: int, device, batched: bool) -> Te
         value = torch.tensor(items, dtype=torch.int64, device=device)
     if value.dim() != 1 or value.shape[0] != batch:
         raise RuntimeError(f"lossops: {name} must have one entry per sequence ({batch}), got shape {tuple(value.shape)}")
+    if items is not None:
+        if items and min(items) < 0:
+            raise RuntimeError(f"lossops: {name} must be non-negative, got {min(items)}")
+        if high is not None and items and max(items) > high:
+            raise RuntimeError(f"lossops: {name} value {max(items)} exceeds {_BOUNDS[name].format(high)}")
+    elif not torch.compiler.is_compiling() and value.numel():
+        bound = torch.iinfo(torch.int64).max if high is None else high
+        torch._assert_async((value >= 0).all() & (value <= bound).all(),
+                            f"lossops: {name} must lie in [0, {bound}]")
     return value
 
 
-def _check_lengths(input_lengths: Tensor, target_lengths: Tensor, T: int, targets: Tensor, padded: bool) -> None:
-    """Host checks of the lengths (the kernels re-check before reading, on every backend)."""
-    lengths = torch.stack([input_lengths.to(torch.int64), target_lengths.to(torch.int64)]).cpu()
-    for name, row, high in (("input_lengths", lengths[0], T), ("target_lengths", lengths[1], None)):
-        low = int(row.min()) if row.numel() else 0
-        if low < 0:
-            raise RuntimeError(f"lossops: {name} must be non-negative, got {low}")
-        if high is not None and row.numel() and int(row.max()) > high:
-            raise RuntimeError(f"lossops: {name} value {int(row.max())} exceeds the time steps of log_probs ({high})")
-    if padded and lengths[1].numel() and int(lengths[1].max()) > targets.shape[1]:
-        raise RuntimeError(f"lossops: target_lengths value {int(lengths[1].max())} exceeds the padded targets' "
-                           f"length {targets.shape[1]}")
-    if not padded and int(lengths[1].sum()) > targets.numel():
-        raise RuntimeError(f"lossops: target_lengths sum to {int(lengths[1].sum())} but the concatenated targets "
-                           f"have {targets.numel()} values")
+_BOUNDS = {"input_lengths": "the time steps of log_probs ({})", "target_lengths": "the padded targets' length {}"}
+
+
+def _check_total_target_length(target_lengths: Tensor, targets: Tensor) -> None:
+    """Concatenated targets: the lengths must not add up to more values than there are."""
+    if target_lengths.device.type == "cpu":
+        total = int(target_lengths.sum())
+        if total > targets.numel():
+            raise RuntimeError(f"lossops: target_lengths sum to {total} but the concatenated targets have "
+                               f"{targets.numel()} values")
+    elif target_lengths.numel():
+        torch._assert_async(target_lengths.sum() <= targets.numel(),
+                            f"lossops: target_lengths sum to more than the {targets.numel()} concatenated targets")
 
 
 def _check_target_values(targets: Tensor, target_lengths: Tensor, padded: bool, C: int) -> None:
@@ -144,9 +160,8 @@ def _run(family, backend, t, o, grads):
     lp = t["log_probs"]
     acc = _checks.opmath_dtype(lp.dtype)
     N = lp.shape[1]
-    lengths = t["target_lengths"].clamp_min(1).to(acc)
-    if o.reduction == "mean":
-        scale = 1 / (lengths * N)
+    if o.reduction == "mean":  # each sequence's loss over its target length (at least 1), then over the batch
+        scale = t["target_lengths"].clamp_min(1).to(acc).mul_(N).reciprocal_()
     else:
         scale = torch.ones(N, dtype=acc, device=lp.device)
     grad = _backend.empty_gradient(lp.contiguous() if not lp.is_contiguous() else lp) if grads["log_probs"] else None
@@ -158,7 +173,7 @@ def _run(family, backend, t, o, grads):
     elif o.reduction == "sum":
         loss = nll.sum()
     else:
-        loss = (nll / lengths).mean() if N else nll.sum() / 0
+        loss = torch.dot(nll, scale) if N else nll.sum() / 0  # an empty batch's mean is nan, as torch's
     return loss, {"log_probs": grad}
 
 
@@ -194,6 +209,12 @@ def _bench_inputs(shape, dtype, device):
     return (x, targets, torch.full((N,), T, dtype=torch.int64), torch.full((N,), S, dtype=torch.int64))
 
 
+def _torch_ctc_upcast(log_probs, *args, **kwargs):
+    """What a torch user writes for bf16/fp16 log_probs, which torch's CPU ctc_loss refuses: the benchmark's eager."""
+    low = log_probs.dtype in (torch.bfloat16, torch.float16)
+    return F.ctc_loss(log_probs.float() if low else log_probs, *args, **kwargs)
+
+
 CTC = _family.register(_family.Family(
     name="ctc_loss",
     inputs=(_family.Input("log_probs", differentiable=True), _family.Input("targets"), _family.Input("target_offsets"),
@@ -205,7 +226,11 @@ CTC = _family.register(_family.Family(
            _family.Case(functools.partial(_sequences, T=5, S=3), dict(reduction="none", zero_infinity=True),
                         F.ctc_loss)),
     selfcheck=({}, F.ctc_loss, _selfcheck_inputs),
-    bench=_family.Bench(F.ctc_loss, None, ((200, 32, 30, 50), (150, 16, 1000, 40), (500, 8, 30, 150), (50, 2, 10, 10)),
-                        quick_shapes=((20, 2, 10, 5),), columns="T, N, C, S", make_inputs=_bench_inputs),
+    bench=_family.Bench(_torch_ctc_upcast, None, ((200, 32, 30, 50), (150, 16, 1000, 40), (500, 8, 30, 150), (50, 2, 10, 10)),
+                        quick_shapes=((20, 2, 10, 5),), columns="T, N, C, S", make_inputs=_bench_inputs,
+                        grid_shapes=((50, 2, 10, 10), (200, 32, 30, 50), (150, 16, 1000, 40), (500, 8, 30, 150)),
+                        grid_quick_shapes=((20, 2, 10, 5),),
+                        targets=tuple(_family.SpeedTarget(s, 4.0) for s in ((200, 32, 30, 50), (150, 16, 1000, 40),
+                                                                            (500, 8, 30, 150))))
 ))
 CTC.module = _family.make_module(CTC, "CTCLoss", inputs=4, doc="Drop-in for torch.nn.CTCLoss.")

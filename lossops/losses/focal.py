@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _eager, _elementwise, _family
+from .._family import GridShapes as G
 from .cross_entropy import declare_rows, row_softmax_loss
 
 SIGMOID_FOCAL_KERNEL = _elementwise.kernel("sigmoid_focal", "focal", ("alpha", "gamma"))
@@ -281,7 +282,10 @@ SIGMOID_FOCAL = _elementwise.declare(
     cases=(_family.Case(_logits_and_binary, dict(reduction="mean"), bad=(dict(gamma=-0.5),)),),
     selfcheck=(dict(reduction="mean"), torchvision_sigmoid_focal_loss, _selfcheck_binary),
     bench=_family.Bench(torchvision_sigmoid_focal_loss, _binary_target, ((256, 80), (65536, 80), (4096, 1000)),
-                        quick_shapes=((128, 80), (128, 320)), kwargs={"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}))
+                        quick_shapes=((128, 80), (128, 320)), kwargs={"alpha": 0.25, "gamma": 2.0, "reduction": "mean"},
+                        grid_shapes=G.TINY + G.SMALL_CLASSES + G.MID + G.ELEMENTWISE_LARGE, grid_quick_shapes=G.TINY,
+                        targets=(_family.SpeedTarget((1000, 80), 2.0),
+                                 _family.SpeedTarget((65536, 80), 5.0, dtype="float32", threads="all"))))
 SIGMOID_FOCAL_INDEX = _elementwise.declare(
     "sigmoid_focal_loss_index", SigmoidFocalOptions, SIGMOID_FOCAL_KERNEL, _focal_kernel_options,
     function=sigmoid_focal_loss_index,
@@ -293,7 +297,8 @@ SOFTMAX_FOCAL = declare_rows(
     selfcheck=(dict(gamma=0.0), F.cross_entropy, _selfcheck_classes),
     bench=_family.Bench(plain_softmax_focal_loss, class_index,
                         ((256, 1000), (65536, 80), (4096, 8192), (4096, 32000)),
-                        kwargs={"gamma": 2.0, "reduction": "mean"}))
+                        kwargs={"gamma": 2.0, "reduction": "mean"},
+                        grid_shapes=G.TINY + G.SMALL_CLASSES + G.MID + ((4096, 32000),), grid_quick_shapes=G.TINY))
 SOFTMAX_FOCAL.module = _family.make_module(
     SOFTMAX_FOCAL, "SoftmaxFocalLoss",
     doc="lossops.softmax_focal_loss as a module; a per-class alpha tensor is a buffer (moves with .to()).")

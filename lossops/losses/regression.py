@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _elementwise, _family
+from .._family import GridShapes as G
 
 L1, MSE, SMOOTH_L1, HUBER = 0, 1, 2, 3
 # One kernel serves the four losses: kind selects the formula, beta is smooth-L1's beta or Huber's delta.
@@ -72,7 +73,8 @@ def _declare(name, options, kind, param, bad=(), selfcheck_kwargs=None) -> _fami
         reference=None, bad_inputs="elementwise", torch_fn=torch_fn,
         cases=(_family.Case(_pair, kwargs, torch_fn, bad=bad),),
         selfcheck=(kwargs, functools.partial(torch_fn, **kwargs), _selfcheck_pair),
-        bench=_family.Bench(torch_fn, _regression_target, ELEMENTWISE_SHAPES, columns="columns"))
+        bench=_family.Bench(torch_fn, _regression_target, ELEMENTWISE_SHAPES, columns="columns",
+                            grid_shapes=G.TINY + ((1000, 80),) + G.MID + G.ELEMENTWISE_LARGE, grid_quick_shapes=G.TINY))
 
 
 L1_LOSS = _declare("l1_loss", L1Options, L1, None)
