@@ -83,13 +83,21 @@ def resolve(device: torch.device) -> str:
     return name
 
 
+_cpp_loaded = False
+
+
 def _cpp_available() -> bool:
+    # Asked on every call (backend resolution, gradient buffers): once loaded, the library stays loaded.
+    global _cpp_loaded
+    if _cpp_loaded:
+        return True
     try:
         from . import _cpp
         _cpp.module()
-        return True
     except ImportError:
         return False
+    _cpp_loaded = True
+    return True
 
 
 def _triton_available() -> bool:

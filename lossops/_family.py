@@ -139,8 +139,11 @@ class Family:
         args += [convert(getattr(options, n)) for n, convert in zip(self.option_fields, self.option_converters)]
         args += [bool(grads.get(i.name, False)) for i in self.inputs if i.differentiable]
         args.append(backend)
-        if _eager.applies(*args[:len(self.inputs)]):
-            return LossopsEager.apply((self, args), *args[:len(self.inputs)])
+        tensor_inputs = args[:len(self.inputs)]
+        if _eager.applies(*tensor_inputs):
+            if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensor_inputs)):
+                return self.eager_parts[0](*args)[0]  # nothing to differentiate: no autograd node at all
+            return LossopsEager.apply((self, args), *tensor_inputs)
         return self.op(*args)[0]
 
 

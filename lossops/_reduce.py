@@ -51,7 +51,7 @@ def _tracing(t: torch.Tensor) -> bool:
 def _is_one(grad_output: torch.Tensor) -> bool:
     # Free on CPU; on CUDA it would sync, so there the multiplication always runs (on the device).
     return (grad_output.device.type == "cpu" and grad_output.numel() == 1
-            and not _tracing(grad_output) and bool(grad_output == 1))
+            and not _tracing(grad_output) and grad_output.item() == 1)  # item(): a fifth of a tensor compare
 
 
 def mark_gradient_outputs(ctx, *outputs) -> None:

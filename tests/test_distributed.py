@@ -132,3 +132,55 @@ def test_validates_before_communicating():
 
 def test_exported_from_package():
     assert lossops.distributed.vocab_parallel_cross_entropy is vocab_parallel_cross_entropy
+
+
+# --- the shard kernels on one process, against their plain-PyTorch twins (whose end-to-end result the spawned
+# test holds against torch), where the edge cases are cheap to reach -------------------------------------------
+
+def _shard_problem(dtype, layout, classes=9):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, classes, dtype=torch.float64, generator=gen) * 3).to(dtype)
+    if layout == "transposed":  # class stride 7, row stride 1
+        x = x.t().contiguous().t()
+    elif layout == "sliced":  # a column slice of a wider tensor
+        x = torch.cat([x, x[:, :3]], 1)[:, 2:2 + classes]
+    if classes:
+        x[4] = float("-inf")  # a row with no finite logit
+    target = torch.tensor([0, 5, 12, -100, 8, 20, 3])  # owned for offsets 4..12, others elsewhere or ignored
+    return x, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("option", ["plain", "weight", "softcap"])
+def test_shard_kernels_match_their_reference(kernel_backend, dtype, layout, option):
+    from lossops.distributed import _grad_reference, _shard_kernel, _stats_reference
+    x, target = _shard_problem(dtype, layout)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.rand(x.shape[1], dtype=acc) + 0.5 if option == "weight" else None
+    softcap = 2.5 if option == "softcap" else None
+    common = dict(input=x, target=target, weight=weight, class_offset=4)
+    (stats,) = _shard_kernel(kernel_backend, "cross_entropy_shard_stats")(**common, ignore_index=-100, softcap=softcap)
+    (expected,) = _stats_reference(**common, ignore_index=-100, softcap=softcap)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats, expected, equal_nan=True, **tolerance)
+    assert stats[3].eq(0).all()  # the ignored row
+    lse = torch.rand(7, dtype=acc, generator=torch.Generator().manual_seed(1)) + 3
+    coefficients = torch.randn(7, 3, dtype=acc, generator=torch.Generator().manual_seed(2))
+    coefficients[3] = 0
+    common.update(lse=lse, coefficients=coefficients, softcap=softcap)
+    grad = torch.full(x.shape, float("nan"), dtype=dtype)
+    _shard_kernel(kernel_backend, "cross_entropy_shard_grad")(**common, grad=grad)
+    expected = _grad_reference(**common, grad=torch.empty(x.shape, dtype=dtype))[0]
+    low = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else tolerance
+    torch.testing.assert_close(grad, expected, equal_nan=True, **low)
+    assert grad[3].eq(0).all()  # every element written, the ignored row with zeros
+
+
+def test_shard_kernels_without_local_classes(kernel_backend):
+    from lossops.distributed import _shard_kernel
+    x, target = _shard_problem(torch.float32, "contiguous", classes=0)
+    (stats,) = _shard_kernel(kernel_backend, "cross_entropy_shard_stats")(
+        input=x, target=target, weight=None, class_offset=4, ignore_index=-100, softcap=None)
+    kept = target != -100
+    assert stats[kept, 0].eq(float("-inf")).all() and stats[kept, 1:].eq(0).all()
