@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _eager, _reduce
+from . import _backend, _checks, _dtensor, _eager, _reduce
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +112,7 @@ class Family:
     torch_fn: Optional[Callable] = None      # torch's counterpart with the same signature, the tests' oracle
     selfcheck: Optional[tuple] = None        # (keyword arguments, truth(x, t), make(dtype)) for lossops.selfcheck
     bench: Optional[Bench] = None
+    sharding: Optional[_dtensor.Sharding] = None  # how it splits over a DTensor device mesh (None: Replicate only)
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
     op: Any = None
     option_fields: tuple = ()
@@ -122,6 +123,12 @@ class Family:
         """Decorator for the family's public function."""
         self.function = fn
         return fn
+
+    def __setattr__(self, name, value):
+        # The public function also serves DTensor inputs (lossops._dtensor), however it is assigned.
+        if name == "function" and value is not None and not hasattr(value, "sharding_of"):
+            value = _dtensor.accepting_dtensors(value, lambda: self.sharding)
+        object.__setattr__(self, name, value)
 
     def option_names(self) -> tuple[str, ...]:
         # computed once by register(): torch.compile traces apply() and cannot trace dataclasses.fields

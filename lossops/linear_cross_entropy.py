@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _reduce
+from . import _backend, _checks, _dtensor, _reduce
 from .losses.cross_entropy import KERNEL as ROW_KERNEL, CrossEntropyOptions, reference_cross_entropy
 
 # Chunk logits are at most 1/_CHUNKS_PER_PASS of the full logits, and at most about _CHUNK_BYTES once the
@@ -70,6 +70,27 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(_checks.output_dtype(hidden))
+
+
+def _mean_denominator(a: dict) -> Tensor:
+    return _reduce.class_index_denominator(a["target"], None, a["ignore_index"], a["weight"].shape[0],
+                                           _checks.opmath_dtype(a["hidden"].dtype))
+
+
+def _vocab_parallel(a: dict, hidden, mesh) -> Tensor:
+    """The weight sharded on its rows (classes): lossops.distributed's vocabulary-parallel linear cross-entropy."""
+    from .distributed import vocab_parallel_linear_cross_entropy
+    return vocab_parallel_linear_cross_entropy(a["hidden"], a["weight"], a["target"], group=mesh.get_group(),
+                                               local_bias=a["bias"], ignore_index=a["ignore_index"],
+                                               reduction=a["reduction"], label_smoothing=a["label_smoothing"],
+                                               lse_square_scale=a["lse_square_scale"], softcap=a["softcap"])
+
+
+# hidden (..., D): its last dimension is the features, which the target does not have.
+SHARDING = _dtensor.Sharding(lambda hidden: hidden.dim() - 1, whole=("weight", "bias"), denominator=_mean_denominator,
+                             parallel_classes=_vocab_parallel, classes_sharded_by="weight",
+                             split_with_classes=("bias",), class_dim_name="feature")
+linear_cross_entropy = _dtensor.accepting_dtensors(linear_cross_entropy, SHARDING)
 
 
 def default_chunk_size(num_rows: int, vocab: int, itemsize: int) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks, _eager, _family, _reduce
+from .. import _backend, _checks, _dtensor, _eager, _family, _reduce
 from .._family import GridShapes as G
 
 # One kernel for every loss over softmax rows; focal_gamma (None: off) makes it softmax focal loss.
@@ -292,12 +292,51 @@ def class_index(x: Tensor) -> Tensor:
     return torch.randint(0, x.shape[1], x.shape[:1], device=x.device)
 
 
+def rows_class_dim(x: Tensor) -> int:
+    return 1 if x.dim() >= 2 else 0
+
+
+def _mean_denominator(a: dict) -> Tensor:
+    """What cross_entropy's mean divides one rank's rows by (lossops._dtensor sums it over the mesh)."""
+    x, t = a["input"], a["target"]
+    classes = x.shape[rows_class_dim(x)]
+    acc = _checks.opmath_dtype(x.dtype)
+    if t.shape == x.shape:  # probabilities: the mean is over items
+        return torch.tensor(x.numel() // max(classes, 1), dtype=acc, device=x.device)
+    return _reduce.class_index_denominator(t, a["weight"], a["ignore_index"], classes, acc)
+
+
+def _mean_terms(function, a: dict):
+    """With class weights the z-loss is averaged over the rows, the cross-entropy over their weights: two sums."""
+    if a["weight"] is None or not a["lse_square_scale"] or a["target"].shape == a["input"].shape:
+        return None
+    total = function(**dict(a, reduction="sum"))
+    cross_entropy_only = function(**dict(a, reduction="sum", lse_square_scale=0.0))
+    rows = (a["target"] != a["ignore_index"]).sum().to(total.dtype)
+    return [(cross_entropy_only, _mean_denominator(a)), (total - cross_entropy_only, rows)]
+
+
+def _vocab_parallel(a: dict, input, mesh) -> Tensor:
+    """Logits sharded on the class dimension: lossops.distributed's vocabulary-parallel cross-entropy."""
+    from ..distributed import vocab_parallel_cross_entropy
+    local, target = a["input"], a["target"]
+    if target.shape == local.shape or target.is_floating_point():
+        raise ValueError("lossops: cross_entropy with logits sharded on the class dimension takes class-index "
+                         "targets; probability targets would be sharded too (not supported)")
+    return vocab_parallel_cross_entropy(local.movedim(rows_class_dim(local), -1), target, group=mesh.get_group(),
+                                        ignore_index=a["ignore_index"], reduction=a["reduction"],
+                                        label_smoothing=a["label_smoothing"], weight=a["weight"],
+                                        lse_square_scale=a["lse_square_scale"], softcap=a["softcap"])
+
+
 CROSS_ENTROPY = declare_rows(
     "cross_entropy", CrossEntropyOptions,
     lambda t, o: (t["weight"], dict(ignore_index=o.ignore_index, reduction=o.reduction,
                                     label_smoothing=o.label_smoothing, lse_square_scale=o.lse_square_scale,
                                     softcap=o.softcap)),
     reference=reference_cross_entropy, function=cross_entropy, bad_inputs="classes", torch_fn=F.cross_entropy,
+    sharding=_dtensor.Sharding(rows_class_dim, whole=("weight",), denominator=_mean_denominator,
+                               parallel_classes=_vocab_parallel, local_sums=_mean_terms),
     cases=(_family.Case(_classes, dict(label_smoothing=0.1), F.cross_entropy,
                         bad=("target_out_of_range", dict(label_smoothing=1.5))),
            _family.Case(_classes_4d_weighted, dict(reduction="none", lse_square_scale=0.01, softcap=4.0),

@@ -1,0 +1,227 @@
+"""DTensor inputs: every lossops loss on a 1-D device mesh (torch.distributed.tensor), computed on the local
+shards with the reduction made across the mesh.
+
+A loss's `Sharding` (in its family declaration) says how its tensors line up with the input's dimensions. Then:
+  - everything Replicate: each rank computes the whole loss; the result is a Replicate DTensor;
+  - the input sharded on a batch / token / spatial dimension (Shard(d), d not the class dimension): the other
+    tensors are sharded alike (a plain tensor or a Replicate DTensor is split here; per-class weights stay whole),
+    each rank computes its rows, and the reduction runs over the mesh: 'none' gives a DTensor sharded like the
+    input, 'sum' a Replicate sum, 'mean' the global sum over the global denominator (the sum of the non-ignored
+    targets' weights over all ranks, not a mean of per-rank means);
+  - cross-entropy logits sharded on the class dimension: the vocabulary-parallel algorithm of
+    lossops.distributed (fused shard kernels, partial logsumexp statistics), as torch's loss_parallel();
+  - anything else (Partial inputs, meshes of more than one dimension, class-sharded losses without a
+    vocabulary-parallel algorithm) raises a ValueError naming the placement.
+Gradients flow back through DTensor's to_local / from_local, so each input's gradient is a DTensor with that
+input's placements.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Callable, Optional
+
+import torch
+
+from . import _checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """How a loss's tensor arguments line up with its input (the first argument) on a device mesh.
+
+    class_dim: the input's class dimension (softmax losses: 1, or 0 for a 1-D input); None when every dimension
+      is an item dimension (elementwise losses). Arguments with fewer dimensions than the input, whose shape is
+      the input's without the class dimension, are per-item targets; arguments of the input's shape (or
+      broadcasting to it) are split along the same dimension where they have it; `whole` names arguments that
+      are never split (per-class weights).
+    denominator(arguments) -> the mean's denominator for one rank's arguments (None: the number of loss items).
+    parallel_classes(arguments, input, mesh) -> the loss when the class dimension is sharded (None: refused).
+    local_sums(function, arguments) -> [(local sum, local denominator)] when the mean is a sum of terms with
+      different denominators (cross-entropy's z-loss beside class weights); None: one term.
+    """
+    class_dim: Optional[Callable[[torch.Tensor], int]] = None
+    whole: tuple[str, ...] = ()
+    denominator: Optional[Callable[[dict], torch.Tensor]] = None
+    parallel_classes: Optional[Callable] = None
+    local_sums: Optional[Callable] = None
+    batch_sharding: bool = True  # False: only Replicate inputs (e.g. CTC, whose lengths are host lists)
+    # an argument whose Shard(0) shards the classes (linear cross-entropy's weight), and those split with it
+    classes_sharded_by: Optional[str] = None
+    split_with_classes: tuple[str, ...] = ()
+    class_dim_name: str = "class"
+
+
+def accepting_dtensors(function: Callable, sharding) -> Callable:
+    """`function`, also serving DTensor inputs; a plain call costs one type check. sharding: a Sharding, None,
+    or a function returning one (a family's, read when a DTensor call comes)."""
+    signature = inspect.signature(function)
+    first = next(iter(signature.parameters))
+    sharding_of = sharding if callable(sharding) else lambda: sharding
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        x = args[0] if args else kwargs.get(first)
+        if type(x) is torch.Tensor or not _is_dtensor(x):
+            return function(*args, **kwargs)
+        return _call(function, signature, sharding_of(), args, kwargs)
+
+    call.sharding_of = sharding_of
+    return call
+
+
+def _is_dtensor(value) -> bool:
+    return type(value).__name__ == "DTensor" and type(value).__module__.startswith("torch.distributed.tensor")
+
+
+def _call(function, signature, sharding, args, kwargs):
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    name = function.__name__
+    names = list(a)
+    x = a[names[0]]
+    mesh = x.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"lossops: {name} takes DTensors on a 1-D device mesh, got a {mesh.ndim}-D mesh "
+                         f"{tuple(mesh.shape)} (flatten it, or pass the mesh dimension the loss is sharded on)")
+    for key, value in a.items():
+        if _is_dtensor(value) and value.device_mesh != mesh:
+            raise ValueError(f"lossops: {name}: {key} lives on another device mesh than {names[0]}")
+    if "reduction" in a:  # legacy size_average / reduce become a reduction here, once
+        a["reduction"] = _checks.reduction(a["reduction"], a.pop("size_average", None), a.pop("reduce", None))
+        for legacy in ("size_average", "reduce"):
+            if legacy in signature.parameters:
+                a[legacy] = None
+    (placement,) = x.placements
+    owner = a.get(sharding.classes_sharded_by) if sharding is not None and sharding.classes_sharded_by else None
+    if _is_dtensor(owner) and isinstance(owner.placements[0], Shard):
+        return _classes_sharded_by_argument(sharding, a, names, placement, mesh, name)
+    if isinstance(placement, Partial) or any(_is_dtensor(v) and isinstance(v.placements[0], Partial)
+                                             for v in a.values()):
+        raise ValueError(f"lossops: {name} does not take Partial DTensors (pending reductions); redistribute "
+                         "them to Replicate() or Shard() first")
+    if isinstance(placement, Replicate):
+        local = {k: _whole(v, mesh) for k, v in a.items()}
+        return DTensor.from_local(function(**local), mesh, [Replicate()], run_check=False)
+    if not isinstance(placement, Shard) or sharding is None or not sharding.batch_sharding:
+        raise ValueError(f"lossops: {name} does not support {names[0]} placed as {placement} on a device mesh; "
+                         "only Replicate()" + (" and Shard() of an item dimension" if sharding else ""))
+    d = placement.dim % x.dim()
+    class_dim = sharding.class_dim(x) if sharding.class_dim is not None else None
+    if d == class_dim:
+        if sharding.parallel_classes is None:
+            raise ValueError(f"lossops: {name} does not support {names[0]} sharded on its {sharding.class_dim_name} "
+                             f"dimension (Shard({d})); shard a batch dimension or replicate it")
+        local = {k: (v.to_local() if k == names[0] else _whole(v, mesh)) for k, v in a.items()}
+        loss = sharding.parallel_classes(local, x, mesh)
+        return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    return _batch_sharded(function, sharding, a, names, x, d, class_dim, mesh)
+
+
+def _classes_sharded_by_argument(sharding, a, names, placement, mesh, name):
+    from torch.distributed.tensor import DTensor, Replicate
+    owner_name = sharding.classes_sharded_by
+    owner = a[owner_name]
+    if owner.placements[0].dim % owner.dim() != 0:
+        raise ValueError(f"lossops: {name} supports {owner_name} sharded on its rows (the classes, Shard(0)), got "
+                         f"{owner.placements[0]}")
+    if not isinstance(placement, Replicate):
+        raise ValueError(f"lossops: {name} with {owner_name} sharded on the classes needs {names[0]} replicated, got "
+                         f"{placement}")
+    local = {}
+    for key, value in a.items():
+        if key == owner_name:
+            local[key] = value.to_local()
+        elif key in sharding.split_with_classes and isinstance(value, torch.Tensor):
+            local[key] = _split(value, 0, mesh)
+        else:
+            local[key] = _whole(value, mesh) if isinstance(value, torch.Tensor) else value
+    loss = sharding.parallel_classes(local, a[names[0]], mesh)
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+def _whole(value, mesh):
+    from torch.distributed.tensor import Replicate
+    if _is_dtensor(value):
+        return value.redistribute(mesh, [Replicate()]).to_local()
+    return value
+
+
+def _summed_gradient(value, mesh):
+    """A whole tensor used by every rank's rows (a replicated head's weight): its gradient is the sum of the
+    ranks' parts, all-reduced in backward, so it comes back complete (Replicate) on every rank."""
+    local = _whole(value, mesh)
+    if not local.requires_grad or not torch.is_grad_enabled():
+        return local
+    from .distributed import _SumGradOverGroup
+    return _SumGradOverGroup.apply(local, mesh.get_group())
+
+
+def _split(value, dim: int, mesh):
+    """This rank's part of `value` along `dim`, exactly as DTensor shards it (a plain tensor counts as whole)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    if not _is_dtensor(value):
+        value = DTensor.from_local(value, mesh, [Replicate()], run_check=False)
+    return value.redistribute(mesh, [Shard(dim)]).to_local()
+
+
+def _item_dim(value: torch.Tensor, x: torch.Tensor, d: int, class_dim: Optional[int]) -> Optional[int]:
+    """The dimension of `value` that lines up with the input's sharded dimension d, or None (kept whole)."""
+    if value.dim() == x.dim():  # the input's shape (or one broadcasting to it)
+        return d if value.shape[d] == x.shape[d] and x.shape[d] != 1 else None
+    if class_dim is not None and value.dim() == x.dim() - 1:  # per item: the input's shape without the class dim
+        k = d if d < class_dim else d - 1
+        return k if value.shape[k] == x.shape[d] else None
+    k = d - (x.dim() - value.dim())  # broadcasting from the right
+    return k if 0 <= k < value.dim() and value.shape[k] == x.shape[d] and x.shape[d] != 1 else None
+
+
+def _batch_sharded(function, sharding, a, names, x, d, class_dim, mesh):
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    local = {}
+    for key, value in a.items():
+        if key == names[0]:
+            local[key] = value.to_local()
+        elif isinstance(value, torch.Tensor):
+            k = None if key in sharding.whole else _item_dim(value, x, d, class_dim)
+            local[key] = _summed_gradient(value, mesh) if k is None else _split(value, k, mesh)
+        else:
+            local[key] = value
+    reduction = a.get("reduction", "mean")
+    if reduction == "none":
+        out = function(**local)
+        if class_dim is None or out.dim() == x.dim():
+            shape, k = x.shape, d
+        else:
+            shape, k = x.shape[:class_dim] + x.shape[class_dim + 1:], (d if d < class_dim else d - 1)
+        return DTensor.from_local(out, mesh, [Shard(k)], run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
+
+    def global_value(t):
+        return DTensor.from_local(t, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+
+    if reduction == "sum":
+        return global_value(function(**dict(local, reduction="sum")))
+    avg_factor = a.get("avg_factor")
+    if avg_factor is not None:  # mmdetection's convention: a global denominator given by the caller
+        total = global_value(function(**dict(local, reduction="sum", avg_factor=None)))
+        return total / (avg_factor.to_local() if _is_dtensor(avg_factor) else avg_factor)
+    if sharding.local_sums is not None and (terms := sharding.local_sums(function, local)) is not None:
+        pass
+    else:
+        total = function(**dict(local, reduction="sum"))
+        if sharding.denominator is not None:
+            denominator = sharding.denominator(local)
+        else:
+            denominator = torch.tensor(local[names[0]].numel(), dtype=total.dtype, device=total.device)
+        terms = [(total, denominator)]
+    loss = None
+    for total, denominator in terms:
+        term = global_value(total) / global_value(denominator.to(total.dtype).detach())
+        loss = term if loss is None else loss + term
+    return loss

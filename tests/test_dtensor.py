@@ -1,0 +1,187 @@
+"""DTensor inputs on 1-, 2- and 3-rank gloo meshes against single-process losses on the full tensors.
+
+The oracle is torch's function on the full tensors (lossops' reference backend for lossops' own extras), not
+torch's DTensor path, which is wrong in places (a batch-sharded weighted mean, class-sharded logits with class
+weights and an ignored target). One spawn of 3 processes serves every mesh: each rank's own 1-rank mesh, the
+3-rank world and a 2-rank subgroup (uneven shards at N = 13).
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import lossops
+
+N, C, H, D = 13, 7, 5, 6
+
+
+def _full(seed, *shape, scale=3.0):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _class_target(seed, shape, ignore=True):
+    target = torch.randint(0, C, shape, generator=torch.Generator().manual_seed(seed))
+    if ignore:
+        target.view(-1)[::4] = -100
+    return target
+
+
+def _compare(mesh, fn, oracle, tensors, placements, kwargs, grad_of=(0,)):
+    """fn on DTensors placed as given (None: passed as a plain full tensor) against oracle on the full tensors;
+    values, then gradients through a non-uniform upstream gradient, and each gradient's placement."""
+    from torch.distributed.tensor import distribute_tensor
+    leaves = [t.clone().requires_grad_(i in grad_of) for i, t in enumerate(tensors)]
+    dts = []
+    for i, (t, p) in enumerate(zip(tensors, placements)):
+        if p is None:
+            dts.append(t)
+        else:
+            d = distribute_tensor(t.clone(), mesh, [p])
+            dts.append(d.requires_grad_() if i in grad_of else d)
+    ours = fn(*dts, **kwargs)
+    expected = oracle(*leaves, **kwargs)
+    assert type(ours).__name__ == "DTensor", type(ours)
+    full = ours.full_tensor()
+    torch.testing.assert_close(full, expected)
+    upstream = _full(99, *expected.shape, scale=1.0) + 2 if expected.dim() else torch.tensor(2.5, dtype=torch.float64)
+    (full * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for i in grad_of:
+        assert dts[i].grad.placements == dts[i].placements, (dts[i].grad.placements, dts[i].placements)
+        torch.testing.assert_close(dts[i].grad.full_tensor(), leaves[i].grad)
+
+
+def _lossops_reference(fn):
+    def run(*args, **kwargs):
+        with lossops.backend("reference"):
+            return fn(*args, **kwargs)
+    return run
+
+
+def _check_cross_entropy(mesh, backend):
+    from torch.distributed.tensor import Replicate, Shard
+    logits, weight = _full(1, N, C), torch.rand(C, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + .3
+    target = _class_target(3, (N,))
+    options = [dict(), dict(weight=weight), dict(weight=weight, label_smoothing=0.2), dict(label_smoothing=0.1)]
+    extras = [dict(lse_square_scale=0.02, weight=weight), dict(softcap=3.0, label_smoothing=0.1)]
+    with lossops.backend(backend):
+        for reduction in ("mean", "sum", "none"):
+            for kw in options:
+                kw = dict(kw, reduction=reduction)
+                # batch-sharded logits; target as a DTensor and as a plain (full) tensor
+                _compare(mesh, lossops.cross_entropy, F.cross_entropy, [logits, target], [Shard(0), Shard(0)], kw)
+                _compare(mesh, lossops.cross_entropy, F.cross_entropy, [logits, target], [Shard(0), None], kw)
+                # class-sharded logits: vocabulary-parallel (torch's loss_parallel raises here with weight + ignore)
+                _compare(mesh, lossops.cross_entropy, F.cross_entropy, [logits, target], [Shard(1), Replicate()], kw)
+            for kw in extras:
+                kw = dict(kw, reduction=reduction)
+                oracle = _lossops_reference(lossops.cross_entropy)
+                _compare(mesh, lossops.cross_entropy, oracle, [logits, target], [Shard(0), Shard(0)], kw)
+                _compare(mesh, lossops.cross_entropy, oracle, [logits, target], [Shard(1), Replicate()], kw)
+        # (N, C, H) logits sharded on H; probabilities sharded on the batch; everything replicated
+        spatial, spatial_target = _full(4, N, C, H), _class_target(5, (N, H))
+        _compare(mesh, lossops.cross_entropy, F.cross_entropy, [spatial, spatial_target], [Shard(2), Shard(1)],
+                 dict(weight=weight))
+        _compare(mesh, lossops.cross_entropy, F.cross_entropy, [spatial, spatial_target], [Shard(1), Replicate()],
+                 dict(weight=weight, reduction="none"))
+        probabilities = _full(6, N, C).softmax(1)
+        _compare(mesh, lossops.cross_entropy, F.cross_entropy, [logits, probabilities], [Shard(0), Shard(0)],
+                 dict(label_smoothing=0.1))
+        _compare(mesh, lossops.cross_entropy, F.cross_entropy, [logits, target], [Replicate(), Replicate()],
+                 dict(weight=weight))
+
+
+def _check_linear_cross_entropy(mesh, backend):
+    from torch.distributed.tensor import Replicate, Shard
+    hidden, weight, bias = _full(7, N, D, scale=1.0), _full(8, C, D, scale=1.0), _full(9, C, scale=1.0)
+    target = _class_target(10, (N,))
+
+    def oracle(h, w, t, b, **kw):
+        return F.cross_entropy(F.linear(h, w, b), t, **kw)
+
+    with lossops.backend(backend):
+        for reduction in ("mean", "none"):
+            kw = dict(reduction=reduction, label_smoothing=0.1)
+            # column-parallel head: weight and bias sharded on the classes, hidden replicated
+            _compare(mesh, lossops.linear_cross_entropy, oracle, [hidden, weight, target, bias],
+                     [Replicate(), Shard(0), Replicate(), Shard(0)], kw, grad_of=(0, 1, 3))
+            # batch-sharded tokens, replicated head
+            _compare(mesh, lossops.linear_cross_entropy, oracle, [hidden, weight, target, bias],
+                     [Shard(0), Replicate(), Shard(0), Replicate()], kw, grad_of=(0, 1, 3))
+
+
+def _check_elementwise_and_focal(mesh, backend):
+    from torch.distributed.tensor import Replicate, Shard
+    from lossops.losses.focal import torchvision_sigmoid_focal_loss as torchvision_focal
+    x, soft = _full(11, N, C), torch.rand(N, C, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    binary = soft.round()
+    pos_weight = torch.rand(C, dtype=torch.float64, generator=torch.Generator().manual_seed(13)) + 0.5
+    target = _class_target(14, (N,))
+    alpha = torch.rand(C, dtype=torch.float64, generator=torch.Generator().manual_seed(15)) + 0.2
+
+    def torch_softmax_focal(inp, t, alpha=None, gamma=2.0, reduction="mean"):
+        with lossops.backend("reference"):
+            return lossops.softmax_focal_loss(inp, t, alpha, gamma, reduction=reduction)
+
+    with lossops.backend(backend):
+        for reduction in ("mean", "sum", "none"):
+            for dim in (0, 1):
+                _compare(mesh, lambda a, b, pw, **kw: lossops.binary_cross_entropy_with_logits(a, b, pos_weight=pw, **kw),
+                         lambda a, b, pw, **kw: F.binary_cross_entropy_with_logits(a, b, pos_weight=pw, **kw),
+                         [x, soft, pos_weight], [Shard(dim), Shard(dim), None], dict(reduction=reduction))
+                _compare(mesh, lossops.sigmoid_focal_loss, torchvision_focal, [x, binary], [Shard(dim), Shard(dim)],
+                         dict(reduction=reduction))
+                for name in ("l1_loss", "mse_loss", "smooth_l1_loss", "huber_loss"):
+                    _compare(mesh, getattr(lossops, name), getattr(F, name), [x, soft], [Shard(dim), Shard(dim)],
+                             dict(reduction=reduction))
+            _compare(mesh, lossops.softmax_focal_loss, torch_softmax_focal, [x, target, alpha],
+                     [Shard(0), Shard(0), Replicate()], dict(reduction=reduction))
+
+
+def _check_refusals(mesh):
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor, DTensor
+    x = distribute_tensor(_full(16, N, C), mesh, [Shard(1)])
+    with pytest.raises(ValueError, match=r"softmax_focal_loss does not support input sharded on its class dimension"):
+        lossops.softmax_focal_loss(x, _class_target(17, (N,)))
+    partial = DTensor.from_local(_full(18, N, C), mesh, [Partial()])
+    with pytest.raises(ValueError, match="does not take Partial DTensors"):
+        lossops.cross_entropy(partial, _class_target(17, (N,)))
+    log_probs = distribute_tensor(_full(19, 10, N, C).log_softmax(2), mesh, [Shard(1)])
+    with pytest.raises(ValueError, match=r"ctc_loss does not support log_probs placed as S\(1\) .*only Replicate"):
+        lossops.ctc_loss(log_probs, torch.ones(N, 3, dtype=torch.long), [10] * N, [3] * N)
+
+
+def _check_all(mesh, backend):
+    _check_cross_entropy(mesh, backend)
+    _check_linear_cross_entropy(mesh, backend)
+    if backend == "cpp":
+        _check_elementwise_and_focal(mesh, backend)
+        _check_refusals(mesh)
+
+
+def _worker(rank, world_size, init_file, backend):
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        own = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("world", "own"))["own"]
+        _check_all(own, backend)
+        _check_all(init_device_mesh("cpu", (world_size,)), backend)
+        pair = dist.new_group([0, 1])  # every rank must take part in creating it
+        if rank < 2:
+            _check_all(DeviceMesh.from_group(pair, "cpu"), backend)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_dtensor_losses_on_1_2_and_3_ranks_match_single_process(tmp_path, backend):
+    mp.spawn(_worker, args=(3, str(tmp_path / "store"), backend), nprocs=3, join=True)
+
+
+def test_plain_calls_do_not_go_through_the_dtensor_path():
+    # the wrapper's only cost on a plain call is a type check; the function is still torch's signature
+    import inspect
+    assert "inplace_backward" in inspect.signature(lossops.cross_entropy).parameters
+    x = torch.randn(4, 3, requires_grad=True)
+    assert type(lossops.cross_entropy(x, torch.tensor([0, 1, 2, 0]))) is torch.Tensor
