@@ -228,7 +228,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         eps = o.label_smoothing
         g_ce = torch.where(valid, g_ce, 0)
         coefficients = torch.stack([
-            g_ce * ((1 - eps) * w_t + eps * ctx.weight_sum / o.vocab) + torch.where(valid, g_z, 0) * 2 * o.lse_square_scale * lse,
+            g_ce * ((1 - eps) * w_t + eps * ctx.weight_sum / o.vocab)
+            + torch.where(valid, g_z, 0) * 2 * o.lse_square_scale * lse,
             g_ce * (1 - eps) * w_t,
             g_ce * (eps / o.vocab)], 1).contiguous()
         x = local_logits.reshape(-1, local_logits.shape[-1])

@@ -127,7 +127,8 @@ def _check_elementwise_and_focal(mesh, backend):
     with lossops.backend(backend):
         for reduction in ("mean", "sum", "none"):
             for dim in (0, 1):
-                _compare(mesh, lambda a, b, pw, **kw: lossops.binary_cross_entropy_with_logits(a, b, pos_weight=pw, **kw),
+                _compare(mesh,
+                         lambda a, b, pw, **kw: lossops.binary_cross_entropy_with_logits(a, b, pos_weight=pw, **kw),
                          lambda a, b, pw, **kw: F.binary_cross_entropy_with_logits(a, b, pos_weight=pw, **kw),
                          [x, soft, pos_weight], [Shard(dim), Shard(dim), None], dict(reduction=reduction))
                 _compare(mesh, lossops.sigmoid_focal_loss, torchvision_focal, [x, binary], [Shard(dim), Shard(dim)],

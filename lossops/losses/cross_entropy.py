@@ -349,7 +349,8 @@ CROSS_ENTROPY = declare_rows(
                         grid_shapes=G.TINY + G.SMALL_CLASSES + G.CLASS_DIM_1 + G.MID + G.LLM,
                         grid_quick_shapes=G.TINY + ((2, 5, 4, 4),),
                         targets=(_family.SpeedTarget((65536, 10), 3.0), _family.SpeedTarget((65536, 100), 3.0),
-                                 _family.SpeedTarget((8, 21, 128, 128), 2.0), _family.SpeedTarget((4, 150, 64, 64), 2.0),
+                                 _family.SpeedTarget((8, 21, 128, 128), 2.0),
+                                 _family.SpeedTarget((4, 150, 64, 64), 2.0),
                                  _family.SpeedTarget((4096, 32000), 8.0, dtype="bfloat16"))))
 CROSS_ENTROPY.module = _family.make_module(CROSS_ENTROPY, "CrossEntropyLoss",
                                            doc="Drop-in for torch.nn.CrossEntropyLoss, plus lossops.cross_entropy's "
