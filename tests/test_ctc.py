@@ -56,8 +56,9 @@ def test_float64_matches_torch(backend, options):
 
 @pytest.mark.parametrize("options", CASES[:3], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_gradcheck_through_log_softmax(kernel_backend, options):
-    logits, targets, il, tl = _problem(T=6, N=3, C=5, S=3, blank=min(options["blank"], 4), layout=options["layout"],
-                                       impossible=False)
+    # Two sequences under Triton's interpreter (each gradcheck evaluation is an interpreted launch), three on C++.
+    logits, targets, il, tl = _problem(T=6, N=2 if kernel_backend == "triton" else 3, C=5, S=3,
+                                       blank=min(options["blank"], 4), layout=options["layout"], impossible=False)
     options = dict(options, blank=min(options["blank"], 4))
     if options["layout"] == "concatenated":
         targets = targets[:int(torch.as_tensor(tl).sum())]
@@ -136,6 +137,8 @@ def test_opinfo_samples(backend):
     (opinfo,) = [op for op in op_db if op.name == "nn.functional.ctc_loss"]
     samples = list(opinfo.sample_inputs("cpu", torch.float64, requires_grad=True))
     assert samples
+    if backend == "triton":  # the interpreter takes a second a sample: every third (cpp and reference run all)
+        samples = samples[::3]
     for sample in samples:
         inputs = [sample.input, *sample.args]
         ours = forward_backward(lambda *a: lossops.ctc_loss(*a, **sample.kwargs), inputs)
