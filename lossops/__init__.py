@@ -5,6 +5,9 @@ from . import losses as _losses  # registers every loss family
 from ._family import FAMILIES as _FAMILIES
 from .linear_cross_entropy import linear_cross_entropy
 from . import distributed, monitor, nn
+from ._dtensor import register_op_strategies as _register_op_strategies
+
+_register_op_strategies()  # when torch.distributed.tensor is already imported; else on the first DTensor call
 
 SETTINGS = ["backend", "get_backend", "set_backend", "set_gradient_cache", "gradient_cache_enabled", "empty_cache",
             "gradient_cache_bytes", "show_config"]

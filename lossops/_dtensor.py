@@ -71,6 +71,33 @@ def accepting_dtensors(function: Callable, sharding) -> Callable:
     return call
 
 
+_registered_ops: set = set()
+
+
+def register_op_strategies() -> None:
+    """Lets DTensor run lossops' custom ops when they are called directly (torch.ops.lossops.*): replicated in,
+    replicated out, so DTensor gathers sharded inputs first (correct, not fast; the public functions above shard
+    properly). Done once torch.distributed.tensor is in use: importing it costs half a second."""
+    import sys
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.experimental import register_sharding
+    from ._family import FAMILIES
+    for family in FAMILIES.values():
+        op = family.op._opoverload
+        if op in _registered_ops:
+            continue
+        outputs = len(op._schema.returns)
+
+        def replicated(*args, _outputs=outputs, **kwargs):
+            inputs = [Replicate() if hasattr(a, "placements") or hasattr(a, "shape") else None for a in args]
+            return [([Replicate()] * _outputs, inputs)]
+
+        register_sharding(op)(replicated)
+        _registered_ops.add(op)
+
+
 def _is_dtensor(value) -> bool:
     return type(value).__name__ == "DTensor" and type(value).__module__.startswith("torch.distributed.tensor")
 
@@ -78,6 +105,7 @@ def _is_dtensor(value) -> bool:
 def _call(function, signature, sharding, args, kwargs):
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+    register_op_strategies()
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     a = dict(bound.arguments)

@@ -153,12 +153,26 @@ def _check_refusals(mesh):
         lossops.ctc_loss(log_probs, torch.ones(N, 3, dtype=torch.long), [10] * N, [3] * N)
 
 
+def _check_direct_op_call(mesh):
+    """torch.ops.lossops.* called with DTensors: replicated, the same value as on plain tensors."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, y = _full(20, N, C), _full(21, N, C)
+    args = dict(input=x, target=y, weight=None, aux=None, denominator=torch.tensor(float(x.numel()), dtype=x.dtype),
+                reduction="mean", ignore_index=-100, weight_layout=[1, 1], aux_layout=[1, 1], grad_input=False,
+                grad_target=False, backend="cpp")
+    expected = torch.ops.lossops.mse_loss(**args)[0]
+    placed = dict(args, input=distribute_tensor(x, mesh, [Shard(0)]), target=distribute_tensor(y, mesh, [Shard(0)]),
+                  denominator=distribute_tensor(args["denominator"], mesh, [Replicate()]))
+    torch.testing.assert_close(torch.ops.lossops.mse_loss(**placed)[0].full_tensor(), expected)
+
+
 def _check_all(mesh, backend):
     _check_cross_entropy(mesh, backend)
     _check_linear_cross_entropy(mesh, backend)
     if backend == "cpp":
         _check_elementwise_and_focal(mesh, backend)
         _check_refusals(mesh)
+        _check_direct_op_call(mesh)
 
 
 def _worker(rank, world_size, init_file, backend):
