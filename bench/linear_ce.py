@@ -7,6 +7,8 @@ Compared, each as loss.backward() from a leaf hidden (N x D) and weight (V x D):
   fused           lossops.linear_cross_entropy (chunks of tokens, no N x V logits)
   unfused-lossops hidden @ W.T, then lossops.cross_entropy
   unfused-torch   hidden @ W.T, then torch.nn.functional.cross_entropy
+  torch-chunked   torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions() (torch's chunked path)
+  cce             Apple's cut-cross-entropy, impl="torch_compile", when it is installed (it is not a dependency)
 Peak memory is what one fwd+bwd adds on top of the inputs (bench.measure.PeakMemory says how it is taken);
 it includes the gradients of hidden and weight, which every method must produce, so the table also gives
 the peak beyond those, against the size of the N x V logits.
@@ -32,8 +34,20 @@ def _unfused_torch(hidden, weight, target):
     return F.cross_entropy(hidden @ weight.t(), target)
 
 
+def _torch_chunked(hidden, weight, target):
+    return F.linear_cross_entropy(hidden, weight, target, options=torch.nn.LinearCrossEntropyOptions())
+
+
 METHODS = {"fused": lossops.linear_cross_entropy, "unfused-lossops": _unfused_lossops,
            "unfused-torch": _unfused_torch}
+if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+    METHODS["torch-chunked"] = _torch_chunked
+try:
+    from cut_cross_entropy import linear_cross_entropy as _cce
+
+    METHODS["cce"] = lambda hidden, weight, target: _cce(hidden, weight, target, impl="torch_compile")
+except ImportError:
+    pass
 
 
 def bench_case(n: int, d: int, v: int, dtype: torch.dtype, warmup: int, repeats: int, memory: PeakMemory):

@@ -5,6 +5,7 @@ the ones below combine or wrap several functions.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -16,23 +17,38 @@ from .losses import focal as _focal
 globals().update({family.module.__name__: family.module for family in _FAMILIES.values() if family.module})
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """lossops.linear_cross_entropy as a module: forward(hidden, weight, target, bias=None)."""
+class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
+    """Drop-in for torch.nn.LinearCrossEntropyLoss: owns its Linear layer (`self.linear`, the same parameters and
+    state_dict keys as torch's), forward(input, target) runs lossops.linear_cross_entropy. lossops' extras
+    (lse_square_scale, softcap, chunk_size) are keyword arguments. For a model that owns its head, call
+    lossops.linear_cross_entropy(hidden, head.weight, target) instead."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None):
-        super().__init__()
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
         self.ignore_index = ignore_index
-        self.reduction = reduction
         self.label_smoothing = label_smoothing
-        self.lse_square_scale = lse_square_scale
-        self.softcap = softcap
-        self.chunk_size = chunk_size
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
+        self.options = options
+        self.lse_square_scale, self.softcap, self.chunk_size = lse_square_scale, softcap, chunk_size
 
-    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
         from .linear_cross_entropy import linear_cross_entropy
-        return linear_cross_entropy(hidden, weight, target, bias, ignore_index=self.ignore_index,
-                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        linear_bias = (None if self.linear.bias is None
+                       else self.linear.bias.reshape((self.num_classes, *self.out_features)))
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, options=self.options,
                                     lse_square_scale=self.lse_square_scale, softcap=self.softcap,
                                     chunk_size=self.chunk_size)
 

@@ -148,3 +148,12 @@ def test_grid_verdicts_hold_each_cell_to_eager_and_its_target():
     assert cell(3.0, 1.0, target=3.0).verdict == "target met"
     assert cell(2.0, 1.0, target=3.0).verdict == "target 3x missed"
     assert cell(2.0, 1.0).speedup("compile") == 2.0
+
+
+def test_linear_ce_benchmark_runs_every_method(capsys):
+    from bench import linear_ce
+    linear_ce.main(["--tokens", "64", "--hidden", "16", "--vocab", "96", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    for name in linear_ce.METHODS:
+        assert any(line.startswith(name + " ") for line in out.splitlines()), (name, out)
+    assert "torch-chunked" in linear_ce.METHODS  # torch 2.13's own chunked linear cross-entropy is compared

@@ -100,14 +100,18 @@ def _check_linear_cross_entropy(mesh, backend):
     def oracle(h, w, t, b, **kw):
         return F.cross_entropy(F.linear(h, w, b), t, **kw)
 
+    def ours(h, w, t, b, **kw):
+        return lossops.linear_cross_entropy(h, w, t, linear_bias=b, **kw)
+
     with lossops.backend(backend):
-        for reduction in ("mean", "none"):
-            kw = dict(reduction=reduction, label_smoothing=0.1)
+        class_weight = torch.rand(C, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) + 0.5
+        for reduction, kw in (("mean", dict(weight=class_weight)), ("none", {}), ("mean", {})):
+            kw = dict(kw, reduction=reduction, label_smoothing=0.1)
             # column-parallel head: weight and bias sharded on the classes, hidden replicated
-            _compare(mesh, lossops.linear_cross_entropy, oracle, [hidden, weight, target, bias],
+            _compare(mesh, ours, oracle, [hidden, weight, target, bias],
                      [Replicate(), Shard(0), Replicate(), Shard(0)], kw, grad_of=(0, 1, 3))
             # batch-sharded tokens, replicated head
-            _compare(mesh, lossops.linear_cross_entropy, oracle, [hidden, weight, target, bias],
+            _compare(mesh, ours, oracle, [hidden, weight, target, bias],
                      [Shard(0), Replicate(), Shard(0), Replicate()], kw, grad_of=(0, 1, 3))
 
 

@@ -172,7 +172,7 @@ def test_linear_cross_entropy(backend, case):
     leaves = [t for t in (hidden, weight, bias) if t is not None]
 
     def ours_fn(h, w, *b):
-        return lossops.linear_cross_entropy(h, w, target, *b, chunk_size=4, **kwargs)
+        return lossops.linear_cross_entropy(h, w, target, linear_bias=b[0] if b else None, chunk_size=4, **kwargs)
 
     def torch_fn(h, w, *b):
         return torch_loss(F.linear(h, w, *b), target, **kwargs)
@@ -191,7 +191,7 @@ def _vocab_parallel_worker(rank, world_size, init_file):
         shard = _shard(world_size, rank)
         for seed, options in enumerate(VOCAB_PARALLEL_OPTIONS):
             for reduction in ("none", "mean", "sum"):
-                logits_, target, grad_output = _data(options, seed)
+                logits_, target, grad_output, options = _data(options, seed)
                 local = logits_[:, shard].clone().requires_grad_()
                 full = logits_.clone().requires_grad_()
                 loss = vocab_parallel_cross_entropy(local, target, reduction=reduction, **options)

@@ -50,7 +50,8 @@ def leaves(hidden, weight, bias):
 
 
 def check_against_truth(hidden, weight, bias, target, reduction, options, rtol=1e-7, atol=1e-9, **kwargs):
-    loss = lossops.linear_cross_entropy(hidden, weight, target, bias, reduction=reduction, **options, **kwargs)
+    loss = lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, reduction=reduction, **options,
+                                        **kwargs)
     expected = truth(hidden, weight, bias, target, reduction, **options)
     torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol)
     # A non-uniform upstream gradient: reduction='none' cannot be pre-scaled in forward.
@@ -85,7 +86,7 @@ def gradcheck(case, reduction):
 
     def f(*tensors):
         h, w, *b = tensors
-        return lossops.linear_cross_entropy(h, w, target, b[0] if b else None, reduction=reduction, chunk_size=4,
+        return lossops.linear_cross_entropy(h, w, target, linear_bias=b[0] if b else None, reduction=reduction, chunk_size=4,
                                             **options)
     assert torch.autograd.gradcheck(f, leaves(hidden, weight, bias))
 
@@ -117,7 +118,7 @@ def test_z_loss_term_is_averaged_over_kept_rows(backend_name, reduction):
         return z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / kept.sum()
 
     def loss(s):
-        return lossops.linear_cross_entropy(hidden, weight, target, bias, reduction=reduction, chunk_size=CHUNK,
+        return lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, reduction=reduction, chunk_size=CHUNK,
                                             lse_square_scale=s, **options)
 
     with lossops.backend(backend_name):
@@ -136,7 +137,7 @@ def test_bfloat16_accumulates_across_chunks_in_float32():
     hidden, weight, bias, target, _ = make_inputs({}, n=1024, d=32, v=64, dtype=torch.float64)
     low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (hidden, weight, bias)]
     exact = torch.autograd.grad(truth(*leaves(hidden, weight, bias), target, "sum"), leaves(hidden, weight, bias))
-    ours = torch.autograd.grad(lossops.linear_cross_entropy(low[0], low[1], target, low[2], reduction="sum",
+    ours = torch.autograd.grad(lossops.linear_cross_entropy(low[0], low[1], target, linear_bias=low[2], reduction="sum",
                                                             chunk_size=16), low)
     torchs = torch.autograd.grad(truth(*low, target, "sum"), low)
     for e, o, t in zip(exact, ours, torchs):
@@ -151,7 +152,7 @@ def test_never_allocates_full_logits():
     logits_bytes = n * v * 4
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         with lossops.backend("cpp"):
-            lossops.linear_cross_entropy(hidden, weight, target, bias).backward()
+            lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias).backward()
     largest = max(e.cpu_memory_usage for e in prof.events())
     assert 0 < largest <= logits_bytes // 8, (largest, logits_bytes)
 
@@ -167,7 +168,7 @@ def test_default_chunk_size_bounds_chunk_logits():
 def test_all_ignored_mean_is_nan_with_zero_gradients_like_torch():
     hidden, weight, bias, target, _ = make_inputs({})
     target.fill_(-100)
-    loss = lossops.linear_cross_entropy(hidden, weight, target, bias, chunk_size=CHUNK)
+    loss = lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, chunk_size=CHUNK)
     expected = truth(hidden, weight, bias, target)
     assert loss.isnan() and expected.isnan()
     for g, w in zip(torch.autograd.grad(loss, (hidden, weight, bias)),
@@ -187,7 +188,7 @@ def test_batch_dims_and_noncontiguous_hidden():
 
 def test_second_backward_with_scaled_grad_output():
     hidden, weight, bias, target, _ = make_inputs({})
-    loss = lossops.linear_cross_entropy(hidden, weight, target, bias, chunk_size=CHUNK)
+    loss = lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, chunk_size=CHUNK)
     expected = torch.autograd.grad(truth(hidden, weight, bias, target) * 3, (hidden, weight, bias))
     for _ in range(2):  # the first backward scales in place; the second must still be exact
         got = torch.autograd.grad(loss * 3, (hidden, weight, bias), retain_graph=True)
@@ -198,22 +199,97 @@ def test_second_backward_with_scaled_grad_output():
 def test_only_requested_gradients():
     hidden, weight, bias, target, _ = make_inputs({})
     frozen = weight.detach()
-    loss = lossops.linear_cross_entropy(hidden, frozen, target, bias.detach(), chunk_size=CHUNK)
+    loss = lossops.linear_cross_entropy(hidden, frozen, target, linear_bias=bias.detach(), chunk_size=CHUNK)
     (grad,) = torch.autograd.grad(loss, hidden)
     torch.testing.assert_close(grad, torch.autograd.grad(truth(hidden, frozen, bias.detach(), target), hidden)[0])
 
 
-def test_module_matches_functional():
+TORCH_SIGNATURE_CASES = [
+    dict(), dict(weight=True), dict(weight=True, ignore_index=3, label_smoothing=0.1), dict(ignore_index=None),
+    dict(linear_bias=True, label_smoothing=0.2), dict(options=True), dict(weight=True, linear_bias=True, options=True),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", TORCH_SIGNATURE_CASES, ids=lambda c: "-".join(c) or "plain")
+def test_torch_signature_matches_torch(kernel_backend, case, reduction):
+    """torch.nn.functional.linear_cross_entropy's keywords, value for value and gradient for gradient."""
+    hidden, weight, bias, target, _ = make_inputs(dict(ignore_index=case.get("ignore_index", -100) or -100))
+    kwargs = dict(reduction=reduction)
+    if case.get("weight"):
+        kwargs["weight"] = torch.rand(V, dtype=torch.float64) + 0.5
+    if "ignore_index" in case:
+        kwargs["ignore_index"] = case["ignore_index"]
+    if case.get("label_smoothing"):
+        kwargs["label_smoothing"] = case["label_smoothing"]
+    if case.get("linear_bias"):
+        kwargs["linear_bias"] = bias
+    if case.get("options"):
+        kwargs["options"] = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=CHUNK)
+    grads = [hidden, weight] + ([bias] if case.get("linear_bias") else [])
+    ours = lossops.linear_cross_entropy(input=hidden, linear_weight=weight, target=target, **kwargs)
+    theirs = F.linear_cross_entropy(input=hidden, linear_weight=weight, target=target, **kwargs)
+    torch.testing.assert_close(ours, theirs)
+    upstream = torch.rand_like(theirs) + 0.5
+    for a, b in zip(torch.autograd.grad(ours, grads, upstream), torch.autograd.grad(theirs, grads, upstream)):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_signature_reference_forms():
+    """What the fused path does not take goes to the reference path with torch's semantics: a (V, d1, D)
+    weight, probability targets, a 1-D input."""
+    hidden = torch.randn(6, D, dtype=torch.float64)
+    k_weight = torch.randn(V, 3, D, dtype=torch.float64)
+    k_target = torch.randint(0, V, (6, 3))
+    torch.testing.assert_close(lossops.linear_cross_entropy(hidden, k_weight, k_target),
+                               F.linear_cross_entropy(hidden, k_weight, k_target))
+    weight = torch.randn(V, D, dtype=torch.float64)
+    probabilities = torch.rand(6, V, dtype=torch.float64).softmax(1)
+    torch.testing.assert_close(lossops.linear_cross_entropy(hidden, weight, probabilities, label_smoothing=0.1),
+                               F.linear_cross_entropy(hidden, weight, probabilities, label_smoothing=0.1))
+    one = torch.tensor(4)
+    torch.testing.assert_close(lossops.linear_cross_entropy(hidden[0], weight, one),
+                               F.linear_cross_entropy(hidden[0], weight, one))
+
+
+@pytest.mark.parametrize("options", [dict(bias=True, weight=True, ignore_index=2, label_smoothing=0.1),
+                                     dict(reduction="none"), dict(reduction="sum", bias=True)])
+def test_module_is_torchs(options):
+    """lossops.nn.LinearCrossEntropyLoss takes torch's constructor and state_dict and gives torch's results."""
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(V, dtype=torch.float64) + 0.5
+    theirs = torch.nn.LinearCrossEntropyLoss(D, V, dtype=torch.float64, **options)
+    ours = lossops.nn.LinearCrossEntropyLoss(D, V, dtype=torch.float64, **options, chunk_size=CHUNK)
+    ours.load_state_dict(theirs.state_dict())
+    hidden, target = torch.randn(N, D, dtype=torch.float64), torch.randint(0, V, (N,))
+    target[::5] = options.get("ignore_index", -100)
+    got, want = ours(hidden, target), theirs(hidden, target)
+    torch.testing.assert_close(got, want)
+    upstream = torch.rand_like(want) + 0.5
+    params = lambda m: [p for p in m.linear.parameters()]  # noqa: E731
+    for a, b in zip(torch.autograd.grad(got, params(ours), upstream), torch.autograd.grad(want, params(theirs), upstream)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match=r"expected weight shape to be \(50,\)"):
+        lossops.nn.LinearCrossEntropyLoss(D, V, weight=torch.ones(3))
+
+
+def test_module_extras_match_functional():
     hidden, weight, bias, target, options = make_inputs(CASES["all"])
-    module = lossops.nn.LinearCrossEntropyLoss(reduction="sum", chunk_size=CHUNK, **options)
-    torch.testing.assert_close(module(hidden, weight, target, bias),
-                               lossops.linear_cross_entropy(hidden, weight, target, bias, reduction="sum", **options))
+    module = lossops.nn.LinearCrossEntropyLoss(D, V, bias=True, dtype=torch.float64, reduction="sum",
+                                               chunk_size=CHUNK, **options)
+    with torch.no_grad():
+        module.linear.weight.copy_(weight)
+        module.linear.bias.copy_(bias)
+    torch.testing.assert_close(module(hidden, target),
+                               lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, reduction="sum",
+                                                            **options))
 
 
 def test_autocast_bfloat16_like_torch():
     hidden, weight, bias, target, _ = make_inputs({}, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = lossops.linear_cross_entropy(hidden, weight, target, bias, chunk_size=CHUNK)
+        loss = lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, chunk_size=CHUNK)
         expected = F.cross_entropy(F.linear(hidden, weight, bias), target)
     assert loss.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
@@ -227,7 +303,8 @@ def test_torch_compile(reduction):
     hidden, weight, bias, target, options = make_inputs(CASES["ignore_index"], dtype=torch.float32)
 
     def f(h, w, b):
-        return lossops.linear_cross_entropy(h, w, target, b, reduction=reduction, chunk_size=CHUNK, **options)
+        return lossops.linear_cross_entropy(h, w, target, linear_bias=b, reduction=reduction, chunk_size=CHUNK,
+                                            **options)
     # Not fullgraph: lossops._backend's ContextVar lookup is a graph break under dynamo.
     compiled = torch.compile(f, backend="aot_eager")
     loss, expected = compiled(hidden, weight, bias), truth(hidden, weight, bias, target, reduction, **options)
@@ -240,14 +317,14 @@ def test_torch_compile(reduction):
 
 def test_opcheck():
     hidden, weight, bias, target, _ = make_inputs({}, n=9, d=4, v=6, dtype=torch.float32)
-    args = (hidden, weight, bias, target, -100, "mean", 0.1, 0.0, 0.0, 4, [True, True, True], "cpp")
+    args = (hidden, weight, bias, target, None, -100, "mean", 0.1, 0.0, 0.0, 4, [True, True, True], "cpp")
     torch.library.opcheck(torch.ops.lossops.linear_cross_entropy.default, args)
 
 
 @pytest.mark.parametrize("kwargs, exception, match", [
-    (dict(weight=torch.randn(V, D + 1)), RuntimeError, r"weight must have shape \(vocab, 16\)"),
-    (dict(weight=torch.randn(V, D, dtype=torch.float64)), RuntimeError, "same dtype.*float32 and torch.float64"),
-    (dict(bias=torch.randn(V + 1)), RuntimeError, r"bias must be .* shape \(50,\), got .* \(51,\)"),
+    (dict(linear_weight=torch.randn(V, D + 1)), RuntimeError, r"linear_weight must have shape \(vocab, 16\)"),
+    (dict(linear_weight=torch.randn(V, D, dtype=torch.float64)), RuntimeError, "same dtype.*float32 and torch.float64"),
+    (dict(linear_bias=torch.randn(V + 1)), RuntimeError, r"linear_bias must be .* shape \(50,\), got .* \(51,\)"),
     (dict(target=torch.zeros(N, dtype=torch.float32)), RuntimeError, "integer tensor.*float32"),
     (dict(target=torch.zeros(N + 1, dtype=torch.int64)), RuntimeError, r"target of shape \(37,\).*\(38,\)"),
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive int.*got 0"),
@@ -257,7 +334,7 @@ def test_opcheck():
     (dict(target=torch.full((N,), V, dtype=torch.int64)), IndexError, "Target 50 is out of bounds"),
 ])
 def test_bad_arguments_raise_naming_the_value(kwargs, exception, match):
-    call = dict(hidden=torch.randn(N, D), weight=torch.randn(V, D), target=torch.randint(0, V, (N,)))
+    call = dict(input=torch.randn(N, D), linear_weight=torch.randn(V, D), target=torch.randint(0, V, (N,)))
     call.update(kwargs)
     with lossops.backend("cpp"), pytest.raises(exception, match=match):
         lossops.linear_cross_entropy(**call)

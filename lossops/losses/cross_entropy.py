@@ -146,6 +146,23 @@ def _denominator(logits3: Tensor, target: Tensor, weight: Optional[Tensor], igno
                                            logits3.shape[1], acc)
 
 
+def mean_weights(target: Tensor, weight: Optional[Tensor], ignore_index: int, num_classes: int, reduction: str,
+                 lse_square_scale: float, acc: torch.dtype) -> tuple[Optional[Tensor], Tensor]:
+    """Cross-entropy with class-index targets: (the class weights the kernel multiplies by, the mean's denominator).
+
+    The z-loss is not class-weighted: its mean is over the kept rows, the cross-entropy's over their weights. The
+    kernels scale a whole row by one factor, so with both the weights carry count / sum_w instead (the
+    cross-entropy part is linear in them) and every row is divided by the count.
+    """
+    denominator = _reduce.class_index_denominator(target, weight, ignore_index, num_classes, acc)
+    weight = None if weight is None else weight.to(acc).contiguous()
+    if reduction == "mean" and weight is not None and lse_square_scale > 0:
+        count = _reduce.class_index_denominator(target, None, ignore_index, num_classes, acc)
+        weight = weight * torch.where(count > 0, count / denominator, 1)
+        denominator = count
+    return weight, denominator
+
+
 def softmax_rows(backend: str, logits3: Tensor, target: Tensor, weight: Optional[Tensor], grad: Optional[Tensor], *,
                  ignore_index: int, reduction: str, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                  softcap: Optional[float] = None, focal_gamma: Optional[float] = None,
@@ -156,16 +173,12 @@ def softmax_rows(backend: str, logits3: Tensor, target: Tensor, weight: Optional
     grad_output: a scalar upstream gradient folded into the gradient's scale (one pass, no second multiply).
     """
     acc = _checks.opmath_dtype(logits3.dtype)
-    denominator = _denominator(logits3, target, weight, ignore_index, weight_normalizes_mean)
-    weight = None if weight is None else weight.to(acc).contiguous()
-    if (reduction == "mean" and weight is not None and lse_square_scale > 0 and focal_gamma is None
-            and not target.is_floating_point()):
-        # The z-loss is not class-weighted: its mean is over the kept rows, the cross-entropy's over their
-        # weights. The kernels scale a whole row by one factor, so the weights carry count / sum_w instead
-        # (the cross-entropy part is linear in them) and every row is divided by the count.
-        count = _reduce.class_index_denominator(target, None, ignore_index, logits3.shape[1], acc)
-        weight = weight * torch.where(count > 0, count / denominator, 1)
-        denominator = count
+    if focal_gamma is None and not target.is_floating_point():
+        weight, denominator = mean_weights(target, weight, ignore_index, logits3.shape[1], reduction,
+                                           lse_square_scale, acc)
+    else:
+        denominator = _denominator(logits3, target, weight, ignore_index, weight_normalizes_mean)
+        weight = None if weight is None else weight.to(acc).contiguous()
     scale = _reduce.gradient_scale(reduction, denominator)
     if grad_output is not None:
         scale = scale * grad_output.to(scale.dtype)
