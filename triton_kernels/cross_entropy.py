@@ -25,6 +25,14 @@ def _load_logits(ptrs, mask, SOFTCAP: tl.constexpr, cap, ACC: tl.constexpr):
 
 
 @triton.jit
+def _online_logsumexp(m, s, x):
+    """One block of the running (max, sum of exp(x - max)); a row of -inf so far shifts by 0, not NaN."""
+    new_m = tl.maximum(m, tl.max(x, axis=0))
+    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+    return new_m, s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=0)
+
+
+@triton.jit
 def cross_entropy_kernel(
     X, stride_xo, stride_xc, stride_xi,
     T, stride_to, stride_tc, stride_ti,
@@ -67,10 +75,7 @@ def cross_entropy_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
         x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
-        new_m = tl.maximum(m, tl.max(x, axis=0))
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=0)
-        m = new_m
+        m, s = _online_logsumexp(m, s, x)
         x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
         if PROB_TARGET:
             q = tl.load(T + cols * stride_tc, mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
@@ -235,10 +240,7 @@ def shard_stats_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < read
         x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
-        new_m = tl.maximum(m, tl.max(x, axis=0))
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=0)
-        m = new_m
+        m, s = _online_logsumexp(m, s, x)
         x0 = tl.where(mask, x, 0.0)
         if HAS_WEIGHT:
             x0 = x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
