@@ -7,11 +7,10 @@
 // Every row's gradient has the form  grad_c = scale * (A * p_c - q_c) * softcap'(c)  where p = softmax,
 // q is the (weighted, smoothed) target distribution and A = sum(q) + 2 * z_loss * lse; softmax focal
 // changes only A and q_y (see row_coefficients).
-#include "cross_entropy.h"
-
 #include <algorithm>
 
 #include "common.h"
+#include "kernel_abi.h"
 
 namespace lossops {
 namespace {
@@ -610,6 +609,7 @@ inline bool lanes_kernel_serves(const at::Tensor& input, const at::Tensor& targe
 
 }  // namespace
 
+// See CrossEntropyKernel (kernel_abi.h).
 std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
                                               const std::optional<at::Tensor>& weight,
                                               const std::optional<at::Tensor>& grad,
