@@ -8,6 +8,7 @@
 // q is the (weighted, smoothed) target distribution and A = sum(q) + 2 * z_loss * lse; softmax focal
 // changes only A and q_y (see row_coefficients).
 #include <algorithm>
+#include <limits>
 
 #include "common.h"
 #include "kernel_abi.h"

@@ -12,6 +12,7 @@
 // - Only the states that can lie on a complete path are computed: s <= 2t + 1 (reachable from the start) and
 //   s >= L - 2(T - t) (can still reach the end); everything outside is -inf in the exact recursion too.
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <vector>
 
