@@ -13,4 +13,4 @@
 #include "layout.h"        // RowLayout, read_block / write_block, transpose (bf16_convert.h: native bf16 stores)
 #include "streaming.h"     // prefetch, stream_block / finish_streaming, gradient_pages_resident
 #include "vec_math.h"      // apply_softcap, fast_exp, log1p_unit
-#include "reduction.h"     // block_sum, deterministic_sum
+#include "reduction.h"     // block_sum, deterministic_sum, vec_sum, vec_dot

@@ -50,4 +50,18 @@ inline double deterministic_sum(int64_t n, const ChunkSum& chunk_sum) {
   return total;
 }
 
+// Sum and dot product of n contiguous values with at::vec's reductions (one accumulator): the sums of the
+// cross-entropy kernels, whose bits block_sum's four accumulators would change.
+template <typename acc_t>
+inline acc_t vec_dot(const acc_t* a, const acc_t* b, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::map2_reduce_all<acc_t>([](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, a, b, n);
+}
+
+template <typename acc_t>
+inline acc_t vec_sum(const acc_t* a, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, a, n);
+}
+
 }  // namespace lossops
