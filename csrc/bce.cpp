@@ -1,6 +1,5 @@
 // BCE with logits, torch's definition: L = w * ((1 - t) x + lw * softplus(-x)), lw = 1 + (pos_weight - 1) t.
 // dL/dx = w * (lw * sigmoid(x) - pos_weight * t) = w * ((1 - t) sigmoid(x) - pos_weight * t * sigmoid(-x));  dL/dt = w * (-x + (pos_weight - 1) * softplus(-x)).
-#include "bce.h"
 #include "elementwise.h"
 
 namespace lossops {
@@ -27,6 +26,7 @@ struct BceWithLogits {
 
 }  // namespace
 
+// params {}; aux = pos_weight.
 std::vector<at::Tensor> bce_with_logits_forward(const ElementwiseArgs& args) {
   return elementwise_forward<BceWithLogits>(args);
 }

@@ -7,11 +7,14 @@
 // Every row's gradient has the form  grad_c = scale * (A * p_c - q_c) * softcap'(c)  where p = softmax,
 // q is the (weighted, smoothed) target distribution and A = sum(q) + 2 * z_loss * lse; softmax focal
 // changes only A and q_y (see row_coefficients).
-#include "cross_entropy.h"
-
 #include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
+#include "cross_entropy_lanes.h"
+#include "kernel_abi.h"
 
 namespace lossops {
 namespace {
@@ -80,25 +83,61 @@ struct BlockStats {
     }
     return max;
   }
+  acc_t sum_exp_or_nan() const { return nan_seen ? std::numeric_limits<acc_t>::quiet_NaN() : sum_exp; }
   acc_t log_sum() const { return nan_seen ? std::numeric_limits<acc_t>::quiet_NaN() : std::log(sum_exp); }
   acc_t lse() const { return max + log_sum(); }
 };
 
+// sum_i x_i * w[b0 + i] (w = 1 when null): the smoothing term's dot product.
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  return at::vec::map2_reduce_all<acc_t>([](Vec<acc_t> x, Vec<acc_t> y) { return x * y; },
-                                         [](Vec<acc_t> x, Vec<acc_t> y) { return x + y; }, a, b, n);
-}
-
-template <typename acc_t>
-inline acc_t sum(const acc_t* a, int64_t n) {
-  return at::vec::reduce_all<acc_t>([](Vec<acc_t>& x, Vec<acc_t>& y) { return x + y; }, a, n);
+inline acc_t weighted_sum(const acc_t* x, const acc_t* w, int64_t b0, int64_t n) {
+  return w ? vec_dot(x, w + b0, n) : vec_sum(x, n);
 }
 
 template <typename acc_t>
 inline acc_t softcap_derivative(acc_t capped, acc_t cap) {
   const acc_t t = capped / cap;
   return acc_t(1) - t * t;
+}
+
+// One row's logits, any stride, in the opmath type and soft-capped when `capped`.
+template <typename scalar_t>
+struct RowLogits {
+  using acc_t = opmath_t<scalar_t>;
+  const scalar_t* x;
+  int64_t stride;
+  bool capped;
+  acc_t cap;
+  acc_t* buf;  // kBlock values
+
+  // Classes [b0, b0 + n), n <= kBlock: read where they lie when they already are contiguous opmath values and
+  // need no cap, else widened (and capped) into buf.
+  const acc_t* block(int64_t b0, int64_t n) const {
+    const acc_t* xb = read_block(x + b0 * stride, stride, n, buf, capped);
+    if (capped) apply_softcap(buf, n, cap);
+    return xb;
+  }
+  acc_t at(int64_t c) const {
+    const acc_t v = static_cast<acc_t>(x[c * stride]);
+    return capped ? cap * std::tanh(v / cap) : v;
+  }
+};
+
+// The row statistics pass: the online max and sum of exponentials of a row's C logits, block by block
+// (load(b0, n) gives each block). When exp_cache is given the exponentials are kept there, block b's relative
+// to block_ref[b]. on_block(b0, n, xb) sees every block while it is in cache, for the sums the caller needs.
+template <typename acc_t, typename LoadBlock, typename OnBlock>
+inline BlockStats<acc_t> row_statistics(int64_t C, const LoadBlock& load, acc_t* exp_cache, acc_t* block_ref,
+                                        const OnBlock& on_block) {
+  BlockStats<acc_t> stats;
+  for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - b0);
+    const acc_t* xb = load(b0, n);
+    const acc_t ref = stats.add(xb, n, exp_cache ? exp_cache + b0 : nullptr);
+    if (exp_cache) block_ref[b0 / kBlock] = ref;
+    on_block(b0, n, xb);
+  }
+  return stats;
 }
 
 // What a row contributes, from its statistics: loss, A (the coefficient of softmax in the gradient) and
@@ -132,6 +171,112 @@ inline RowResult<acc_t> row_coefficients(const CrossEntropyOptions& o, acc_t lse
   return {loss, a, (acc_t(1) - eps) * w_target};
 }
 
+// One row's gradient, grad_c = scale * (A p_c - q_c) * softcap'(x_c) with p_c = exp((x_c - max) - log_sum),
+// q_c = smooth * w_c for class indices (when `smoothing`) or the given target distribution, and at the target
+// class y the one-hot coefficient c as well.
+template <typename acc_t>
+struct RowGradient {
+  acc_t max, log_sum;
+  acc_t softmax_coef, onehot_coef;  // A, c
+  acc_t smooth;
+  bool smoothing;
+  acc_t scale;
+  const acc_t* weight;  // nullptr: 1
+  bool capped;
+  acc_t cap;
+  int64_t y;  // < 0: no target class in this row
+  acc_t logp_target, x_target;
+
+  // The common case (class indices, exponentials cached, no softcap) as its own loop: one multiply, or one
+  // fused multiply-add with smoothing, per element and no per-element branches on the options. `to_prob`
+  // turns the cached exponentials eb into probabilities.
+  void cached_block(acc_t* gb, const acc_t* eb, acc_t to_prob, int64_t b0, int64_t n) const {
+    const acc_t coef = softmax_coef * scale * to_prob;
+    if (smooth == 0) {
+      at::vec::map([coef](Vec<acc_t> e) { return e * Vec<acc_t>(coef); }, gb, eb, n);
+    } else if (!weight) {
+      const acc_t shift = smooth * scale;
+      at::vec::map([coef, shift](Vec<acc_t> e) { return e * Vec<acc_t>(coef) - Vec<acc_t>(shift); }, gb, eb, n);
+    } else {
+      const acc_t shift = smooth * scale;
+      at::vec::map2([coef, shift](Vec<acc_t> e, Vec<acc_t> w) { return e * Vec<acc_t>(coef) - Vec<acc_t>(shift) * w; },
+                    gb, eb, weight + b0, n);
+    }
+  }
+
+  // Every other case: p from the cached exponentials eb (times to_prob) when given, else from the (capped)
+  // logits xb; q from qb (probability targets, already weighted and smoothed) when given.
+  void general_block(acc_t* gb, const acc_t* xb, const acc_t* eb, acc_t to_prob, const acc_t* qb, int64_t b0,
+                     int64_t n) const {
+    const Vec<acc_t> ones(acc_t(1)), vmax(max), vlog_sum(log_sum), va(softmax_coef * scale), vs(smooth * scale),
+        vscale(scale), vinv_cap(capped ? acc_t(1) / cap : acc_t(0)), vto_prob(to_prob);
+    auto prob = [&](int64_t i) {
+      return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : fast_exp((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
+    };
+    int64_t i = 0;
+    for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
+      Vec<acc_t> gv = va * prob(i);
+      if (qb) gv = gv - vscale * Vec<acc_t>::loadu(qb + i);
+      else if (smoothing) gv = gv - vs * (weight ? Vec<acc_t>::loadu(weight + b0 + i) : ones);
+      if (capped) { const Vec<acc_t> t = Vec<acc_t>::loadu(xb + i) * vinv_cap; gv = gv * (ones - t * t); }
+      gv.store(gb + i);
+    }
+    for (; i < n; ++i) {
+      const acc_t p = eb ? eb[i] * to_prob : std::exp((xb[i] - max) - log_sum);
+      acc_t gi = softmax_coef * scale * p;
+      if (qb) gi -= scale * qb[i];
+      else if (smoothing) gi -= smooth * scale * (weight ? weight[b0 + i] : acc_t(1));
+      if (capped) gi *= softcap_derivative(xb[i], cap);
+      gb[i] = gi;
+    }
+  }
+
+  // The target class's entry, scaled.
+  acc_t target() const {
+    const acc_t w_y = weight ? weight[y] : acc_t(1);
+    // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
+    acc_t gy = (softmax_coef - onehot_coef) * std::exp(logp_target) + onehot_coef * std::expm1(logp_target) -
+               smooth * w_y;
+    if (capped) gy *= softcap_derivative(x_target, cap);
+    return gy * scale;
+  }
+};
+
+// Writes one row's gradient into g (any stride) block by block: p from exp_cache when given (block b's
+// exponentials relative to block_ref[b], see row_statistics), else from load_x(b0, n); q from load_q(b0, n)
+// (nullptr for class indices). Directly into g where it holds contiguous opmath values, else through gbuf;
+// with `stream`, g is contiguous and written with non-temporal stores.
+template <typename scalar_t, typename LoadX, typename LoadQ>
+inline void write_row_gradient(const RowGradient<opmath_t<scalar_t>>& grad, scalar_t* g, int64_t stride, bool stream,
+                               int64_t C, const LoadX& load_x, const LoadQ& load_q,
+                               const opmath_t<scalar_t>* exp_cache, const opmath_t<scalar_t>* block_ref,
+                               opmath_t<scalar_t>* gbuf) {
+  using acc_t = opmath_t<scalar_t>;
+  const bool direct = !stream && std::is_same_v<scalar_t, acc_t> && stride == 1;
+  for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - b0);
+    const acc_t* xb = (!exp_cache || grad.capped) ? load_x(b0, n) : nullptr;
+    acc_t* gb = direct ? reinterpret_cast<acc_t*>(g + b0) : gbuf;
+    const acc_t* qb = load_q(b0, n);
+    const acc_t* eb = exp_cache ? exp_cache + b0 : nullptr;
+    // p = e * exp(ref - max - log_sum): the cached exponentials were taken against the block's running max.
+    const acc_t to_prob = exp_cache ? std::exp((block_ref[b0 / kBlock] - grad.max) - grad.log_sum) : acc_t(0);
+    if (eb && !qb && !grad.capped) grad.cached_block(gb, eb, to_prob, b0, n);
+    else grad.general_block(gb, xb, eb, to_prob, qb, b0, n);
+    if (grad.y >= b0 && grad.y < b0 + n) gb[grad.y - b0] = grad.target();
+    if (stream) stream_block<scalar_t>(gb, g + b0, n);
+    else if (!direct) write_block<scalar_t>(gb, g + b0 * stride, stride, n);
+  }
+}
+
+// Out of place into a reused (resident) buffer, the gradient is written with non-temporal stores
+// (stream_block: measured -10% for bf16, -5% fp32 at 4096 x 32000). Not in place (the lines were just read
+// and sit in cache) and not into fresh pages: both measured slower streamed.
+template <typename scalar_t>
+inline bool stream_row_gradient(const scalar_t* g, int64_t stride, const scalar_t* x) {
+  return g && stride == 1 && static_cast<const void*>(g) != static_cast<const void*>(x) && gradient_pages_resident(g);
+}
+
 template <typename scalar_t>
 void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
                         const CrossEntropyOptions& o, at::Tensor* grad, double grad_scale, at::Tensor& row_loss,
@@ -162,20 +307,14 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
   const acc_t smooth = o.focal_gamma >= 0 ? acc_t(0) : eps / static_cast<acc_t>(C);
   const acc_t scale = static_cast<acc_t>(grad_scale);
   acc_t weight_sum = static_cast<acc_t>(C);
-  if (w_ptr) weight_sum = sum(w_ptr, C);
+  if (w_ptr) weight_sum = vec_sum(w_ptr, C);
   const bool need_smooth_dot = !prob_target && eps > 0;
-  const Vec<acc_t> ones(acc_t(1));
 
   // With a gradient to write, rows that fit in L2 keep their exponentials from the first pass, so the
   // second pass needs one multiply per element instead of a reload and an exp.
   const bool cache_exp = g_ptr != nullptr && C <= kExpCacheElements;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
-
-  // Out of place into a reused (resident) buffer, the gradient is written with non-temporal stores
-  // (stream_block: measured -10% for bf16, -5% fp32 at 4096 x 32000). Not in place (the lines were just read
-  // and sit in cache) and not into fresh pages: both measured slower streamed.
-  const bool stream = g_ptr && gl.stride_class == 1 && static_cast<const void*>(g_ptr) != static_cast<const void*>(x_ptr) &&
-                      gradient_pages_resident(g_ptr);
+  const bool stream = stream_row_gradient(g_ptr, gl.stride_class, x_ptr);
 
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(kBlock), tbuf(kBlock), gbuf(kBlock);
@@ -195,13 +334,11 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
           continue;
         }
       }
-      auto load_x = [&](int64_t b0, int64_t n) {
-        const acc_t* xb = read_block(x + b0 * in.stride_class, in.stride_class, n, xbuf.data(), capped);
-        if (capped) apply_softcap(xbuf.data(), n, cap);
-        return xb;
-      };
+      const RowLogits<scalar_t> logits{x, in.stride_class, capped, cap, xbuf.data()};
+      auto load_x = [&](int64_t b0, int64_t n) { return logits.block(b0, n); };
       // Target distribution q_c = w_c * (t_c * (1 - eps) + eps / C) for probability targets.
-      auto load_q = [&](int64_t b0, int64_t n) {
+      auto load_q = [&](int64_t b0, int64_t n) -> const acc_t* {
+        if (!prob_target) return nullptr;
         const int64_t offset = tl.row_offset(r) + b0 * tl.stride_class;
         if (prob_in_acc) read_block(prob_acc_ptr + offset, tl.stride_class, n, tbuf.data(), true);
         else read_block(prob_ptr + offset, tl.stride_class, n, tbuf.data(), true);
@@ -210,28 +347,28 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
         if (w_ptr) at::vec::map2([](Vec<acc_t> t, Vec<acc_t> w) { return t * w; }, tbuf.data(), tbuf.data(), w_ptr + b0, n);
         return tbuf.data();
       };
-
-      BlockStats<acc_t> stats;
-      acc_t smooth_dot = 0, q_sum = 0, q_dot = 0;
-      for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
-        const int64_t n = std::min(kBlock, C - b0);
-        // With a gradient to write, the hardware prefetcher alone leaves this pass waiting on memory: ask for
-        // the next block (or the next row's first) into L2 while this one is computed. Measured here: -15%
-        // in place (fp32), -20% (bf16); without a gradient the same hint made the read-only pass slower.
+      // With a gradient to write, the hardware prefetcher alone leaves the statistics pass waiting on memory:
+      // ask for the next block (or the next row's first) into L2 while this one is computed. Measured here:
+      // -15% in place (fp32), -20% (bf16); without a gradient the same hint made the read-only pass slower.
+      auto load_x_prefetching = [&](int64_t b0, int64_t n) {
         if (g_ptr && in.stride_class == 1) {
           if (b0 + kBlock < C) prefetch(x + b0 + kBlock, std::min(kBlock, C - b0 - kBlock));
           else if (r + 1 < end) prefetch(x_ptr + in.row_offset(r + 1), std::min(kBlock, C));
         }
-        const acc_t* xb = load_x(b0, n);
-        const acc_t ref = stats.add(xb, n, cache_exp ? exp_cache.data() + b0 : nullptr);
-        if (cache_exp) block_ref[b0 / kBlock] = ref;
-        if (need_smooth_dot) smooth_dot += w_ptr ? dot(xb, w_ptr + b0, n) : sum(xb, n);
-        if (prob_target) {
-          const acc_t* qb = load_q(b0, n);
-          q_sum += sum(qb, n);
-          q_dot += dot(qb, xb, n);
-        }
-      }
+        return load_x(b0, n);
+      };
+
+      acc_t smooth_dot = 0, q_sum = 0, q_dot = 0;
+      const BlockStats<acc_t> stats = row_statistics(
+          C, load_x_prefetching, cache_exp ? exp_cache.data() : nullptr, block_ref.data(),
+          [&](int64_t b0, int64_t n, const acc_t* xb) {
+            if (need_smooth_dot) smooth_dot += weighted_sum(xb, w_ptr, b0, n);
+            if (prob_target) {
+              const acc_t* qb = load_q(b0, n);
+              q_sum += vec_sum(qb, n);
+              q_dot += vec_dot(qb, xb, n);
+            }
+          });
       // x - lse loses the low bits of x - max when |max| is large (lse rounds to max's ulp): every
       // log-probability is formed as (x - max) - log_sum instead, as torch's log_softmax does.
       const acc_t log_sum = stats.log_sum();
@@ -242,8 +379,7 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
         const acc_t z = static_cast<acc_t>(o.lse_square_scale);
         res = {q_sum * lse - q_dot + z * lse * lse, q_sum + acc_t(2) * z * lse, 0};
       } else {
-        x_target = static_cast<acc_t>(x[y * in.stride_class]);
-        if (capped) x_target = cap * std::tanh(x_target / cap);
+        x_target = logits.at(y);
         const acc_t w_target = w_ptr ? w_ptr[y] : acc_t(1);
         logp_target = (x_target - stats.max) - log_sum;
         res = row_coefficients<acc_t>(o, lse, logp_target, w_target, smooth_dot, weight_sum, C);
@@ -252,364 +388,171 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
       lse_ptr[r] = lse;
       if (!g_ptr) continue;
 
-      scalar_t* g = g_ptr + gl.row_offset(r);
-      const Vec<acc_t> vmax(stats.max), vlog_sum(log_sum), va(res.softmax_coef * scale), vs(smooth * scale),
-          vscale(scale), vinv_cap(capped ? acc_t(1) / cap : acc_t(0));
-      for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
-        const int64_t n = std::min(kBlock, C - b0);
-        const acc_t* xb = (!cache_exp || capped) ? load_x(b0, n) : nullptr;
-        const bool direct = !stream && std::is_same_v<scalar_t, acc_t> && gl.stride_class == 1;
-        acc_t* gb = direct ? reinterpret_cast<acc_t*>(g + b0) : gbuf.data();
-        const acc_t* qb = prob_target ? load_q(b0, n) : nullptr;
-        const acc_t* eb = cache_exp ? exp_cache.data() + b0 : nullptr;
-        // p = e * exp(ref - max - log_sum): the cached exponentials were taken against the block's running max.
-        const acc_t to_prob = cache_exp ? std::exp((block_ref[b0 / kBlock] - stats.max) - log_sum) : acc_t(0);
-        const Vec<acc_t> vto_prob(to_prob);
-        auto prob = [&](int64_t i) {
-          return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : fast_exp((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
-        };
-        int64_t i = 0;
-        if (eb && !prob_target && !capped) {
-          // The common case (class indices, exponentials cached) as its own loop: one multiply, or one fused
-          // multiply-add with smoothing, per element and no per-element branches on the options.
-          const acc_t coef = res.softmax_coef * scale * to_prob;
-          if (smooth == 0) {
-            at::vec::map([coef](Vec<acc_t> e) { return e * Vec<acc_t>(coef); }, gb, eb, n);
-          } else if (!w_ptr) {
-            const acc_t shift = smooth * scale;
-            at::vec::map([coef, shift](Vec<acc_t> e) { return e * Vec<acc_t>(coef) - Vec<acc_t>(shift); }, gb, eb, n);
-          } else {
-            const acc_t shift = smooth * scale;
-            at::vec::map2([coef, shift](Vec<acc_t> e, Vec<acc_t> w) { return e * Vec<acc_t>(coef) - Vec<acc_t>(shift) * w; },
-                          gb, eb, w_ptr + b0, n);
-          }
-          i = n;
-        }
-        for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
-          Vec<acc_t> gv = va * prob(i);
-          if (prob_target) gv = gv - vscale * Vec<acc_t>::loadu(qb + i);
-          else if (smooth > 0) gv = gv - vs * (w_ptr ? Vec<acc_t>::loadu(w_ptr + b0 + i) : ones);
-          if (capped) { const Vec<acc_t> t = Vec<acc_t>::loadu(xb + i) * vinv_cap; gv = gv * (ones - t * t); }
-          gv.store(gb + i);
-        }
-        for (; i < n; ++i) {
-          const acc_t p = eb ? eb[i] * to_prob : std::exp((xb[i] - stats.max) - log_sum);
-          acc_t gi = res.softmax_coef * scale * p;
-          if (prob_target) gi -= scale * qb[i];
-          else if (smooth > 0) gi -= smooth * scale * (w_ptr ? w_ptr[b0 + i] : acc_t(1));
-          if (capped) gi *= softcap_derivative(xb[i], cap);
-          gb[i] = gi;
-        }
-        if (!prob_target && y >= b0 && y < b0 + n) {
-          const acc_t w_y = w_ptr ? w_ptr[y] : acc_t(1);
-          // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
-          acc_t gy = (res.softmax_coef - res.onehot_coef) * std::exp(logp_target) +
-                     res.onehot_coef * std::expm1(logp_target) - smooth * w_y;
-          if (capped) gy *= softcap_derivative(x_target, cap);
-          gb[y - b0] = gy * scale;
-        }
-        if (stream) stream_block<scalar_t>(gb, g + b0, n);
-        else if (!direct) write_block<scalar_t>(gb, g + b0 * gl.stride_class, gl.stride_class, n);
-      }
+      const RowGradient<acc_t> row_grad{stats.max, log_sum, res.softmax_coef, res.onehot_coef, smooth, smooth > 0,
+                                        scale, w_ptr, capped, cap, y, logp_target, x_target};
+      write_row_gradient<scalar_t>(row_grad, g_ptr + gl.row_offset(r), gl.stride_class, stream, C, load_x, load_q,
+                                   cache_exp ? exp_cache.data() : nullptr, block_ref.data(), gbuf.data());
     }
     if (stream) finish_streaming();
   });
 }
 
+// Vocabulary-parallel cross-entropy: a rank holds the logits of classes [class_offset, class_offset + C_local)
+// of V, as a 2-D (N, C_local) tensor with any strides. cross_entropy_shard_stats gives the per-row statistics
+// the Python side all-reduces into the global logsumexp and loss; cross_entropy_shard_grad then writes this
+// rank's slice of the gradient from the global logsumexp and per-row coefficients.
 
-// The per-row results of row_coefficients for a vector of rows, one per SIMD lane (same formulas).
+// What both shard kernels rely on; returns the weight's data (nullptr without one).
 template <typename acc_t>
-struct LaneResult {
-  Vec<acc_t> loss, softmax_coef, onehot_coef;
-};
-
-template <typename acc_t>
-inline LaneResult<acc_t> lane_coefficients(const CrossEntropyOptions& o, const Vec<acc_t>& lse, const Vec<acc_t>& logp,
-                                           const Vec<acc_t>& w_target, const Vec<acc_t>& smooth_dot, acc_t weight_sum,
-                                           int64_t C) {
-  using V = Vec<acc_t>;
-  const V one(acc_t(1));
-  if (o.focal_gamma >= 0) {
-    const V gamma(static_cast<acc_t>(o.focal_gamma));
-    const V p = logp.exp();
-    const V q = V(acc_t(0)) - logp.expm1();
-    const V qg = q.pow(gamma);
-    const V r = V::blendv(one, (V(acc_t(0)) - logp) / q, q > V(acc_t(0)));
-    const V a = w_target * qg * (one + gamma * p * r);
-    return {V(acc_t(0)) - w_target * qg * logp, a, a};
-  }
-  const acc_t eps = static_cast<acc_t>(o.label_smoothing);
-  const acc_t z = static_cast<acc_t>(o.lse_square_scale);
-  const acc_t smooth = eps / static_cast<acc_t>(C);
-  const V kept = V(acc_t(1) - eps) * w_target;
-  V loss = V(acc_t(0)) - kept * logp;
-  if (eps > 0) loss = loss + V(smooth) * (V(weight_sum) * lse - smooth_dot);
-  loss = loss + V(z) * lse * lse;
-  return {loss, kept + V(smooth * weight_sum) + V(acc_t(2) * z) * lse, kept};
+const acc_t* shard_weight(const char* kernel, const at::Tensor& input, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(input.dim() == 2, "lossops: ", kernel, ": input must be 2-D (N, C_local), got ", input.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == input.size(0) &&
+                  target.is_contiguous(),
+              "lossops: ", kernel, ": target must be a contiguous int64 tensor of shape (", input.size(0), "), got ",
+              target.scalar_type(), " ", target.sizes());
+  if (!weight.has_value()) return nullptr;
+  TORCH_CHECK(weight->scalar_type() == c10::CppTypeToScalarType<acc_t>::value && weight->dim() == 1 &&
+                  weight->size(0) == input.size(1) && weight->is_contiguous(),
+              "lossops: ", kernel, ": weight must be a contiguous ", c10::CppTypeToScalarType<acc_t>::value,
+              " tensor of shape (", input.size(1), "), got ", weight->scalar_type(), " ", weight->sizes());
+  return weight->const_data_ptr<acc_t>();
 }
 
-// Where the rows of a (outer, C, inner) view lie when consecutive rows fill the SIMD lanes: along `inner`
-// for class-dim-1 layouts (each class plane is contiguous there), along `outer` for (N, C) rows, which a
-// (1, C, N) view with the outer stride as lane stride describes. Row r is (r / lanes, r % lanes) either way.
-struct LaneLayout {
-  int64_t outer, lanes, stride_outer, stride_class, stride_lane;
-  static LaneLayout of(const at::Tensor& t3d) {
-    if (t3d.size(2) == 1) return {1, t3d.size(0), 0, t3d.stride(1), t3d.stride(0)};
-    return {t3d.size(0), t3d.size(2), t3d.stride(0), t3d.stride(1), t3d.stride(2)};
-  }
-};
-
-// Class-index cross-entropy (and softmax focal) with one row per SIMD lane: rows too short for a vector
-// loop along the class dimension (CIFAR's 10 classes, detection heads) and class-dim-1 layouts, which the
-// row kernel can only read with a stride. A group of kLaneRows rows is read class by class
-// (in place where a class's lanes are contiguous fp32, else widened into a class-major tile), then max, exp
-// and sum run across classes with every lane a different row; the target class, the only per-row
-// irregularity, is patched in per lane.
-// 32 rows: two cache lines of each fp32 class plane per group, so each plane is read in runs long enough for
-// the prefetcher whatever the vector width (AVX2 with 16 rows measured ~2x slower on class-dim-1 layouts).
-constexpr int64_t kLaneRows = 32;
-template <typename acc_t>
-constexpr int64_t kLaneVectors = std::max<int64_t>(1, kLaneRows / Vec<acc_t>::size());
+// The local index of a global class, -1 when another rank holds it.
+inline int64_t shard_class(int64_t t, int64_t class_offset, int64_t C) {
+  return t >= class_offset && t < class_offset + C ? t - class_offset : -1;
+}
 
 template <typename scalar_t>
-struct LaneProblem {
+RowLogits<scalar_t> shard_row(const at::Tensor& input, int64_t r, double softcap, opmath_t<scalar_t>* buf) {
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  // No offset from a data pointer that may be null (C_local = 0); such a row is never read.
+  if (input.size(1) > 0) x += r * input.stride(0);
+  return {x, input.stride(1), softcap > 0, static_cast<opmath_t<scalar_t>>(softcap), buf};
+}
+
+// Per row [max, sum of exp(x - max), target logit (0 unless this rank holds the target), sum_j w_j x_j] of the
+// capped logits; ignored rows all 0, unread.
+template <typename scalar_t>
+void shard_stats_rows(const at::Tensor& input, const int64_t* target, const opmath_t<scalar_t>* w, int64_t class_offset,
+                      int64_t ignore_index, double softcap, opmath_t<scalar_t>* out) {
   using acc_t = opmath_t<scalar_t>;
-  int64_t C;
-  LaneLayout in, gl;
-  const scalar_t* x;
-  scalar_t* g;
-  const int64_t* target;
-  const acc_t* weight;
-  acc_t* loss;
-  acc_t* lse;
-  CrossEntropyOptions options;
-  acc_t cap, smooth, scale, weight_sum;
-  int64_t groups_per_outer;
-  bool stream;  // gradient written with non-temporal stores (see cross_entropy_lane_groups)
-};
-
-// The options that change the per-element loops are template flags, so those loops carry no branches (a
-// generic version measured 2.4 cycles per element for the forward pass alone).
-template <typename scalar_t, bool kGrad, bool kSmooth, bool kCapped>
-void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, int64_t end) {
-  using acc_t = opmath_t<scalar_t>;
-  using V = Vec<acc_t>;
-  constexpr int64_t W = V::size();
-  constexpr int64_t G = W * kLaneVectors<acc_t>;
-  constexpr bool kNarrow = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t C = p.C;
-  const CrossEntropyOptions& o = p.options;
-  const V zero(acc_t(0)), one(acc_t(1));
-  const V inv_cap(kCapped ? acc_t(1) / p.cap : acc_t(0));
-  std::vector<acc_t> x_tile(C * G), e_tile(kGrad ? C * G : 0);
-  std::vector<const acc_t*> x_class(C);
-  // (N, C) rows: lanes are rows, classes contiguous within each.
-  const bool rows_transposed = p.in.stride_class == 1 && p.in.stride_lane != 1;
-  const bool rows_transposed_out = kGrad && p.gl.stride_class == 1 && p.gl.stride_lane != 1;
-  // Into a reused (resident) gradient buffer, full cache lines are written with non-temporal stores, which
-  // skip reading each line before overwriting it: contiguous (N, C) rows as one run per group, class planes as
-  // one run per class. Transposed straight into the rows, each 64-byte store straddles two lines.
-  const bool stream_rows = p.stream && rows_transposed_out && p.gl.stride_lane == C;
-  const bool stream_planes = p.stream && p.gl.stride_lane == 1;
-  std::vector<acc_t> row_buf((kNarrow && (rows_transposed || rows_transposed_out)) || stream_rows ? C * G : 0);
-  alignas(64) acc_t x_target[G], w_target[G], valid[G], patch[G];
-  int64_t target_class[G];
-
-  for (int64_t group = begin; group < end; ++group) {
-    const int64_t o_index = group / p.groups_per_outer, lane0 = (group % p.groups_per_outer) * G;
-    const int64_t n = std::min(G, p.in.lanes - lane0);
-    const int64_t r0 = o_index * p.in.lanes + lane0;
-    const scalar_t* x0 = p.x + o_index * p.in.stride_outer + lane0 * p.in.stride_lane;
-    // fp32 lanes that are contiguous are read where they lie; anything else is widened into the tile,
-    // (N, C) rows by a register-block transpose.
-    const bool read_in_place = !kNarrow && !kCapped && n == G && p.in.stride_lane == 1;
-    if (rows_transposed) {
-      if constexpr (kNarrow) {
-        for (int64_t l = 0; l < n; ++l) read_block(x0 + l * p.in.stride_lane, 1, C, row_buf.data() + l * C, true);
-        transpose(row_buf.data(), C, x_tile.data(), G, n, C);
-      } else {
-        transpose(x0, p.in.stride_lane, x_tile.data(), G, n, C);
-      }
-      if (n < G) {
-        for (int64_t c = 0; c < C; ++c) std::fill(x_tile.data() + c * G + n, x_tile.data() + (c + 1) * G, acc_t(0));
-      }
-    }
-
-    // The next group's lanes of every class plane, asked for now: a class-dim-1 group reads one short run
-    // from each of C planes, more streams than the hardware prefetcher follows.
-    const bool prefetch_next = p.in.stride_lane == 1 && lane0 + 2 * G <= p.in.lanes;
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* src = x0 + c * p.in.stride_class;
-      if (prefetch_next) prefetch(src + G, G);
-      else if (rows_transposed && c < G && lane0 + G + c < p.in.lanes) prefetch(x0 + (G + c) * p.in.stride_lane, C);
-      if (read_in_place) {
-        x_class[c] = reinterpret_cast<const acc_t*>(src);
+  const int64_t C = input.size(1);
+  at::parallel_for(0, input.size(0), row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(kBlock);
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* s = out + 4 * r;
+      if (target[r] == ignore_index) {
+        std::fill(s, s + 4, acc_t(0));
         continue;
       }
-      acc_t* tile = x_tile.data() + c * G;
-      if (!rows_transposed) {
-        read_block(src, p.in.stride_lane, n, tile, true);
-        std::fill(tile + n, tile + G, acc_t(0));
-      }
-      if constexpr (kCapped) apply_softcap(tile, G, p.cap);
-      x_class[c] = tile;
+      const RowLogits<scalar_t> logits = shard_row<scalar_t>(input, r, softcap, xbuf.data());
+      acc_t w_dot = 0;
+      const BlockStats<acc_t> stats = row_statistics<acc_t>(
+          C, [&](int64_t b0, int64_t n) { return logits.block(b0, n); }, nullptr, nullptr,
+          [&](int64_t b0, int64_t n, const acc_t* xb) { w_dot += weighted_sum(xb, w, b0, n); });
+      const int64_t y = shard_class(target[r], class_offset, C);
+      s[0] = stats.max;
+      s[1] = stats.sum_exp_or_nan();
+      s[2] = y >= 0 ? logits.at(y) : acc_t(0);
+      s[3] = w_dot;
     }
-    // One vector of lanes at a time, so that each accumulator stays in a register across the classes. The
-    // max need not propagate NaN: exp(NaN - max) makes the lane's sum NaN anyway.
-    constexpr int64_t K = kLaneVectors<acc_t>;
-    V vmax[K], vsum[K], vdot[K];
-    for (int64_t k = 0; k < K; ++k) {
-      V m(-std::numeric_limits<acc_t>::infinity()), d = zero;
-      for (int64_t c = 0; c < C; ++c) {
-        const V v = V::loadu(x_class[c] + k * W);
-        m = at::vec::clamp_min(v, m);
-        if constexpr (kSmooth) d = at::vec::fmadd(v, V(p.weight ? p.weight[c] : acc_t(1)), d);
-      }
-      V total = zero;
-      for (int64_t c = 0; c < C; ++c) {
-        const V e = fast_exp(V::loadu(x_class[c] + k * W) - m);
-        if constexpr (kGrad) e.store(e_tile.data() + c * G + k * W);
-        total = total + e;
-      }
-      vmax[k] = m;
-      vsum[k] = total;
-      vdot[k] = d;
-    }
-    for (int64_t l = 0; l < G; ++l) {
-      const int64_t y = l < n ? p.target[r0 + l] : o.ignore_index;
-      const bool counted = l < n && y != o.ignore_index;
-      target_class[l] = counted ? y : -1;
-      x_target[l] = counted ? x_class[y][l] : acc_t(0);
-      w_target[l] = counted ? (p.weight ? p.weight[y] : acc_t(1)) : acc_t(0);
-      valid[l] = counted ? acc_t(1) : acc_t(0);
-    }
-    V coef[K], shift[K];
-    for (int64_t k = 0; k < K; ++k) {
-      const V mask = V::loadu(valid + k * W) == one;
-      const V log_sum = vsum[k].log();
-      const V lse = vmax[k] + log_sum;
-      // (x - max) - log_sum, not x - lse: see cross_entropy_rows.
-      const V xt = V::loadu(x_target + k * W);
-      const V logp = (xt - vmax[k]) - log_sum;
-      const V wt = V::loadu(w_target + k * W);
-      const LaneResult<acc_t> res = lane_coefficients<acc_t>(o, lse, logp, wt, vdot[k], p.weight_sum, C);
-      const int64_t lanes_here = std::max<int64_t>(0, std::min(W, n - k * W));
-      if (lanes_here > 0) {
-        V::blendv(zero, res.loss, mask).store(p.loss + r0 + k * W, lanes_here);
-        V::blendv(zero, lse, mask).store(p.lse + r0 + k * W, lanes_here);
-      }
-      if constexpr (kGrad) {
-        const V vscale(p.scale);
-        coef[k] = V::blendv(zero, res.softmax_coef * vscale / vsum[k], mask);
-        shift[k] = V::blendv(zero, V(p.smooth * p.scale), mask);
-        // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
-        V gy = (res.softmax_coef - res.onehot_coef) * logp.exp() + res.onehot_coef * logp.expm1() - V(p.smooth) * wt;
-        if constexpr (kCapped) { const V t = xt * inv_cap; gy = gy * (one - t * t); }
-        (gy * vscale).store(patch + k * W);
-      }
-    }
-    if constexpr (kGrad) {
-      scalar_t* g0 = p.g + o_index * p.gl.stride_outer + lane0 * p.gl.stride_lane;
-      const bool write_in_place = !kNarrow && !stream_planes && n == G && p.gl.stride_lane == 1;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t* ec = e_tile.data() + c * G;
-        acc_t* out = write_in_place ? reinterpret_cast<acc_t*>(g0 + c * p.gl.stride_class) : ec;
-        const V wc(p.weight ? p.weight[c] : acc_t(1));
-        for (int64_t k = 0; k < K; ++k) {
-          V gv = V::loadu(ec + k * W) * coef[k];
-          if constexpr (kSmooth) gv = gv - shift[k] * wc;
-          if constexpr (kCapped) { const V t = V::loadu(x_class[c] + k * W) * inv_cap; gv = gv * (one - t * t); }
-          gv.store(out + k * W);
-        }
-      }
-      // The zero coefficients give ignored rows exactly 0 only where their exponentials are finite: those rows,
-      // and the target entries, are set here.
-      for (int64_t l = 0; l < n; ++l) {
-        const int64_t y = target_class[l];
-        if (write_in_place) {
-          acc_t* col = reinterpret_cast<acc_t*>(g0) + l;
-          if (y >= 0) col[y * p.gl.stride_class] = patch[l];
-          else for (int64_t c = 0; c < C; ++c) col[c * p.gl.stride_class] = acc_t(0);
-        } else {
-          if (y >= 0) e_tile[y * G + l] = patch[l];
-          else for (int64_t c = 0; c < C; ++c) e_tile[c * G + l] = acc_t(0);
-        }
-      }
-      if (rows_transposed_out && (stream_rows || kNarrow)) {
-        // Back to row-major in the staging buffer, then streamed as one run or narrowed row by row.
-        transpose(e_tile.data(), G, row_buf.data(), C, C, n);
-        if (stream_rows) stream_block<scalar_t>(row_buf.data(), g0, n * C);
-        else for (int64_t l = 0; l < n; ++l) write_block<scalar_t>(row_buf.data() + l * C, g0 + l * p.gl.stride_lane, 1, C);
-      } else if (rows_transposed_out) {
-        if constexpr (!kNarrow) transpose(e_tile.data(), G, reinterpret_cast<acc_t*>(g0), p.gl.stride_lane, C, n);
-      } else if (stream_planes) {
-        for (int64_t c = 0; c < C; ++c) stream_block<scalar_t>(e_tile.data() + c * G, g0 + c * p.gl.stride_class, n);
-      } else if (!write_in_place) {
-        for (int64_t c = 0; c < C; ++c) write_block<scalar_t>(e_tile.data() + c * G, g0 + c * p.gl.stride_class, p.gl.stride_lane, n);
-      }
-    }
-  }
-  if (p.stream) finish_streaming();
+  });
 }
 
+// grad_j = softcap'(x_j) (A exp(x_j - lse) - B [j == target] - D w_j) per row, from the capped logits; rows with
+// A = B = D = 0 are zeros, unread.
 template <typename scalar_t>
-void cross_entropy_lanes(const at::Tensor& input, const int64_t* index_ptr, const at::Tensor& weight,
-                         const CrossEntropyOptions& o, at::Tensor* grad, double grad_scale, at::Tensor& row_loss,
-                         at::Tensor& row_lse) {
+void shard_grad_rows(const at::Tensor& input, const int64_t* target, const opmath_t<scalar_t>* w, scalar_t* g_ptr,
+                     const opmath_t<scalar_t>* lse, const opmath_t<scalar_t>* coefficients, int64_t class_offset,
+                     double softcap) {
   using acc_t = opmath_t<scalar_t>;
-  constexpr int64_t G = Vec<acc_t>::size() * kLaneVectors<acc_t>;
-  LaneProblem<scalar_t> p;
-  p.C = input.size(1);
-  p.in = LaneLayout::of(input);
-  p.gl = grad ? LaneLayout::of(*grad) : p.in;
-  p.x = input.const_data_ptr<scalar_t>();
-  p.g = grad ? grad->mutable_data_ptr<scalar_t>() : nullptr;
-  p.target = index_ptr;
-  p.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  p.loss = row_loss.mutable_data_ptr<acc_t>();
-  p.lse = row_lse.mutable_data_ptr<acc_t>();
-  p.options = o;
-  p.cap = static_cast<acc_t>(o.softcap);
-  p.smooth = o.focal_gamma >= 0 ? acc_t(0) : static_cast<acc_t>(o.label_smoothing) / static_cast<acc_t>(p.C);
-  p.scale = static_cast<acc_t>(grad_scale);
-  p.weight_sum = p.weight ? sum(p.weight, p.C) : static_cast<acc_t>(p.C);
-  p.groups_per_outer = (p.in.lanes + G - 1) / G;
-  p.stream = p.g != nullptr && static_cast<const void*>(p.g) != static_cast<const void*>(p.x) &&
-             gradient_pages_resident(p.g);
-  const int64_t grain = std::max<int64_t>(1, kRowGrainElements / (p.C * G));
-  auto run = [&](auto grad_flag, auto smooth_flag, auto capped_flag) {
-    at::parallel_for(0, p.in.outer * p.groups_per_outer, grain, [&](int64_t begin, int64_t end) {
-      cross_entropy_lane_groups<scalar_t, decltype(grad_flag)::value, decltype(smooth_flag)::value,
-                                decltype(capped_flag)::value>(p, begin, end);
-    });
-  };
-  auto with_capped = [&](auto grad_flag, auto smooth_flag) {
-    if (o.softcap > 0) run(grad_flag, smooth_flag, std::true_type{});
-    else run(grad_flag, smooth_flag, std::false_type{});
-  };
-  auto with_smooth = [&](auto grad_flag) {
-    if (p.smooth > 0) with_capped(grad_flag, std::true_type{});
-    else with_capped(grad_flag, std::false_type{});
-  };
-  if (p.g) with_smooth(std::true_type{});
-  else with_smooth(std::false_type{});
+  const int64_t C = input.size(1);
+  const bool stream = stream_row_gradient<scalar_t>(g_ptr, 1, input.const_data_ptr<scalar_t>());
+  at::parallel_for(0, input.size(0), row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(kBlock), gbuf(kBlock);
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t a = coefficients[3 * r], b = coefficients[3 * r + 1], d = coefficients[3 * r + 2];
+      scalar_t* g = g_ptr + r * C;
+      if (a == 0 && b == 0 && d == 0) {
+        std::fill(g, g + C, scalar_t(0));
+        continue;
+      }
+      const RowLogits<scalar_t> logits = shard_row<scalar_t>(input, r, softcap, xbuf.data());
+      const int64_t y = shard_class(target[r], class_offset, C);
+      const acc_t x_target = y >= 0 ? logits.at(y) : acc_t(0);
+      // p_j = exp((x_j - lse) - 0): RowGradient's form with the global logsumexp as the max.
+      const RowGradient<acc_t> row_grad{lse[r], 0, a, b, d, true, 1, w, logits.capped, logits.cap, y,
+                                        x_target - lse[r], x_target};
+      write_row_gradient<scalar_t>(
+          row_grad, g, 1, stream, C, [&](int64_t b0, int64_t n) { return logits.block(b0, n); },
+          [](int64_t, int64_t) { return static_cast<const acc_t*>(nullptr); }, nullptr, nullptr, gbuf.data());
+    }
+    if (stream) finish_streaming();
+  });
 }
 
-// Which kernel serves a class-index call. (N, C) rows: the lane kernel up to kLaneRowClasses classes, beyond
-// which a row is long enough for the row kernel's vector loop (65536 rows, 1 thread, fwd+bwd, AVX-512, fp32 /
-// bf16 ms: lanes 1.5/1.9, 3.1/3.3, 4.9/5.8, 5.9/6.5, 7.2/7.9, 12.0/12.7 at C = 32, 64, 100, 128, 160, 256; rows
-// 5.2/5.5, 5.6/6.0, 8.5/11.0, 7.2/7.4, 7.3/9.8, 10.2/10.9). Class-dim-1 (inner > 1): the lane kernel
-// whenever its class-major tile (C x 32 values per thread, twice with a gradient) stays in L2.
-constexpr int64_t kLaneRowClasses = 160;
-constexpr int64_t kLaneTileClasses = 2048;
+// input (N, C_local), any strides, float / double / bfloat16 / half; target int64 (N,) of global class indices;
+// weight: this rank's (C_local,) slice of the class weights in the opmath dtype (float; double for double), or
+// None; softcap: None, or > 0 to replace the logits by softcap * tanh(logits / softcap) first.
+// Returns {stats}: (N, 4) contiguous, opmath dtype, per row [m, s, x_t, dot] with m the max of the capped logits,
+// s = sum_j exp(x_j - m), x_t the target's logit when class_offset <= target < class_offset + C_local (else 0),
+// dot = sum_j w_j x_j (w = 1 without weight). Rows with target == ignore_index: all 0. C_local = 0 or a row of
+// -inf: m = -inf, s = 0 (dot is then 0, or -inf for a row of -inf). A NaN logit makes s NaN.
+std::vector<at::Tensor> cross_entropy_shard_stats(const at::Tensor& input, const at::Tensor& target,
+                                                  const std::optional<at::Tensor>& weight, int64_t class_offset,
+                                                  int64_t ignore_index, std::optional<double> softcap) {
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0, "lossops: cross_entropy_shard_stats: softcap must be > 0");
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor stats = new_cpu_tensor({input.dim() == 2 ? input.size(0) : 0, 4}, acc_type);
+  LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_cross_entropy_shard_stats", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const acc_t* w = shard_weight<acc_t>("cross_entropy_shard_stats", input, target, weight);
+    shard_stats_rows<scalar_t>(input, target.const_data_ptr<int64_t>(), w, class_offset, ignore_index,
+                               softcap.value_or(0.0), stats.mutable_data_ptr<acc_t>());
+  });
+  return {stats};
+}
 
-inline bool lanes_kernel_serves(const at::Tensor& input, const at::Tensor& target) {
-  if (target.is_floating_point()) return false;
-  return input.size(2) > 1 ? input.size(1) <= kLaneTileClasses : input.size(1) <= kLaneRowClasses;
+// input, target, weight, class_offset, softcap: as for cross_entropy_shard_stats.
+// grad: contiguous (N, C_local) of input's dtype, not aliasing input; every element is written.
+// lse: (N,) opmath, the global logsumexp of the capped logits; coefficients: (N, 3) opmath, contiguous, per row
+// [A, B, D]: grad_j = softcap'(x_j) * (A * exp(x_j - lse) - B * [j == target - class_offset] - D * w_j), with x
+// the capped logits and softcap'(x) = 1 - tanh^2(x / softcap) (1 without softcap). Rows with A = B = D = 0 get
+// zeros. Returns {} (the result is grad).
+std::vector<at::Tensor> cross_entropy_shard_grad(const at::Tensor& input, const at::Tensor& target,
+                                                 const std::optional<at::Tensor>& weight, const at::Tensor& grad,
+                                                 const at::Tensor& lse, const at::Tensor& coefficients,
+                                                 int64_t class_offset, std::optional<double> softcap) {
+  const char* kernel = "cross_entropy_shard_grad";
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0, "lossops: ", kernel, ": softcap must be > 0");
+  TORCH_CHECK(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type() && grad.is_contiguous(),
+              "lossops: ", kernel, ": grad must be a contiguous ", input.scalar_type(), " tensor of shape ",
+              input.sizes(), ", got ", grad.scalar_type(), " ", grad.sizes());
+  TORCH_CHECK(!grad.is_alias_of(input), "lossops: ", kernel, ": grad must not alias input");
+  const int64_t N = input.dim() == 2 ? input.size(0) : 0;
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc_type && lse.dim() == 1 && lse.size(0) == N && lse.is_contiguous(),
+              "lossops: ", kernel, ": lse must be a contiguous ", acc_type, " tensor of shape (", N, "), got ",
+              lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(coefficients.scalar_type() == acc_type && coefficients.dim() == 2 && coefficients.size(0) == N &&
+                  coefficients.size(1) == 3 && coefficients.is_contiguous(),
+              "lossops: ", kernel, ": coefficients must be a contiguous ", acc_type, " tensor of shape (", N,
+              ", 3), got ", coefficients.scalar_type(), " ", coefficients.sizes());
+  LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_cross_entropy_shard_grad", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const acc_t* w = shard_weight<acc_t>(kernel, input, target, weight);
+    shard_grad_rows<scalar_t>(input, target.const_data_ptr<int64_t>(), w, grad.mutable_data_ptr<scalar_t>(),
+                              lse.const_data_ptr<acc_t>(), coefficients.const_data_ptr<acc_t>(), class_offset,
+                              softcap.value_or(0.0));
+  });
+  return {};
 }
 
 }  // namespace
 
+// See CrossEntropyKernel (kernel_abi.h).
 std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
                                               const std::optional<at::Tensor>& weight,
                                               const std::optional<at::Tensor>& grad,
@@ -644,9 +587,9 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at:
   if (g.defined()) TORCH_CHECK(g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type(), "lossops: bad gradient buffer");
   if (rows > 0 && C > 0) {
     LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_cross_entropy", [&] {
-      if (lanes_kernel_serves(input, target)) {
-        cross_entropy_lanes<scalar_t>(input, target.const_data_ptr<int64_t>(), w, options, g.defined() ? &g : nullptr,
-                                      grad_scale, row_loss, row_lse);
+      if (ce_lanes::lanes_kernel_serves(input, target)) {
+        ce_lanes::cross_entropy_lanes<scalar_t>(input, target.const_data_ptr<int64_t>(), w, options,
+                                                g.defined() ? &g : nullptr, grad_scale, row_loss, row_lse);
       } else {
         cross_entropy_rows<scalar_t>(input, target, w, options, g.defined() ? &g : nullptr, grad_scale, row_loss, row_lse);
       }
@@ -676,10 +619,25 @@ std::vector<at::Tensor> cross_entropy_kernel(const KernelArgs& a) {
                                 a.optional_real("softcap").value_or(0.0), a.optional_real("focal_gamma").value_or(-1.0)},
                                a.tensor("grad_scale").item<double>());
 }
+
+std::vector<at::Tensor> cross_entropy_shard_stats_kernel(const KernelArgs& a) {
+  return cross_entropy_shard_stats(a.tensor("input"), a.tensor("target"), a.optional_tensor("weight"),
+                                   a.integer("class_offset"), a.integer("ignore_index"), a.optional_real("softcap"));
+}
+
+std::vector<at::Tensor> cross_entropy_shard_grad_kernel(const KernelArgs& a) {
+  return cross_entropy_shard_grad(a.tensor("input"), a.tensor("target"), a.optional_tensor("weight"), a.tensor("grad"),
+                                  a.tensor("lse"), a.tensor("coefficients"), a.integer("class_offset"),
+                                  a.optional_real("softcap"));
+}
 }  // namespace
 
 LOSSOPS_REGISTER_KERNEL("cross_entropy", cross_entropy_kernel, &cross_entropy_forward, "input", "target", "weight",
                         "grad", "ignore_index", "label_smoothing", "lse_square_scale", "softcap", "focal_gamma",
                         "grad_scale");
+LOSSOPS_REGISTER_KERNEL("cross_entropy_shard_stats", cross_entropy_shard_stats_kernel, nullptr, "input", "target",
+                        "weight", "class_offset", "ignore_index", "softcap");
+LOSSOPS_REGISTER_KERNEL("cross_entropy_shard_grad", cross_entropy_shard_grad_kernel, nullptr, "input", "target",
+                        "weight", "grad", "lse", "coefficients", "class_offset", "softcap");
 
 }  // namespace lossops

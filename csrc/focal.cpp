@@ -4,7 +4,6 @@
 // The chain rule through q^gamma gives gamma * q^(gamma - 1) * p(1 - p)(1 - 2t); writing q^(gamma - 1) * p(1 - p)
 // as q^gamma * r removes the negative power: r <= 2 for every t in [0, 1] and r -> 1 where q underflows to 0
 // (hard targets at saturated logits), so the gradient is finite for every gamma >= 0, including 0 < gamma < 1.
-#include "focal.h"
 #include "elementwise.h"
 
 namespace lossops {
@@ -37,6 +36,7 @@ struct SigmoidFocal {
 
 }  // namespace
 
+// params {alpha (< 0: off), gamma}; dense or class-index targets.
 std::vector<at::Tensor> sigmoid_focal_forward(const ElementwiseArgs& args) {
   TORCH_CHECK(!args.grad_target.has_value(), "lossops: the sigmoid focal kernel does not compute target gradients");
   return elementwise_forward<SigmoidFocal>(args);

@@ -1,6 +1,7 @@
 // The entry point of a per-ISA kernel library: the host module finds this one exported symbol (kernel_abi.h),
 // and through it the kernels every family file registered with LOSSOPS_REGISTER_KERNEL.
-#include "common.h"
+#include "kernel_abi.h"
+#include "streaming.h"  // gradient_pages_resident
 
 #define LOSSOPS_STR2(x) #x
 #define LOSSOPS_STR(x) LOSSOPS_STR2(x)

@@ -4,7 +4,6 @@
 // (1 / 2, delta). beta = 0 never takes the quadratic branch, so it is L1 with no division by beta, and the
 // linear branch's derivative m * sign(d) keeps torch's conventions: sign(0) = 0 (L1's subgradient), and a NaN
 // difference gives a NaN gradient for smooth-L1 / Huber but 0 for L1, as torch does.
-#include "regression.h"
 #include "elementwise.h"
 
 namespace lossops {
@@ -48,6 +47,7 @@ struct Regression {
 
 }  // namespace
 
+// params {kind (0 L1, 1 MSE, 2 smooth-L1, 3 Huber), beta or delta}.
 std::vector<at::Tensor> regression_forward(const ElementwiseArgs& args) { return elementwise_forward<Regression>(args); }
 
 LOSSOPS_REGISTER_ELEMENTWISE("regression", regression_forward, "kind", "beta");
