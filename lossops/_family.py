@@ -25,6 +25,11 @@ from torch import Tensor
 from . import _backend, _checks, _dtensor, _eager, _reduce
 
 
+# Every kernel declared anywhere (families' and helpers' such as the vocabulary-parallel shard kernels), by name:
+# what tests/test_kernel_abi.py holds both backends to.
+KERNELS: dict[str, "Kernel"] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """A kernel as both backends expose it: the C++ library registers `name` with these keyword parameters
@@ -32,6 +37,9 @@ class Kernel:
     name: str
     module: str
     parameters: tuple[str, ...]
+
+    def __post_init__(self):
+        KERNELS.setdefault(self.name, self)
 
     def __call__(self, backend: str, **arguments):
         return _backend.kernel(backend, self.module, self.name)(**arguments)

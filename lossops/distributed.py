@@ -27,6 +27,7 @@ live on each rank's GPU; the code is the same (gloo serves CPU tensors).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, _family
 from .linear_cross_entropy import check_last_dim_target
 
 
@@ -162,10 +163,17 @@ def _grad_reference(*, input, target, weight, grad, lse, coefficients, class_off
     return [grad]
 
 
+SHARD_STATS = _family.Kernel("cross_entropy_shard_stats", "cross_entropy",
+                             ("input", "target", "weight", "class_offset", "ignore_index", "softcap"))
+SHARD_GRAD = _family.Kernel("cross_entropy_shard_grad", "cross_entropy",
+                            ("input", "target", "weight", "grad", "lse", "coefficients", "class_offset", "softcap"))
+_REFERENCE_TWINS = {SHARD_STATS.name: _stats_reference, SHARD_GRAD.name: _grad_reference}
+
+
 def _shard_kernel(backend: str, name: str):
     if backend == "reference":
-        return {"cross_entropy_shard_stats": _stats_reference, "cross_entropy_shard_grad": _grad_reference}[name]
-    return _backend.kernel(backend, "cross_entropy", name)
+        return _REFERENCE_TWINS[name]
+    return functools.partial(_family.KERNELS[name], backend)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -12,9 +12,11 @@ import torch
 
 import lossops
 from lossops import _cpp
-from lossops._family import FAMILIES
+from lossops._family import FAMILIES, KERNELS as DECLARED
 
-KERNELS = sorted({(f.kernel.name, f.kernel.module, f.kernel.parameters) for f in FAMILIES.values()})
+# Every family's kernel, and the helpers' (the vocabulary-parallel shard kernels) declared the same way.
+KERNELS = sorted({(k.name, k.module, k.parameters) for k in DECLARED.values()})
+assert {f.kernel.name for f in FAMILIES.values()} <= {k[0] for k in KERNELS}
 IDS = [k[0] for k in KERNELS]
 
 
