@@ -1,7 +1,7 @@
-"""Determinism and thread safety of the C++ backend (issue 7).
+"""Determinism and thread safety of the C++ backend.
 
 - The same input gives bitwise-identical losses and gradients run to run and for 1 or 2 torch threads:
-  rows are independent, and every reduction sums fixed-size chunks in index order (csrc/common.h
+  rows are independent, and every reduction sums fixed-size chunks in index order (csrc/reduction.h
   deterministic_sum), so neither the thread count nor the scheduling changes a bit.
 - Calls from several Python threads at once give the same results as sequential calls (no shared
   mutable state in the kernels or in the dispatch: the backend choice is a context variable).
