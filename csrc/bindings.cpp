@@ -114,6 +114,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "where this path does not apply; a focal_gamma makes it softmax focal loss", py::arg("input"),
         py::arg("target"), py::arg("weight"), py::arg("ignore_index"), py::arg("reduction"),
         py::arg("label_smoothing"), py::arg("focal_gamma") = py::none(), py::arg("uniform_alpha") = py::none());
+  m.def("eager_ctc_loss", &lossops::eager_ctc_loss,
+        "CTC loss for plain CPU tensors (int64 targets and length tensors) in one call, or None where this path "
+        "does not apply", py::arg("log_probs"), py::arg("targets"), py::arg("input_lengths"),
+        py::arg("target_lengths"), py::arg("blank"), py::arg("reduction"), py::arg("zero_infinity"));
   m.def("eager_elementwise", &lossops::eager_elementwise,
         "An unweighted elementwise family for plain CPU tensors in one call, or None where this path does not apply",
         py::arg("family"), py::arg("input"), py::arg("target"), py::arg("params"), py::arg("reduction"),

@@ -11,7 +11,10 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/utils/pybind.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/dot.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
 
@@ -260,6 +263,71 @@ py::object eager_elementwise(const std::string& family, const at::Tensor& input,
   return attach_gradient(loss, input, target, needs_input ? *args.grad_input : at::Tensor(),
                          needs_target ? *args.grad_target : at::Tensor(), std::move(item_shape),
                          "LossopsElementwiseBackward");
+}
+
+// CTC loss on (T, N, C) log-probabilities with int64 CPU targets (padded (N, S) or concatenated) and int64
+// CPU length tensors, every value in range; anything else, invalid values included, returns None (the Python
+// path raises). The same kernel call, scale and reduction as lossops/losses/ctc.py's _run.
+py::object eager_ctc_loss(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tensor& input_lengths,
+                          const at::Tensor& target_lengths, int64_t blank, const std::string& reduction_name,
+                          bool zero_infinity) {
+  const auto reduction = parse_reduction(reduction_name);
+  if (!reduction || !log_probs.device().is_cpu() || !kernel_dtype(log_probs.scalar_type()) || log_probs.dim() != 3 ||
+      log_probs.numel() == 0 || targets.scalar_type() != at::kLong || !targets.device().is_cpu() ||
+      !targets.is_contiguous() || (targets.dim() != 1 && targets.dim() != 2))
+    return py::none();
+  const int64_t T = log_probs.size(0), N = log_probs.size(1), C = log_probs.size(2);
+  const bool padded = targets.dim() == 2;
+  if (blank < 0 || blank >= C || (padded && targets.size(0) != N)) return py::none();
+  for (const at::Tensor* t : {&input_lengths, &target_lengths}) {
+    if (t->scalar_type() != at::kLong || !t->device().is_cpu() || t->dim() != 1 || t->size(0) != N ||
+        !t->is_contiguous() || t->requires_grad())
+      return py::none();
+  }
+  const int64_t* il = input_lengths.const_data_ptr<int64_t>();
+  const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
+  const int64_t width = padded ? targets.size(1) : 0;
+  int64_t total = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    if (il[n] < 0 || il[n] > T || tl[n] < 0 || (padded && tl[n] > width)) return py::none();
+    total += tl[n];
+  }
+  if (!padded && total > targets.numel()) return py::none();
+  const auto acc = at::toOpMathType(log_probs.scalar_type());
+  const bool needs_grad = at::GradMode::is_enabled() && log_probs.requires_grad();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+
+  at::Tensor offsets = at::empty({N}, at::TensorOptions().dtype(at::kLong));
+  int64_t* off = offsets.mutable_data_ptr<int64_t>();
+  for (int64_t n = 0, start = 0; n < N; ++n) {
+    off[n] = padded ? n * width : start;
+    start += tl[n];
+  }
+  // The mean divides each sequence's loss by its target length (at least 1), then by the batch, in the
+  // accumulation type as the Python path's (clamp_min(1) * N).reciprocal() does.
+  at::Tensor scale = at::empty({N}, at::TensorOptions().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "lossops_ctc_scale", [&] {
+    scalar_t* s = scale.mutable_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n)
+      s[n] = *reduction == Reduction::kMean ? scalar_t(1) / (static_cast<scalar_t>(std::max<int64_t>(tl[n], 1)) *
+                                                           static_cast<scalar_t>(N))
+                                            : scalar_t(1);
+  });
+  std::optional<at::Tensor> grad;
+  if (needs_grad) grad = empty_gradient(log_probs.sizes(), log_probs.scalar_type());
+  const CtcKernel ctc = loaded_kernels().typed<CtcKernel>("ctc_loss");
+  TORCH_CHECK(ctc != nullptr, "lossops: the kernel library has no typed ctc_loss kernel");
+  const at::Tensor nll = ctc(log_probs, targets, offsets, input_lengths, target_lengths, blank, zero_infinity, grad,
+                             scale)[0];
+  at::Tensor loss = *reduction == Reduction::kNone  ? nll
+                    : *reduction == Reduction::kSum ? nll.sum()
+                                                    : at::dot(nll, scale);
+  if (loss.scalar_type() != log_probs.scalar_type()) loss = loss.to(log_probs.scalar_type());
+  if (!needs_grad) return py::cast(loss);
+  std::vector<int64_t> item_shape;
+  if (*reduction == Reduction::kNone) item_shape = {1, N, 1};
+  return attach_gradient(loss, log_probs, targets, *grad, at::Tensor(), std::move(item_shape),
+                         "LossopsCtcLossBackward");
 }
 
 }  // namespace lossops

@@ -51,6 +51,11 @@ using CrossEntropyKernel = std::vector<at::Tensor> (*)(const at::Tensor& input, 
                                                        const CrossEntropyOptions& options, double grad_scale);
 // Returns {per-element loss (opmath dtype; empty unless per_element), sum of the losses (0-d, opmath)}.
 using ElementwiseKernel = std::vector<at::Tensor> (*)(const ElementwiseArgs& args);
+// CTC loss, reduction "none" (csrc/ctc.cpp ctc_loss_forward says what each argument holds).
+using CtcKernel = std::vector<at::Tensor> (*)(const at::Tensor& log_probs, const at::Tensor& targets,
+                                              const at::Tensor& target_offsets, const at::Tensor& input_lengths,
+                                              const at::Tensor& target_lengths, int64_t blank, bool zero_infinity,
+                                              const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale);
 
 // Named kernel arguments: the Python side calls every kernel of both backends with keyword arguments, the
 // host module checks them against the names the kernel registered (a missing, extra or misspelt name is an

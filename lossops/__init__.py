@@ -3,7 +3,6 @@ from ._backend import (backend, empty_cache, get_backend, gradient_cache_bytes, 
                        set_gradient_cache, show_config)
 from . import losses as _losses  # registers every loss family
 from ._family import FAMILIES as _FAMILIES
-from .linear_cross_entropy import linear_cross_entropy
 from . import distributed, monitor, nn
 from ._dtensor import register_op_strategies as _register_op_strategies
 
@@ -12,5 +11,5 @@ _register_op_strategies()  # when torch.distributed.tensor is already imported; 
 SETTINGS = ["backend", "get_backend", "set_backend", "set_gradient_cache", "gradient_cache_enabled", "empty_cache",
             "gradient_cache_bytes", "show_config"]
 globals().update({name: family.function for name, family in _FAMILIES.items()})
-__all__ = ["monitor", "nn", "distributed", *SETTINGS, *_FAMILIES, "linear_cross_entropy"]
+__all__ = ["monitor", "nn", "distributed", *SETTINGS, *_FAMILIES]
 __version__ = "0.1.0"

@@ -121,6 +121,10 @@ class Family:
     selfcheck: Optional[tuple] = None        # (keyword arguments, truth(x, t), make(dtype)) for lossops.selfcheck
     bench: Optional[Bench] = None
     sharding: Optional[_dtensor.Sharding] = None  # how it splits over a DTensor device mesh (None: Replicate only)
+    # reduction="none" where the gradients cannot be formed in forward and scaled afterwards (a weight's gradient
+    # sums rows that each have their own grad_output): (family, backend, tensors, options, grad_loss, needs) ->
+    # {input: gradient}, run by the op lossops::<name>_backward from the inputs saved in forward
+    recompute: Optional[Callable] = None
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
     op: Any = None
     option_fields: tuple = ()
@@ -246,14 +250,24 @@ def register(family: Family) -> Family:
     def fake(*args):
         tensors, opts, grads, _ = split(args)
         first = tensors[names[0]]
+        in_forward = not (family.recompute is not None and opts.reduction == "none")
         return (family.loss_like(tensors, opts),
-                *(tensors[n].new_empty(tensors[n].shape) if grads[n] else empty(first) for n in differentiable))
+                *(tensors[n].new_empty(tensors[n].shape) if grads[n] and in_forward else empty(first)
+                  for n in differentiable))
 
     op = torch.library.custom_op(f"lossops::{family.name}", impl, mutates_args=(), schema=_schema(family))
     op.register_fake(fake)
 
     def setup_context(ctx, inputs, output, eager=False):
         tensors, opts, grads, _ = split(inputs)
+        ctx.recompute = family.recompute is not None and opts.reduction == "none"
+        if ctx.recompute:  # backward recomputes from the inputs (lossops::<name>_backward)
+            ctx.save_for_backward(*(tensors[n] for n in names))
+            ctx.arguments = inputs[n_in:]
+            ctx.set_materialize_grads(False)
+            if not eager:
+                ctx.mark_non_differentiable(*output[1:])
+            return
         ctx.save_for_backward(*output[1:])
         ctx.computed = grads
         ctx.item_shape = family.item_shape(tensors, opts) if opts.reduction == "none" else None
@@ -265,6 +279,8 @@ def register(family: Family) -> Family:
             _reduce.mark_gradient_outputs(ctx, *output[1:])
 
     def backward(ctx, grad_loss, *_unused, first_input=0):
+        if ctx.recompute:
+            return recomputed_backward(ctx, grad_loss, first_input)
         saved = dict(zip(differentiable, ctx.saved_tensors))
         result = []
         for index, name in enumerate(names):
@@ -280,6 +296,24 @@ def register(family: Family) -> Family:
             result.append(_reduce.apply_grad_output(ctx.states[name], saved[name], grad_loss, ctx.item_shape))
         return (*result, *(None,) * (n_opt + len(differentiable) + 1))
 
+    def recomputed_backward(ctx, grad_loss, first_input):
+        needs = [ctx.needs_input_grad[first_input + names.index(n)] for n in differentiable]
+        for index, name in enumerate(names):
+            if ctx.needs_input_grad[first_input + index] and name not in differentiable:
+                raise RuntimeError(f"lossops: {family.name} computes no gradient with respect to {name}")
+        if grad_loss is None:
+            return (None,) * (n_in + n_opt + len(differentiable) + 1)
+        _reduce.refuse_double_backward()
+        saved = ctx.saved_tensors
+        grads = dict(zip(differentiable, backward_op(grad_loss, *saved, *ctx.arguments[:n_opt], *needs,
+                                                     ctx.arguments[-1])))
+        result = [grads[n] if n in grads and need_grad else None
+                  for n, need_grad in zip(names, ctx.needs_input_grad[first_input:first_input + n_in])]
+        return (*result, *(None,) * (n_opt + len(differentiable) + 1))
+
+    backward_op = None
+    if family.recompute is not None:
+        backward_op = _backward_op(family, names, differentiable, n_in, n_opt, split)
     op.register_autograd(backward, setup_context=setup_context)
     family.eager_parts = (impl, setup_context, backward, n_in)
     family.op = op
@@ -287,6 +321,34 @@ def register(family: Family) -> Family:
         raise RuntimeError(f"lossops: a loss family named {family.name} is already registered")
     FAMILIES[family.name] = family
     return family
+
+
+def _backward_op(family: Family, names, differentiable, n_in: int, n_opt: int, split):
+    """lossops::<name>_backward: the gradients recomputed from the inputs for a per-item grad_loss."""
+    params = ["Tensor grad_loss"] + _schema(family)[1:].split(") -> (")[0].split(", ")
+    params = [p for p in params if not p.startswith("bool grad_")]
+    params[-1:-1] = [f"bool needs_{n}" for n in differentiable]
+    schema = f"({', '.join(params)}) -> ({', '.join(f'Tensor grad_{n}' for n in differentiable)})"
+
+    def arguments(args):
+        tensors, opts, _, _ = split(list(args[1:n_in + 1 + n_opt]) + [False] * len(differentiable) + [args[-1]])
+        return args[0], tensors, opts, dict(zip(differentiable, args[n_in + 1 + n_opt:-1])), args[-1]
+
+    def impl(*args):
+        grad_loss, tensors, opts, needs, backend = arguments(args)
+        grads = family.recompute(family, backend, tensors, opts, grad_loss, needs)
+        first = tensors[names[0]]
+        return tuple(grads.get(n) if grads.get(n) is not None else first.new_empty((0,)) for n in differentiable)
+
+    def fake(*args):
+        _, tensors, _, needs, _ = arguments(args)
+        first = tensors[names[0]]
+        return tuple(tensors[n].new_empty(tensors[n].shape) if needs[n] and tensors[n] is not None
+                     else first.new_empty((0,)) for n in differentiable)
+
+    op = torch.library.custom_op(f"lossops::{family.name}_backward", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
 
 
 _TENSOR_ANNOTATIONS = ("Tensor", "Optional[Tensor]", Tensor, Optional[Tensor])

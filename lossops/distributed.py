@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks, _family
-from .linear_cross_entropy import check_last_dim_target
+from .losses.linear_cross_entropy import check_last_dim_target
 
 
 def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=None, ignore_index: int = -100,

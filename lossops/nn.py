@@ -42,7 +42,7 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         self.lse_square_scale, self.softcap, self.chunk_size = lse_square_scale, softcap, chunk_size
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        from .linear_cross_entropy import linear_cross_entropy
+        from .losses.linear_cross_entropy import linear_cross_entropy
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
         linear_bias = (None if self.linear.bias is None
                        else self.linear.bias.reshape((self.num_classes, *self.out_features)))

@@ -23,10 +23,6 @@ from lossops._family import FAMILIES
 from _cases import leaf_copies
 
 
-def _hidden_and_vocab(dtype):
-    return [torch.randn(6, 8, dtype=dtype), torch.randn(11, 8, dtype=dtype), torch.tensor([0, 10, -100, 3, 3, 7])]
-
-
 # --- bad arguments: (args, kwargs) -> (args, kwargs) ---------------------------------------------------------------
 
 def _with(**kwargs):
@@ -72,12 +68,9 @@ def _bad(spec):
     return _with(**spec) if isinstance(spec, dict) else _BAD[spec]
 
 
-# Every registered loss family's declared cases, and linear_cross_entropy (an op of its own, not a family).
+# Every registered loss family's declared cases.
 OPS = [Op(name, case.make, case.kwargs, case.torch_fn, bad=tuple(map(_bad, case.bad)), target=case.target)
-       for name, family in FAMILIES.items() for case in family.cases] + [
-    Op("linear_cross_entropy", _hidden_and_vocab, dict(chunk_size=4), target=2,
-       bad=(_target_out_of_range, _with(chunk_size=0))),
-]
+       for name, family in FAMILIES.items() for case in family.cases]
 OP_PARAMS = [pytest.param(op, id=op.id) for op in OPS]
 BAD_PARAMS = [pytest.param(op, bad, id=f"{op.id}-{bad.__name__}")
               for op in OPS for bad in (_with(reduction="bogus"), _short_target, *op.bad)]

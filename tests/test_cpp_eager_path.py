@@ -252,3 +252,39 @@ def test_bad_targets_raise_on_the_eager_path():
         lossops.cross_entropy(x, torch.tensor([0, 1, 3, 0]))
     with pytest.raises(IndexError, match="out of bounds"):
         lossops.cross_entropy(x, torch.tensor([0, 1, -5, 0]), torch.rand(3))
+
+
+CTC_NODE = "LossopsCtcLossBackward"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", ["padded", "concatenated", "strided", "zero_infinity"])
+def test_ctc_loss_matches_custom_op(monkeypatch, dtype, reduction, layout):
+    T, N, C, S = 12, 4, 6, 4
+
+    def make():
+        gen = torch.Generator().manual_seed(1)
+        lp = torch.randn(T, N, C, generator=gen, dtype=torch.float64).log_softmax(2).to(dtype)
+        if layout == "strided":  # batch-first storage, read in place
+            lp = lp.transpose(0, 1).contiguous().transpose(0, 1)
+        targets = torch.randint(1, C, (N, S), generator=gen)
+        il, tl = torch.tensor([T, T - 2, 3, T - 1]), torch.tensor([S, S - 1, 3, 0])  # sequence 2: impossible
+        if layout == "concatenated":
+            targets = torch.cat([targets[n, :tl[n]] for n in range(N)])
+        return lp.requires_grad_(), targets, il, tl
+
+    grad_output = torch.rand(N, generator=torch.Generator().manual_seed(2)).to(dtype) if reduction == "none" else None
+    kwargs = dict(reduction=reduction, zero_infinity=layout == "zero_infinity")
+    assert_same_as_custom_op(monkeypatch, lambda *a: lossops.ctc_loss(*a, **kwargs), make, CTC_NODE, grad_output)
+
+
+def test_ctc_loss_falls_back_for_lists_and_bad_lengths(monkeypatch):
+    lp = torch.randn(5, 2, 4).log_softmax(2).requires_grad_()
+    targets = torch.tensor([[1, 2], [3, 3]])
+    loss = lossops.ctc_loss(lp, targets, [5, 5], [2, 2])  # lists: the Python path
+    assert loss.grad_fn.name() != CTC_NODE
+    with pytest.raises(RuntimeError, match="input_lengths value 6 exceeds"):  # the Python path's message
+        lossops.ctc_loss(lp, targets, torch.tensor([6, 5]), torch.tensor([2, 2]))
+    with pytest.raises(IndexError, match="targets value 9"):
+        lossops.ctc_loss(lp, torch.tensor([[1, 9], [3, 3]]), torch.tensor([5, 5]), torch.tensor([2, 2]))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lossops
 from lossops.losses.cross_entropy import CrossEntropyOptions, reference_cross_entropy
-from lossops.linear_cross_entropy import default_chunk_size
+from lossops.losses.linear_cross_entropy import default_chunk_size
 
 REDUCTIONS = ["mean", "sum", "none"]
 # OpInfo-like option cases: each extra alone, then all together (with and without a bias).
@@ -317,7 +317,7 @@ def test_torch_compile(reduction):
 
 def test_opcheck():
     hidden, weight, bias, target, _ = make_inputs({}, n=9, d=4, v=6, dtype=torch.float32)
-    args = (hidden, weight, bias, target, None, -100, "mean", 0.1, 0.0, 0.0, 4, [True, True, True], "cpp")
+    args = (hidden, weight, bias, target, None, -100, "mean", 0.1, 0.0, None, 4, True, True, True, "cpp")
     torch.library.opcheck(torch.ops.lossops.linear_cross_entropy.default, args)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks, _family, _reduce
+from .. import _backend, _checks, _eager, _family, _reduce
 
 KERNEL = _family.Kernel("ctc_loss", "ctc", ("log_probs", "targets", "target_offsets", "input_lengths",
                                             "target_lengths", "blank", "zero_infinity", "grad", "grad_scale"))
@@ -44,6 +44,14 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Lengths, target_
     respect to log_probs (a float64 gradcheck therefore holds for ctc_loss(log_softmax(z), ...), as for torch).
     Where torch reads past the class dimension (a target value outside [0, C)), lossops raises an IndexError.
     """
+    if (type(reduction) is str and type(blank) is int and type(zero_infinity) is bool
+            and type(input_lengths) is torch.Tensor and type(target_lengths) is torch.Tensor
+            and (cpp := _eager.cpp_module(log_probs, targets, input_lengths, target_lengths))):
+        # One call into C++ (csrc/eager_path.cpp) for plain CPU tensors; None for anything it does not serve,
+        # bad values included, which then take the path below and its messages.
+        loss = cpp.eager_ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
+        if loss is not None:
+            return loss
     reduction = _checks.reduction(reduction)
     blank = _checks.integer("blank", blank)
     if not isinstance(zero_infinity, bool):

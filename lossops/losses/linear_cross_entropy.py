@@ -17,21 +17,32 @@ Low-precision inputs: grad_W and grad_b are accumulated across chunks in float32
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _dtensor, _reduce
-from .losses.cross_entropy import KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_weights, reference_cross_entropy
+from .. import _backend, _checks, _dtensor, _family, _reduce
+from .cross_entropy import KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_weights, reference_cross_entropy
 
 # Chunk logits are at most 1/_CHUNKS_PER_PASS of the full logits, and at most about _CHUNK_BYTES once the
 # logits are huge, but never fewer than _MIN_CHUNK_ROWS rows (smaller matmuls lose too much speed).
 _CHUNKS_PER_PASS = 8
 _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropyOptions:
+    """The op's options (torch.nn.LinearCrossEntropyOptions is torch's chunking policy, a different record)."""
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    softcap: Optional[float] = None
+    chunk_size: int = 1  # rows of tokens per chunk (the public function applies the default policy)
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
@@ -79,10 +90,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     target1 = target.reshape(-1).to(torch.int64).contiguous()
     rows = chunk_size if chunk_size is not None else default_chunk_size(hidden2.shape[0], linear_weight.shape[0],
                                                                          hidden.element_size())
-    grad_mask = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, linear_weight, bias)]
-    loss, *_ = torch.ops.lossops.linear_cross_entropy(hidden2, linear_weight, bias, target1, weight, ignore_index,
-                                                      reduction, label_smoothing, lse_square_scale, cap, rows,
-                                                      grad_mask, backend)
+    wants = {name: torch.is_grad_enabled() and t is not None and t.requires_grad
+             for name, t in (("hidden", hidden), ("weight", linear_weight), ("bias", bias))}
+    tensors = {"hidden": hidden2, "weight": linear_weight, "bias": bias, "target": target1, "class_weight": weight}
+    options = LinearCrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, cap, rows)
+    loss = LINEAR_CROSS_ENTROPY.apply(backend, tensors, options, wants)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(_checks.output_dtype(hidden))
@@ -122,7 +134,7 @@ def _mean_terms(function, a: dict):
 
 def _vocab_parallel(a: dict, input, mesh) -> Tensor:
     """The weight sharded on its rows (classes): lossops.distributed's vocabulary-parallel linear cross-entropy."""
-    from .distributed import vocab_parallel_linear_cross_entropy
+    from ..distributed import vocab_parallel_linear_cross_entropy
     return vocab_parallel_linear_cross_entropy(a["input"], a["linear_weight"], a["target"], group=mesh.get_group(),
                                                local_bias=a["linear_bias"], ignore_index=_ignore_index(a),
                                                reduction=a["reduction"], label_smoothing=a["label_smoothing"],
@@ -135,7 +147,6 @@ SHARDING = _dtensor.Sharding(lambda input: input.dim() - 1, whole=("linear_weigh
                              denominator=_mean_denominator, parallel_classes=_vocab_parallel, local_sums=_mean_terms,
                              classes_sharded_by="linear_weight", split_with_classes=("linear_bias",),
                              class_dim_name="feature")
-linear_cross_entropy = _dtensor.accepting_dtensors(linear_cross_entropy, SHARDING)
 
 
 def default_chunk_size(num_rows: int, vocab: int, itemsize: int) -> int:
@@ -235,95 +246,50 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     return row_loss, total, grads
 
 
-def _empty_or(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return grad if grad is not None else like.new_empty((0,))
-
-
-@torch.library.custom_op("lossops::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                             class_weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
-                             lse_square_scale: float, softcap: Optional[float], chunk_size: int, grad_mask: list[bool],
-                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_hidden, grad_weight, grad_bias); the gradients are empty where not computed in forward
-    (not requested, or reduction='none', whose backward recomputes them)."""
+def _run(family, backend, t, o, grads):
+    """The op's body: the mean's denominator over all rows, then one pass over the chunks. reduction='none'
+    forms no gradient here (each row has its own grad_output): _recompute does, in backward."""
+    hidden, weight = t["hidden"], t["weight"]
     acc = _checks.opmath_dtype(hidden.dtype)
-    class_weight, denominator = mean_weights(target, class_weight, ignore_index, weight.shape[0], reduction,
-                                             lse_square_scale, acc)
-    mask = grad_mask if reduction != "none" else [False, False, False]
-    row_loss, total, grads = _chunked_pass(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
-                                           lse_square_scale, softcap, chunk_size, mask, backend,
-                                           _reduce.gradient_scale(reduction, denominator))
-    loss = _reduce.reduce(reduction, row_loss, total, denominator)
-    return (loss,) + tuple(_empty_or(g, hidden) for g in grads)
+    class_weight, denominator = mean_weights(t["target"], t["class_weight"], o.ignore_index, weight.shape[0],
+                                             o.reduction, o.lse_square_scale, acc)
+    mask = [grads.get(n, False) and o.reduction != "none" for n in ("hidden", "weight", "bias")]
+    row_loss, total, computed = _chunked_pass(hidden, weight, t["bias"], t["target"], class_weight, o.ignore_index,
+                                              o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size, mask,
+                                              backend, _reduce.gradient_scale(o.reduction, denominator))
+    loss = _reduce.reduce(o.reduction, row_loss, total, denominator)
+    return loss, dict(zip(("hidden", "weight", "bias"), computed))
 
 
-@_linear_cross_entropy_op.register_fake
-def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
-      chunk_size, grad_mask, backend):
-    acc = _checks.opmath_dtype(hidden.dtype)
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=acc)
-    computed = [m and reduction != "none" for m in grad_mask]
-    shapes = (hidden.shape, weight.shape, weight.shape[:1])
-    grads = tuple(hidden.new_empty(shape if c and not (i == 2 and bias is None) else (0,))
-                  for i, (c, shape) in enumerate(zip(computed, shapes)))
-    return (loss,) + grads
-
-
-@torch.library.custom_op("lossops::linear_cross_entropy_backward", mutates_args=())
-def _linear_cross_entropy_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                      target: Tensor, class_weight: Optional[Tensor], ignore_index: int,
-                                      label_smoothing: float, lse_square_scale: float, softcap: Optional[float],
-                                      chunk_size: int, grad_mask: list[bool], backend: str
-                                      ) -> tuple[Tensor, Tensor, Tensor]:
-    """reduction='none': recomputes the chunks, each row of dlogits scaled by its grad_loss."""
+def _recompute(family, backend, t, o, grad_loss, needs):
+    """reduction='none': the chunks again, each row of dlogits scaled by its grad_loss."""
+    hidden = t["hidden"]
     acc = _checks.opmath_dtype(hidden.dtype)
     one = torch.ones((), dtype=acc, device=hidden.device)
-    class_weight = None if class_weight is None else class_weight.to(acc).contiguous()
-    _, _, grads = _chunked_pass(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
-                                lse_square_scale, softcap, chunk_size, grad_mask, backend, one,
-                                row_scale=grad_loss.to(hidden.dtype))
-    return tuple(_empty_or(g, hidden) for g in grads)
+    class_weight = None if t["class_weight"] is None else t["class_weight"].to(acc).contiguous()
+    _, _, computed = _chunked_pass(hidden, t["weight"], t["bias"], t["target"], class_weight, o.ignore_index,
+                                   o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size,
+                                   [needs["hidden"], needs["weight"], needs["bias"]], backend, one,
+                                   row_scale=grad_loss.to(hidden.dtype))
+    return dict(zip(("hidden", "weight", "bias"), computed))
 
 
-@_linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, lse_square_scale, softcap,
-      chunk_size, grad_mask, backend):
-    shapes = (hidden.shape, weight.shape, weight.shape[:1])
-    return tuple(hidden.new_empty(shape if m and not (i == 2 and bias is None) else (0,))
-                 for i, (m, shape) in enumerate(zip(grad_mask, shapes)))
+def _loss_like(t, o):
+    hidden = t["hidden"]
+    return hidden.new_empty((hidden.shape[0],) if o.reduction == "none" else (), dtype=_checks.opmath_dtype(hidden.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, class_weight = inputs[:5]
-    ctx.reduction, ctx.options = inputs[6], inputs[5:]
-    if ctx.reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight)
-    else:
-        ctx.save_for_backward(*output[1:])
-        # apply_grad_output remembers the scale it applied per gradient (for a second backward).
-        ctx.scales = [SimpleNamespace() for _ in range(3)]
-    _reduce.mark_gradient_outputs(ctx, *output[1:])
+def _hidden_and_vocab(dtype):
+    return [torch.randn(6, 8, dtype=dtype), torch.randn(11, 8, dtype=dtype), torch.tensor([0, 10, -100, 3, 3, 7])]
 
 
-def _backward(ctx, grad_loss, *_unused):
-    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-        raise RuntimeError("lossops: linear_cross_entropy computes no gradient with respect to the class-index "
-                           "target or the class weights")
-    if grad_loss is None:  # the loss is not used downstream: zero gradients
-        return (None,) * len(ctx.needs_input_grad)
-    if ctx.reduction != "none":
-        grads = [_reduce.apply_grad_output(state, g, grad_loss) if needed else None
-                 for state, g, needed in zip(ctx.scales, ctx.saved_tensors, ctx.needs_input_grad[:3])]
-    else:
-        if torch.is_grad_enabled() and grad_loss.requires_grad:
-            raise RuntimeError("lossops: double backward through linear_cross_entropy is not supported")
-        hidden, weight, bias, target, class_weight = ctx.saved_tensors
-        ignore_index, _, label_smoothing, lse_square_scale, softcap, chunk_size, _, backend = ctx.options
-        grads = torch.ops.lossops.linear_cross_entropy_backward(
-            grad_loss, hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, lse_square_scale,
-            softcap, chunk_size, list(ctx.needs_input_grad[:3]), backend)
-    grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3])]
-    return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - 3)
-
-
-_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+LINEAR_CROSS_ENTROPY = _family.register(_family.Family(
+    name="linear_cross_entropy",
+    inputs=(_family.Input("hidden", differentiable=True), _family.Input("weight", differentiable=True),
+            _family.Input("bias", optional=True, differentiable=True), _family.Input("target"),
+            _family.Input("class_weight", optional=True)),
+    options=LinearCrossEntropyOptions, kernel=ROW_KERNEL, run=_run, recompute=_recompute, loss_like=_loss_like,
+    function=linear_cross_entropy, sharding=SHARDING,
+    cases=(_family.Case(_hidden_and_vocab, dict(chunk_size=4), target=2,
+                        bad=("target_out_of_range", dict(chunk_size=0))),),
+))
