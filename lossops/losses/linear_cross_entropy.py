@@ -35,13 +35,9 @@ _MIN_CHUNK_ROWS = 128
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearCrossEntropyOptions:
-    """The op's options (torch.nn.LinearCrossEntropyOptions is torch's chunking policy, a different record)."""
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    lse_square_scale: float = 0.0
-    softcap: Optional[float] = None
+class LinearCrossEntropyOptions(CrossEntropyOptions):
+    """cross_entropy's options and the chunk size (torch.nn.LinearCrossEntropyOptions is torch's chunking
+    policy, a different record)."""
     chunk_size: int = 1  # rows of tokens per chunk (the public function applies the default policy)
 
 
