@@ -1,4 +1,5 @@
-"""Pieces shared by the training examples: device/dtype choice, the optimizer recipe, text progress and plots."""
+"""Pieces shared by the training examples: device/dtype choice, the optimizer recipe, text progress and plots,
+and a deterministic peak-memory measure."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,9 @@ import time
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -92,3 +96,38 @@ def text_curve(values: list[float], *, width: int = 60, height: int = 10, title:
     rows.append(" " * label_width + " +" + "-" * columns)
     rows.append(" " * label_width + f"  1{'':>{max(columns - 1 - len(str(len(values))), 1)}}{len(values)}")
     return "\n".join(rows)
+
+
+class TensorMemoryPeak(TorchDispatchMode):
+    """Within the block, the peak bytes of tensor storage that ops allocated there and that are still alive:
+    on CPU a deterministic stand-in for torch.cuda.max_memory_allocated.
+
+        with TensorMemoryPeak() as memory:
+            model(input_ids, labels=labels).loss.backward()
+        memory.peak  # bytes
+
+    An op's output counts as an allocation unless it shares storage with one of the op's inputs (views,
+    in-place ops), so what existed before the block (parameters, inputs) is never counted; gradients made
+    inside it are. Frees are noticed at the next op. Memory an op uses only internally is not seen, e.g. lossops'
+    fused linear cross-entropy holds one chunk of logits (1/8 of them by default) while it runs.
+    """
+
+    def __enter__(self):
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self._live = {key: entry for key, entry in self._live.items() if not entry[0].expired()}
+        for tensor in pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if storage.nbytes() and key not in inputs and key not in self._live:
+                self._live[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self._live.values()))
+        return out

@@ -51,6 +51,9 @@ class Sharding:
     classes_sharded_by: Optional[str] = None
     split_with_classes: tuple[str, ...] = ()
     class_dim_name: str = "class"
+    # arguments served only when every input is replicated (their sharded rules are not written): refused
+    # with a ValueError otherwise, where leaving them out of a sharded mean would be silently wrong
+    replicated_only: dict = dataclasses.field(default_factory=dict)  # name -> its default
 
 
 def accepting_dtensors(function: Callable, sharding) -> Callable:
@@ -125,6 +128,13 @@ def _call(function, signature, sharding, args, kwargs):
             if legacy in signature.parameters:
                 a[legacy] = None
     (placement,) = x.placements
+    sharded = next((v for v in a.values() if _is_dtensor(v) and not isinstance(v.placements[0], Replicate)), None)
+    if sharding is not None and sharded is not None:
+        for key, default in sharding.replicated_only.items():
+            value = a.get(key, default)
+            if value is not None if default is None else value != default:
+                raise ValueError(f"lossops: {name}: {key}={a[key]!r} is supported with replicated DTensor inputs "
+                                 f"only, not with an argument placed as {sharded.placements[0]}")
     owner = a.get(sharding.classes_sharded_by) if sharding is not None and sharding.classes_sharded_by else None
     if _is_dtensor(owner) and isinstance(owner.placements[0], Shard):
         return _classes_sharded_by_argument(sharding, a, names, placement, mesh, name)

@@ -41,7 +41,9 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         self.options = options
         self.lse_square_scale, self.softcap, self.chunk_size = lse_square_scale, softcap, chunk_size
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, token_weight: Optional[Tensor] = None,
+                num_items_in_batch=None) -> Tensor:
+        """torch's forward(input, target); token_weight and num_items_in_batch as lossops.linear_cross_entropy."""
         from .losses.linear_cross_entropy import linear_cross_entropy
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
         linear_bias = (None if self.linear.bias is None
@@ -50,7 +52,8 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
                                     reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, options=self.options,
                                     lse_square_scale=self.lse_square_scale, softcap=self.softcap,
-                                    chunk_size=self.chunk_size)
+                                    chunk_size=self.chunk_size, token_weight=token_weight,
+                                    num_items_in_batch=num_items_in_batch)
 
 
 class FocalLoss(torch.nn.Module):

@@ -39,6 +39,15 @@ def pytest_configure(config):
         os.environ["LOSSOPS_FUZZ_PROFILE"] = "long"
 
 
+@pytest.fixture
+def one_thread():
+    # Tiny models: threads only add OpenMP barriers, which cost 10x on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -155,6 +155,18 @@ def _check_refusals(mesh):
     log_probs = distribute_tensor(_full(19, 10, N, C).log_softmax(2), mesh, [Shard(1)])
     with pytest.raises(ValueError, match=r"ctc_loss does not support log_probs placed as S\(1\) .*only Replicate"):
         lossops.ctc_loss(log_probs, torch.ones(N, 3, dtype=torch.long), [10] * N, [3] * N)
+    # token options on sharded inputs: refused (their sharded means are not written), served when replicated
+    from torch.distributed.tensor import Replicate
+    logits, target = _full(22, N, C), _class_target(23, (N,))
+    for kwargs in (dict(temperature=2.0), dict(token_weight=torch.ones(N)), dict(num_items_in_batch=3)):
+        with pytest.raises(ValueError, match=f"cross_entropy: {next(iter(kwargs))}=.* replicated DTensor inputs only"):
+            lossops.cross_entropy(distribute_tensor(logits, mesh, [Shard(0)]), target, **kwargs)
+        replicated = lossops.cross_entropy(distribute_tensor(logits, mesh, [Replicate()]), target, **kwargs)
+        torch.testing.assert_close(replicated.full_tensor(), lossops.cross_entropy(logits, target, **kwargs))
+    head = distribute_tensor(_full(24, C, 4), mesh, [Shard(0)])
+    with pytest.raises(ValueError, match="linear_cross_entropy: temperature=2.0 is supported with replicated"):
+        lossops.linear_cross_entropy(distribute_tensor(_full(25, N, 4), mesh, [Replicate()]), head, target,
+                                     temperature=2.0)
 
 
 def _check_direct_op_call(mesh):

@@ -1,4 +1,5 @@
-"""The training examples, each run at a tiny size: examples/train_amp.py and examples/compare_losses.py."""
+"""The training examples, each run at a tiny size: examples/train_amp.py, examples/compare_losses.py and
+examples/train_hf_causal_lm.py."""
 import importlib.util
 import io
 import json
@@ -14,19 +15,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import _common  # noqa: E402
 import compare_losses  # noqa: E402
 import train_amp  # noqa: E402
+import train_hf_causal_lm  # noqa: E402
 
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 TINY_AMP = "--steps 60 --hidden 32 --samples 2000 --batch-size 64 --quiet".split()
 TINY_COMPARE = "--epochs 3 --limit 400 --width 8 --quiet".split()
+TINY_HF = "--steps 4 --hidden 32 --layers 1 --heads 2 --vocab 2000 --seq 32 --batch-size 2 --quiet".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: threads only add OpenMP barriers, which cost 10x on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mean(values):
@@ -131,3 +128,13 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_warning(tmp_path, monkeyp
     with pytest.warns(RuntimeWarning, match="matplotlib"):
         assert compare_losses.save_plot(results, "x", str(tmp_path / "a.png")) is False
     assert not (tmp_path / "a.png").exists()
+
+
+def test_hf_causal_lm_patched_run_has_the_same_losses_in_less_memory(capsys):
+    results = train_hf_causal_lm.main(TINY_HF)
+    out = capsys.readouterr().out
+    unpatched, patched = results["unpatched"], results["patched"]
+    assert len(patched.losses) == 4 and patched.losses == pytest.approx(unpatched.losses, rel=1e-5)
+    logits_bytes = 2 * 32 * 2000 * 4
+    assert patched.peak_bytes + logits_bytes < unpatched.peak_bytes
+    assert "| peak tensor memory, fwd+bwd (MiB)" in out and f"{patched.losses[-1]:.4f}" in out

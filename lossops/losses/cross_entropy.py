@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _checks, _dtensor, _eager, _family, _reduce
+from . import token_options
 from .._family import GridShapes as G
 
 # One kernel for every loss over softmax rows; focal_gamma (None: off) makes it softmax focal loss.
@@ -38,7 +39,8 @@ class CrossEntropyOptions:
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
                   *, lse_square_scale: float = 0.0, softcap: Optional[float] = None,
-                  inplace_backward: bool = False) -> Tensor:
+                  inplace_backward: bool = False, temperature: float = 1.0, token_weight: Optional[Tensor] = None,
+                  num_items_in_batch=None) -> Tensor:
     """Drop-in for torch.nn.functional.cross_entropy, fused forward+backward.
 
     Extras (defaults reproduce torch exactly):
@@ -52,7 +54,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         for leaf tensors. A node that saved the logits and runs its backward after this loss's fails its
         version check instead of reading the gradient, as does a second backward (retain_graph=True).
         Falls back to out-of-place under torch.compile.
+      temperature: the softmax of logits / temperature (after softcap), with its gradient.
+      token_weight: one weight per token (the target's shape; for probability targets the input's without the
+        class dimension): each token's loss is multiplied by it and the mean divides by the kept tokens' weights.
+      num_items_in_batch: an int or a one-element tensor (no host sync); the loss is the sum / num_items_in_batch,
+        as Hugging Face's Trainer normalises under gradient accumulation (reduction "mean" only).
+      The rules combining them with weight, label smoothing and z-loss: lossops/losses/token_options.py.
     """
+    if token_options.requested(temperature, token_weight, num_items_in_batch):
+        return _with_token_options(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                   label_smoothing, lse_square_scale, softcap, inplace_backward, temperature,
+                                   token_weight, num_items_in_batch)
     if (size_average is None and reduce is None and softcap is None and not inplace_backward
             and type(lse_square_scale) is float and lse_square_scale == 0 and type(reduction) is str
             and type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63
@@ -71,6 +83,27 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                            weight=_checks.floating("weight", weight, exception=RuntimeError))
     options = CrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, cap)
     return row_softmax_loss(CROSS_ENTROPY, input, target, weight, options, inplace_backward=inplace_backward)
+
+
+def _with_token_options(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                        lse_square_scale, softcap, inplace_backward, temperature, token_weight, num_items_in_batch):
+    reduction = _checks.reduction(reduction, size_average, reduce)
+    scale = token_options.temperature(temperature)
+    softcap = token_options.scaled_softcap(softcap, scale)
+    _checks.tensor("input", input)
+    _checks.tensor("target", target)
+    if scale != 1.0:
+        input = input / scale
+    probabilities = target.shape == input.shape
+    item_shape = (input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()) if probabilities else target.shape
+
+    def per_token(class_weight, token_reduction, z_loss_scale):
+        return cross_entropy(input, target, class_weight, ignore_index=ignore_index, reduction=token_reduction,
+                             label_smoothing=label_smoothing, lse_square_scale=z_loss_scale, softcap=softcap,
+                             inplace_backward=inplace_backward)
+
+    return token_options.reduce_tokens(per_token, target, item_shape, weight, _checks.integer("ignore_index", ignore_index),
+                                       reduction, lse_square_scale, token_weight, num_items_in_batch, probabilities)
 
 
 def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weight: Optional[Tensor], options, *,
@@ -349,7 +382,8 @@ CROSS_ENTROPY = declare_rows(
                                     softcap=o.softcap)),
     reference=reference_cross_entropy, function=cross_entropy, bad_inputs="classes", torch_fn=F.cross_entropy,
     sharding=_dtensor.Sharding(rows_class_dim, whole=("weight",), denominator=_mean_denominator,
-                               parallel_classes=_vocab_parallel, local_sums=_mean_terms),
+                               parallel_classes=_vocab_parallel, local_sums=_mean_terms,
+                               replicated_only=token_options.DEFAULTS),
     cases=(_family.Case(_classes, dict(label_smoothing=0.1), F.cross_entropy,
                         bad=("target_out_of_range", dict(label_smoothing=1.5))),
            _family.Case(_classes_4d_weighted, dict(reduction="none", lse_square_scale=0.01, softcap=4.0),
@@ -366,5 +400,6 @@ CROSS_ENTROPY = declare_rows(
                                  _family.SpeedTarget((4, 150, 64, 64), 2.0),
                                  _family.SpeedTarget((4096, 32000), 8.0, dtype="bfloat16"))))
 CROSS_ENTROPY.module = _family.make_module(CROSS_ENTROPY, "CrossEntropyLoss",
+                                           per_call=("token_weight", "num_items_in_batch"),
                                            doc="Drop-in for torch.nn.CrossEntropyLoss, plus lossops.cross_entropy's "
                                                "keyword extras.")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, _dtensor, _family, _reduce
 from .cross_entropy import KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_weights, reference_cross_entropy
+from . import token_options
 
 # Chunk logits are at most 1/_CHUNKS_PER_PASS of the full logits, and at most about _CHUNK_BYTES once the
 # logits are huge, but never fewer than _MIN_CHUNK_ROWS rows (smaller matmuls lose too much speed).
@@ -44,7 +45,8 @@ class LinearCrossEntropyOptions(CrossEntropyOptions):
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, lse_square_scale: float = 0.0,
-                         softcap: Optional[float] = None, chunk_size: Optional[int] = None) -> Tensor:
+                         softcap: Optional[float] = None, chunk_size: Optional[int] = None, temperature: float = 1.0,
+                         token_weight: Optional[Tensor] = None, num_items_in_batch=None) -> Tensor:
     """Drop-in for torch.nn.functional.linear_cross_entropy: cross_entropy(linear(input, linear_weight,
     linear_bias), target, weight=weight, ...) without materialising the logits.
 
@@ -55,8 +57,30 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     implementation), and the fused path serves every call, options or not. Extras as lossops.cross_entropy:
     lse_square_scale, softcap; chunk_size: rows of tokens per chunk (default: 1/8 of the rows, capped near
     256 MiB of logits). A (V, d1, ..., dK, D) weight or probability targets take the reference path (F.linear,
-    then cross_entropy), with the same semantics.
+    then cross_entropy), with the same semantics. temperature, token_weight (the target's shape) and
+    num_items_in_batch as lossops.cross_entropy; the temperature divides the hidden states and bias (not the
+    N x V logits) before the fused pass.
     """
+    if token_options.requested(temperature, token_weight, num_items_in_batch):
+        scale = token_options.temperature(temperature)
+        softcap = token_options.scaled_softcap(softcap, scale)
+        if scale != 1.0:
+            input = input / scale
+            linear_bias = None if linear_bias is None else linear_bias / scale
+        reduction = _checks.reduction(reduction)
+        index = -100 if ignore_index is None else _checks.integer("ignore_index", ignore_index)
+        _checks.tensor("target", target)
+
+        def per_token(class_weight, token_reduction, z_loss_scale):
+            return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=class_weight,
+                                        reduction=token_reduction, ignore_index=index,
+                                        label_smoothing=label_smoothing, options=options,
+                                        lse_square_scale=z_loss_scale, softcap=softcap, chunk_size=chunk_size)
+
+        probabilities = target.is_floating_point() and target.dim() == input.dim()
+        return token_options.reduce_tokens(per_token, target, target.shape[:-1] if probabilities else target.shape,
+                                           weight, index, reduction, lse_square_scale, token_weight,
+                                           num_items_in_batch, probabilities)
     ignore_index = -100 if ignore_index is None else ignore_index
     reduction = _checks.reduction(reduction)
     label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0, exception=RuntimeError)
@@ -142,7 +166,7 @@ def _vocab_parallel(a: dict, input, mesh) -> Tensor:
 SHARDING = _dtensor.Sharding(lambda input: input.dim() - 1, whole=("linear_weight", "linear_bias", "weight"),
                              denominator=_mean_denominator, parallel_classes=_vocab_parallel, local_sums=_mean_terms,
                              classes_sharded_by="linear_weight", split_with_classes=("linear_bias",),
-                             class_dim_name="feature")
+                             class_dim_name="feature", replicated_only=token_options.DEFAULTS)
 
 
 def default_chunk_size(num_rows: int, vocab: int, itemsize: int) -> int:
