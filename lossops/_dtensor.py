@@ -249,9 +249,8 @@ def _batch_sharded(function, sharding, a, names, x, d, class_dim, mesh):
     if avg_factor is not None:  # mmdetection's convention: a global denominator given by the caller
         total = global_value(function(**dict(local, reduction="sum", avg_factor=None)))
         return total / (avg_factor.to_local() if _is_dtensor(avg_factor) else avg_factor)
-    if sharding.local_sums is not None and (terms := sharding.local_sums(function, local)) is not None:
-        pass
-    else:
+    terms = sharding.local_sums(function, local) if sharding.local_sums is not None else None
+    if terms is None:
         total = function(**dict(local, reduction="sum"))
         if sharding.denominator is not None:
             denominator = sharding.denominator(local)

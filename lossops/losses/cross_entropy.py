@@ -352,14 +352,19 @@ def _mean_denominator(a: dict) -> Tensor:
     return _reduce.class_index_denominator(t, a["weight"], a["ignore_index"], classes, acc)
 
 
-def _mean_terms(function, a: dict):
-    """With class weights the z-loss is averaged over the rows, the cross-entropy over their weights: two sums."""
-    if a["weight"] is None or not a["lse_square_scale"] or a["target"].shape == a["input"].shape:
+def mean_terms(function, a: dict, ignore_index: int, cross_entropy_denominator) -> Optional[list]:
+    """One rank's (sum, denominator) terms of a class-weighted mean with z-loss (None when the mean is one plain
+    sum): the z-loss is averaged over the kept rows, the cross-entropy over their weights."""
+    if a["weight"] is None or not a["lse_square_scale"] or a["target"].is_floating_point():
         return None
     total = function(**dict(a, reduction="sum"))
     cross_entropy_only = function(**dict(a, reduction="sum", lse_square_scale=0.0))
-    rows = (a["target"] != a["ignore_index"]).sum().to(total.dtype)
-    return [(cross_entropy_only, _mean_denominator(a)), (total - cross_entropy_only, rows)]
+    rows = (a["target"] != ignore_index).sum().to(total.dtype)
+    return [(cross_entropy_only, cross_entropy_denominator(a)), (total - cross_entropy_only, rows)]
+
+
+def _mean_terms(function, a: dict):
+    return mean_terms(function, a, a["ignore_index"], _mean_denominator)
 
 
 def _vocab_parallel(a: dict, input, mesh) -> Tensor:

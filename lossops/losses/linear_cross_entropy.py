@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _checks, _dtensor, _family, _reduce
-from .cross_entropy import KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_weights, reference_cross_entropy
+from .cross_entropy import (KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_terms, mean_weights,
+                            reference_cross_entropy)
 from . import token_options
 
 # Chunk logits are at most 1/_CHUNKS_PER_PASS of the full logits, and at most about _CHUNK_BYTES once the
@@ -143,13 +144,7 @@ def _mean_denominator(a: dict) -> Tensor:
 
 
 def _mean_terms(function, a: dict):
-    """With class weights the z-loss is averaged over the rows, the cross-entropy over their weights: two sums."""
-    if a["weight"] is None or not a["lse_square_scale"]:
-        return None
-    total = function(**dict(a, reduction="sum"))
-    cross_entropy_only = function(**dict(a, reduction="sum", lse_square_scale=0.0))
-    rows = (a["target"] != _ignore_index(a)).sum().to(total.dtype)
-    return [(cross_entropy_only, _mean_denominator(a)), (total - cross_entropy_only, rows)]
+    return mean_terms(function, a, _ignore_index(a), _mean_denominator)
 
 
 def _vocab_parallel(a: dict, input, mesh) -> Tensor:
