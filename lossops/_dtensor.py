@@ -144,7 +144,10 @@ def _call(function, signature, sharding, args, kwargs):
                          "them to Replicate() or Shard() first")
     if isinstance(placement, Replicate):
         local = {k: _whole(v, mesh) for k, v in a.items()}
-        return DTensor.from_local(function(**local), mesh, [Replicate()], run_check=False)
+        result = function(**local)
+        if isinstance(result, tuple):  # a NamedTuple of per-token outputs (return_token_stats=True)
+            return type(result)(*(DTensor.from_local(r, mesh, [Replicate()], run_check=False) for r in result))
+        return DTensor.from_local(result, mesh, [Replicate()], run_check=False)
     if not isinstance(placement, Shard) or sharding is None or not sharding.batch_sharding:
         raise ValueError(f"lossops: {name} does not support {names[0]} placed as {placement} on a device mesh; "
                          "only Replicate()" + (" and Shard() of an item dimension" if sharding else ""))

@@ -163,6 +163,11 @@ def _check_refusals(mesh):
             lossops.cross_entropy(distribute_tensor(logits, mesh, [Shard(0)]), target, **kwargs)
         replicated = lossops.cross_entropy(distribute_tensor(logits, mesh, [Replicate()]), target, **kwargs)
         torch.testing.assert_close(replicated.full_tensor(), lossops.cross_entropy(logits, target, **kwargs))
+    with pytest.raises(ValueError, match="cross_entropy: return_token_stats=True is supported with replicated"):
+        lossops.cross_entropy(distribute_tensor(logits, mesh, [Shard(0)]), target, return_token_stats=True)
+    replicated = lossops.cross_entropy(distribute_tensor(logits, mesh, [Replicate()]), target, return_token_stats=True)
+    for got, expected in zip(replicated, lossops.cross_entropy(logits, target, return_token_stats=True)):
+        torch.testing.assert_close(got.full_tensor(), expected)
     head = distribute_tensor(_full(24, C, 4), mesh, [Shard(0)])
     with pytest.raises(ValueError, match="linear_cross_entropy: temperature=2.0 is supported with replicated"):
         lossops.linear_cross_entropy(distribute_tensor(_full(25, N, 4), mesh, [Replicate()]), head, target,

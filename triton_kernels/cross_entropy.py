@@ -314,6 +314,124 @@ def cross_entropy_shard_grad(*, input, target, weight, grad, lse, coefficients, 
     return [grad]
 
 
+# --- per-token statistics (lossops/losses/token_stats.py): read-only, one program per row ------------------------
+
+# Lower bound of x - max where x may be -inf: e^(x - max) is then 0 (already below -746 in float64) and
+# 0 * (x - max), or 0 * (a + b (x - max)), stays 0 instead of NaN.
+_LOWEST_SHIFT = tl.constexpr(-1.0e4)
+
+
+@triton.jit
+def token_stats_kernel(
+    X, stride_xo, stride_xc, stride_xi, T, STATS, ARGMAX, BAD, PARAMS, inner, C, ignore_index,
+    SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """[logsumexp, target log-probability, entropy] and the first argmax of a row; the entropy as
+    log s - u / s with u = sum e^(x - m) (x - m) kept relative to the running max m (see csrc EntropyStats)."""
+    row = tl.program_id(0).to(tl.int64)
+    X += (row // inner) * stride_xo + (row % inner) * stride_xi
+    cap = tl.load(PARAMS).to(ACC)
+    y = tl.load(T + row)
+    in_range = (y >= 0) & (y < C)
+    keep = (y != ignore_index) & in_range
+    tl.store(BAD, y, mask=(y != ignore_index) & (not in_range))
+    read = tl.where(keep, C, 0)
+    m = float("-inf")
+    s = 0.0
+    u = 0.0
+    best = tl.zeros((), dtype=tl.int64)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = _load_logits(X + cols * stride_xc, cols < read, SOFTCAP, cap, ACC)
+        block_max = tl.max(x, axis=0)
+        new_m = tl.maximum(m, block_max)
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        d = tl.maximum(x - safe_m, _LOWEST_SHIFT)
+        e = tl.exp(d)
+        k = tl.maximum(m - safe_m, _LOWEST_SHIFT)
+        r = tl.exp(k)
+        u = r * (u + k * s) + tl.sum(e * d, axis=0)
+        s = r * s + tl.sum(e, axis=0)
+        first = tl.min(tl.where(x == block_max, cols, C), axis=0).to(tl.int64)
+        best = tl.where(block_max > m, first, best)
+        m = new_m
+    log_sum = tl.log(s)
+    x_y = _load_logits(X + tl.where(keep, y, 0) * stride_xc, keep, SOFTCAP, cap, ACC)
+    tl.store(STATS + row * 3 + 0, tl.where(keep, m + log_sum, 0.0))
+    tl.store(STATS + row * 3 + 1, tl.where(keep, (x_y - m) - log_sum, 0.0))
+    tl.store(STATS + row * 3 + 2, tl.where(keep, log_sum - u / s, 0.0))
+    tl.store(ARGMAX + row, tl.where(keep, best, -1))
+
+
+@triton.jit
+def token_stats_grad_kernel(
+    X, stride_xo, stride_xc, stride_xi, T, G, stride_go, stride_gc, stride_gi, LSE, COEF, PARAMS, inner, C,
+    ignore_index, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """grad_j = softcap'(x_j) (p_j (a + b (x_j - lse)) + c [j == y]), the target's entry formed without the
+    cancellation of p_y a + c as p_y -> 1 (see csrc token_stats_grad_rows)."""
+    row = tl.program_id(0).to(tl.int64)
+    X += (row // inner) * stride_xo + (row % inner) * stride_xi
+    G += (row // inner) * stride_go + (row % inner) * stride_gi
+    cap = tl.load(PARAMS).to(ACC)
+    a = tl.load(COEF + row * 3 + 0).to(ACC)
+    b = tl.load(COEF + row * 3 + 1).to(ACC)
+    c = tl.load(COEF + row * 3 + 2).to(ACC)
+    y = tl.load(T + row)
+    live = (y != ignore_index) & (y >= 0) & (y < C) & ((a != 0.0) | (b != 0.0) | (c != 0.0))
+    read = tl.where(live, C, 0)
+    lse = tl.load(LSE + row).to(ACC)
+    x_y = _load_logits(X + tl.where(live, y, 0) * stride_xc, live, SOFTCAP, cap, ACC)
+    d_y = tl.maximum(x_y - lse, _LOWEST_SHIFT)
+    g_y = tl.exp(d_y) * (a + c + b * d_y) - c * expm1(d_y)
+    if SOFTCAP:
+        t_y = x_y / cap
+        g_y = g_y * (1.0 - t_y * t_y)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < read
+        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        d = tl.maximum(x - lse, _LOWEST_SHIFT)
+        g = tl.exp(d) * (a + b * d)
+        if SOFTCAP:
+            t = x / cap
+            g = g * (1.0 - t * t)
+        g = tl.where(cols == y, g_y, g)
+        tl.store(G + cols * stride_gc, tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
+
+
+def _token_stats_launch(input, softcap):
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    params = float_options((float(softcap) if softcap is not None else 1.0,), acc, input.device)
+    return acc, params, dict(SOFTCAP=softcap is not None, ACC=acc_dtype(input.dtype), **launch_config(input.shape[1]))
+
+
+def cross_entropy_token_stats(*, input, target, ignore_index, softcap):
+    """Same contract as the C++ kernel: (stats (rows, 3) [lse, target log-probability, entropy], argmax (rows,)),
+    zeros and argmax -1 for ignored rows; an out-of-range target raises IndexError."""
+    outer, C, inner = input.shape
+    rows = outer * inner
+    acc, params, flags = _token_stats_launch(input, softcap)
+    stats = torch.empty((rows, 3), dtype=acc, device=input.device)
+    argmax = torch.empty(rows, dtype=torch.int64, device=input.device)
+    if rows:
+        flag = torch.zeros(1, dtype=torch.int64, device=input.device)
+        token_stats_kernel[(rows,)](input, *_strides3(input), target, stats, argmax, flag, params, inner, C,
+                                    ignore_index, **flags)
+        raise_if_flagged(flag, lambda value: _out_of_bounds(value, C, ignore_index))
+    return [stats, argmax]
+
+
+def cross_entropy_token_stats_grad(*, input, target, grad, lse, coefficients, ignore_index, softcap):
+    """Writes grad (input's shape, not aliasing it) from per-row [a, b, c] coefficients; see the C++ kernel."""
+    outer, C, inner = input.shape
+    _, params, flags = _token_stats_launch(input, softcap)
+    if outer * inner and C:
+        token_stats_grad_kernel[(outer * inner,)](input, *_strides3(input), target, grad, *_strides3(grad), lse,
+                                                  coefficients, params, inner, C, ignore_index, **flags)
+    return []
+
+
 def _out_of_bounds(value, C, ignore_index):
     return IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
 
@@ -341,8 +459,18 @@ _SHARD_STATS_SIGNATURE = {"X": "*bf16", "stride_xr": "i64", "stride_xc": "i64", 
 _SHARD_GRAD_SIGNATURE = {"X": "*bf16", "stride_xr": "i64", "stride_xc": "i64", "T": "*i64", "W": "*fp32", "G": "*bf16",
                          "LSE": "*fp32", "COEF": "*fp32", "PARAMS": "*fp32", "C": "i64", "class_offset": "i64"}
 
+_STATS_AOT = dict(SOFTCAP=True, ACC=tl.float32, BLOCK=4096)
+_STATS_SIGNATURE = {"X": "*bf16", "stride_xo": "i64", "stride_xc": "i64", "stride_xi": "i64", "T": "*i64",
+                    "STATS": "*fp32", "ARGMAX": "*i64", "BAD": "*i64", "PARAMS": "*fp32", "inner": "i64", "C": "i64",
+                    "ignore_index": "i64"}
+_STATS_GRAD_SIGNATURE = {"X": "*bf16", "stride_xo": "i64", "stride_xc": "i64", "stride_xi": "i64", "T": "*i64",
+                         "G": "*bf16", "stride_go": "i64", "stride_gc": "i64", "stride_gi": "i64", "LSE": "*fp32",
+                         "COEF": "*fp32", "PARAMS": "*fp32", "inner": "i64", "C": "i64", "ignore_index": "i64"}
+
 # (kernel, signature, constexprs) compiled ahead of time for sm_80 / sm_90 by tests/test_triton_aot.py.
 AOT_KERNELS = [
+    (token_stats_kernel, {**_STATS_SIGNATURE, **{k: "constexpr" for k in _STATS_AOT}}, _STATS_AOT),
+    (token_stats_grad_kernel, {**_STATS_GRAD_SIGNATURE, **{k: "constexpr" for k in _STATS_AOT}}, _STATS_AOT),
     (shard_stats_kernel, {**_SHARD_STATS_SIGNATURE, **{k: "constexpr" for k in _SHARD_AOT}}, _SHARD_AOT),
     (shard_grad_kernel, {**_SHARD_GRAD_SIGNATURE, **{k: "constexpr" for k in _SHARD_AOT}}, _SHARD_AOT),
     (cross_entropy_kernel, {**_aot_signature("bf16", "fp32"), **{k: "constexpr" for k in _aot_constexprs()}},

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _checks, _dtensor, _eager, _family, _reduce
-from . import token_options
+from . import token_options, token_stats
 from .._family import GridShapes as G
 
 # One kernel for every loss over softmax rows; focal_gamma (None: off) makes it softmax focal loss.
@@ -40,7 +40,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
                   *, lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                   inplace_backward: bool = False, temperature: float = 1.0, token_weight: Optional[Tensor] = None,
-                  num_items_in_batch=None) -> Tensor:
+                  num_items_in_batch=None, return_token_stats: bool = False):
     """Drop-in for torch.nn.functional.cross_entropy, fused forward+backward.
 
     Extras (defaults reproduce torch exactly):
@@ -60,7 +60,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
       num_items_in_batch: an int or a one-element tensor (no host sync); the loss is the sum / num_items_in_batch,
         as Hugging Face's Trainer normalises under gradient accumulation (reduction "mean" only).
       The rules combining them with weight, label smoothing and z-loss: lossops/losses/token_options.py.
+      return_token_stats: True returns a LossWithTokenStats (loss, target_logprob, entropy, correct, logsumexp,
+        z_loss), per token with the target's shape (class-index targets; lossops/losses/token_stats.py).
     """
+    if return_token_stats is not False:
+        return _with_token_stats(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                 label_smoothing, lse_square_scale, softcap, inplace_backward, temperature,
+                                 token_weight, num_items_in_batch, return_token_stats)
     if token_options.requested(temperature, token_weight, num_items_in_batch):
         return _with_token_options(input, target, weight, size_average, ignore_index, reduce, reduction,
                                    label_smoothing, lse_square_scale, softcap, inplace_backward, temperature,
@@ -106,6 +112,41 @@ def _with_token_options(input, target, weight, size_average, ignore_index, reduc
                                        reduction, lse_square_scale, token_weight, num_items_in_batch, probabilities)
 
 
+def _with_token_stats(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                      lse_square_scale, softcap, inplace_backward, temperature, token_weight, num_items_in_batch,
+                      return_token_stats):
+    _checks.tensor("input", input)
+    _checks.tensor("target", target)
+    if not token_stats.check_request(return_token_stats):
+        return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                             lse_square_scale=lse_square_scale, softcap=softcap, inplace_backward=inplace_backward,
+                             temperature=temperature, token_weight=token_weight,
+                             num_items_in_batch=num_items_in_batch)
+    token_stats.check_targets(target)
+    # The temperature is applied here, once, for the loss and the statistics alike.
+    scale = token_options.temperature(temperature)
+    cap = token_options.scaled_softcap(softcap, scale)
+    if scale != 1.0:
+        input = input / scale
+    loss = cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                         lse_square_scale=lse_square_scale, softcap=cap, inplace_backward=inplace_backward,
+                         token_weight=token_weight, num_items_in_batch=num_items_in_batch)
+    backend = _backend.resolve(input.device)
+    if backend == "reference":
+        rows = token_stats.reference_rows(input, target, ignore_index, cap, rows_class_dim(input))
+    else:
+        rows = token_stats.rows_stats(backend, class_rows(input), target.reshape(-1).to(torch.int64).contiguous(),
+                                      ignore_index, cap)
+    return token_stats.finish(loss, target, ignore_index, float(lse_square_scale), *rows)
+
+
+def class_rows(input: Tensor) -> Tensor:
+    """The (outer, C, inner) view the row kernels take, the class dimension left where it is."""
+    num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    return input.reshape(1, num_classes, 1) if input.dim() == 1 else input.flatten(2) if input.dim() > 2 \
+        else input.unsqueeze(-1)
+
+
 def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weight: Optional[Tensor], options, *,
                      weight_name: str = "weight", inplace_backward: bool = False) -> Tensor:
     """Shared entry for every loss over softmax(input, dim=1): layout, checks, backend choice, the family's op.
@@ -126,8 +167,7 @@ def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weig
         # Gradients with respect to probability targets come from the plain-PyTorch path.
         return family.reference(input, target, weight, options)
 
-    logits3 = input.reshape(1, num_classes, 1) if input.dim() == 1 else input.flatten(2) if input.dim() > 2 \
-        else input.unsqueeze(-1)
+    logits3 = class_rows(input)
     if probabilities:
         target_k = (target.reshape(1, num_classes, 1) if input.dim() == 1 else target.flatten(2) if input.dim() > 2
                     else target.unsqueeze(-1))

@@ -27,7 +27,8 @@ from torch import Tensor
 from .. import _backend, _checks, _dtensor, _family, _reduce
 from .cross_entropy import (KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_terms, mean_weights,
                             reference_cross_entropy)
-from . import token_options
+from . import token_options, token_stats
+from .token_stats import STATS_GRAD_KERNEL, STATS_KERNEL
 
 # Chunk logits are at most 1/_CHUNKS_PER_PASS of the full logits, and at most about _CHUNK_BYTES once the
 # logits are huge, but never fewer than _MIN_CHUNK_ROWS rows (smaller matmuls lose too much speed).
@@ -47,7 +48,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, lse_square_scale: float = 0.0,
                          softcap: Optional[float] = None, chunk_size: Optional[int] = None, temperature: float = 1.0,
-                         token_weight: Optional[Tensor] = None, num_items_in_batch=None) -> Tensor:
+                         token_weight: Optional[Tensor] = None, num_items_in_batch=None,
+                         return_token_stats: bool = False):
     """Drop-in for torch.nn.functional.linear_cross_entropy: cross_entropy(linear(input, linear_weight,
     linear_bias), target, weight=weight, ...) without materialising the logits.
 
@@ -60,9 +62,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     256 MiB of logits). A (V, d1, ..., dK, D) weight or probability targets take the reference path (F.linear,
     then cross_entropy), with the same semantics. temperature, token_weight (the target's shape) and
     num_items_in_batch as lossops.cross_entropy; the temperature divides the hidden states and bias (not the
-    N x V logits) before the fused pass.
+    N x V logits) before the fused pass. return_token_stats=True returns a LossWithTokenStats as
+    lossops.cross_entropy does, its statistics computed on each chunk of logits inside the fused pass.
     """
-    if token_options.requested(temperature, token_weight, num_items_in_batch):
+    stats = [] if token_stats.check_request(return_token_stats) else None
+    if stats is not None:
+        _checks.tensor("target", target)
+        token_stats.check_targets(target)
+    if stats is not None or token_options.requested(temperature, token_weight, num_items_in_batch):
         scale = token_options.temperature(temperature)
         softcap = token_options.scaled_softcap(softcap, scale)
         if scale != 1.0:
@@ -73,15 +80,26 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         _checks.tensor("target", target)
 
         def per_token(class_weight, token_reduction, z_loss_scale):
-            return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=class_weight,
-                                        reduction=token_reduction, ignore_index=index,
-                                        label_smoothing=label_smoothing, options=options,
-                                        lse_square_scale=z_loss_scale, softcap=softcap, chunk_size=chunk_size)
+            # The first call also collects the token statistics (they do not depend on these arguments).
+            sink = stats if stats is not None and not stats else None
+            return _fused(input, linear_weight, target, linear_bias, class_weight, token_reduction, index,
+                          label_smoothing, options, z_loss_scale, softcap, chunk_size, sink)
 
         probabilities = target.is_floating_point() and target.dim() == input.dim()
-        return token_options.reduce_tokens(per_token, target, target.shape[:-1] if probabilities else target.shape,
+        loss = token_options.reduce_tokens(per_token, target, target.shape[:-1] if probabilities else target.shape,
                                            weight, index, reduction, lse_square_scale, token_weight,
                                            num_items_in_batch, probabilities)
+        if stats is None:
+            return loss
+        return token_stats.finish(loss, target, index, float(lse_square_scale), *stats)
+    return _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options,
+                  lse_square_scale, softcap, chunk_size)
+
+
+def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options,
+           lse_square_scale, softcap, chunk_size, stats_sink: Optional[list] = None) -> Tensor:
+    """The loss (checks, layout, backend, op); with stats_sink, also the token statistics appended to it as
+    (logsumexp, target_logprob, entropy, argmax) per row."""
     ignore_index = -100 if ignore_index is None else ignore_index
     reduction = _checks.reduction(reduction)
     label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0, exception=RuntimeError)
@@ -97,6 +115,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         bias = None if bias is None or not bias.is_floating_point() else bias.to(dtype)
     ce_options = CrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, cap)
     if linear_weight.dim() > 2 or (target.is_floating_point() and target.dim() == hidden.dim()):
+        if stats_sink is not None:
+            raise ValueError(f"lossops: return_token_stats=True needs a (vocab, features) linear_weight, got shape "
+                             f"{tuple(linear_weight.shape)}")
         return _reference(hidden, linear_weight, bias, target, weight, ce_options)
     _check_arguments(hidden, linear_weight, target, bias, chunk_size)
     if weight is not None:
@@ -105,6 +126,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     backend = _backend.resolve(hidden.device)
     if backend == "reference":
+        if stats_sink is not None:
+            logits = F.linear(hidden, linear_weight, bias)
+            stats_sink.extend(token_stats.reference_rows(logits, target, ignore_index, cap, logits.dim() - 1))
         return _reference(hidden, linear_weight, bias, target, weight, ce_options)
 
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
@@ -115,7 +139,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
              for name, t in (("hidden", hidden), ("weight", linear_weight), ("bias", bias))}
     tensors = {"hidden": hidden2, "weight": linear_weight, "bias": bias, "target": target1, "class_weight": weight}
     options = LinearCrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, cap, rows)
-    loss = LINEAR_CROSS_ENTROPY.apply(backend, tensors, options, wants)
+    if stats_sink is None:
+        loss = LINEAR_CROSS_ENTROPY.apply(backend, tensors, options, wants)
+    else:
+        loss, *rows = _with_stats_op(*(tensors[i.name] for i in LINEAR_CROSS_ENTROPY.inputs),
+                                     *(getattr(options, n) for n in LINEAR_CROSS_ENTROPY.option_names()),
+                                     *(wants[n] for n in ("hidden", "weight", "bias")), backend)
+        stats_sink.extend(rows[:4])
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(_checks.output_dtype(hidden))
@@ -207,11 +237,16 @@ def check_last_dim_target(target: Tensor, name: str, input: Tensor) -> None:
 def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                   class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float, lse_square_scale: float,
                   softcap: Optional[float], chunk_size: int, grad_mask: list[bool], backend: str, grad_scale: Tensor,
-                  row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, list[Optional[Tensor]]]:
+                  row_scale: Optional[Tensor] = None, stats_out: Optional[tuple[Tensor, Tensor]] = None,
+                  stats_grad: Optional[tuple[Tensor, Tensor]] = None,
+                  loss_gradient: bool = True) -> tuple[Tensor, Tensor, list[Optional[Tensor]]]:
     """One pass over the token chunks: (per-row loss, summed loss, [grad_hidden, grad_weight, grad_bias]).
 
     Gradients are computed for the True entries of grad_mask, the kernel scaling them by grad_scale (a
     0-d tensor) and, when row_scale is given, each row of dlogits by its entry before the contractions.
+    stats_out: (stats (N, 3), argmax (N,)) receive each chunk's token statistics, read before the loss kernel
+    overwrites the chunk. stats_grad: (logsumexp, coefficients) of the statistics' gradient (token_stats), added
+    to dlogits; with loss_gradient=False dlogits is that gradient alone and the loss is not computed.
     """
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     acc = _checks.opmath_dtype(hidden.dtype)
@@ -226,6 +261,7 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     row_loss = torch.empty(num_rows, dtype=acc, device=hidden.device)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     buffer = hidden.new_empty((min(chunk_size, num_rows), vocab))  # one logits buffer, reused by every chunk
+    stats_buffer = torch.empty_like(buffer) if stats_grad is not None and need_dlogits else None
     for start in range(0, num_rows, chunk_size):
         stop = min(start + chunk_size, num_rows)
         h, logits = hidden[start:stop], buffer[:stop - start]
@@ -234,18 +270,31 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
         else:
             torch.addmm(bias, h, weight.t(), out=logits)
         logits3 = logits.unsqueeze(-1)
-        loss, _lse, chunk_total = ROW_KERNEL(
-            backend, input=logits3, target=target[start:stop], weight=class_weight,
-            grad=logits3 if need_dlogits else None,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-            softcap=softcap, focal_gamma=None, grad_scale=grad_scale)
-        row_loss[start:stop] = loss
-        total += chunk_total
+        rows_target = target[start:stop]
+        if stats_out is not None:
+            stats_out[0][start:stop], stats_out[1][start:stop] = STATS_KERNEL(
+                backend, input=logits3, target=rows_target, ignore_index=ignore_index, softcap=softcap)
+        stats_dlogits = None
+        if stats_buffer is not None:
+            stats_dlogits = stats_buffer[:stop - start]
+            STATS_GRAD_KERNEL(backend, input=logits3, target=rows_target, grad=stats_dlogits.unsqueeze(-1),
+                              lse=stats_grad[0][start:stop], coefficients=stats_grad[1][start:stop],
+                              ignore_index=ignore_index, softcap=softcap)
+        if loss_gradient:
+            loss, _lse, chunk_total = ROW_KERNEL(
+                backend, input=logits3, target=rows_target, weight=class_weight,
+                grad=logits3 if need_dlogits else None,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                softcap=softcap, focal_gamma=None, grad_scale=grad_scale)
+            row_loss[start:stop] = loss
+            total += chunk_total
         if not need_dlogits:
             continue
-        dlogits = logits
-        if row_scale is not None:
+        dlogits = logits if loss_gradient else stats_dlogits
+        if loss_gradient and row_scale is not None:
             dlogits.mul_(row_scale[start:stop, None])
+        if loss_gradient and stats_dlogits is not None:
+            dlogits += stats_dlogits
         if want_h:
             torch.mm(dlogits, weight, out=grad_h[start:stop])
         if want_b:
@@ -261,7 +310,7 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     return row_loss, total, grads
 
 
-def _run(family, backend, t, o, grads):
+def _run(family, backend, t, o, grads, stats_out=None):
     """The op's body: the mean's denominator over all rows, then one pass over the chunks. reduction='none'
     forms no gradient here (each row has its own grad_output): _recompute does, in backward."""
     hidden, weight = t["hidden"], t["weight"]
@@ -271,13 +320,15 @@ def _run(family, backend, t, o, grads):
     mask = [grads.get(n, False) and o.reduction != "none" for n in ("hidden", "weight", "bias")]
     row_loss, total, computed = _chunked_pass(hidden, weight, t["bias"], t["target"], class_weight, o.ignore_index,
                                               o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size, mask,
-                                              backend, _reduce.gradient_scale(o.reduction, denominator))
+                                              backend, _reduce.gradient_scale(o.reduction, denominator),
+                                              stats_out=stats_out)
     loss = _reduce.reduce(o.reduction, row_loss, total, denominator)
     return loss, dict(zip(("hidden", "weight", "bias"), computed))
 
 
-def _recompute(family, backend, t, o, grad_loss, needs):
-    """reduction='none': the chunks again, each row of dlogits scaled by its grad_loss."""
+def _recompute(family, backend, t, o, grad_loss, needs, stats_grad=None):
+    """reduction='none': the chunks again, each row of dlogits scaled by its grad_loss (None: no loss gradient),
+    plus the token statistics' gradient when stats_grad (logsumexp, coefficients) is given."""
     hidden = t["hidden"]
     acc = _checks.opmath_dtype(hidden.dtype)
     one = torch.ones((), dtype=acc, device=hidden.device)
@@ -285,7 +336,8 @@ def _recompute(family, backend, t, o, grad_loss, needs):
     _, _, computed = _chunked_pass(hidden, t["weight"], t["bias"], t["target"], class_weight, o.ignore_index,
                                    o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size,
                                    [needs["hidden"], needs["weight"], needs["bias"]], backend, one,
-                                   row_scale=grad_loss.to(hidden.dtype))
+                                   row_scale=None if grad_loss is None else grad_loss.to(hidden.dtype),
+                                   stats_grad=stats_grad, loss_gradient=grad_loss is not None)
     return dict(zip(("hidden", "weight", "bias"), computed))
 
 
@@ -308,3 +360,105 @@ LINEAR_CROSS_ENTROPY = _family.register(_family.Family(
     cases=(_family.Case(_hidden_and_vocab, dict(chunk_size=4), target=2,
                         bad=("target_out_of_range", dict(chunk_size=0))),),
 ))
+
+
+# return_token_stats=True: the family's op with the token statistics as four more outputs (same schema otherwise),
+# filled by the same chunked pass. Backward adds their gradient through one more pass over the chunks (the logits
+# are gone by then), or folds it into reduction="none"'s recomputation.
+_DIFFERENTIABLE = ("hidden", "weight", "bias")
+_STATS_OUTPUTS = "Tensor logsumexp, Tensor target_logprob, Tensor entropy, Tensor argmax"
+_OP_SCHEMA = _family._schema(LINEAR_CROSS_ENTROPY)
+_N_TENSORS = len(LINEAR_CROSS_ENTROPY.inputs)
+_N_OPTIONS = len(LINEAR_CROSS_ENTROPY.option_names())
+
+
+def _split(args):
+    names = [i.name for i in LINEAR_CROSS_ENTROPY.inputs]
+    tensors = dict(zip(names, args[:_N_TENSORS]))
+    options = LinearCrossEntropyOptions(**dict(zip(LINEAR_CROSS_ENTROPY.option_names(),
+                                                   args[_N_TENSORS:_N_TENSORS + _N_OPTIONS])))
+    return tensors, options, args[_N_TENSORS + _N_OPTIONS:-1], args[-1]
+
+
+@torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats", mutates_args=(),
+                         schema=_OP_SCHEMA.replace(") -> (Tensor loss, ", f") -> (Tensor loss, {_STATS_OUTPUTS}, "))
+def _with_stats_op(*args):
+    tensors, o, wants, backend = _split(args)
+    hidden = tensors["hidden"]
+    rows = hidden.shape[0]
+    stats = torch.empty((rows, 3), dtype=_checks.opmath_dtype(hidden.dtype), device=hidden.device)
+    argmax = torch.empty(rows, dtype=torch.int64, device=hidden.device)
+    loss, grads = _run(LINEAR_CROSS_ENTROPY, backend, tensors, o, dict(zip(_DIFFERENTIABLE, wants)),
+                       stats_out=(stats, argmax))
+    return (loss, *(stats[:, k].clone() for k in range(3)), argmax,
+            *(grads[n] if grads[n] is not None else hidden.new_empty((0,)) for n in _DIFFERENTIABLE))
+
+
+@_with_stats_op.register_fake
+def _(*args):
+    tensors, o, wants, _ = _split(args)
+    hidden = tensors["hidden"]
+    rows, acc = hidden.shape[0], _checks.opmath_dtype(hidden.dtype)
+    in_forward = o.reduction != "none"
+    return (_loss_like(tensors, o), *(hidden.new_empty((rows,), dtype=acc) for _ in range(3)),
+            hidden.new_empty((rows,), dtype=torch.int64),
+            *(tensors[n].new_empty(tensors[n].shape) if want and in_forward else hidden.new_empty((0,))
+              for n, want in zip(_DIFFERENTIABLE, wants)))
+
+
+@torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats_backward", mutates_args=(), schema=(
+        "(Tensor? grad_loss, Tensor logsumexp, Tensor? coefficients, "
+        + _OP_SCHEMA[1:].split(") -> (")[0].replace("bool grad_", "bool needs_") + ") -> "
+        "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"))
+def _with_stats_backward(grad_loss, logsumexp, coefficients, *args):
+    tensors, o, needs, backend = _split(args)
+    stats_grad = None if coefficients is None else (logsumexp, coefficients)
+    grads = _recompute(LINEAR_CROSS_ENTROPY, backend, tensors, o, grad_loss, dict(zip(_DIFFERENTIABLE, needs)),
+                       stats_grad=stats_grad)
+    return tuple(grads[n] if grads[n] is not None else tensors["hidden"].new_empty((0,)) for n in _DIFFERENTIABLE)
+
+
+@_with_stats_backward.register_fake
+def _(grad_loss, logsumexp, coefficients, *args):
+    tensors, _, needs, _ = _split(args)
+    return tuple(tensors[n].new_empty(tensors[n].shape) if need and tensors[n] is not None
+                 else tensors["hidden"].new_empty((0,)) for n, need in zip(_DIFFERENTIABLE, needs))
+
+
+def _setup_with_stats(ctx, inputs, output):
+    tensors, o, wants, _ = _split(inputs)
+    ctx.inputs = inputs
+    ctx.per_row = o.reduction == "none"
+    ctx.save_for_backward(*inputs[:_N_TENSORS], output[1], output[3], *output[5:])
+    ctx.mark_non_differentiable(output[4], *output[5:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward_with_stats(ctx, grad_loss, grad_lse, grad_logprob, grad_entropy, *_unused):
+    saved = ctx.saved_tensors
+    tensor_inputs, logsumexp, entropy, forward_grads = saved[:_N_TENSORS], saved[_N_TENSORS], saved[_N_TENSORS + 1], \
+        saved[_N_TENSORS + 2:]
+    needs = [ctx.needs_input_grad[LINEAR_CROSS_ENTROPY.inputs.index(i)]
+             for i in LINEAR_CROSS_ENTROPY.inputs if i.differentiable]
+    nones = (None,) * (len(ctx.inputs) - 3)
+    if not any(needs):
+        return (None,) * len(ctx.inputs)
+    _reduce.refuse_double_backward()
+    coef = token_stats.coefficients(grad_lse, grad_logprob, grad_entropy, entropy)
+    options = ctx.inputs[_N_TENSORS:_N_TENSORS + _N_OPTIONS]
+    backend = ctx.inputs[-1]
+    grads = [None, None, None]
+    if coef is not None or (ctx.per_row and grad_loss is not None):
+        recomputed = _with_stats_backward(grad_loss if ctx.per_row else None, logsumexp, coef, *tensor_inputs,
+                                          *options, *needs, backend)
+        grads = [g if need else None for g, need in zip(recomputed, needs)]
+    if not ctx.per_row and grad_loss is not None:
+        for k, (g, need) in enumerate(zip(forward_grads, needs)):
+            if need:
+                scaled = g * grad_loss.to(g.dtype)
+                grads[k] = scaled if grads[k] is None else grads[k] + scaled
+    hidden_grad, weight_grad, bias_grad = grads
+    return (hidden_grad, weight_grad, bias_grad, *nones)
+
+
+_with_stats_op.register_autograd(_backward_with_stats, setup_context=_setup_with_stats)

@@ -25,8 +25,9 @@ from torch import Tensor
 from .. import _checks
 
 
-# The keywords and their defaults (the DTensor paths serve them on replicated inputs only).
-DEFAULTS = {"temperature": 1.0, "token_weight": None, "num_items_in_batch": None}
+# The keywords and their defaults, with the per-token outputs' (lossops/losses/token_stats.py): the DTensor paths
+# serve them on replicated inputs only.
+DEFAULTS = {"temperature": 1.0, "token_weight": None, "num_items_in_batch": None, "return_token_stats": False}
 
 
 def temperature(value) -> float:
