@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _checks, _family, _reduce
+from .. import _backend, _checks, _family, _reduce
 
 STATS_KERNEL = _family.Kernel("cross_entropy_token_stats", "cross_entropy",
                               ("input", "target", "ignore_index", "softcap"))
@@ -87,7 +87,7 @@ def _(input, target, ignore_index, softcap, backend):
         "(Tensor input, Tensor target, Tensor logsumexp, Tensor coefficients, int ignore_index, float? softcap, "
         "str backend) -> Tensor"))
 def _token_stats_backward(input, target, logsumexp, coefficients, ignore_index, softcap, backend):
-    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    grad = _backend.empty_gradient(input)  # on CPU: huge pages, the gradient cache (faulting in fresh pages costs more)
     STATS_GRAD_KERNEL(backend, input=input, target=target, grad=grad, lse=logsumexp, coefficients=coefficients,
                       ignore_index=ignore_index, softcap=softcap)
     return grad
