@@ -238,10 +238,22 @@ def test_compile_fullgraph(kernel_backend, kind):
 
 def test_opcheck(kernel_backend):
     x, t = batch((5, 6, 3), dtype=torch.float32)
-    x.requires_grad_()
-    logits3 = x.detach().flatten(2).requires_grad_()
+    logits3 = x.flatten(2).requires_grad_()
     torch.library.opcheck(torch.ops.lossops.token_stats.default, (logits3, t.reshape(-1), -100, 2.0, kernel_backend))
     h, w = torch.randn(7, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     target = torch.randint(0, 6, (7,))
     args = (h, w, None, target, None, -100, "mean", 0.0, 0.1, None, 3, True, True, False, kernel_backend)
     torch.library.opcheck(torch.ops.lossops.linear_cross_entropy_with_token_stats.default, args)
+
+
+def test_inplace_backward_with_an_entropy_bonus(backend):
+    """The statistics' backward reads the logits before the loss's in-place backward overwrites them."""
+    h, w = torch.randn(6, 8), torch.randn(8, 5)
+    t = torch.randint(0, 5, (6,))
+    grads = []
+    for inplace in (True, False):
+        ws = w.clone().requires_grad_()
+        r = lossops.cross_entropy(h @ ws, t, return_token_stats=True, inplace_backward=inplace)
+        (r.loss - 0.1 * r.entropy.mean() + r.target_logprob.sum()).backward()
+        grads.append(ws.grad)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -426,7 +426,7 @@ def _(grad_loss, logsumexp, coefficients, *args):
 
 
 def _setup_with_stats(ctx, inputs, output):
-    tensors, o, wants, _ = _split(inputs)
+    _, o, _, _ = _split(inputs)
     ctx.inputs = inputs
     ctx.per_row = o.reduction == "none"
     ctx.save_for_backward(*inputs[:_N_TENSORS], output[1], output[3], *output[5:])
@@ -436,8 +436,8 @@ def _setup_with_stats(ctx, inputs, output):
 
 def _backward_with_stats(ctx, grad_loss, grad_lse, grad_logprob, grad_entropy, *_unused):
     saved = ctx.saved_tensors
-    tensor_inputs, logsumexp, entropy, forward_grads = saved[:_N_TENSORS], saved[_N_TENSORS], saved[_N_TENSORS + 1], \
-        saved[_N_TENSORS + 2:]
+    tensor_inputs, (logsumexp, entropy), forward_grads = (saved[:_N_TENSORS], saved[_N_TENSORS:_N_TENSORS + 2],
+                                                          saved[_N_TENSORS + 2:])
     needs = [ctx.needs_input_grad[LINEAR_CROSS_ENTROPY.inputs.index(i)]
              for i in LINEAR_CROSS_ENTROPY.inputs if i.differentiable]
     nones = (None,) * (len(ctx.inputs) - 3)
