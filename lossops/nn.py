@@ -20,13 +20,14 @@ globals().update({family.module.__name__: family.module for family in _FAMILIES.
 class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
     """Drop-in for torch.nn.LinearCrossEntropyLoss: owns its Linear layer (`self.linear`, the same parameters and
     state_dict keys as torch's), forward(input, target) runs lossops.linear_cross_entropy. lossops' extras
-    (lse_square_scale, softcap, chunk_size) are keyword arguments. For a model that owns its head, call
+    (lse_square_scale, softcap, chunk_size, temperature, return_token_stats) are keyword arguments. For a model that owns its head, call
     lossops.linear_cross_entropy(hidden, head.weight, target) instead."""
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
                  device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
                  ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
-                 lse_square_scale: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None):
+                 lse_square_scale: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 temperature: float = 1.0, return_token_stats: bool = False):
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
         if label_smoothing < 0 or label_smoothing > 1.0:
@@ -40,9 +41,10 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
                                       device=device, dtype=dtype)
         self.options = options
         self.lse_square_scale, self.softcap, self.chunk_size = lse_square_scale, softcap, chunk_size
+        self.temperature, self.return_token_stats = temperature, return_token_stats
 
     def forward(self, input: Tensor, target: Tensor, *, token_weight: Optional[Tensor] = None,
-                num_items_in_batch=None) -> Tensor:
+                num_items_in_batch=None):
         """torch's forward(input, target); token_weight and num_items_in_batch as lossops.linear_cross_entropy."""
         from .losses.linear_cross_entropy import linear_cross_entropy
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
@@ -53,7 +55,8 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
                                     label_smoothing=self.label_smoothing, options=self.options,
                                     lse_square_scale=self.lse_square_scale, softcap=self.softcap,
                                     chunk_size=self.chunk_size, token_weight=token_weight,
-                                    num_items_in_batch=num_items_in_batch)
+                                    num_items_in_batch=num_items_in_batch, temperature=self.temperature,
+                                    return_token_stats=self.return_token_stats)
 
 
 class FocalLoss(torch.nn.Module):

@@ -257,3 +257,13 @@ def test_inplace_backward_with_an_entropy_bonus(backend):
         (r.loss - 0.1 * r.entropy.mean() + r.target_logprob.sum()).backward()
         grads.append(ws.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_linear_module(backend):
+    module = lossops.nn.LinearCrossEntropyLoss(6, 9, bias=True, dtype=D64, temperature=1.5, return_token_stats=True,
+                                               chunk_size=4)
+    h = torch.randn(10, 6, dtype=D64)
+    t = torch.randint(0, 9, (10,))
+    result = module(h, t)
+    _assert_stats(result, truth(module.linear(h).detach(), t, temperature=1.5))
+    torch.testing.assert_close(result.loss, F.cross_entropy(module.linear(h) / 1.5, t))
