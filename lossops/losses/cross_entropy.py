@@ -117,11 +117,7 @@ def _with_token_stats(input, target, weight, size_average, ignore_index, reduce,
                       return_token_stats):
     _checks.tensor("input", input)
     _checks.tensor("target", target)
-    if not token_stats.check_request(return_token_stats):
-        return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-                             lse_square_scale=lse_square_scale, softcap=softcap, inplace_backward=inplace_backward,
-                             temperature=temperature, token_weight=token_weight,
-                             num_items_in_batch=num_items_in_batch)
+    token_stats.check_request(return_token_stats)  # anything but False: True, or a TypeError
     token_stats.check_targets(target)
     # The temperature is applied here, once, for the loss and the statistics alike.
     scale = token_options.temperature(temperature)
