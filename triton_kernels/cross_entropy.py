@@ -285,7 +285,9 @@ def shard_grad_kernel(
         tl.store(G + cols, tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
 
 
-def _shard_launch(input, softcap):
+def _softcap_launch(input, softcap):
+    """(accumulation dtype, [softcap] options tensor, launch flags) for the kernels whose only float option is the
+    softcap, over rows of input.shape[1] classes (the shard and token-statistics kernels)."""
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     params = float_options((float(softcap) if softcap is not None else 1.0,), acc, input.device)
     return acc, params, dict(SOFTCAP=softcap is not None, ACC=acc_dtype(input.dtype), **launch_config(input.shape[1]))
@@ -294,7 +296,7 @@ def _shard_launch(input, softcap):
 def cross_entropy_shard_stats(*, input, target, weight, class_offset, ignore_index, softcap):
     """Same contract as the C++ kernel: per row [max, sum exp(x - max), owned target logit, sum_j w_j x_j] of
     this shard's (capped) logits, zeros for ignored rows."""
-    acc, params, flags = _shard_launch(input, softcap)
+    acc, params, flags = _softcap_launch(input, softcap)
     stats = torch.empty((input.shape[0], 4), dtype=acc, device=input.device)
     if input.shape[0]:
         shard_stats_kernel[(input.shape[0],)](
@@ -306,7 +308,7 @@ def cross_entropy_shard_stats(*, input, target, weight, class_offset, ignore_ind
 def cross_entropy_shard_grad(*, input, target, weight, grad, lse, coefficients, class_offset, softcap):
     """Writes grad = softcap' * (A exp(x - lse) - B [j = target - class_offset] - D w_j) per row (coefficients
     (N, 3) = A, B, D; a row of three zeros gets zeros)."""
-    _, params, flags = _shard_launch(input, softcap)
+    _, params, flags = _softcap_launch(input, softcap)
     if input.shape[0]:
         shard_grad_kernel[(input.shape[0],)](
             input, *input.stride(), target, weight if weight is not None else lse, grad, lse, coefficients, params,
@@ -400,18 +402,12 @@ def token_stats_grad_kernel(
         tl.store(G + cols * stride_gc, tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
 
 
-def _token_stats_launch(input, softcap):
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    params = float_options((float(softcap) if softcap is not None else 1.0,), acc, input.device)
-    return acc, params, dict(SOFTCAP=softcap is not None, ACC=acc_dtype(input.dtype), **launch_config(input.shape[1]))
-
-
 def cross_entropy_token_stats(*, input, target, ignore_index, softcap):
     """Same contract as the C++ kernel: (stats (rows, 3) [lse, target log-probability, entropy], argmax (rows,)),
     zeros and argmax -1 for ignored rows; an out-of-range target raises IndexError."""
     outer, C, inner = input.shape
     rows = outer * inner
-    acc, params, flags = _token_stats_launch(input, softcap)
+    acc, params, flags = _softcap_launch(input, softcap)
     stats = torch.empty((rows, 3), dtype=acc, device=input.device)
     argmax = torch.empty(rows, dtype=torch.int64, device=input.device)
     if rows:
@@ -425,7 +421,7 @@ def cross_entropy_token_stats(*, input, target, ignore_index, softcap):
 def cross_entropy_token_stats_grad(*, input, target, grad, lse, coefficients, ignore_index, softcap):
     """Writes grad (input's shape, not aliasing it) from per-row [a, b, c] coefficients; see the C++ kernel."""
     outer, C, inner = input.shape
-    _, params, flags = _token_stats_launch(input, softcap)
+    _, params, flags = _softcap_launch(input, softcap)
     if outer * inner and C:
         token_stats_grad_kernel[(outer * inner,)](input, *_strides3(input), target, grad, *_strides3(grad), lse,
                                                   coefficients, params, inner, C, ignore_index, **flags)
