@@ -114,19 +114,17 @@ def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None
 def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
                weight: Optional[Tensor] = None, *, avg_factor=None) -> Tensor:
     """Drop-in for torch.nn.functional.huber_loss, fused."""
-    if (type(delta) is float and delta > 0 and type(input) is Tensor and type(target) is Tensor
+    # The common call passes the checks below in a few attribute reads (the full checks cost a small call ~20%).
+    if not (type(delta) is float and delta > 0 and type(input) is Tensor and type(target) is Tensor
             and input.dtype is target.dtype and input.is_floating_point()):
-        # The checks below, in the few attribute reads a small call can afford (they cost it ~20%).
-        return _regression(HUBER_LOSS, HuberOptions(_checks.reduction(reduction), delta=delta), input, target,
-                           weight, avg_factor)
-    delta = _checks.real("delta", delta)
-    if not delta > 0:
-        raise RuntimeError(f"huber_loss does not support non-positive values for delta (got delta={delta}).")
-    # unlike l1 / mse / smooth-L1, torch's huber_loss promotes nothing: one floating dtype for both
-    if not _checks.tensor("input", input).is_floating_point():
-        raise RuntimeError(f"lossops: huber_loss input must be a floating-point tensor, got dtype {input.dtype}")
-    _checks.same_device(input, target=_checks.tensor("target", target))
-    _checks.same_dtype(input, target=target)
+        delta = _checks.real("delta", delta)
+        if not delta > 0:
+            raise RuntimeError(f"huber_loss does not support non-positive values for delta (got delta={delta}).")
+        # unlike l1 / mse / smooth-L1, torch's huber_loss promotes nothing: one floating dtype for both
+        if not _checks.tensor("input", input).is_floating_point():
+            raise RuntimeError(f"lossops: huber_loss input must be a floating-point tensor, got dtype {input.dtype}")
+        _checks.same_device(input, target=_checks.tensor("target", target))
+        _checks.same_dtype(input, target=target)
     return _regression(HUBER_LOSS, HuberOptions(_checks.reduction(reduction), delta=delta), input, target, weight,
                        avg_factor)
 
