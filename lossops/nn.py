@@ -20,8 +20,8 @@ globals().update({family.module.__name__: family.module for family in _FAMILIES.
 class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
     """Drop-in for torch.nn.LinearCrossEntropyLoss: owns its Linear layer (`self.linear`, the same parameters and
     state_dict keys as torch's), forward(input, target) runs lossops.linear_cross_entropy. lossops' extras
-    (lse_square_scale, softcap, chunk_size, temperature, return_token_stats) are keyword arguments. For a model that owns its head, call
-    lossops.linear_cross_entropy(hidden, head.weight, target) instead."""
+    (lse_square_scale, softcap, chunk_size, temperature, return_token_stats) are keyword arguments. For a model
+    that owns its head, call lossops.linear_cross_entropy(hidden, head.weight, target) instead."""
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
                  device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,

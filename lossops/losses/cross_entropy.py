@@ -131,8 +131,8 @@ def _with_token_stats(input, target, weight, size_average, ignore_index, reduce,
     if backend == "reference":
         rows = token_stats.reference_rows(input, target, ignore_index, cap, rows_class_dim(input))
     else:
-        rows = token_stats.rows_stats(backend, class_rows(input), target.reshape(-1).to(torch.int64).contiguous(),
-                                      ignore_index, cap)
+        rows = token_stats.rows_stats(class_rows(input), target.reshape(-1).to(torch.int64).contiguous(),
+                                      ignore_index, cap, backend)
     return token_stats.finish(loss, target, ignore_index, float(lse_square_scale), *rows)
 
 

@@ -71,12 +71,13 @@ def coefficients(grad_lse: Optional[Tensor], grad_logprob: Optional[Tensor], gra
 @torch.library.custom_op("lossops::token_stats", mutates_args=(), schema=(
         "(Tensor input, Tensor target, int ignore_index, float? softcap, str backend) "
         "-> (Tensor logsumexp, Tensor target_logprob, Tensor entropy, Tensor argmax)"))
-def _token_stats(input: Tensor, target: Tensor, ignore_index: int, softcap: Optional[float], backend: str):
+def rows_stats(input: Tensor, target: Tensor, ignore_index: int, softcap: Optional[float], backend: str):
+    """(logsumexp, target_logprob, entropy, argmax) per row of a (outer, C, inner) view, differentiable."""
     stats, argmax = STATS_KERNEL(backend, input=input, target=target, ignore_index=ignore_index, softcap=softcap)
     return stats[:, 0].clone(), stats[:, 1].clone(), stats[:, 2].clone(), argmax
 
 
-@_token_stats.register_fake
+@rows_stats.register_fake
 def _(input, target, ignore_index, softcap, backend):
     rows = input.shape[0] * input.shape[2]
     acc = _checks.opmath_dtype(input.dtype)
@@ -116,12 +117,7 @@ def _backward(ctx, grad_lse, grad_logprob, grad_entropy, _grad_argmax):
     return _token_stats_backward(input, target, logsumexp, coef, *ctx.arguments), None, None, None, None
 
 
-_token_stats.register_autograd(_backward, setup_context=_setup_context)
-
-
-def rows_stats(backend: str, logits3: Tensor, target: Tensor, ignore_index: int, softcap: Optional[float]):
-    """(logsumexp, target_logprob, entropy, argmax) per row of a (outer, C, inner) view, differentiable."""
-    return _token_stats(logits3, target, ignore_index, softcap, backend)
+rows_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
 def finish(loss: Tensor, target: Tensor, ignore_index: int, lse_square_scale: float, logsumexp: Tensor,
@@ -151,4 +147,3 @@ def reference_rows(logits: Tensor, target: Tensor, ignore_index: int, softcap: O
     argmax = torch.where(keep, x.argmax(class_dim), -1)
     return (torch.where(keep, lse, zero), torch.where(keep, log_p.gather(class_dim, index).squeeze(class_dim), zero),
             torch.where(keep, entropy, zero), argmax)
-
