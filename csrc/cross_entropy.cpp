@@ -702,17 +702,24 @@ void token_stats_grad_rows(const at::Tensor& input, const int64_t* target, int64
   });
 }
 
+// IndexError naming the first target that is neither ignore_index nor in [0, C). A branch-free scan (it
+// vectorises), then a second look only to name the first bad target.
+void check_class_indices(const int64_t* t, int64_t rows, int64_t C, int64_t ignore) {
+  bool any_bad = false;
+  for (int64_t r = 0; r < rows; ++r) any_bad |= (t[r] != ignore) & (static_cast<uint64_t>(t[r]) >= static_cast<uint64_t>(C));
+  for (int64_t r = 0; any_bad && r < rows; ++r) {
+    TORCH_CHECK_INDEX(t[r] == ignore || (t[r] >= 0 && t[r] < C), "Target ", t[r],
+                      " is out of bounds (number of classes is ", C, ", ignore_index is ", ignore, ").");
+  }
+}
+
 void check_token_stats_target(const char* kernel, const at::Tensor& input, const at::Tensor& target,
                               int64_t ignore_index) {
   TORCH_CHECK(input.dim() == 3, "lossops: ", kernel, ": input must be a (outer, C, inner) view, got ", input.sizes());
   const int64_t rows = input.size(0) * input.size(2), C = input.size(1);
   TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == rows,
               "lossops: ", kernel, ": target must be a contiguous int64 tensor of ", rows, " elements");
-  const int64_t* t = target.const_data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK_INDEX(t[r] == ignore_index || (t[r] >= 0 && t[r] < C), "Target ", t[r],
-                      " is out of bounds (number of classes is ", C, ", ignore_index is ", ignore_index, ").");
-  }
+  check_class_indices(target.const_data_ptr<int64_t>(), rows, C, ignore_index);
 }
 
 // input (outer, C, inner), any strides, float / double / bfloat16 / half; target int64 (outer * inner,);
@@ -782,15 +789,7 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at:
     TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == rows,
                 "lossops: class-index target must be a contiguous int64 tensor of ", rows, " elements");
     // Validate before any gradient is written: with inplace_backward the gradient overwrites the logits.
-    // A branch-free scan (it vectorises), then a second look only to name the first bad target.
-    const int64_t* t = target.const_data_ptr<int64_t>();
-    const int64_t ignore = options.ignore_index;
-    bool any_bad = false;
-    for (int64_t r = 0; r < rows; ++r) any_bad |= (t[r] != ignore) & (static_cast<uint64_t>(t[r]) >= static_cast<uint64_t>(C));
-    for (int64_t r = 0; any_bad && r < rows; ++r) {
-      TORCH_CHECK_INDEX(t[r] == ignore || (t[r] >= 0 && t[r] < C), "Target ", t[r],
-                        " is out of bounds (number of classes is ", C, ", ignore_index is ", ignore, ").");
-    }
+    check_class_indices(target.const_data_ptr<int64_t>(), rows, C, options.ignore_index);
   } else {
     TORCH_CHECK(target.sizes() == input.sizes() && (target.scalar_type() == input.scalar_type() ||
                                                     target.scalar_type() == at::toOpMathType(input.scalar_type())),
