@@ -129,6 +129,8 @@ class Family:
     op: Any = None
     option_fields: tuple = ()
     option_converters: tuple = ()
+    # the op's positional arguments -> (tensors by name, options record, {input: grad flag}, backend), by register()
+    split_arguments: Optional[Callable] = None
     eager_parts: tuple = ()  # (impl, setup_context, backward, number of tensor inputs) for LossopsEager                           # the custom op, made by register()
 
     def public(self, fn: Callable) -> Callable:
@@ -316,6 +318,7 @@ def register(family: Family) -> Family:
         backward_op = _backward_op(family, names, differentiable, n_in, n_opt, split)
     op.register_autograd(backward, setup_context=setup_context)
     family.eager_parts = (impl, setup_context, backward, n_in)
+    family.split_arguments = split
     family.op = op
     if family.name in FAMILIES:
         raise RuntimeError(f"lossops: a loss family named {family.name} is already registered")

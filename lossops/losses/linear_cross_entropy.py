@@ -370,14 +370,8 @@ _STATS_OUTPUTS = "Tensor logsumexp, Tensor target_logprob, Tensor entropy, Tenso
 _OP_SCHEMA = _family._schema(LINEAR_CROSS_ENTROPY)
 _N_TENSORS = len(LINEAR_CROSS_ENTROPY.inputs)
 _N_OPTIONS = len(LINEAR_CROSS_ENTROPY.option_names())
-
-
-def _split(args):
-    names = [i.name for i in LINEAR_CROSS_ENTROPY.inputs]
-    tensors = dict(zip(names, args[:_N_TENSORS]))
-    options = LinearCrossEntropyOptions(**dict(zip(LINEAR_CROSS_ENTROPY.option_names(),
-                                                   args[_N_TENSORS:_N_TENSORS + _N_OPTIONS])))
-    return tensors, options, args[_N_TENSORS + _N_OPTIONS:-1], args[-1]
+# The same positional arguments as the family's op (the backward's needs_* flags stand where its grad_* are).
+_split = LINEAR_CROSS_ENTROPY.split_arguments
 
 
 @torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats", mutates_args=(),
@@ -388,8 +382,7 @@ def _with_stats_op(*args):
     rows = hidden.shape[0]
     stats = torch.empty((rows, 3), dtype=_checks.opmath_dtype(hidden.dtype), device=hidden.device)
     argmax = torch.empty(rows, dtype=torch.int64, device=hidden.device)
-    loss, grads = _run(LINEAR_CROSS_ENTROPY, backend, tensors, o, dict(zip(_DIFFERENTIABLE, wants)),
-                       stats_out=(stats, argmax))
+    loss, grads = _run(LINEAR_CROSS_ENTROPY, backend, tensors, o, wants, stats_out=(stats, argmax))
     return (loss, *(stats[:, k].clone() for k in range(3)), argmax,
             *(grads[n] if grads[n] is not None else hidden.new_empty((0,)) for n in _DIFFERENTIABLE))
 
@@ -402,8 +395,8 @@ def _(*args):
     in_forward = o.reduction != "none"
     return (_loss_like(tensors, o), *(hidden.new_empty((rows,), dtype=acc) for _ in range(3)),
             hidden.new_empty((rows,), dtype=torch.int64),
-            *(tensors[n].new_empty(tensors[n].shape) if want and in_forward else hidden.new_empty((0,))
-              for n, want in zip(_DIFFERENTIABLE, wants)))
+            *(tensors[n].new_empty(tensors[n].shape) if wants[n] and in_forward else hidden.new_empty((0,))
+              for n in _DIFFERENTIABLE))
 
 
 @torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats_backward", mutates_args=(), schema=(
@@ -413,16 +406,15 @@ def _(*args):
 def _with_stats_backward(grad_loss, logsumexp, coefficients, *args):
     tensors, o, needs, backend = _split(args)
     stats_grad = None if coefficients is None else (logsumexp, coefficients)
-    grads = _recompute(LINEAR_CROSS_ENTROPY, backend, tensors, o, grad_loss, dict(zip(_DIFFERENTIABLE, needs)),
-                       stats_grad=stats_grad)
+    grads = _recompute(LINEAR_CROSS_ENTROPY, backend, tensors, o, grad_loss, needs, stats_grad=stats_grad)
     return tuple(grads[n] if grads[n] is not None else tensors["hidden"].new_empty((0,)) for n in _DIFFERENTIABLE)
 
 
 @_with_stats_backward.register_fake
 def _(grad_loss, logsumexp, coefficients, *args):
     tensors, _, needs, _ = _split(args)
-    return tuple(tensors[n].new_empty(tensors[n].shape) if need and tensors[n] is not None
-                 else tensors["hidden"].new_empty((0,)) for n, need in zip(_DIFFERENTIABLE, needs))
+    return tuple(tensors[n].new_empty(tensors[n].shape) if needs[n] and tensors[n] is not None
+                 else tensors["hidden"].new_empty((0,)) for n in _DIFFERENTIABLE)
 
 
 def _setup_with_stats(ctx, inputs, output):
