@@ -70,7 +70,7 @@ struct BlockStats {
       Vec<acc_t> acc(acc_t(0));
       int64_t i = 0;
       for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
-        const Vec<acc_t> e = fast_exp(Vec<acc_t>::loadu(x + i) - m);
+        const Vec<acc_t> e = exp_nonpositive(Vec<acc_t>::loadu(x + i) - m);
         e.store(exp_out + i);
         acc = acc + e;
       }
@@ -78,7 +78,7 @@ struct BlockStats {
       for (; i < n; ++i) total += (exp_out[i] = std::exp(x[i] - max));
       sum_exp += total;
     } else {
-      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return fast_exp(v - m); },
+      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return exp_nonpositive(v - m); },
                                                 [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
     }
     return max;
@@ -211,7 +211,7 @@ struct RowGradient {
     const Vec<acc_t> ones(acc_t(1)), vmax(max), vlog_sum(log_sum), va(softmax_coef * scale), vs(smooth * scale),
         vscale(scale), vinv_cap(capped ? acc_t(1) / cap : acc_t(0)), vto_prob(to_prob);
     auto prob = [&](int64_t i) {
-      return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : fast_exp((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
+      return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : exp_nonpositive((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
     };
     int64_t i = 0;
     for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
@@ -579,7 +579,7 @@ struct EntropyStats {
     int64_t i = 0;
     for (; i + V::size() <= n; i += V::size()) {
       const V d = shift(V::loadu(xb + i), vm);
-      const V e = fast_exp(d);
+      const V e = exp_nonpositive(d);
       vs = vs + e;
       vu = at::vec::fmadd(e, d, vu);
     }
@@ -685,7 +685,7 @@ void token_stats_grad_rows(const at::Tensor& input, const int64_t* target, int64
         for (; i + V::size() <= n; i += V::size()) {
           const V x = V::loadu(xb + i);
           const V d = EntropyStats<acc_t>::shift(x, vL);
-          V gv = fast_exp(d) * at::vec::fmadd(vb, d, va);
+          V gv = exp_nonpositive(d) * at::vec::fmadd(vb, d, va);
           if (capped) { const V t = x * vinv_cap; gv = gv * (ones - t * t); }
           gv.store(gbuf.data() + i);
         }

@@ -1,6 +1,7 @@
 """Cross-entropy over the layouts and row counts that decide how the C++ kernel vectorises: rows of few classes
 (one row per SIMD lane, groups of 16-32 rows with a ragged last group), class-dim-1 layouts read in place,
-(N, C) rows transposed in register blocks, and strided views of each, on every ISA build this CPU runs."""
+(N, C) rows transposed in register blocks, longer rows read in groups of one vector of rows, and strided views of
+each, on every ISA build this CPU runs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,9 @@ def _class_major(shape, dtype):  # (N, C) logits stored as (C, N): every class's
 LAYOUTS = {"contiguous": _contiguous, "channels_last": _channels_last, "class_sliced": _class_sliced,
            "class_major": _class_major}
 # Row counts on both sides of the lane groups (8, 16, 32 rows per group across the ISA builds and dtypes).
-SHAPES = [(1, 3), (7, 2), (31, 10), (33, 10), (65, 100), (40, 101), (9, 161), (3, 5, 33), (2, 21, 9, 11), (2, 7, 4, 4)]
+# (N, C) rows of 48 to 1024 classes: read along the row in groups of one vector of rows (a ragged last group).
+SHAPES = [(1, 3), (7, 2), (31, 10), (33, 10), (23, 47), (21, 48), (65, 100), (40, 101), (9, 161), (19, 700),
+          (3, 5, 33), (2, 21, 9, 11), (2, 7, 4, 4)]
 OPTIONS = [{}, {"label_smoothing": 0.15}, {"weight": True}, {"weight": True, "label_smoothing": 0.1},
            {"reduction": "none"}, {"reduction": "sum", "lse_square_scale": 0.01}, {"softcap": 4.0}]
 
@@ -140,6 +143,7 @@ def test_non_finite_logits_stay_in_their_row(isa, shape):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape,dtype", [((65543, 40), torch.float32), ((65543, 80), torch.bfloat16),
+                                         ((32771, 100), torch.float32),
                                          ((3, 21, 181, 191), torch.float32), ((3, 21, 181, 383), torch.bfloat16)])
 def test_gradient_reused_from_the_previous_step(isa, shape, dtype):
     """Gradients of 8 MiB or more come from the kept buffer from the second call on, and are then written with
