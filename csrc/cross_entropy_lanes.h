@@ -122,7 +122,7 @@ inline void finish_lane_vector(const LaneProblem<scalar_t>& p, const Vec<opmath_
     coef = V::blendv(zero, res.softmax_coef * vscale / vsum, mask);
     shift = V::blendv(zero, V(p.smooth * p.scale), mask);
     // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
-    V gy = (res.softmax_coef - res.onehot_coef) * logp.exp() + res.onehot_coef * logp.expm1() - V(p.smooth) * wt;
+    V gy = (res.softmax_coef - res.onehot_coef) * exp_nonpositive(logp) + res.onehot_coef * logp.expm1() - V(p.smooth) * wt;
     if constexpr (kCapped) {
       const V t = xt * V(acc_t(1) / p.cap);
       gy = gy * (one - t * t);

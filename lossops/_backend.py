@@ -34,10 +34,22 @@ def set_backend(name: str) -> None:
     _global = _validated(name)
 
 
+# os.environ.get encodes its key on every call (~0.5 us, a tenth of a tiny loss call). On POSIX CPython the
+# mapping os.environ keeps (and keeps in sync with putenv) is a plain dict of bytes, read directly here.
+_ENVIRON_BYTES = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
+
+
+def _requested_by_environment() -> str | None:
+    if _ENVIRON_BYTES is None:
+        return os.environ.get("LOSSOPS_BACKEND")
+    value = _ENVIRON_BYTES.get(b"LOSSOPS_BACKEND")
+    return None if value is None else os.fsdecode(value)
+
+
 def get_backend() -> str:
     """The backend requested right now (may be "auto")."""
-    name = _override.get() or _global or os.environ.get("LOSSOPS_BACKEND") or "auto"
-    return _validated(name)
+    name = _override.get() or _global or _requested_by_environment() or "auto"
+    return name if name in BACKENDS else _validated(name)
 
 
 @contextlib.contextmanager

@@ -15,22 +15,35 @@ import torch.autograd.forward_ad as _forward_ad
 from . import _backend, _cpp
 
 
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_autocast = torch.is_autocast_enabled
+
+
+def _no_mode_active() -> bool:
+    return not (_is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active()
+                or _forward_ad._current_level >= 0 or _autocast("cpu"))
+
+
 def applies(*tensors) -> bool:
-    if torch.compiler.is_compiling():
-        return False
     for t in tensors:
-        if t is not None and type(t) is not torch.Tensor:
+        if t is not None and type(t) is not _Tensor:
             return False
-    return not (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-                or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
-                or torch.is_autocast_enabled("cpu"))
+    return _no_mode_active()
 
 
 def cpp_module(input, *others):
     """For a call that has not been through the Python checks yet: the C++ module when applies() and the cpp
-    backend would serve it, else None."""
-    if not (type(input) is torch.Tensor and input.is_cpu and applies(input, *others)
-            and _backend.get_backend() in ("auto", "cpp")):
+    backend would serve it, else None. (Written out: at a few microseconds a call, each layer counts.)"""
+    if type(input) is not _Tensor or not input.is_cpu:
+        return None
+    for t in others:
+        if t is not None and type(t) is not _Tensor:
+            return None
+    if not _no_mode_active() or _backend.get_backend() not in ("auto", "cpp"):
         return None
     try:
         return _cpp.module()
