@@ -112,7 +112,7 @@ def test_low_precision_error_no_worse_than_torch(isa, dtype, shape, layout):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("shape", [(37, 10), (3, 6, 35)])
+@pytest.mark.parametrize("shape", [(37, 10), (37, 100), (3, 6, 35)])
 def test_non_finite_logits_stay_in_their_row(isa, shape):
     """A NaN row is NaN and an ignored NaN row is 0, without touching the other lanes of its group; -inf at a
     non-target class is a probability of 0."""
@@ -187,3 +187,28 @@ def test_certain_rows_have_loss_exactly_zero(isa, shape):
     assert (F.cross_entropy(x.detach(), target, reduction="none") == 0).all()  # torch's own answer
     assert (loss == 0).all(), loss.max()
     assert (grad == 0).all(), grad.abs().max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 100), (19, 700)])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "weight": True}, {"softcap": 3.0}],
+                         ids=["plain", "smoothing-weight", "softcap"])
+def test_row_groups_in_place_equal_out_of_place(isa, dtype, shape, options):
+    """Writing the gradient over the logits, row group by row group, gives the out-of-place gradient exactly:
+    each group's rows are read (and their targets' logits taken) before any of them is overwritten."""
+    torch.manual_seed(13)
+    C = shape[1]
+    x0 = (torch.randn(*shape) * 4).to(dtype)
+    target = torch.randint(0, C, (shape[0],))
+    target[::6] = -100
+    kwargs = {k: v for k, v in options.items() if k != "weight"}
+    if options.get("weight"):
+        kwargs["weight"] = (torch.rand(C) + 0.5).to(dtype)
+    with forced_isa(isa):
+        out_of_place = x0.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(lossops.cross_entropy(out_of_place, target, **kwargs), out_of_place)
+        leaf = x0.clone().requires_grad_()
+        logits = leaf * 1  # a non-leaf the in-place gradient may overwrite
+        (in_place,) = torch.autograd.grad(lossops.cross_entropy(logits, target, inplace_backward=True, **kwargs), leaf)
+    assert torch.equal(in_place, grad)
