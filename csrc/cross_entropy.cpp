@@ -211,7 +211,7 @@ struct RowGradient {
     const Vec<acc_t> ones(acc_t(1)), vmax(max), vlog_sum(log_sum), va(softmax_coef * scale), vs(smooth * scale),
         vscale(scale), vinv_cap(capped ? acc_t(1) / cap : acc_t(0)), vto_prob(to_prob);
     auto prob = [&](int64_t i) {
-      return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : exp_nonpositive((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
+      return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : fast_exp((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
     };
     int64_t i = 0;
     for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
@@ -685,7 +685,7 @@ void token_stats_grad_rows(const at::Tensor& input, const int64_t* target, int64
         for (; i + V::size() <= n; i += V::size()) {
           const V x = V::loadu(xb + i);
           const V d = EntropyStats<acc_t>::shift(x, vL);
-          V gv = exp_nonpositive(d) * at::vec::fmadd(vb, d, va);
+          V gv = fast_exp(d) * at::vec::fmadd(vb, d, va);
           if (capped) { const V t = x * vinv_cap; gv = gv * (ones - t * t); }
           gv.store(gbuf.data() + i);
         }

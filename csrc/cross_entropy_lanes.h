@@ -94,7 +94,8 @@ struct LaneProblem {
 
 // Loss, logsumexp and gradient coefficients of one vector of rows (one per lane) from their statistics: the
 // step the lane and row-group kernels share. Rows [row0, row0 + lanes_here) get their loss and lse stored;
-// lanes whose `valid` is 0 (ignored or past the end) get zero coefficients.
+// lanes whose `valid` is 0 (ignored or past the end) get zero coefficients, and whatever their statistics make
+// of them (inf, NaN) is blended away or never stored.
 template <typename scalar_t, bool kGrad, bool kCapped>
 inline void finish_lane_vector(const LaneProblem<scalar_t>& p, const Vec<opmath_t<scalar_t>>& vmax,
                                const Vec<opmath_t<scalar_t>>& vsum, const Vec<opmath_t<scalar_t>>& vdot,
@@ -342,9 +343,9 @@ void cross_entropy_row_groups(const LaneProblem<scalar_t>& p, int64_t begin, int
   alignas(64) acc_t x_target[W], w_target[W], valid[W], patch[W], coef[W], shift[W];
   int64_t target_class[W];
   const acc_t* rows[W];
-  // Lane l of the result combines the W lanes of row vector l (stat holds row vectors, one per row).
-  auto across_rows = [&](auto combine) {
-    transpose(stat, W, stat_t, W, W, W);
+  // Lane l of the result combines the W lanes of row vector l (rows_of holds row vectors, one per row).
+  auto across_rows = [&](const acc_t* rows_of, auto combine) {
+    transpose(rows_of, W, stat_t, W, W, W);
     V r = V::loadu(stat_t);
     for (int64_t k = 1; k < W; ++k) r = combine(r, V::loadu(stat_t + k * W));
     return r;
@@ -392,11 +393,8 @@ void cross_entropy_row_groups(const LaneProblem<scalar_t>& p, int64_t begin, int
       m.store(stat + l * W);
       if constexpr (kSmooth) d.store(dot_stat + l * W);
     }
-    const V vmax = across_rows([](const V& a, const V& b) { return at::vec::maximum(a, b); });
-    if constexpr (kSmooth) {
-      std::copy(dot_stat, dot_stat + W * W, stat);
-      vdot = across_rows([](const V& a, const V& b) { return a + b; });
-    }
+    const V vmax = across_rows(stat, [](const V& a, const V& b) { return at::vec::maximum(a, b); });
+    if constexpr (kSmooth) vdot = across_rows(dot_stat, [](const V& a, const V& b) { return a + b; });
     alignas(64) acc_t row_max[W];
     vmax.store(row_max);
     // Exponentials (kept for the gradient) and their sums, per row as a vector.
@@ -420,7 +418,7 @@ void cross_entropy_row_groups(const LaneProblem<scalar_t>& p, int64_t begin, int
       }
       s.store(stat + l * W);
     }
-    const V vsum = across_rows([](const V& a, const V& b) { return a + b; });
+    const V vsum = across_rows(stat, [](const V& a, const V& b) { return a + b; });
     for (int64_t l = 0; l < W; ++l) {
       const int64_t y = l < n ? p.target[lane0 + l] : p.options.ignore_index;
       const bool counted = l < n && y != p.options.ignore_index;

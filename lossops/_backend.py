@@ -34,13 +34,15 @@ def set_backend(name: str) -> None:
     _global = _validated(name)
 
 
-# os.environ.get encodes its key on every call (~0.5 us, a tenth of a tiny loss call). On POSIX CPython the
-# mapping os.environ keeps (and keeps in sync with putenv) is a plain dict of bytes, read directly here.
+# os.environ.get encodes its key on every call (~0.5 us, a tenth of a tiny loss call). On POSIX CPython,
+# os.environ keeps its contents in a plain dict of bytes (updated by every assignment and deletion through it),
+# read directly here while os.environ is still the object it was at import.
+_ENVIRON = os.environ
 _ENVIRON_BYTES = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
 
 
 def _requested_by_environment() -> str | None:
-    if _ENVIRON_BYTES is None:
+    if _ENVIRON_BYTES is None or os.environ is not _ENVIRON:
         return os.environ.get("LOSSOPS_BACKEND")
     value = _ENVIRON_BYTES.get(b"LOSSOPS_BACKEND")
     return None if value is None else os.fsdecode(value)

@@ -36,8 +36,9 @@ def applies(*tensors) -> bool:
 
 
 def cpp_module(input, *others):
-    """For a call that has not been through the Python checks yet: the C++ module when applies() and the cpp
-    backend would serve it, else None. (Written out: at a few microseconds a call, each layer counts.)"""
+    """For a call that has not been through the Python checks yet: the C++ module when every tensor is a plain
+    CPU tensor, no mode is active (the checks applies() makes) and the cpp backend would serve it, else None.
+    (applies() written out: at a few microseconds a call, each layer counts.)"""
     if type(input) is not _Tensor or not input.is_cpu:
         return None
     for t in others:
