@@ -70,7 +70,7 @@ struct BlockStats {
       Vec<acc_t> acc(acc_t(0));
       int64_t i = 0;
       for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
-        const Vec<acc_t> e = exp_nonpositive(Vec<acc_t>::loadu(x + i) - m);
+        const Vec<acc_t> e = fast_exp(Vec<acc_t>::loadu(x + i) - m);
         e.store(exp_out + i);
         acc = acc + e;
       }
@@ -78,7 +78,7 @@ struct BlockStats {
       for (; i < n; ++i) total += (exp_out[i] = std::exp(x[i] - max));
       sum_exp += total;
     } else {
-      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return exp_nonpositive(v - m); },
+      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return fast_exp(v - m); },
                                                 [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
     }
     return max;
@@ -579,7 +579,7 @@ struct EntropyStats {
     int64_t i = 0;
     for (; i + V::size() <= n; i += V::size()) {
       const V d = shift(V::loadu(xb + i), vm);
-      const V e = exp_nonpositive(d);
+      const V e = fast_exp(d);
       vs = vs + e;
       vu = at::vec::fmadd(e, d, vu);
     }

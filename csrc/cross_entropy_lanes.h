@@ -1,11 +1,9 @@
-// The cross-entropy lane kernels, which compute the per-row statistics and coefficients one row per SIMD lane:
-// the lane kernel for class-index rows too short for a vector loop along the class dimension and for class-dim-1
-// layouts, and the row-group kernel for (N, C) rows of up to ~1000 classes. cross_entropy.cpp includes them and
-// chooses them (lanes_kernel_serves); same results as its row kernel (cross_entropy_rows).
+// The cross-entropy lane kernel: class-index rows too short for a vector loop along the class dimension, and
+// class-dim-1 layouts, computed one row per SIMD lane. cross_entropy.cpp includes it and chooses it
+// (lanes_kernel_serves); same results as its row kernel (cross_entropy_rows).
 #pragma once
 
 #include <algorithm>
-#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -92,46 +90,6 @@ struct LaneProblem {
   bool stream;  // gradient written with non-temporal stores (see cross_entropy_lane_groups)
 };
 
-// Loss, logsumexp and gradient coefficients of one vector of rows (one per lane) from their statistics: the
-// step the lane and row-group kernels share. Rows [row0, row0 + lanes_here) get their loss and lse stored;
-// lanes whose `valid` is 0 (ignored or past the end) get zero coefficients, and whatever their statistics make
-// of them (inf, NaN) is blended away or never stored.
-template <typename scalar_t, bool kGrad, bool kCapped>
-inline void finish_lane_vector(const LaneProblem<scalar_t>& p, const Vec<opmath_t<scalar_t>>& vmax,
-                               const Vec<opmath_t<scalar_t>>& vsum, const Vec<opmath_t<scalar_t>>& vdot,
-                               const opmath_t<scalar_t>* x_target, const opmath_t<scalar_t>* w_target,
-                               const opmath_t<scalar_t>* valid, int64_t row0, int64_t lanes_here,
-                               Vec<opmath_t<scalar_t>>& coef, Vec<opmath_t<scalar_t>>& shift,
-                               opmath_t<scalar_t>* patch) {
-  using acc_t = opmath_t<scalar_t>;
-  using V = Vec<acc_t>;
-  const V zero(acc_t(0)), one(acc_t(1));
-  const V mask = V::loadu(valid) == one;
-  const V log_sum = vsum.log();
-  const V lse = vmax + log_sum;
-  // (x - max) - log_sum, not x - lse: see cross_entropy_rows.
-  const V xt = V::loadu(x_target);
-  const V logp = (xt - vmax) - log_sum;
-  const V wt = V::loadu(w_target);
-  const LaneResult<acc_t> res = lane_coefficients<acc_t>(p.options, lse, logp, wt, vdot, p.weight_sum, p.C);
-  if (lanes_here > 0) {
-    V::blendv(zero, res.loss, mask).store(p.loss + row0, lanes_here);
-    V::blendv(zero, lse, mask).store(p.lse + row0, lanes_here);
-  }
-  if constexpr (kGrad) {
-    const V vscale(p.scale);
-    coef = V::blendv(zero, res.softmax_coef * vscale / vsum, mask);
-    shift = V::blendv(zero, V(p.smooth * p.scale), mask);
-    // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
-    V gy = (res.softmax_coef - res.onehot_coef) * exp_nonpositive(logp) + res.onehot_coef * logp.expm1() - V(p.smooth) * wt;
-    if constexpr (kCapped) {
-      const V t = xt * V(acc_t(1) / p.cap);
-      gy = gy * (one - t * t);
-    }
-    (gy * vscale).store(patch);
-  }
-}
-
 // The options that change the per-element loops are template flags, so those loops carry no branches (a
 // generic version measured 2.4 cycles per element for the forward pass alone).
 template <typename scalar_t, bool kGrad, bool kSmooth, bool kCapped>
@@ -211,7 +169,7 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
       }
       V total = zero;
       for (int64_t c = 0; c < C; ++c) {
-        const V e = exp_nonpositive(V::loadu(x_class[c] + k * W) - m);
+        const V e = fast_exp(V::loadu(x_class[c] + k * W) - m);
         if constexpr (kGrad) e.store(e_tile.data() + c * G + k * W);
         total = total + e;
       }
@@ -229,9 +187,28 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
     }
     V coef[K], shift[K];
     for (int64_t k = 0; k < K; ++k) {
-      finish_lane_vector<scalar_t, kGrad, kCapped>(p, vmax[k], vsum[k], vdot[k], x_target + k * W, w_target + k * W,
-                                                   valid + k * W, r0 + k * W, std::min(W, n - k * W), coef[k],
-                                                   shift[k], patch + k * W);
+      const V mask = V::loadu(valid + k * W) == one;
+      const V log_sum = vsum[k].log();
+      const V lse = vmax[k] + log_sum;
+      // (x - max) - log_sum, not x - lse: see cross_entropy_rows.
+      const V xt = V::loadu(x_target + k * W);
+      const V logp = (xt - vmax[k]) - log_sum;
+      const V wt = V::loadu(w_target + k * W);
+      const LaneResult<acc_t> res = lane_coefficients<acc_t>(o, lse, logp, wt, vdot[k], p.weight_sum, C);
+      const int64_t lanes_here = std::max<int64_t>(0, std::min(W, n - k * W));
+      if (lanes_here > 0) {
+        V::blendv(zero, res.loss, mask).store(p.loss + r0 + k * W, lanes_here);
+        V::blendv(zero, lse, mask).store(p.lse + r0 + k * W, lanes_here);
+      }
+      if constexpr (kGrad) {
+        const V vscale(p.scale);
+        coef[k] = V::blendv(zero, res.softmax_coef * vscale / vsum[k], mask);
+        shift[k] = V::blendv(zero, V(p.smooth * p.scale), mask);
+        // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
+        V gy = (res.softmax_coef - res.onehot_coef) * logp.exp() + res.onehot_coef * logp.expm1() - V(p.smooth) * wt;
+        if constexpr (kCapped) { const V t = xt * inv_cap; gy = gy * (one - t * t); }
+        (gy * vscale).store(patch + k * W);
+      }
     }
     if constexpr (kGrad) {
       scalar_t* g0 = p.g + o_index * p.gl.stride_outer + lane0 * p.gl.stride_lane;
@@ -277,213 +254,6 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
   if (p.stream) finish_streaming();
 }
 
-// A group's gradient rows, one contiguous run, streamed out a piece at a time while the next group is computed:
-// streamed in one burst, the non-temporal stores outrun the write-combining buffers and stall the arithmetic
-// behind them. Pieces start on 64-byte lines of the destination, so only the run's ends are stored normally.
-template <typename scalar_t>
-struct DeferredStream {
-  using acc_t = opmath_t<scalar_t>;
-  const acc_t* src = nullptr;
-  scalar_t* dst = nullptr;
-  int64_t done = 0, total = 0, piece = 0;
-
-  void start(const acc_t* from, scalar_t* to, int64_t n, int64_t pieces) {
-    constexpr int64_t kPerLine = 64 / sizeof(scalar_t);
-    src = from;
-    dst = to;
-    total = n;
-    const int64_t head = ((64 - reinterpret_cast<uintptr_t>(to) % 64) % 64) / sizeof(scalar_t);
-    done = 0;
-    piece = std::max<int64_t>(kPerLine, (n / pieces + kPerLine - 1) / kPerLine * kPerLine);
-    if (head > 0 && head < n) {  // the ragged head first, so every later piece starts on a line
-      stream_block<scalar_t>(src, dst, head);
-      done = head;
-    }
-  }
-  void step() {
-    if (done >= total) return;
-    const int64_t n = std::min(piece, total - done);
-    stream_block<scalar_t>(src + done, dst + done, n);
-    done += n;
-  }
-  void finish() {
-    while (done < total) step();
-  }
-};
-
-// Class-index (N, C) rows with contiguous classes and C of a few vectors or more: each row is read along its
-// classes, in place, with no transpose. Its max, sum of exponentials and smoothing dot product are kept as
-// vectors, and a group of W rows (one vector's lanes) reduces them together with one W x W transpose, so that
-// everything per row (coefficients, target patch) is computed with a row per lane as in the lane kernel. At
-// 100 classes the transposes in and out of the lane kernel's class-major tile were 40% of its time.
-template <typename scalar_t, bool kGrad, bool kSmooth, bool kCapped>
-void cross_entropy_row_groups(const LaneProblem<scalar_t>& p, int64_t begin, int64_t end) {
-  using acc_t = opmath_t<scalar_t>;
-  using V = Vec<acc_t>;
-  constexpr int64_t W = V::size();
-  constexpr bool kNarrow = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t C = p.C, full = C / W * W, tail = C - full;
-  const int64_t ld = full + (tail ? W : 0);  // a tile row: whole vectors
-  const V zero(acc_t(0)), one(acc_t(1)), lowest(-std::numeric_limits<acc_t>::infinity());
-  const V inv_cap(kCapped ? acc_t(1) / p.cap : acc_t(0));
-  alignas(64) acc_t iota[W];
-  for (int64_t i = 0; i < W; ++i) iota[i] = static_cast<acc_t>(i);
-  const V tail_mask = V::loadu(iota) < V(static_cast<acc_t>(tail));
-  const bool read_in_place = !kNarrow && !kCapped && p.in.stride_class == 1;
-  // Straight into the gradient rows where they are contiguous opmath values, else through out_buf (narrowed or
-  // streamed from there; a group of contiguous rows is one run).
-  const bool write_direct = kGrad && !kNarrow && !p.stream && p.gl.stride_class == 1;
-  const bool out_contiguous = p.gl.stride_class == 1 && p.gl.stride_lane == C;
-  std::vector<acc_t> x_tile(read_in_place ? 0 : W * ld), e_tile(kGrad ? W * ld : 0);
-  // Streamed gradients alternate between two halves of out_buf: one being written, the other streaming out.
-  const bool defer = kGrad && p.stream && out_contiguous;
-  std::vector<acc_t> out_buf(kGrad && !write_direct ? (defer ? 2 : 1) * W * C : 0);
-  DeferredStream<scalar_t> pending;
-  alignas(64) acc_t stat[W * W], stat_t[W * W], dot_stat[kSmooth ? W * W : 1];
-  alignas(64) acc_t x_target[W], w_target[W], valid[W], patch[W], coef[W], shift[W];
-  int64_t target_class[W];
-  const acc_t* rows[W];
-  // Lane l of the result combines the W lanes of row vector l (rows_of holds row vectors, one per row).
-  auto across_rows = [&](const acc_t* rows_of, auto combine) {
-    transpose(rows_of, W, stat_t, W, W, W);
-    V r = V::loadu(stat_t);
-    for (int64_t k = 1; k < W; ++k) r = combine(r, V::loadu(stat_t + k * W));
-    return r;
-  };
-  auto weights_at = [&](int64_t c, int64_t count) {
-    if (!p.weight) return one;
-    return count == W ? V::loadu(p.weight + c) : V::loadu(p.weight + c, count);
-  };
-
-  for (int64_t group = begin; group < end; ++group) {
-    const int64_t lane0 = group * W, n = std::min(W, p.in.lanes - lane0);
-    acc_t* gbuf = out_buf.data() + (defer && group % 2 ? W * C : 0);
-    const scalar_t* x0 = p.x + lane0 * p.in.stride_lane;
-    for (int64_t l = 0; l < n; ++l) {
-      const scalar_t* src = x0 + l * p.in.stride_lane;
-      if (read_in_place) {
-        rows[l] = reinterpret_cast<const acc_t*>(src);
-        continue;
-      }
-      acc_t* tile = x_tile.data() + l * ld;
-      read_block(src, p.in.stride_class, C, tile, true);
-      if constexpr (kCapped) apply_softcap(tile, C, p.cap);
-      rows[l] = tile;
-    }
-    // Max (and the smoothing term's dot product), per row as a vector.
-    V vdot = zero;
-    for (int64_t l = 0; l < W; ++l) {
-      V m = lowest, d = zero;
-      if (l < n) {
-        // The next group's row l, asked for while this group is computed (from memory the statistics pass
-        // otherwise waits on each row).
-        if (lane0 + W + l < p.in.lanes) prefetch(x0 + (W + l) * p.in.stride_lane, C);
-        const acc_t* xr = rows[l];
-        for (int64_t c = 0; c < full; c += W) {
-          const V v = V::loadu(xr + c);
-          m = at::vec::clamp_min(v, m);
-          if constexpr (kSmooth) d = at::vec::fmadd(v, weights_at(c, W), d);
-        }
-        if (tail) {
-          const V v = V::loadu(xr + full, tail);
-          m = at::vec::clamp_min(V::blendv(lowest, v, tail_mask), m);
-          if constexpr (kSmooth) d = at::vec::fmadd(v, weights_at(full, tail), d);
-        }
-      }
-      m.store(stat + l * W);
-      if constexpr (kSmooth) d.store(dot_stat + l * W);
-    }
-    const V vmax = across_rows(stat, [](const V& a, const V& b) { return at::vec::maximum(a, b); });
-    if constexpr (kSmooth) vdot = across_rows(dot_stat, [](const V& a, const V& b) { return a + b; });
-    alignas(64) acc_t row_max[W];
-    vmax.store(row_max);
-    // Exponentials (kept for the gradient) and their sums, per row as a vector.
-    for (int64_t l = 0; l < W; ++l) {
-      V s = zero;
-      if (defer) pending.step();
-      if (l < n) {
-        const acc_t* xr = rows[l];
-        acc_t* er = kGrad ? e_tile.data() + l * ld : nullptr;
-        const V m(row_max[l]);
-        for (int64_t c = 0; c < full; c += W) {
-          const V e = exp_nonpositive(V::loadu(xr + c) - m);
-          if constexpr (kGrad) e.store(er + c);
-          s = s + e;
-        }
-        if (tail) {
-          const V e = V::blendv(zero, exp_nonpositive(V::loadu(xr + full, tail) - m), tail_mask);
-          if constexpr (kGrad) e.store(er + full);
-          s = s + e;
-        }
-      }
-      s.store(stat + l * W);
-    }
-    const V vsum = across_rows(stat, [](const V& a, const V& b) { return a + b; });
-    for (int64_t l = 0; l < W; ++l) {
-      const int64_t y = l < n ? p.target[lane0 + l] : p.options.ignore_index;
-      const bool counted = l < n && y != p.options.ignore_index;
-      target_class[l] = counted ? y : -1;
-      x_target[l] = counted ? rows[l][y] : acc_t(0);
-      w_target[l] = counted ? (p.weight ? p.weight[y] : acc_t(1)) : acc_t(0);
-      valid[l] = counted ? acc_t(1) : acc_t(0);
-    }
-    V vcoef, vshift;
-    finish_lane_vector<scalar_t, kGrad, kCapped>(p, vmax, vsum, vdot, x_target, w_target, valid, lane0, n, vcoef,
-                                                 vshift, patch);
-    if constexpr (kGrad) {
-      vcoef.store(coef);
-      vshift.store(shift);
-      scalar_t* g0 = p.g + lane0 * p.gl.stride_lane;
-      for (int64_t l = 0; l < n; ++l) {
-        acc_t* out = write_direct ? reinterpret_cast<acc_t*>(g0 + l * p.gl.stride_lane) : gbuf + l * C;
-        const int64_t y = target_class[l];
-        if (y < 0) {
-          std::fill(out, out + C, acc_t(0));
-          continue;
-        }
-        const acc_t* er = e_tile.data() + l * ld;
-        const V a(coef[l]), b(shift[l]);
-        auto gradient = [&](int64_t c, int64_t count) {
-          V gv = V::loadu(er + c) * a;
-          if constexpr (kSmooth) gv = gv - b * weights_at(c, count);
-          if constexpr (kCapped) {
-            const V t = V::loadu(rows[l] + c) * inv_cap;
-            gv = gv * (one - t * t);
-          }
-          return gv;
-        };
-        for (int64_t c = 0; c < full; c += W) gradient(c, W).store(out + c);
-        if (tail) gradient(full, tail).store(out + full, tail);
-        out[y] = patch[l];
-      }
-      if (!write_direct) {
-        if (defer) {
-          pending.finish();
-          pending.start(gbuf, g0, n * C, W);
-        } else if (out_contiguous) {
-          write_block<scalar_t>(gbuf, g0, 1, n * C);
-        } else {
-          for (int64_t l = 0; l < n; ++l) write_block<scalar_t>(gbuf + l * C, g0 + l * p.gl.stride_lane, p.gl.stride_class, C);
-        }
-      }
-    }
-  }
-  if (defer) pending.finish();
-  if (p.stream) finish_streaming();
-}
-
-// (N, C) rows with contiguous classes go to the row-group kernel from kRowGroupClasses to kRowGroupMaxClasses
-// (fwd+bwd, 1 thread, AVX-512, against the lane kernel: 0.37 vs 0.55 ns per element at 8192 x 100 fp32, 0.37 vs
-// 0.47 bf16; against the row kernel at 1024 x 1000: 0.30 vs 0.40). Below, the lane kernel's class-major tile
-// wins (rows of a few vectors spend most of their time in the per-row reductions); above, the row kernel.
-constexpr int64_t kRowGroupClasses = 48;
-constexpr int64_t kRowGroupMaxClasses = 1024;
-
-inline bool row_groups_serve(const at::Tensor& input) {
-  return input.size(2) == 1 && input.stride(1) == 1 && input.size(1) >= kRowGroupClasses &&
-         input.size(1) <= kRowGroupMaxClasses;
-}
-
 template <typename scalar_t>
 void cross_entropy_lanes(const at::Tensor& input, const int64_t* index_ptr, const at::Tensor& weight,
                          const CrossEntropyOptions& o, at::Tensor* grad, double grad_scale, at::Tensor& row_loss,
@@ -508,20 +278,11 @@ void cross_entropy_lanes(const at::Tensor& input, const int64_t* index_ptr, cons
   p.groups_per_outer = (p.in.lanes + G - 1) / G;
   p.stream = p.g != nullptr && static_cast<const void*>(p.g) != static_cast<const void*>(p.x) &&
              gradient_pages_resident(p.g);
-  const bool by_row = row_groups_serve(input);
-  constexpr int64_t W = Vec<acc_t>::size();
-  const int64_t grain = std::max<int64_t>(1, kRowGrainElements / (p.C * (by_row ? W : G)));
+  const int64_t grain = std::max<int64_t>(1, kRowGrainElements / (p.C * G));
   auto run = [&](auto grad_flag, auto smooth_flag, auto capped_flag) {
-    constexpr bool kGrad = decltype(grad_flag)::value, kSmooth = decltype(smooth_flag)::value,
-                   kCapped = decltype(capped_flag)::value;
-    if (by_row) {
-      at::parallel_for(0, (p.in.lanes + W - 1) / W, grain, [&](int64_t begin, int64_t end) {
-        cross_entropy_row_groups<scalar_t, kGrad, kSmooth, kCapped>(p, begin, end);
-      });
-      return;
-    }
     at::parallel_for(0, p.in.outer * p.groups_per_outer, grain, [&](int64_t begin, int64_t end) {
-      cross_entropy_lane_groups<scalar_t, kGrad, kSmooth, kCapped>(p, begin, end);
+      cross_entropy_lane_groups<scalar_t, decltype(grad_flag)::value, decltype(smooth_flag)::value,
+                                decltype(capped_flag)::value>(p, begin, end);
     });
   };
   auto with_capped = [&](auto grad_flag, auto smooth_flag) {
@@ -536,18 +297,16 @@ void cross_entropy_lanes(const at::Tensor& input, const int64_t* index_ptr, cons
   else with_smooth(std::false_type{});
 }
 
-// Which kernel serves a class-index call. (N, C) rows: the row-group kernel where it serves (above), else the
-// lane kernel up to kLaneRowClasses classes, beyond which a row is long enough for the row kernel's vector loop
-// (65536 rows, 1 thread, fwd+bwd, AVX-512, fp32 / bf16 ms: lanes 1.5/1.9, 3.1/3.3, 4.9/5.8, 5.9/6.5, 7.2/7.9,
-// 12.0/12.7 at C = 32, 64, 100, 128, 160, 256; rows 5.2/5.5, 5.6/6.0, 8.5/11.0, 7.2/7.4, 7.3/9.8, 10.2/10.9).
-// Class-dim-1 (inner > 1): the lane kernel whenever its class-major tile (C x 32 values per thread, twice with a
-// gradient) stays in L2.
+// Which kernel serves a class-index call. (N, C) rows: the lane kernel up to kLaneRowClasses classes, beyond
+// which a row is long enough for the row kernel's vector loop (65536 rows, 1 thread, fwd+bwd, AVX-512, fp32 /
+// bf16 ms: lanes 1.5/1.9, 3.1/3.3, 4.9/5.8, 5.9/6.5, 7.2/7.9, 12.0/12.7 at C = 32, 64, 100, 128, 160, 256; rows
+// 5.2/5.5, 5.6/6.0, 8.5/11.0, 7.2/7.4, 7.3/9.8, 10.2/10.9). Class-dim-1 (inner > 1): the lane kernel
+// whenever its class-major tile (C x 32 values per thread, twice with a gradient) stays in L2.
 constexpr int64_t kLaneRowClasses = 160;
 constexpr int64_t kLaneTileClasses = 2048;
 
 inline bool lanes_kernel_serves(const at::Tensor& input, const at::Tensor& target) {
   if (target.is_floating_point()) return false;
-  if (row_groups_serve(input)) return true;
   return input.size(2) > 1 ? input.size(1) <= kLaneTileClasses : input.size(1) <= kLaneRowClasses;
 }
 

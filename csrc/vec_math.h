@@ -39,72 +39,40 @@ constexpr float kPoly[6] = {1.0f, 0.9999997019767761f, 0.49998894333839417f,
 // Below -110 exp is 0 in float, above 89 it is inf: clamping keeps n small.
 constexpr float kLowest = -110.0f, kHighest = 89.0f;
 
-// e^r for r = x - n ln2 (the polynomial both exps share).
-inline at::vec::Vectorized<float> exp_remainder(const at::vec::Vectorized<float>& x, const at::vec::Vectorized<float>& n) {
+// The part both instruction sets share: x = n ln2 + r; returns e^r and sets n. clamp_min/clamp_max are plain
+// vmaxps/vminps with the argument second, which they return when it is NaN: a NaN argument stays NaN.
+inline at::vec::Vectorized<float> exp_of_remainder(const at::vec::Vectorized<float>& v, at::vec::Vectorized<float>& n) {
   using Vec = at::vec::Vectorized<float>;
+  const Vec x = at::vec::clamp_max(at::vec::clamp_min(v, Vec(kLowest)), Vec(kHighest));
+  n = (x * Vec(kLog2e)).round();
   Vec r = at::vec::fmadd(n, Vec(-kLn2Hi), x);
   r = at::vec::fmadd(n, Vec(-kLn2Lo), r);
   Vec p(kPoly[5]);
   for (int k = 4; k >= 0; --k) p = at::vec::fmadd(p, r, Vec(kPoly[k]));
   return p;
 }
-
-// x = n ln2 + r; returns e^r and sets n. clamp_min/clamp_max are plain vmaxps/vminps with the argument second,
-// which they return when it is NaN: a NaN argument stays NaN.
-inline at::vec::Vectorized<float> exp_of_remainder(const at::vec::Vectorized<float>& v, at::vec::Vectorized<float>& n) {
-  using Vec = at::vec::Vectorized<float>;
-  const Vec x = at::vec::clamp_max(at::vec::clamp_min(v, Vec(kLowest)), Vec(kHighest));
-  n = (x * Vec(kLog2e)).round();
-  return exp_remainder(x, n);
-}
 }  // namespace exp_detail
 #endif
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-namespace exp_detail {
-// p * 2^n for integral n in [-159, 128]. AVX-512: vscalefps. AVX2: h = floor(n / 2) and n - h both lie in
-// [-80, 64], normal exponents of a float, so p is multiplied by 2^h and 2^(n - h).
-inline at::vec::Vectorized<float> times_pow2(const at::vec::Vectorized<float>& p, const at::vec::Vectorized<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& v) {
+  at::vec::Vectorized<float> n;
+  const at::vec::Vectorized<float> p = exp_detail::exp_of_remainder(v, n);
   return _mm512_scalef_ps(p, n);
-#else
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& v) {
+  at::vec::Vectorized<float> n;
+  const at::vec::Vectorized<float> p = exp_detail::exp_of_remainder(v, n);
+  // n in [-159, 128]: h = floor(n / 2) and n - h both lie in [-80, 64], normal exponents of a float.
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i h = _mm256_srai_epi32(ni, 1);
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 two_h = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
   const __m256 two_rest = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, two_h), two_rest);
-#endif
-}
-}  // namespace exp_detail
-
-template <>
-inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& v) {
-  at::vec::Vectorized<float> n;
-  const at::vec::Vectorized<float> p = exp_detail::exp_of_remainder(v, n);
-  return exp_detail::times_pow2(p, n);
-}
-#endif
-
-// exp(d) for d <= 0 or NaN (the softmax passes' x - max): fast_exp's polynomial and accuracy in two
-// operations fewer (no upper clamp, which such arguments never reach, and the rounding folded into a fused
-// multiply-add). The softmax pass measured ~10% faster.
-template <typename acc_t>
-inline at::vec::Vectorized<acc_t> exp_nonpositive(const at::vec::Vectorized<acc_t>& d) {
-  return fast_exp(d);
-}
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& d) {
-  using Vec = at::vec::Vectorized<float>;
-  using namespace exp_detail;
-  const Vec x = at::vec::clamp_min(d, Vec(kLowest));
-  // n = round(x log2 e) by adding 1.5 * 2^23, which leaves the rounded value in the low bits: one fused
-  // multiply-add instead of a multiply and a rounding instruction.
-  const Vec magic(12582912.0f);
-  const Vec n = at::vec::fmadd(x, Vec(kLog2e), magic) - magic;
-  return times_pow2(exp_remainder(x, n), n);
 }
 #endif
 

@@ -1,7 +1,6 @@
 """Cross-entropy over the layouts and row counts that decide how the C++ kernel vectorises: rows of few classes
 (one row per SIMD lane, groups of 16-32 rows with a ragged last group), class-dim-1 layouts read in place,
-(N, C) rows transposed in register blocks, longer rows read in groups of one vector of rows, and strided views of
-each, on every ISA build this CPU runs."""
+(N, C) rows transposed in register blocks, longer rows one at a time, and strided views of each, on every ISA build this CPU runs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ def _class_major(shape, dtype):  # (N, C) logits stored as (C, N): every class's
 LAYOUTS = {"contiguous": _contiguous, "channels_last": _channels_last, "class_sliced": _class_sliced,
            "class_major": _class_major}
 # Row counts on both sides of the lane groups (8, 16, 32 rows per group across the ISA builds and dtypes).
-# (N, C) rows of 48 to 1024 classes: read along the row in groups of one vector of rows (a ragged last group).
+# Rows either side of the lane kernel's class limits, and long rows.
 SHAPES = [(1, 3), (7, 2), (31, 10), (33, 10), (23, 47), (21, 48), (65, 100), (40, 101), (9, 161), (19, 700),
           (3, 5, 33), (2, 21, 9, 11), (2, 7, 4, 4)]
 OPTIONS = [{}, {"label_smoothing": 0.15}, {"weight": True}, {"weight": True, "label_smoothing": 0.1},
@@ -194,9 +193,9 @@ def test_certain_rows_have_loss_exactly_zero(isa, shape):
 @pytest.mark.parametrize("shape", [(37, 100), (19, 700)])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "weight": True}, {"softcap": 3.0}],
                          ids=["plain", "smoothing-weight", "softcap"])
-def test_row_groups_in_place_equal_out_of_place(isa, dtype, shape, options):
-    """Writing the gradient over the logits, row group by row group, gives the out-of-place gradient exactly:
-    each group's rows are read (and their targets' logits taken) before any of them is overwritten."""
+def test_in_place_equals_out_of_place(isa, dtype, shape, options):
+    """Writing the gradient over the logits gives the out-of-place gradient exactly: every row is read (and its
+    target's logit taken) before it is overwritten."""
     torch.manual_seed(13)
     C = shape[1]
     x0 = (torch.randn(*shape) * 4).to(dtype)
