@@ -206,6 +206,9 @@ def _worker(rank, world_size, init_file, backend):
         pair = dist.new_group([0, 1])  # every rank must take part in creating it
         if rank < 2:
             _check_all(DeviceMesh.from_group(pair, "cpu"), backend)
+        # No rank tears its gloo connections down while another still uses them: rank 2, done first, aborted the
+        # spawn now and then ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
