@@ -65,11 +65,22 @@ struct BlockStats {
       return max;
     }
     const Vec<acc_t> m(max);
+    constexpr int64_t W = Vec<acc_t>::size();
+    // Four vectors' exponentials at a time (fast_exp_batch), each path summing in the order it always has.
     if (exp_out) {
       // One loop: exponentials stored and summed while in registers.
       Vec<acc_t> acc(acc_t(0));
       int64_t i = 0;
-      for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
+      for (; i + 4 * W <= n; i += 4 * W) {
+        Vec<acc_t> e[4];
+        for (int k = 0; k < 4; ++k) e[k] = Vec<acc_t>::loadu(x + i + k * W) - m;
+        fast_exp_batch<4>(e);
+        for (int k = 0; k < 4; ++k) {
+          e[k].store(exp_out + i + k * W);
+          acc = acc + e[k];
+        }
+      }
+      for (; i + W <= n; i += W) {
         const Vec<acc_t> e = fast_exp(Vec<acc_t>::loadu(x + i) - m);
         e.store(exp_out + i);
         acc = acc + e;
@@ -77,9 +88,23 @@ struct BlockStats {
       acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, acc);
       for (; i < n; ++i) total += (exp_out[i] = std::exp(x[i] - max));
       sum_exp += total;
+    } else if (n < W) {
+      sum_exp += at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; },
+                                                fast_exp(Vec<acc_t>::loadu(x, n) - m), n);
     } else {
-      sum_exp += at::vec::map_reduce_all<acc_t>([m](Vec<acc_t> v) { return fast_exp(v - m); },
-                                                [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, x, n);
+      // at::vec::map_reduce_all's order: the first vector, then each next one added, the partial tail last.
+      Vec<acc_t> acc = fast_exp(Vec<acc_t>::loadu(x) - m);
+      int64_t i = W;
+      const int64_t full = n - n % W;
+      for (; i + 4 * W <= full; i += 4 * W) {
+        Vec<acc_t> e[4];
+        for (int k = 0; k < 4; ++k) e[k] = Vec<acc_t>::loadu(x + i + k * W) - m;
+        fast_exp_batch<4>(e);
+        for (int k = 0; k < 4; ++k) acc = acc + e[k];
+      }
+      for (; i < full; i += W) acc = acc + fast_exp(Vec<acc_t>::loadu(x + i) - m);
+      if (i < n) acc = Vec<acc_t>::set(acc, acc + fast_exp(Vec<acc_t>::loadu(x + i, n - i) - m), n - i);
+      sum_exp += at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, acc);
     }
     return max;
   }

@@ -33,8 +33,9 @@ inline LaneResult<acc_t> lane_coefficients(const CrossEntropyOptions& o, const V
   const V one(acc_t(1));
   if (o.focal_gamma >= 0) {
     const V gamma(static_cast<acc_t>(o.focal_gamma));
-    const V p = logp.exp();
-    const V q = V(acc_t(0)) - logp.expm1();
+    V p, p_m1;
+    exp_and_expm1(logp, p, p_m1);
+    const V q = V(acc_t(0)) - p_m1;
     const V qg = q.pow(gamma);
     const V r = V::blendv(one, (V(acc_t(0)) - logp) / q, q > V(acc_t(0)));
     const V a = w_target * qg * (one + gamma * p * r);
@@ -156,26 +157,31 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
       if constexpr (kCapped) apply_softcap(tile, G, p.cap);
       x_class[c] = tile;
     }
-    // One vector of lanes at a time, so that each accumulator stays in a register across the classes. The
-    // max need not propagate NaN: exp(NaN - max) makes the lane's sum NaN anyway.
+    // The K vectors of lanes side by side, each with its accumulators in registers across the classes, so that
+    // their exponentials go through fast_exp_batch together. The max need not propagate NaN: exp(NaN - max) makes
+    // the lane's sum NaN anyway.
     constexpr int64_t K = kLaneVectors<acc_t>;
     V vmax[K], vsum[K], vdot[K];
     for (int64_t k = 0; k < K; ++k) {
-      V m(-std::numeric_limits<acc_t>::infinity()), d = zero;
-      for (int64_t c = 0; c < C; ++c) {
+      vmax[k] = V(-std::numeric_limits<acc_t>::infinity());
+      vsum[k] = zero;
+      vdot[k] = zero;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t k = 0; k < K; ++k) {
         const V v = V::loadu(x_class[c] + k * W);
-        m = at::vec::clamp_min(v, m);
-        if constexpr (kSmooth) d = at::vec::fmadd(v, V(p.weight ? p.weight[c] : acc_t(1)), d);
+        vmax[k] = at::vec::clamp_min(v, vmax[k]);
+        if constexpr (kSmooth) vdot[k] = at::vec::fmadd(v, V(p.weight ? p.weight[c] : acc_t(1)), vdot[k]);
       }
-      V total = zero;
-      for (int64_t c = 0; c < C; ++c) {
-        const V e = fast_exp(V::loadu(x_class[c] + k * W) - m);
-        if constexpr (kGrad) e.store(e_tile.data() + c * G + k * W);
-        total = total + e;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      V e[K];
+      for (int64_t k = 0; k < K; ++k) e[k] = V::loadu(x_class[c] + k * W) - vmax[k];
+      fast_exp_batch<K>(e);
+      for (int64_t k = 0; k < K; ++k) {
+        if constexpr (kGrad) e[k].store(e_tile.data() + c * G + k * W);
+        vsum[k] = vsum[k] + e[k];
       }
-      vmax[k] = m;
-      vsum[k] = total;
-      vdot[k] = d;
     }
     for (int64_t l = 0; l < G; ++l) {
       const int64_t y = l < n ? p.target[r0 + l] : o.ignore_index;
@@ -205,7 +211,9 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
         coef[k] = V::blendv(zero, res.softmax_coef * vscale / vsum[k], mask);
         shift[k] = V::blendv(zero, V(p.smooth * p.scale), mask);
         // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
-        V gy = (res.softmax_coef - res.onehot_coef) * logp.exp() + res.onehot_coef * logp.expm1() - V(p.smooth) * wt;
+        V p_target, p_target_m1;
+        exp_and_expm1(logp, p_target, p_target_m1);
+        V gy = (res.softmax_coef - res.onehot_coef) * p_target + res.onehot_coef * p_target_m1 - V(p.smooth) * wt;
         if constexpr (kCapped) { const V t = xt * inv_cap; gy = gy * (one - t * t); }
         (gy * vscale).store(patch + k * W);
       }
