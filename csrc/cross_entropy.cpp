@@ -731,7 +731,9 @@ void token_stats_grad_rows(const at::Tensor& input, const int64_t* target, int64
 // vectorises), then a second look only to name the first bad target.
 void check_class_indices(const int64_t* t, int64_t rows, int64_t C, int64_t ignore) {
   bool any_bad = false;
-  for (int64_t r = 0; r < rows; ++r) any_bad |= (t[r] != ignore) & (static_cast<uint64_t>(t[r]) >= static_cast<uint64_t>(C));
+  // Signed compares: AVX2 has no unsigned 64-bit one, and with the unsigned form this loop was not vectorised
+  // (3% of a 65536 x 10 call).
+  for (int64_t r = 0; r < rows; ++r) any_bad |= (t[r] != ignore) & ((t[r] < 0) | (t[r] >= C));
   for (int64_t r = 0; any_bad && r < rows; ++r) {
     TORCH_CHECK_INDEX(t[r] == ignore || (t[r] >= 0 && t[r] < C), "Target ", t[r],
                       " is out of bounds (number of classes is ", C, ", ignore_index is ", ignore, ").");
@@ -844,11 +846,7 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at:
   double total = 0.0;
   LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_cross_entropy_sum", [&] {
     const opmath_t<scalar_t>* l = row_loss.const_data_ptr<opmath_t<scalar_t>>();
-    total = deterministic_sum(rows, [l](int64_t b, int64_t e) {
-      double s = 0.0;
-      for (int64_t i = b; i < e; ++i) s += static_cast<double>(l[i]);
-      return s;
-    });
+    total = deterministic_sum(rows, [l](int64_t b, int64_t e) { return sum_in_double(l + b, e - b); });
   });
   return {row_loss, row_lse, cpu_scalar(total, acc_type)};
 }
