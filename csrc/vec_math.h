@@ -50,7 +50,7 @@ constexpr float kLowest = -110.0f, kHighest = 89.0f;
 // p * 2^n for integral n in [-159, 128]. AVX-512: vscalefps, under/overflow handled in one instruction. AVX2:
 // h = floor(n / 2) and n - h both lie in [-80, 64], normal exponents of a float, so p is multiplied by 2^h and
 // 2^(n - h).
-inline at::vec::Vectorized<float> times_pow2(const at::vec::Vectorized<float>& p, const at::vec::Vectorized<float>& n) {
+__attribute__((always_inline)) inline at::vec::Vectorized<float> times_pow2(const at::vec::Vectorized<float>& p, const at::vec::Vectorized<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_scalef_ps(p, n);
 #else
@@ -67,7 +67,7 @@ inline at::vec::Vectorized<float> times_pow2(const at::vec::Vectorized<float>& p
 // x = n ln2 + r, e^r = poly(r), times 2^n. clamp_min/clamp_max are plain vmaxps/vminps with the argument
 // second, which they return when it is NaN: a NaN argument stays NaN.
 template <int K>
-inline void fast_exp_batch_float(at::vec::Vectorized<float>* v) {
+__attribute__((always_inline)) inline void fast_exp_batch_float(at::vec::Vectorized<float>* v) {
   using Vec = at::vec::Vectorized<float>;
   using namespace exp_detail;
   Vec n[K], r[K], p[K];
@@ -83,15 +83,15 @@ inline void fast_exp_batch_float(at::vec::Vectorized<float>* v) {
 }
 
 template <>
-inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) {
+__attribute__((always_inline)) inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) {
   at::vec::Vectorized<float> v = x;
   fast_exp_batch_float<1>(&v);
   return v;
 }
 template <>
-inline void fast_exp_batch<2, float>(at::vec::Vectorized<float>* v) { fast_exp_batch_float<2>(v); }
+__attribute__((always_inline)) inline void fast_exp_batch<2, float>(at::vec::Vectorized<float>* v) { fast_exp_batch_float<2>(v); }
 template <>
-inline void fast_exp_batch<4, float>(at::vec::Vectorized<float>* v) { fast_exp_batch_float<4>(v); }
+__attribute__((always_inline)) inline void fast_exp_batch<4, float>(at::vec::Vectorized<float>* v) { fast_exp_batch_float<4>(v); }
 #endif
 
 // e^x and e^x - 1 for a log-probability x <= 0 (NaN stays NaN). The gradient at the target class needs both, and
