@@ -14,7 +14,7 @@
 // Buffers under 1 MiB use the default allocator; from 1 MiB they are kept, on huge pages from 8 MiB.
 #include "allocation.h"
 
-#include <ATen/ops/empty.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/from_blob.h>
 
 #include <atomic>
@@ -119,7 +119,7 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
       return at::from_blob(ptr, sizes, [rounded](void* p) { give_back(p, rounded); }, options);
     }
   }
-  return at::empty(sizes, options);
+  return at::detail::empty_cpu(sizes, dtype);  // not at::empty: no dispatch for a tiny call's buffer
 }
 
 bool host_gradient_pages_resident(const void* ptr) { return ptr != nullptr && kept().reused.load() == ptr; }

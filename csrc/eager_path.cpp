@@ -12,7 +12,13 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/TensorUtils.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <ATen/ops/dot.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -43,12 +49,34 @@ bool kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// What lossops/_eager.py leaves to this side: a torch function or dispatch mode, a functorch transform or CPU
+// autocast makes the call take the custom op, where PyTorch sees it. Thread-local reads here, where the same
+// checks from Python cost half a microsecond.
+bool modes_active() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) || at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+// t's elements under other sizes and strides, sharing its storage, made without the dispatcher (no view
+// tracking, no autograd metadata): for the kernels' (outer, C, inner) and flat views, which never leave this
+// file. At a few microseconds a call, the dispatched view ops were a tenth of it.
+at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(t.storage()), t.key_set(), t.dtype());
+  impl->set_sizes_and_strides(sizes, strides, t.storage_offset());
+  return at::Tensor(std::move(impl));
+}
+
 // A value computed in the accumulation type, rounded there (as the custom op's 0-d tensor arithmetic rounds),
-// then cast to the loss's dtype.
+// then cast to the loss's dtype (round to nearest even, as Tensor.to does), written into a fresh 0-d tensor.
 at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out) {
-  at::Tensor t = at::scalar_tensor(acc == at::kDouble ? value : static_cast<double>(static_cast<float>(value)),
-                                   at::TensorOptions().dtype(acc));
-  return acc == out ? t : t.to(out);
+  const double rounded = acc == at::kDouble ? value : static_cast<double>(static_cast<float>(value));
+  at::Tensor t = at::detail::empty_cpu({}, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out, "lossops_scalar_loss", [&] {
+    *t.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(acc == at::kDouble ? rounded : static_cast<float>(rounded));
+  });
+  return t;
 }
 
 // The mean's denominator as the custom op's 0-d tensor holds it (rounded to the accumulation type), and the
@@ -74,7 +102,7 @@ at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at:
     return acc == out ? loss : loss.to(out);
   }
   const bool fp64 = acc == at::kDouble;
-  double value = fp64 ? total.item<double>() : total.item<float>();
+  double value = fp64 ? *total.const_data_ptr<double>() : *total.const_data_ptr<float>();
   if (reduction == Reduction::kMean)
     value = fp64 ? value / denominator.value
                  : static_cast<double>(static_cast<float>(value) / static_cast<float>(denominator.value));
@@ -163,7 +191,7 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
   if (focal && (!(*focal_gamma >= 0) || !std::isfinite(*focal_gamma) || label_smoothing != 0 ||
                 (uniform_alpha && (weight.has_value() || !(*uniform_alpha >= 0) || !std::isfinite(*uniform_alpha)))))
     return py::none();
-  if (!focal && uniform_alpha) return py::none();
+  if ((!focal && uniform_alpha) || modes_active()) return py::none();
   if (!reduction || !(label_smoothing >= 0 && label_smoothing <= 1) || !input.device().is_cpu() ||
       !kernel_dtype(input.scalar_type()) || input.dim() < 1 || input.numel() == 0 ||
       target.scalar_type() != at::kLong || !target.device().is_cpu())
@@ -176,10 +204,23 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
   std::vector<int64_t> expected = input.sizes().vec();
   expected.erase(expected.begin() + (input.dim() == 1 ? 0 : 1));
   if (target.sizes() != at::IntArrayRef(expected)) return py::none();
-  at::Tensor logits3 = input.dim() == 1 ? input.reshape({1, C, 1})
-                       : input.dim() == 2 ? input.unsqueeze(-1)
-                                          : input.flatten(2);
-  const at::Tensor target_rows = target.reshape({-1}).contiguous();
+  // The (outer, C, inner) view the kernel reads; dims 2.. merge into one only where their strides allow, else
+  // (as flatten would) a contiguous copy.
+  const int64_t outer = input.dim() == 1 ? 1 : input.size(0);
+  const int64_t inner = input.dim() <= 2 ? 1 : input.numel() / (outer * C);
+  const int64_t class_stride = input.dim() == 1 ? input.stride(0) : input.stride(1);
+  at::Tensor logits3;
+  if (input.dim() <= 2) {
+    logits3 = internal_view(input, {outer, C, 1}, {input.dim() == 1 ? C * class_stride : input.stride(0), class_stride, 1});
+  } else if (auto merged = at::detail::computeStride(input.sizes(), input.strides(), at::DimVector{outer, C, inner})) {
+    logits3 = internal_view(input, {outer, C, inner}, *merged);
+  } else {
+    const at::Tensor dense = input.contiguous();
+    logits3 = internal_view(dense, {outer, C, inner}, {C * inner, inner, 1});
+  }
+  const at::Tensor target_rows = target.is_contiguous()
+                                     ? internal_view(target, {target.numel()}, {1})
+                                     : target.contiguous().reshape({-1});
   const auto acc = at::toOpMathType(input.scalar_type());
   const bool needs_grad = at::GradMode::is_enabled() && input.requires_grad();
   // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since
@@ -231,7 +272,7 @@ py::object eager_elementwise(const std::string& family, const at::Tensor& input,
                              std::vector<double> params, const std::string& reduction_name, bool target_grad) {
   const auto reduction = parse_reduction(reduction_name);
   ElementwiseKernel kernel = loaded_kernels().typed<ElementwiseKernel>(family);
-  if (!reduction || kernel == nullptr || !input.device().is_cpu() || !target.device().is_cpu() ||
+  if (!reduction || kernel == nullptr || modes_active() || !input.device().is_cpu() || !target.device().is_cpu() ||
       !kernel_dtype(input.scalar_type()) || target.scalar_type() != input.scalar_type() ||
       input.sizes() != target.sizes() || input.numel() == 0)
     return py::none();
@@ -272,7 +313,7 @@ py::object eager_ctc_loss(const at::Tensor& log_probs, const at::Tensor& targets
                           const at::Tensor& target_lengths, int64_t blank, const std::string& reduction_name,
                           bool zero_infinity) {
   const auto reduction = parse_reduction(reduction_name);
-  if (!reduction || !log_probs.device().is_cpu() || !kernel_dtype(log_probs.scalar_type()) || log_probs.dim() != 3 ||
+  if (!reduction || modes_active() || !log_probs.device().is_cpu() || !kernel_dtype(log_probs.scalar_type()) || log_probs.dim() != 3 ||
       log_probs.numel() == 0 || targets.scalar_type() != at::kLong || !targets.device().is_cpu() ||
       !targets.is_contiguous() || (targets.dim() != 1 && targets.dim() != 2))
     return py::none();

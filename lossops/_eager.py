@@ -37,14 +37,16 @@ def applies(*tensors) -> bool:
 
 def cpp_module(input, *others):
     """For a call that has not been through the Python checks yet: the C++ module when every tensor is a plain
-    CPU tensor, no mode is active (the checks applies() makes) and the cpp backend would serve it, else None.
-    (applies() written out: at a few microseconds a call, each layer counts.)"""
+    CPU tensor, neither torch.compile nor forward AD is active and the cpp backend would serve it, else None.
+    The C++ eager functions make the rest of applies()'s checks themselves (function and dispatch modes,
+    functorch, autocast: thread-local reads there) and return None when one is active; at a few microseconds
+    a call, each Python layer counts."""
     if type(input) is not _Tensor or not input.is_cpu:
         return None
     for t in others:
         if t is not None and type(t) is not _Tensor:
             return None
-    if not _no_mode_active() or _backend.get_backend() not in ("auto", "cpp"):
+    if _is_compiling() or _forward_ad._current_level >= 0 or _backend.get_backend() not in ("auto", "cpp"):
         return None
     try:
         return _cpp.module()

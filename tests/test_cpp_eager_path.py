@@ -5,6 +5,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lossops
@@ -14,10 +15,16 @@ CE_NODE, ELEMENTWISE_NODE = "LossopsCrossEntropyBackward", "LossopsElementwiseBa
 FOCAL_NODE = "LossopsSoftmaxFocalLossBackward"
 
 
+def force_custom_op(m):
+    """Neither the C++ eager path nor the op body without the custom op (LossopsEager)."""
+    m.setattr(_eager, "cpp_module", lambda *tensors: None)
+    m.setattr(_eager, "_no_mode_active", lambda: False)
+
+
 @contextlib.contextmanager
 def custom_op_only(monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(_eager, "_no_mode_active", lambda: False)
+        force_custom_op(m)
         yield
 
 
@@ -167,7 +174,7 @@ def test_scaled_grad_output_and_retain_graph_match_custom_op(monkeypatch):
 def test_gradient_handed_out_is_never_scaled_afterwards(monkeypatch, path):
     # loss.backward() hands its buffer to x.grad; a second backward with another scale must not rewrite it.
     if path == "custom op":
-        monkeypatch.setattr(_eager, "_no_mode_active", lambda: False)
+        force_custom_op(monkeypatch)
     x = torch.randn(8, 5, requires_grad=True)
     target = torch.randint(0, 5, (8,))
     for fn in (lambda: lossops.cross_entropy(x, target), lambda: lossops.mse_loss(x, torch.zeros(8, 5))):
@@ -223,6 +230,16 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class RecordFunctions(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 def test_the_custom_op_serves_everything_else():
     x = torch.randn(8, 5, requires_grad=True)
     target = torch.randint(0, 5, (8,))
@@ -233,6 +250,13 @@ def test_the_custom_op_serves_everything_else():
     assert any("lossops.mse_loss" in op for op in mode.ops)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert lossops.cross_entropy(x, target).grad_fn.name() != CE_NODE
+    # The C++ side makes these checks itself (function modes, functorch transforms): a function mode sees the
+    # custom op, and vmap's batched tensors (plain torch.Tensor to Python) are never read as one tensor.
+    with RecordFunctions() as function_mode:
+        assert lossops.cross_entropy(x, target).grad_fn.name() != CE_NODE
+    assert function_mode.calls
+    per_row = torch.func.vmap(lambda row: lossops.mse_loss(row, torch.zeros(5)))(x.detach())
+    torch.testing.assert_close(per_row, x.detach().pow(2).mean(1))
     with lossops.backend("reference"):
         assert lossops.cross_entropy(x, target).grad_fn.name() != CE_NODE
     # options this path does not take
