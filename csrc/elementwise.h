@@ -104,6 +104,9 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
   const acc_t scale = static_cast<acc_t>(a.grad_scale);
 
   at::parallel_for(0, static_cast<int64_t>(chunk_sums.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    // A local copy the compiler keeps in registers: through the captured reference its parameters were reloaded
+    // for every vector (stores to the float buffers may alias them), and the forward pass of smooth-L1 waited on them.
+    const Loss<acc_t> loss_local = loss_fn;
     std::vector<acc_t> buffers(7 * kBlock);
     acc_t *xbuf = buffers.data(), *tbuf = xbuf + kBlock, *wbuf = tbuf + kBlock, *abuf = wbuf + kBlock,
           *lbuf = abuf + kBlock, *gxbuf = lbuf + kBlock, *gtbuf = gxbuf + kBlock;
@@ -127,7 +130,7 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
             const Vec x = Vec::loadu(xb + i, count), t = Vec::loadu(tb + i, count);
             const Vec av = ab ? Vec::loadu(ab + i, count) : Vec(acc_t(1));
             Vec l, gx, gt;
-            loss_fn(x, t, av, l, gx, gt);
+            loss_local(x, t, av, l, gx, gt);
             Vec gscale(scale);
             if (wb) {
               const Vec w = Vec::loadu(wb + i, count);
