@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/TensorUtils.h>
 #include <ATen/autocast_mode.h>
@@ -22,16 +23,17 @@
 #include <ATen/ops/dot.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <string>
 
 #include "allocation.h"
 #include "eager_path.h"
 #include "kernel_abi.h"
+#include "tuning.h"
 
 namespace lossops {
 namespace {
@@ -241,8 +243,14 @@ py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target
       if (t[r] != ignore_index) denominator += w[std::clamp<int64_t>(t[r], 0, C - 1)];
     }
   } else {
-    int64_t kept = 0;  // an integer count vectorises; a double sum is one dependent add per row
-    for (int64_t r = 0; r < rows; ++r) kept += t[r] != ignore_index;
+    // An integer count vectorises (a double sum is one dependent add per row) and its order does not matter.
+    const int64_t kept = at::parallel_reduce(
+        int64_t(0), rows, kIndexScanGrain, int64_t(0),
+        [&](int64_t begin, int64_t end, int64_t count) {
+          for (int64_t r = begin; r < end; ++r) count += t[r] != ignore_index;
+          return count;
+        },
+        std::plus<int64_t>());
     denominator = static_cast<double>(kept);
     // A float alpha weighs every row alike, rounded to the input's dtype as the Python path's full() does.
     if (uniform_alpha) weight_acc = at::full({C}, *uniform_alpha, input.scalar_type()).to(acc);

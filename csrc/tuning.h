@@ -20,6 +20,10 @@ constexpr int64_t kRowGrainElements = 1 << 16;
 // where 32768 split it 2:1 (forward 60 -> 44 us on 2 threads, measured).
 constexpr int64_t kReduceChunk = 1 << 13;
 
+// Scans over class-index targets (the range check, the mean's count of kept rows) split between threads in runs
+// of this many: done on one thread they were a tenth of a 65536 x 10 call's time on two, the other thread waiting.
+constexpr int64_t kIndexScanGrain = 1 << 14;
+
 inline int64_t row_grain(int64_t row_length) {
   return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(1, row_length));
 }
