@@ -67,7 +67,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # reach the DTensor-aware full path below): at a few microseconds a call, a wrapper's frame was a tenth.
     # It checks what it relies on and returns None for anything else (errors included), which then takes the
     # full path and its messages.
-    if (return_token_stats is False and temperature == 1.0 and token_weight is None and num_items_in_batch is None
+    if (return_token_stats is False and not token_options.requested(temperature, token_weight, num_items_in_batch)
             and size_average is None and reduce is None and softcap is None and not inplace_backward
             and type(lse_square_scale) is float and lse_square_scale == 0 and type(reduction) is str
             and type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63
