@@ -67,10 +67,12 @@ def cross_entropy_kernel(
     else:
         T += outer_idx * stride_to + inner_idx * stride_ti
 
-    m = float("-inf")
-    s = 0.0
-    dot = 0.0  # sum q_c x_c (probability targets) or sum w_c x_c (smoothing)
-    q_sum = 0.0
+    # Loop-carried values start in ACC: a Python float is an fp32 constant, and the compiler refuses a loop
+    # variable whose type changes (fp32 -> fp64) between iterations.
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    dot = tl.zeros((), ACC)  # sum q_c x_c (probability targets) or sum w_c x_c (smoothing)
+    q_sum = tl.zeros((), ACC)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
@@ -233,9 +235,9 @@ def shard_stats_kernel(
     y = tl.load(T + row)
     keep = y != ignore_index
     read = tl.where(keep, C, 0)  # columns to read: none for an ignored row
-    m = float("-inf")
-    s = 0.0
-    dot = 0.0
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    dot = tl.zeros((), ACC)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < read
@@ -338,9 +340,9 @@ def token_stats_kernel(
     keep = (y != ignore_index) & in_range
     tl.store(BAD, y, mask=(y != ignore_index) & (not in_range))
     read = tl.where(keep, C, 0)
-    m = float("-inf")
-    s = 0.0
-    u = 0.0
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    u = tl.zeros((), ACC)
     best = tl.zeros((), dtype=tl.int64)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -476,3 +478,6 @@ AOT_KERNELS = [
     (cross_entropy_kernel, {**_aot_signature("fp16", "fp32"), "T": "*fp16", **{k: "constexpr" for k in _aot_constexprs()}},
      _aot_constexprs(PROB_TARGET=True)),
 ]
+_FP64 = {"*bf16": "*fp64", "*fp32": "*fp64"}
+AOT_KERNELS += [(fn, {k: _FP64.get(v, v) for k, v in signature.items()}, {**constexprs, "ACC": tl.float64})
+                for fn, signature, constexprs in AOT_KERNELS[:5]]
