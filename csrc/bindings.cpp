@@ -1,5 +1,6 @@
 // The host module lossops._C (compiled once, baseline ISA): Python bindings, the gradient buffers, and the
 // loading of the kernel library built for the CPU's instruction set (kernel_abi.h explains the split).
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -104,6 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_gradient_cache", &lossops::release_gradient_cache, "Free the kept gradient buffer; returns its bytes");
   m.def("gradient_cache_bytes", &lossops::gradient_cache_bytes, "Bytes of the kept gradient buffer (0 if none)");
   m.def("gradient_cache_enabled", &lossops::gradient_cache_enabled, "Whether freed gradient buffers are kept");
+  m.def("graph_kept", &torch::autograd::get_current_graph_task_keep_graph,
+        "Inside a backward: whether the running backward keeps the graph (retain_graph=True)");
   m.def("call_kernel", &lossops::call_kernel,
         "Run the kernel `name` of the loaded library with its registered keyword arguments", py::arg("name"));
   m.def("kernel_names", &lossops::kernel_names, "The kernels the loaded library registered");

@@ -193,7 +193,9 @@ inline RowResult<acc_t> row_coefficients(const CrossEntropyOptions& o, acc_t lse
   acc_t loss = -(acc_t(1) - eps) * w_target * logp_target;
   if (eps > 0) loss += smooth * (weight_sum * lse - smooth_dot);
   loss += z * lse * lse;
-  const acc_t a = (acc_t(1) - eps) * w_target + smooth * weight_sum + acc_t(2) * z * lse;
+  // Without smoothing the weights of other classes play no part: a non-finite weight of a class no row
+  // targets must not reach the gradient through 0 * weight_sum.
+  const acc_t a = (acc_t(1) - eps) * w_target + (eps > 0 ? smooth * weight_sum : acc_t(0)) + acc_t(2) * z * lse;
   return {loss, a, (acc_t(1) - eps) * w_target};
 }
 
@@ -262,7 +264,7 @@ struct RowGradient {
     const acc_t w_y = weight ? weight[y] : acc_t(1);
     // A p - c with p -> 1 would cancel: (A - c) p + c (p - 1), with p - 1 = expm1(log p) exact.
     acc_t gy = (softmax_coef - onehot_coef) * std::exp(logp_target) + onehot_coef * std::expm1(logp_target) -
-               smooth * w_y;
+               (smoothing ? smooth * w_y : acc_t(0));
     if (capped) gy *= softcap_derivative(x_target, cap);
     return gy * scale;
   }

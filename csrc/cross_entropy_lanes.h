@@ -48,7 +48,7 @@ inline LaneResult<acc_t> lane_coefficients(const CrossEntropyOptions& o, const V
   V loss = V(acc_t(0)) - kept * logp;
   if (eps > 0) loss = loss + V(smooth) * (V(weight_sum) * lse - smooth_dot);
   loss = loss + V(z) * lse * lse;
-  return {loss, kept + V(smooth * weight_sum) + V(acc_t(2) * z) * lse, kept};
+  return {loss, kept + V(eps > 0 ? smooth * weight_sum : acc_t(0)) + V(acc_t(2) * z) * lse, kept};
 }
 
 // Where the rows of a (outer, C, inner) view lie when consecutive rows fill the SIMD lanes: along `inner`

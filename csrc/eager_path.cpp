@@ -10,6 +10,7 @@
 // are the custom op's bit for bit: same kernel, same denominators in the same order, same casts.
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -112,24 +113,19 @@ at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at:
 }
 
 // One gradient written in forward, multiplied by grad_output in backward as lossops._reduce.apply_grad_output
-// does for the custom op: the first backward scales the buffer in place (no second input-sized buffer, e.g.
-// for GradScaler's scale) and hands it out; any later backward through the same graph (retain_graph=True)
-// never touches that buffer again and undoes the first scale in a new tensor.
+// does for the custom op. A backward that frees the graph scales the buffer in place (no second input-sized
+// buffer, e.g. for GradScaler's scale) and hands it out: the node lets go of it at once, so nothing else reads
+// it. A backward that keeps the graph (retain_graph=True) hands out a new tensor and leaves the buffer as it
+// was, so a hook that modifies its gradient in place cannot change what a later backward computes.
 struct WrittenGradient {
   at::Tensor buffer;  // scaled for the reduction; undefined when not needed
-  std::optional<double> applied;  // the scale the handed-out buffer carries
 
   at::Tensor times(const at::Tensor& grad_output, at::IntArrayRef item_shape, at::IntArrayRef shape) {
     if (!buffer.defined()) return {};
     if (!item_shape.empty()) return buffer.mul(grad_output.reshape(item_shape)).view(shape);
     const double g = grad_output.item<double>();
-    if (applied.has_value()) {
-      TORCH_CHECK(*applied != 0, "lossops: a second backward through this loss cannot recover its gradient "
-                  "(the first backward scaled it by zero in place); use retain_graph=False");
-      return buffer.mul(g / *applied).view(shape);
-    }
+    if (torch::autograd::get_current_graph_task_keep_graph()) return buffer.mul(g).view(shape);
     if (g != 1) buffer.mul_(g);
-    applied = g;
     return buffer.view(shape);
   }
 };

@@ -273,8 +273,6 @@ def register(family: Family) -> Family:
         ctx.save_for_backward(*output[1:])
         ctx.computed = grads
         ctx.item_shape = family.item_shape(tensors, opts) if opts.reduction == "none" else None
-        # apply_grad_output keeps per-gradient state on the object it is given: one per gradient.
-        ctx.states = {n: types.SimpleNamespace() for n in differentiable}
         if eager:  # the gradients are not outputs there
             ctx.set_materialize_grads(False)
         else:
@@ -295,7 +293,7 @@ def register(family: Family) -> Family:
             if not ctx.computed[name]:
                 raise RuntimeError(f"lossops: lossops::{family.name} ran with grad_{name}=False; call "
                                    f"lossops.{family.name} with grad mode enabled and {name} requiring grad")
-            result.append(_reduce.apply_grad_output(ctx.states[name], saved[name], grad_loss, ctx.item_shape))
+            result.append(_reduce.apply_grad_output(saved[name], grad_loss, ctx.item_shape))
         return (*result, *(None,) * (n_opt + len(differentiable) + 1))
 
     def recomputed_backward(ctx, grad_loss, first_input):

@@ -54,6 +54,15 @@ def _is_one(grad_output: torch.Tensor) -> bool:
             and not _tracing(grad_output) and grad_output.item() == 1)  # item(): a fifth of a tensor compare
 
 
+def _graph_kept() -> bool:
+    """Inside a backward: whether it keeps the graph (retain_graph=True); True when that cannot be known."""
+    try:
+        from . import _cpp
+        return _cpp.host().graph_kept()
+    except ImportError:
+        return True
+
+
 def mark_gradient_outputs(ctx, *outputs) -> None:
     """For setup_context: outputs that carry the gradients written in forward are buffers for backward, not
     results to differentiate. Without set_materialize_grads(False) autograd would also fill an input-sized
@@ -68,33 +77,23 @@ def refuse_double_backward() -> None:
         raise RuntimeError("lossops: double backward (create_graph=True through a lossops loss) is not supported")
 
 
-def apply_grad_output(ctx, grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None):
+def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, item_shape=None):
     """grad_input = (gradient written in forward) * grad_output.
 
     grad_output is a scalar, or one value per item for reduction='none' (item_shape: how it broadcasts
-    against the gradient, e.g. (outer, 1, inner) for row losses). A scalar != 1 (GradScaler's scale) is
-    applied in place so no second N x C buffer is allocated; ctx remembers the factor so that a second
-    backward through the same graph (retain_graph=True, gradcheck) still gets exact results.
+    against the gradient, e.g. (outer, 1, inner) for row losses). A backward that frees the graph scales the
+    buffer in place (no second N x C buffer, e.g. for GradScaler's scale) and hands the buffer itself out: the
+    node lets go of it, so nothing else reads it. A backward that keeps the graph (retain_graph=True,
+    gradcheck) hands out a new tensor, so a hook that modifies its gradient in place cannot change what a
+    later backward through the same graph computes.
     """
     if grad_output is None:  # the loss did not reach the result (materialize_grads is off): no gradient
         return None
     refuse_double_backward()
-    applied = getattr(ctx, "lossops_applied_scale", None)
-    if applied is None and _is_one(grad_output):
-        # handed out as it is (it may become a leaf's .grad): a later backward must not scale it in place
-        ctx.lossops_applied_scale = grad_output.detach().clone()
-        return grad
     if item_shape is not None and grad_output.dim() > 0:
         grad_output = grad_output.reshape(item_shape)
-    if _tracing(grad_output):
+    if _tracing(grad_output) or grad_output.dim() > 0 or _graph_kept():
         return grad * grad_output
-    if applied is not None:  # a second backward: undo the first call's scale
-        if not bool((applied != 0).all()):
-            raise RuntimeError("lossops: a second backward through this loss cannot recover its gradient "
-                               "(the first backward scaled it by zero in place); use retain_graph=False")
-        return grad * (grad_output / applied)
-    if grad_output.dim() > 0:
-        return grad * grad_output
-    ctx.lossops_applied_scale = grad_output.detach().clone()
-    grad.data.mul_(grad_output)  # .data: the saved tensor's version counter stays valid for a second backward
+    if not _is_one(grad_output):
+        grad.data.mul_(grad_output)  # .data: no version bump on a buffer nobody else holds
     return grad
