@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -83,7 +84,8 @@ at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out) {
 }
 
 // The mean's denominator as the custom op's 0-d tensor holds it (rounded to the accumulation type), and the
-// gradient's scale (its reciprocal for "mean", computed in that type; 1 otherwise).
+// gradient's scale (its reciprocal for "mean", computed in that type; 1 otherwise). A mean over nothing (every
+// target ignored, or every kept weight 0) is NaN with a zero gradient, as lossops._reduce.mean has it.
 struct Denominator {
   double value, gradient_scale;
 };
@@ -92,7 +94,8 @@ Denominator denominator_of(double exact, at::ScalarType acc, Reduction reduction
   const bool fp64 = acc == at::kDouble;
   const double value = fp64 ? exact : static_cast<float>(exact);
   double scale = 1.0;
-  if (reduction == Reduction::kMean) scale = fp64 ? 1.0 / value : static_cast<double>(1.0f / static_cast<float>(value));
+  if (reduction == Reduction::kMean)
+    scale = value == 0 ? 0.0 : fp64 ? 1.0 / value : static_cast<double>(1.0f / static_cast<float>(value));
   return {value, scale};
 }
 
@@ -106,7 +109,9 @@ at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at:
   }
   const bool fp64 = acc == at::kDouble;
   double value = fp64 ? *total.const_data_ptr<double>() : *total.const_data_ptr<float>();
-  if (reduction == Reduction::kMean)
+  if (reduction == Reduction::kMean && denominator.value == 0)
+    value = std::numeric_limits<double>::quiet_NaN();
+  else if (reduction == Reduction::kMean)
     value = fp64 ? value / denominator.value
                  : static_cast<double>(static_cast<float>(value) / static_cast<float>(denominator.value));
   return scalar_loss(value, acc, out);

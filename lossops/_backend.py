@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
@@ -72,7 +73,13 @@ def triton_interpreted() -> bool:
 # once, when the function is compiled, and becomes a constant of the graph.
 @torch.compiler.assume_constant_result
 def resolve(device: torch.device) -> str:
-    """The concrete backend for tensors on `device`, or a RuntimeError saying why none can serve it."""
+    """The concrete backend for tensors on `device`, or a RuntimeError saying why none can serve it.
+
+    Forward-mode AD and functorch's grad/jvp transforms take the reference backend whatever was asked: the
+    kernels' ops carry a backward formula only, and plain PyTorch has every derivative (jvp, hessian).
+    """
+    if derivatives_beyond_kernels():
+        return "reference"
     name = get_backend()
     if name == "auto":
         if device.type == "cpu":
@@ -95,6 +102,19 @@ def resolve(device: torch.device) -> str:
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"lossops: the triton backend cannot serve tensors on {device}")
     return name
+
+
+def derivatives_beyond_kernels() -> bool:
+    """Whether derivatives the kernels do not provide may be asked of this call: a forward-AD dual level is
+    open, or a functorch transform that differentiates (grad, jvp, and what is built on them: jacrev,
+    jacfwd, hessian) is active. vmap alone runs the kernels."""
+    if _forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 _cpp_loaded = False

@@ -173,4 +173,4 @@ def reduce_reference(loss: Tensor, reduction: str, denominator) -> Tensor:
     total = loss.sum()
     if reduction == "sum":
         return total
-    return total / (denominator.to(total.dtype) if isinstance(denominator, Tensor) else denominator)
+    return _reduce.mean(total, denominator.to(total.dtype) if isinstance(denominator, Tensor) else denominator)

@@ -28,10 +28,21 @@ def class_index_denominator(target: torch.Tensor, weight: torch.Tensor | None, i
 
 
 def gradient_scale(reduction: str, denominator: torch.Tensor) -> torch.Tensor:
-    """What the kernels multiply the gradient by in forward: 1/denominator for mean, 1 otherwise."""
+    """What the kernels multiply the gradient by in forward: 1/denominator for mean (0 when the denominator
+    is 0, see mean()), 1 otherwise."""
     if reduction == "mean":
-        return denominator.reciprocal()
+        return torch.where(denominator == 0, 0, denominator.reciprocal())
     return torch.ones((), dtype=denominator.dtype, device=denominator.device)
+
+
+def mean(total: torch.Tensor, denominator) -> torch.Tensor:
+    """total / denominator for a mean over kept items, with one rule for a mean over nothing (every target
+    ignored, or every kept item's weight 0): the loss is NaN, as torch's, and every gradient through it 0,
+    never NaN or inf (torch's cross-entropy agrees when all targets are ignored). No host sync."""
+    if not isinstance(denominator, torch.Tensor):
+        return total / denominator if denominator != 0 else total * 0 + float("nan")
+    empty = denominator == 0
+    return torch.where(empty, float("nan"), total / torch.where(empty, 1, denominator))
 
 
 def reduce(reduction: str, per_item: torch.Tensor, total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -39,7 +50,7 @@ def reduce(reduction: str, per_item: torch.Tensor, total: torch.Tensor, denomina
         return per_item
     if reduction == "sum":
         return total
-    return total / denominator
+    return mean(total, denominator)
 
 
 def _tracing(t: torch.Tensor) -> bool:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _family
+from . import _backend, _checks, _family, _reduce
 from .losses.linear_cross_entropy import check_last_dim_target
 
 
@@ -220,7 +220,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         elif o.reduction == "sum":
             loss = ce.sum() if z is None else ce.sum() + z.sum()
         else:  # the z-loss is averaged over the non-ignored rows, not weighted (as lossops.cross_entropy)
-            loss = ce.sum() / ce_denominator if z is None else ce.sum() / ce_denominator + z.sum() / z_denominator
+            loss = _reduce.mean(ce.sum(), ce_denominator)
+            if z is not None:
+                loss = loss + _reduce.mean(z.sum(), z_denominator)
 
         ctx.save_for_backward(local_logits, t, local_weight, lse, w_t, ce_denominator, z_denominator)
         ctx.options, ctx.backend, ctx.weight_sum = o, backend, weight_sum
@@ -232,7 +234,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         o = ctx.options
         valid = t != o.ignore_index
         g = grad_loss.reshape(-1).to(lse.dtype) if o.reduction == "none" else grad_loss.to(lse.dtype).expand(lse.shape)
-        g_ce, g_z = (g / ce_denominator, g / z_denominator) if o.reduction == "mean" else (g, g)
+        g_ce, g_z = ((g * _reduce.gradient_scale("mean", ce_denominator), g * _reduce.gradient_scale("mean", z_denominator))
+                     if o.reduction == "mean" else (g, g))
         eps = o.label_smoothing
         g_ce = torch.where(valid, g_ce, 0)
         coefficients = torch.stack([

@@ -369,7 +369,7 @@ def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tens
         z = z * keep
         denominator = keep.sum().to(lse.dtype)
     reduction = options.reduction
-    z_reduced = z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / denominator
+    z_reduced = z if reduction == "none" else z.sum() if reduction == "sum" else _reduce.mean(z.sum(), denominator)
     return (loss + z_reduced).to(loss.dtype)
 
 

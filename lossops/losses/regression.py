@@ -154,8 +154,10 @@ def _regression(family: _family.Family, options, input: Tensor, target: Tensor, 
     if factor is not None:
         denominator = factor
     elif weight is not None and family in (L1_LOSS, MSE_LOSS):
-        # torch: sum(loss * weight) / sum(weight); a broadcast weight repeats each element numel / weight.numel() times
-        denominator = weight.detach().sum(dtype=_checks.opmath_dtype(dtype)) * (x.numel() // max(weight.numel(), 1))
+        # torch: sum(loss * weight) / sum(weight), differentiable in weight too (the kernels detach it: a weight
+        # that requires grad takes the reference path); a broadcast weight repeats each element
+        # numel / weight.numel() times
+        denominator = weight.sum(dtype=_checks.opmath_dtype(dtype)) * (x.numel() // max(weight.numel(), 1))
     else:
         denominator = x.numel()
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _reduce
 
 
 # The keywords and their defaults, with the per-token outputs' (lossops/losses/token_stats.py): the DTensor paths
@@ -77,15 +77,17 @@ def reduce_tokens(per_token: Callable[[Optional[Tensor], str, float], Tensor], t
                 # two means with their own denominators: the class-weighted cross-entropy and the z-loss
                 cross_entropy_part = per_token(weight, "none", 0.0)
                 both = per_token(weight, "none", lse_square_scale)
-                ce = (cross_entropy_part.to(acc) * keep_weight).sum() / weighted
-                z = ((both.to(acc) - cross_entropy_part.to(acc)) * keep_weight).sum() / denominator
+                ce = _reduce.mean((cross_entropy_part.to(acc) * keep_weight).sum(), weighted)
+                z = _reduce.mean(((both.to(acc) - cross_entropy_part.to(acc)) * keep_weight).sum(), denominator)
                 return (ce + z).to(both.dtype)
             denominator = weighted
     loss = per_token(weight, "none", lse_square_scale)
     total = (loss.to(acc) * keep_weight).sum()
     if reduction == "sum":
         return total.to(loss.dtype)
-    return (total / (num_items_in_batch if num_items_in_batch is not None else denominator)).to(loss.dtype)
+    if num_items_in_batch is not None:
+        return (total / num_items_in_batch).to(loss.dtype)
+    return _reduce.mean(total, denominator).to(loss.dtype)
 
 
 def _check_num_items(value, reduction: str, target: Tensor) -> None:
