@@ -48,7 +48,7 @@ def same_device(reference: torch.Tensor, **others) -> None:
 
 def same_dtype(reference: torch.Tensor, **others) -> None:
     """Where torch requires a tensor to have the input's dtype (autocast casts them together, so not there)."""
-    if torch.is_autocast_enabled(reference.device.type):
+    if autocast_enabled(reference.device):
         return
     for name, value in others.items():
         if value is not None and value.dtype != reference.dtype:
@@ -143,7 +143,7 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def output_dtype(input: torch.Tensor) -> torch.dtype:
     """Under autocast torch runs losses in float32; otherwise the loss has the input's dtype."""
-    if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
+    if input.dtype != torch.float64 and autocast_enabled(input.device):
         return torch.float32
     return input.dtype
 
@@ -161,3 +161,21 @@ def broadcast_shape(input_shape, target_shape) -> torch.Size:
                                f"at non-singleton dimension {dim}")
         out.append(y if x == 1 else x)
     return torch.Size(out)
+
+
+def distinct_memory(t: torch.Tensor) -> bool:
+    """Whether no two elements of `t` share memory. Sufficient test: with the dimensions of size > 1 sorted by
+    stride, each stride reaches past everything the smaller-strided dimensions span (what torch proves for
+    dense tensors; a sliced view passes, an expanded or overlapping one does not)."""
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    span = 0  # the largest offset the dimensions so far reach
+    for stride, size in dims:
+        if stride <= span:
+            return False
+        span += (size - 1) * stride
+    return True
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """torch.is_autocast_enabled for a device type that may have no autocast at all (meta): then False."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)

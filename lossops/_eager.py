@@ -35,13 +35,13 @@ def applies(*tensors) -> bool:
     return _no_mode_active()
 
 
-def cpp_module(input, *others):
+def cpp_module(input, target, *others):
     """For a call that has not been through the Python checks yet: the C++ module when every tensor is a plain
     CPU tensor, neither torch.compile nor forward AD is active and the cpp backend would serve it, else None.
     The C++ eager functions make the rest of applies()'s checks themselves (function and dispatch modes,
     functorch, autocast: thread-local reads there) and return None when one is active; at a few microseconds
     a call, each Python layer counts."""
-    if type(input) is not _Tensor or not input.is_cpu:
+    if type(input) is not _Tensor or not input.is_cpu or type(target) is not _Tensor:
         return None
     for t in others:
         if t is not None and type(t) is not _Tensor:

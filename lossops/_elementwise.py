@@ -118,7 +118,11 @@ def avg_factor(value, reduction: str):
         return None
     if reduction == "sum":
         raise ValueError('lossops: avg_factor can not be used with reduction="sum"')
-    if not isinstance(value, Tensor):
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"lossops: avg_factor must be a number or a one-element tensor, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+    else:
         value = float(value)
         if value != value:
             raise ValueError(f"lossops: avg_factor must be a number, got {value}")
@@ -130,7 +134,7 @@ def kernel_operands(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     low-precision input with a float32 target is read as is (the kernels accumulate in float32 anyway), so no
     float32 copy of the input is made. A target that needs a gradient is always promoted."""
     dtype = torch.promote_types(input.dtype, target.dtype)
-    if (torch.is_autocast_enabled(input.device.type) and input.dtype in (torch.bfloat16, torch.float16)
+    if (_checks.autocast_enabled(input.device) and input.dtype in (torch.bfloat16, torch.float16)
             and target.dtype == torch.float32 and not (torch.is_grad_enabled() and target.requires_grad)):
         return input, target
     return input.to(dtype), target.to(dtype)
@@ -161,7 +165,7 @@ def elementwise_loss(family: _family.Family, input: Tensor, target: Tensor, *, o
                "denominator": denominator_tensor(denominator, input)}
     loss = family.apply(backend, tensors, options,
                         {"input": grad_enabled and input.requires_grad, "target": target_grad})
-    if out_dtype is None or torch.is_autocast_enabled(input.device.type):
+    if out_dtype is None or _checks.autocast_enabled(input.device):
         out_dtype = _checks.output_dtype(input)
     return loss.to(out_dtype)
 

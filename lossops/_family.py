@@ -394,11 +394,26 @@ def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: t
     def forward(self, *args, **kwargs):
         return function(*args, **{name: getattr(self, name) for name in stored}, **kwargs)
 
+    def extra_repr(self):
+        return options_repr({name: getattr(self, name) for name in stored},
+                            {p.name: p.default for p in params if p.name in stored})
+
     __init__.__signature__ = init_signature
     return type(class_name, (torch.nn.Module,), {
-        "__init__": __init__, "forward": forward, "__module__": "lossops.nn",
+        "__init__": __init__, "forward": forward, "extra_repr": extra_repr, "__module__": "lossops.nn",
         "__doc__": doc or f"lossops.{family.name} as a Module: arguments as the function's, stored at construction.",
     })
+
+
+def options_repr(values: dict, defaults: dict) -> str:
+    """A loss Module's options for its repr: those that differ from the defaults (tensors by shape)."""
+    shown = []
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            shown.append(f"{name}=Tensor{tuple(value.shape)}")
+        elif name not in defaults or not (value is defaults[name] or value == defaults[name]):
+            shown.append(f"{name}={value!r}")
+    return ", ".join(shown)
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:

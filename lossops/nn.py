@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._family import FAMILIES as _FAMILIES
+from ._family import FAMILIES as _FAMILIES, options_repr as _family_options_repr
 from .losses import focal as _focal
 
 globals().update({family.module.__name__: family.module for family in _FAMILIES.values() if family.module})
@@ -43,6 +43,17 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         self.lse_square_scale, self.softcap, self.chunk_size = lse_square_scale, softcap, chunk_size
         self.temperature, self.return_token_stats = temperature, return_token_stats
 
+    def extra_repr(self):
+        options = _family_options_repr(
+            {"reduction": self.reduction, "ignore_index": self.ignore_index, "label_smoothing": self.label_smoothing,
+             "options": self.options, "lse_square_scale": self.lse_square_scale, "softcap": self.softcap,
+             "chunk_size": self.chunk_size, "temperature": self.temperature,
+             "return_token_stats": self.return_token_stats, "weight": self.weight},
+            {"reduction": "mean", "ignore_index": None, "label_smoothing": 0.0, "options": None, "lse_square_scale": 0.0,
+             "softcap": None, "chunk_size": None, "temperature": 1.0, "return_token_stats": False, "weight": None})
+        head = f"num_classes={self.num_classes}" + (f", out_features={self.out_features}" if self.out_features else "")
+        return head + (", " + options if options else "")
+
     def forward(self, input: Tensor, target: Tensor, *, token_weight: Optional[Tensor] = None,
                 num_items_in_batch=None):
         """torch's forward(input, target); token_weight and num_items_in_batch as lossops.linear_cross_entropy."""
@@ -66,6 +77,10 @@ class FocalLoss(torch.nn.Module):
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "mean", *, ignore_index: int = -100):
         super().__init__()
         self.alpha, self.gamma, self.reduction, self.ignore_index = alpha, gamma, reduction, ignore_index
+
+    def extra_repr(self):
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}" + (
+            f", ignore_index={self.ignore_index}" if self.ignore_index != -100 else "")
 
     def forward(self, inputs: Tensor, targets: Tensor, *, weight: Optional[Tensor] = None, avg_factor=None) -> Tensor:
         if targets.is_floating_point():

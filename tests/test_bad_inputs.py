@@ -283,8 +283,7 @@ CASES = (
          ("gamma", "-1"), ours_only=True),
     Case("gamma_below_one", lambda op: any_call(op, gamma=0.5),
          ("sigmoid_focal_loss", "softmax_focal_loss")),
-    Case("alpha_above_one", lambda op: any_call(op, alpha=1.5), ("sigmoid_focal_loss",), ("alpha", "1.5"),
-         ours_only=True),
+    Case("alpha_above_one", lambda op: any_call(op, alpha=1.5), ("sigmoid_focal_loss",)),  # torchvision takes it
     Case("alpha_negative_disables", lambda op: any_call(op, alpha=-1.0), ("sigmoid_focal_loss",)),
     # ---- per-class weights (cross_entropy's weight, softmax focal's alpha tensor)
     *(Case(case_id, lambda op, make=make: _weight_call(op, make(), CLASS_WEIGHT[op.name]), tuple(CLASS_WEIGHT),

@@ -179,9 +179,13 @@ def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weig
     probabilities = target.shape == input.shape
     _check_target(input, target, probabilities, ignore_index)
 
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if inplace_backward and needs_grad:
+        _check_inplace_backward(input)
     backend = _backend.resolve(input.device)
-    if backend == "reference" or (probabilities and target.requires_grad):
-        # Gradients with respect to probability targets come from the plain-PyTorch path.
+    if backend == "reference" or (torch.is_grad_enabled() and (
+            (probabilities and target.requires_grad) or (weight is not None and weight.requires_grad))):
+        # Gradients with respect to probability targets and class weights come from the plain-PyTorch path.
         return family.reference(input, target, weight, options)
 
     logits3 = class_rows(input)
@@ -194,7 +198,6 @@ def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weig
         target_k = target.reshape(-1).to(torch.int64).contiguous()
     item_shape = target.shape if not probabilities else input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
 
-    needs_grad = torch.is_grad_enabled() and input.requires_grad
     tensors = {"input": logits3, "target": target_k, "weight": weight}
     if inplace_backward and needs_grad and not torch.compiler.is_compiling():
         loss = _InplaceRowSoftmaxLoss.apply(input, family, tensors, options, backend)
@@ -206,6 +209,18 @@ def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weig
     if probabilities:  # torch's loss is input * target: a float64 target makes a float64 loss
         out_dtype = torch.promote_types(out_dtype, target.dtype)
     return loss.to(out_dtype)
+
+
+def _check_inplace_backward(input: Tensor) -> None:
+    """inplace_backward=True writes the gradient over the logits: a leaf would lose its values and its .grad,
+    and memory that several elements share (an expanded or overlapping view) would be written twice."""
+    if input.is_leaf:
+        raise RuntimeError("lossops: inplace_backward=True would overwrite a leaf tensor that requires grad "
+                           "(its values and its .grad would be lost); pass inplace_backward=False")
+    if not _checks.distinct_memory(input):
+        raise RuntimeError(f"lossops: inplace_backward=True needs logits whose elements each have memory of their "
+                           f"own, got a view of shape {tuple(input.shape)} with strides {input.stride()} (expanded or "
+                           f"overlapping); pass inplace_backward=False, or a .contiguous() copy")
 
 
 def _check_target(input: Tensor, target: Tensor, probabilities: bool, ignore_index: int) -> None:
@@ -315,9 +330,6 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, family, tensors, options, backend):
-        if input.is_leaf:
-            raise RuntimeError("lossops: inplace_backward=True would overwrite a leaf tensor that requires grad "
-                               "(its values and its .grad would be lost); pass inplace_backward=False")
         weight, arguments = family.kernel_options(tensors, options)
         loss = softmax_rows(backend, tensors["input"], tensors["target"], weight, None, **arguments)
         ctx.save_for_backward(input, tensors["target"], weight)

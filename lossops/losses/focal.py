@@ -154,10 +154,11 @@ def _gamma(gamma) -> float:
 
 
 def _alpha(alpha) -> float:
-    """torchvision: alpha in [0, 1] weighs positives, a negative alpha disables the term."""
+    """torchvision: alpha weighs positives and 1 - alpha negatives (any finite value, as torchvision takes it);
+    a negative alpha disables the term."""
     value = float(alpha)
-    if value != value or value > 1 or math.isinf(value):
-        raise ValueError(f"lossops: alpha must be in [0, 1] (or negative to disable it), got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"lossops: alpha must be a finite number (negative disables it), got {value}")
     return value
 
 

@@ -108,7 +108,7 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
     if options is not None and chunk_size is None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     hidden, bias = input, linear_bias
-    if torch.is_autocast_enabled(hidden.device.type) and hidden.is_floating_point() and linear_weight.is_floating_point():
+    if _checks.autocast_enabled(hidden.device) and hidden.is_floating_point() and linear_weight.is_floating_point():
         # As F.linear would under autocast: the matmuls run in the autocast dtype, the loss in float32.
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, linear_weight = hidden.to(dtype), linear_weight.to(dtype)

@@ -32,7 +32,7 @@ DEFAULTS = {"temperature": 1.0, "token_weight": None, "num_items_in_batch": None
 
 def temperature(value) -> float:
     value = _checks.real("temperature", value)
-    if not (value > 0 and math.isfinite(value)):
+    if not (value > 0 and value < math.inf):  # comparisons only: a SymFloat under dynamic shapes has no isfinite
         raise ValueError(f"lossops: temperature must be a positive finite number, got {value}")
     return value
 
