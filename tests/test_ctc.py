@@ -216,3 +216,12 @@ def test_padding_beyond_the_target_lengths_is_never_read(backend):
         padded[n, length:] = -1  # a common padding value, out of range for every class
     lp = logits.log_softmax(-1)
     assert_close(lossops.ctc_loss(lp, padded, il, tl), F.ctc_loss(lp, targets, il, tl))
+
+
+@pytest.mark.parametrize("lengths", [[2 ** 62, 2 ** 62], [2 ** 63 - 1, 5]])
+def test_concatenated_target_lengths_past_int64_are_refused_clearly(backend, lengths):
+    # their int64 sum wraps around to a small or negative number
+    log_probs = torch.randn(10, 2, 5).log_softmax(-1)
+    for target_lengths in (torch.tensor(lengths), lengths):
+        with pytest.raises(RuntimeError, match="target_lengths|targets tensor of 4"):
+            lossops.ctc_loss(log_probs, torch.tensor([1, 2, 3, 1]), torch.tensor([10, 10]), target_lengths)

@@ -142,12 +142,13 @@ _BOUNDS = {"input_lengths": "the time steps of log_probs ({})", "target_lengths"
 def _check_total_target_length(target_lengths: Tensor, targets: Tensor) -> None:
     """Concatenated targets: the lengths must not add up to more values than there are."""
     if target_lengths.device.type == "cpu":
-        total = int(target_lengths.sum())
+        total = sum(target_lengths.tolist())  # Python integers: huge lengths cannot wrap around to a small sum
         if total > targets.numel():
             raise RuntimeError(f"lossops: target_lengths sum to {total} but the concatenated targets have "
                                f"{targets.numel()} values")
     elif target_lengths.numel():
-        torch._assert_async(target_lengths.sum() <= targets.numel(),
+        # each length bounded first, so the int64 sum cannot wrap
+        torch._assert_async((target_lengths <= targets.numel()).all() & (target_lengths.sum() <= targets.numel()),
                             f"lossops: target_lengths sum to more than the {targets.numel()} concatenated targets")
 
 
