@@ -122,6 +122,7 @@ def avg_factor(value, reduction: str):
         if value.numel() != 1:
             raise ValueError(f"lossops: avg_factor must be a number or a one-element tensor, got a tensor of shape "
                              f"{tuple(value.shape)}")
+        value = value.reshape(())  # the loss stays 0-d whatever the factor's shape
     else:
         value = float(value)
         if value != value:

@@ -367,8 +367,13 @@ def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tens
     """Plain-PyTorch cross-entropy with the extras; the "reference" backend."""
     softcap, lse_square_scale = options.softcap, options.lse_square_scale
     logits = softcap * torch.tanh(input / softcap) if softcap is not None else input
-    loss = F.cross_entropy(logits, target, weight, ignore_index=options.ignore_index, reduction=options.reduction,
-                           label_smoothing=options.label_smoothing)
+    index_mean = options.reduction == "mean" and target.shape != input.shape
+    loss = F.cross_entropy(logits, target, weight, ignore_index=options.ignore_index,
+                           reduction="sum" if index_mean else options.reduction, label_smoothing=options.label_smoothing)
+    if index_mean:  # lossops' rule for a mean over nothing (NaN, zero gradient), where torch's gradient is NaN
+        classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+        loss = _reduce.mean(loss, _reduce.class_index_denominator(target, weight, options.ignore_index, classes,
+                                                                  loss.dtype))
     if lse_square_scale == 0:
         return loss
     class_dim = 1 if input.dim() > 1 else 0
