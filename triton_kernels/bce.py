@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .elementwise import aot_kernels, kernel_function, logistic
+from .elementwise import family_calls as elementwise_calls, kernel_function, logistic
 
 
 @triton.jit
@@ -21,4 +21,5 @@ def _bce_with_logits(x, t, pos_weight, p0, p1):
 
 bce_with_logits = kernel_function(_bce_with_logits)
 
-AOT_KERNELS = aot_kernels(_bce_with_logits, grad_target=True)
+def aot_calls():
+    return elementwise_calls(bce_with_logits, has_aux=True, grad_target=True)

@@ -4,21 +4,34 @@ Only tl.exp / tl.log are used for transcendental functions: libdevice is not ava
 interpreter (TRITON_INTERPRET=1), which is how these kernels are tested without a GPU.
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Largest class/element tile a program holds in registers at once; larger rows are looped over.
-MAX_BLOCK = 8192 if not os.environ.get("TRITON_INTERPRET") == "1" else 1 << 16
+
+# Largest class/element tile a program holds in registers at once; larger rows are looped over. The same under the
+# interpreter, so the tests take the GPU's multi-block path (C > MAX_BLOCK, its last block partly masked).
+MAX_BLOCK = 8192
+# float64 values take two registers each, and the options' per-element terms (softcap, weights, smoothing) stay
+# live across a block: a float64 tile holds a quarter of the values (8 per thread at most), or ptxas spills
+# (docs/triton-kernels.md lists the registers of every variant).
+FLOAT64_BLOCK_DIVISOR = 4
 
 
-def launch_config(n: int, max_block: int = MAX_BLOCK) -> dict:
-    """Block size and warp count for a loop over n elements: the one place this policy lives."""
+def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.float32, gather: bool = False) -> dict:
+    """Block size and warp count for a loop over n elements accumulated in `acc`: the one place this policy lives.
+
+    gather: the elements are strided (a class-dim-1 layout), so each one is loaded or stored through its own 64-bit
+    address instead of one vector per thread: half the block, or the addresses alone fill the registers."""
+    double = acc == torch.float64
+    if double:
+        max_block //= FLOAT64_BLOCK_DIVISOR
+    if gather:
+        max_block //= 2
     block = min(triton.next_power_of_2(max(int(n), 1)), max_block)
     block = max(block, 16)
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    num_warps = 4 if block <= (1024 if double else 2048) else 8
     return {"BLOCK": block, "num_warps": num_warps}
 
 
@@ -46,6 +59,14 @@ def raise_if_flagged(flag, out_of_bounds):
     value = int(flag[0])
     if value != 0:
         raise out_of_bounds(value)
+
+
+@triton.jit
+def strided(index, stride):
+    """index * stride as a 64-bit offset. A class index is 32-bit, and so is a stride below 2^31 once Triton
+    specialises it: their product wraps for class-dim-1 layouts (the class stride is the inner size, and
+    128256 classes x 16744 positions pass 2^31) unless it is formed in 64 bits."""
+    return index.to(tl.int64) * stride
 
 
 @triton.jit

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, expm1, float_options, launch_config, pow_nonneg, raise_if_flagged, softcap
+from . import aot
+from .common import acc_dtype, expm1, float_options, launch_config, pow_nonneg, raise_if_flagged, softcap, strided
 
 
 @triton.jit
@@ -76,11 +77,11 @@ def cross_entropy_kernel(
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
-        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
         m, s = _online_logsumexp(m, s, x)
         x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
         if PROB_TARGET:
-            q = tl.load(T + cols * stride_tc, mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
+            q = tl.load(T + strided(cols, stride_tc), mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
             if HAS_WEIGHT:
                 q = q * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
             q = tl.where(mask, q, 0.0)
@@ -141,10 +142,10 @@ def cross_entropy_kernel(
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < C
-            x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+            x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
             g = coef * tl.exp((x - m) - log_sum)
             if PROB_TARGET:
-                q = tl.load(T + cols * stride_tc, mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
+                q = tl.load(T + strided(cols, stride_tc), mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
                 if HAS_WEIGHT:
                     q = q * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
                 g -= q
@@ -166,7 +167,7 @@ def cross_entropy_kernel(
                 t = x / cap
                 g = g * (1.0 - t * t)
             g = tl.where(mask, g * scale, 0.0)
-            tl.store(G + cols * stride_gc, g.to(G.dtype.element_ty), mask=cols < written)
+            tl.store(G + strided(cols, stride_gc), g.to(G.dtype.element_ty), mask=cols < written)
 
 
 def _strides3(t):
@@ -205,7 +206,8 @@ def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing,
     wsum = weight.sum() if (weight is not None and smoothing) else flag  # flag: an unread placeholder
     target_strides = _strides3(target) if prob_target else (0, 0, 0)
     g = grad if grad is not None else logits3
-    cfg = launch_config(C)
+    gather = logits3.stride(1) != 1 or g.stride(1) != 1 or (prob_target and target.stride(1) != 1)
+    cfg = launch_config(C, acc=acc, gather=gather)
     params = float_options((float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
                             float(max(focal_gamma, 0.0))), acc, logits3.device)
     # Device-side, so nothing waits for it: nonzero when some target is invalid (see the module docstring).
@@ -241,7 +243,7 @@ def shard_stats_kernel(
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < read
-        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
         m, s = _online_logsumexp(m, s, x)
         x0 = tl.where(mask, x, 0.0)
         if HAS_WEIGHT:
@@ -275,7 +277,7 @@ def shard_grad_kernel(
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < read
-        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
         g = a * tl.exp(x - lse) - tl.where(cols == local, b, 0.0)
         if HAS_WEIGHT:
             g -= d * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
@@ -287,12 +289,14 @@ def shard_grad_kernel(
         tl.store(G + cols, tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
 
 
-def _softcap_launch(input, softcap):
+def _softcap_launch(input, softcap, grad=None):
     """(accumulation dtype, [softcap] options tensor, launch flags) for the kernels whose only float option is the
     softcap, over rows of input.shape[1] classes (the shard and token-statistics kernels)."""
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     params = float_options((float(softcap) if softcap is not None else 1.0,), acc, input.device)
-    return acc, params, dict(SOFTCAP=softcap is not None, ACC=acc_dtype(input.dtype), **launch_config(input.shape[1]))
+    gather = input.stride(1) != 1 or (grad is not None and grad.stride(1) != 1)
+    return acc, params, dict(SOFTCAP=softcap is not None, ACC=acc_dtype(input.dtype),
+                             **launch_config(input.shape[1], acc=acc, gather=gather))
 
 
 def cross_entropy_shard_stats(*, input, target, weight, class_offset, ignore_index, softcap):
@@ -310,7 +314,7 @@ def cross_entropy_shard_stats(*, input, target, weight, class_offset, ignore_ind
 def cross_entropy_shard_grad(*, input, target, weight, grad, lse, coefficients, class_offset, softcap):
     """Writes grad = softcap' * (A exp(x - lse) - B [j = target - class_offset] - D w_j) per row (coefficients
     (N, 3) = A, B, D; a row of three zeros gets zeros)."""
-    _, params, flags = _softcap_launch(input, softcap)
+    _, params, flags = _softcap_launch(input, softcap, grad)
     if input.shape[0]:
         shard_grad_kernel[(input.shape[0],)](
             input, *input.stride(), target, weight if weight is not None else lse, grad, lse, coefficients, params,
@@ -346,7 +350,7 @@ def token_stats_kernel(
     best = tl.zeros((), dtype=tl.int64)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = _load_logits(X + cols * stride_xc, cols < read, SOFTCAP, cap, ACC)
+        x = _load_logits(X + strided(cols, stride_xc), cols < read, SOFTCAP, cap, ACC)
         block_max = tl.max(x, axis=0)
         new_m = tl.maximum(m, block_max)
         safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
@@ -394,14 +398,14 @@ def token_stats_grad_kernel(
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < read
-        x = _load_logits(X + cols * stride_xc, mask, SOFTCAP, cap, ACC)
+        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
         d = tl.maximum(x - lse, _LOWEST_SHIFT)
         g = tl.exp(d) * (a + b * d)
         if SOFTCAP:
             t = x / cap
             g = g * (1.0 - t * t)
         g = tl.where(cols == y, g_y, g)
-        tl.store(G + cols * stride_gc, tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
+        tl.store(G + strided(cols, stride_gc), tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
 
 
 def cross_entropy_token_stats(*, input, target, ignore_index, softcap):
@@ -423,7 +427,7 @@ def cross_entropy_token_stats(*, input, target, ignore_index, softcap):
 def cross_entropy_token_stats_grad(*, input, target, grad, lse, coefficients, ignore_index, softcap):
     """Writes grad (input's shape, not aliasing it) from per-row [a, b, c] coefficients; see the C++ kernel."""
     outer, C, inner = input.shape
-    _, params, flags = _softcap_launch(input, softcap)
+    _, params, flags = _softcap_launch(input, softcap, grad)
     if outer * inner and C:
         token_stats_grad_kernel[(outer * inner,)](input, *_strides3(input), target, grad, *_strides3(grad), lse,
                                                   coefficients, params, inner, C, ignore_index, **flags)
@@ -434,50 +438,79 @@ def _out_of_bounds(value, C, ignore_index):
     return IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
 
 
-def _aot_signature(dtype: str, acc: str):
-    ptr = "*" + dtype
-    sig = {"X": ptr, "stride_xo": "i64", "stride_xc": "i64", "stride_xi": "i64",
-           "T": "*i64", "stride_to": "i64", "stride_tc": "i64", "stride_ti": "i64",
-           "W": "*" + acc, "WSUM": "*" + acc, "G": ptr, "stride_go": "i64", "stride_gc": "i64", "stride_gi": "i64",
-           "LOSS": "*" + acc, "LSE": "*" + acc, "BAD": "*i64", "HOLD": "*i32", "SCALE": "*" + acc,
-           "PARAMS": "*" + acc, "inner": "i64", "C": "i64", "ignore_index": "i64"}
-    return sig
+# --- ahead-of-time variants (triton_kernels/aot.py, tests/test_triton_aot.py) ------------------------------------
+
+AOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+AOT_CLASSES = (10, 1000, 32000, 128256, 262144)
+_WIDE = 1 << 31  # an integer argument from here on is specialised as i64
 
 
-def _aot_constexprs(**flags):
-    base = dict(PROB_TARGET=False, HAS_WEIGHT=True, SMOOTHING=True, SOFTCAP=True, FOCAL=False, WRITE_GRAD=True,
-                HOLD_ON_BAD=True, ACC=tl.float32, BLOCK=4096)
-    base.update(flags)
-    return base
+def _aot_logits(dtype, classes, layout, wide):
+    """An (outer, C, inner) view as the route passes it: classes last ("last"; "wide": rows 2^31 elements apart),
+    a contiguous class-dim-1 tensor ("dim1"; "wide": inner positions so that C x inner passes 2^31), or class-last
+    storage read as class-dim-1 ("transposed", the layout of F.cross_entropy(logits.transpose(1, 2), y))."""
+    if layout == "last":
+        rows = aot.meta(4, _WIDE + 16 if wide else classes, dtype=dtype)[:, :classes]
+        return rows.unsqueeze(-1)
+    inner = _WIDE // classes + 1 if wide else 48
+    return aot.meta(2, classes, inner, dtype=dtype, order=(0, 2, 1) if layout == "transposed" else None)
 
 
-_SHARD_AOT = dict(HAS_WEIGHT=True, SOFTCAP=True, ACC=tl.float32, BLOCK=4096)
-_SHARD_STATS_SIGNATURE = {"X": "*bf16", "stride_xr": "i64", "stride_xc": "i64", "T": "*i64", "W": "*fp32",
-                          "STATS": "*fp32", "PARAMS": "*fp32", "C": "i64", "class_offset": "i64", "ignore_index": "i64"}
-_SHARD_GRAD_SIGNATURE = {"X": "*bf16", "stride_xr": "i64", "stride_xc": "i64", "T": "*i64", "W": "*fp32", "G": "*bf16",
-                         "LSE": "*fp32", "COEF": "*fp32", "PARAMS": "*fp32", "C": "i64", "class_offset": "i64"}
+def _aot_cross_entropy(dtype, classes, layout, wide, target, weight, smoothing, softcap, focal, grad):
+    logits3 = _aot_logits(dtype, classes, layout, wide)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    outer, C, inner = logits3.shape
+    labels = aot.meta(outer * inner, dtype=torch.int64) if target == "index" else torch.empty_like(logits3)
+    gradient = {"none": None, "separate": torch.empty(logits3.shape, dtype=dtype, device="meta"),
+                "in place": logits3}[grad]
+    return cross_entropy, dict(input=logits3, target=labels, weight=aot.meta(C, dtype=acc) if weight else None,
+                               grad=gradient, ignore_index=-100, label_smoothing=smoothing, lse_square_scale=1e-4,
+                               softcap=softcap, focal_gamma=focal, grad_scale=aot.meta(dtype=acc))
 
-_STATS_AOT = dict(SOFTCAP=True, ACC=tl.float32, BLOCK=4096)
-_STATS_SIGNATURE = {"X": "*bf16", "stride_xo": "i64", "stride_xc": "i64", "stride_xi": "i64", "T": "*i64",
-                    "STATS": "*fp32", "ARGMAX": "*i64", "BAD": "*i64", "PARAMS": "*fp32", "inner": "i64", "C": "i64",
-                    "ignore_index": "i64"}
-_STATS_GRAD_SIGNATURE = {"X": "*bf16", "stride_xo": "i64", "stride_xc": "i64", "stride_xi": "i64", "T": "*i64",
-                         "G": "*bf16", "stride_go": "i64", "stride_gc": "i64", "stride_gi": "i64", "LSE": "*fp32",
-                         "COEF": "*fp32", "PARAMS": "*fp32", "inner": "i64", "C": "i64", "ignore_index": "i64"}
 
-# (kernel, signature, constexprs) compiled ahead of time for sm_80 / sm_90 by tests/test_triton_aot.py.
-AOT_KERNELS = [
-    (token_stats_kernel, {**_STATS_SIGNATURE, **{k: "constexpr" for k in _STATS_AOT}}, _STATS_AOT),
-    (token_stats_grad_kernel, {**_STATS_GRAD_SIGNATURE, **{k: "constexpr" for k in _STATS_AOT}}, _STATS_AOT),
-    (shard_stats_kernel, {**_SHARD_STATS_SIGNATURE, **{k: "constexpr" for k in _SHARD_AOT}}, _SHARD_AOT),
-    (shard_grad_kernel, {**_SHARD_GRAD_SIGNATURE, **{k: "constexpr" for k in _SHARD_AOT}}, _SHARD_AOT),
-    (cross_entropy_kernel, {**_aot_signature("bf16", "fp32"), **{k: "constexpr" for k in _aot_constexprs()}},
-     _aot_constexprs()),
-    (cross_entropy_kernel, {**_aot_signature("fp32", "fp32"), **{k: "constexpr" for k in _aot_constexprs()}},
-     _aot_constexprs(FOCAL=True, SMOOTHING=False, SOFTCAP=False)),
-    (cross_entropy_kernel, {**_aot_signature("fp16", "fp32"), "T": "*fp16", **{k: "constexpr" for k in _aot_constexprs()}},
-     _aot_constexprs(PROB_TARGET=True)),
-]
-_FP64 = {"*bf16": "*fp64", "*fp32": "*fp64"}
-AOT_KERNELS += [(fn, {k: _FP64.get(v, v) for k, v in signature.items()}, {**constexprs, "ACC": tl.float64})
-                for fn, signature, constexprs in AOT_KERNELS[:5]]
+def _aot_token_stats(dtype, classes, layout, wide, softcap, grad):
+    logits3 = _aot_logits(dtype, classes, layout, wide)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    outer, C, inner = logits3.shape
+    target = aot.meta(outer * inner, dtype=torch.int64)
+    if not grad:
+        return cross_entropy_token_stats, dict(input=logits3, target=target, ignore_index=-100, softcap=softcap)
+    return cross_entropy_token_stats_grad, dict(
+        input=logits3, target=target, grad=torch.empty(logits3.shape, dtype=dtype, device="meta"),
+        lse=aot.meta(outer * inner, dtype=acc), coefficients=aot.meta(outer * inner, 3, dtype=acc), ignore_index=-100,
+        softcap=softcap)
+
+
+def _aot_shard(dtype, classes, wide, weight, softcap, grad):
+    shard = _aot_logits(dtype, classes, "last", wide)[:, :, 0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = shard.shape[0]
+    common = dict(input=shard, target=aot.meta(rows, dtype=torch.int64),
+                  weight=aot.meta(classes, dtype=acc) if weight else None, class_offset=classes, softcap=softcap)
+    if not grad:
+        return cross_entropy_shard_stats, dict(common, ignore_index=-100)
+    return cross_entropy_shard_grad, dict(common, grad=torch.empty(shard.shape, dtype=dtype, device="meta"),
+                                          lse=aot.meta(rows, dtype=acc), coefficients=aot.meta(rows, 3, dtype=acc))
+
+
+def _focal_alone(case):
+    # Softmax focal loss: class-index targets, no smoothing and no softcap (lossops.softmax_focal_loss).
+    return case["focal"] is None or (case["target"] == "index" and not case["smoothing"] and case["softcap"] is None)
+
+
+def aot_calls():
+    """(host function, arguments) calls covering what the route passes these kernels (see triton_kernels/aot.py)."""
+    shape = dict(dtype=AOT_DTYPES, classes=AOT_CLASSES, layout=("last", "dim1", "transposed"), wide=(False, True))
+    options = dict(target=("prob", "index"), weight=(False, True), smoothing=(0.0, 0.1), softcap=(None, 30.0),
+                   focal=(2.0, None), grad=("none", "separate", "in place"))
+    heaviest = dict(target="index", weight=True, smoothing=0.1, softcap=30.0, focal=None, grad="in place")
+    cases = aot.covering({**shape, **options}, _focal_alone, heaviest, ("dtype", "layout"))
+    calls = [_aot_cross_entropy(**case) for case in cases]
+    stats = aot.covering({**shape, "softcap": (None, 30.0), "grad": (False, True)}, lambda case: True,
+                         dict(softcap=30.0), ("dtype", "grad"))
+    calls += [_aot_token_stats(**case) for case in stats]
+    shard = aot.covering({"dtype": AOT_DTYPES, "classes": AOT_CLASSES, "wide": (False, True), "weight": (False, True),
+                          "softcap": (None, 30.0), "grad": (False, True)}, lambda case: True,
+                         dict(weight=True, softcap=30.0), ("dtype", "grad"))
+    calls += [_aot_shard(**case) for case in shard]
+    return calls

@@ -10,11 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype
+from .. import _checks
 
-# The (classes x label positions) posterior tile stays at most this many values.
-MAX_TILE = 8192
-
+from . import aot
+from .common import acc_dtype, launch_config, strided
 
 @triton.jit
 def _log_add3(a, b, c):
@@ -92,7 +91,7 @@ def ctc_kernel(
             post_s = tl.where(valid & (term != neg), tl.exp(term), 0.0)
             for c0 in range(0, C, BLOCK_C):
                 cs = c0 + tl.arange(0, BLOCK_C)
-                x = tl.load(row_base + t * stride_t + cs * stride_c, mask=cs < C, other=0.0).to(ACC)
+                x = tl.load(row_base + t * stride_t + strided(cs, stride_c), mask=cs < C, other=0.0).to(ACC)
                 match = label[None, :] == cs[:, None]
                 post = tl.sum(tl.where(match, post_s[None, :], 0.0), axis=1)
                 g = (tl.exp(x) - post) * scale
@@ -101,10 +100,13 @@ def ctc_kernel(
             tl.debug_barrier()
 
 
-def _blocks(C: int, S: int):
+def _blocks(C: int, S: int, acc: torch.dtype) -> dict:
+    """The label block (the longest extended label sequence) and the (classes x labels) posterior tile, sized by
+    launch_config like every other block: a longer label block leaves fewer classes per tile, down to one."""
     block_l = max(16, triton.next_power_of_2(2 * S + 1))
-    block_c = max(16, min(triton.next_power_of_2(max(C, 1)), MAX_TILE // block_l))
-    return block_l, block_c
+    tile = launch_config(block_l * max(C, 1), acc=acc)
+    block_c = max(1, min(triton.next_power_of_2(max(C, 1)), tile["BLOCK"] // block_l))
+    return dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=launch_config(block_l * block_c, acc=acc)["num_warps"])
 
 
 def ctc_loss(*, log_probs, targets, target_offsets, input_lengths, target_lengths, blank, zero_infinity, grad,
@@ -126,14 +128,15 @@ def ctc_loss(*, log_probs, targets, target_offsets, input_lengths, target_length
         marks.index_add_(0, target_offsets, torch.ones_like(target_offsets))
         marks.index_add_(0, target_offsets + target_lengths, -torch.ones_like(target_offsets))
         bad = (marks.cumsum(0)[:-1] > 0) & ((flat < 0) | (flat >= C))
-        if flat.device.type != "cpu":
+        if not _checks.host_readable(flat):
             torch._assert_async(~bad.any(), f"lossops: a targets value is out of bounds for {C} classes")
         elif bool(bad.any()):
             raise IndexError(f"lossops: targets value {int(flat[bad][0])} is out of bounds for {C} classes")
     # The label block must hold the longest target: padded (N, S) targets bound it by S with no device round
     # trip; concatenated ones need the longest length from the device (one synchronisation).
     S = targets.shape[1] if targets.dim() == 2 else int(target_lengths.max())
-    block_l, block_c = _blocks(C, S)
+    blocks = _blocks(C, S, acc)
+    block_l = blocks["BLOCK_L"]
     alpha = torch.empty((N, max(T, 1), block_l), dtype=acc, device=log_probs.device)
     beta = torch.empty((N, 2, block_l), dtype=acc, device=log_probs.device) if grad is not None else alpha
     ctc_kernel[(N,)](
@@ -141,17 +144,29 @@ def ctc_loss(*, log_probs, targets, target_offsets, input_lengths, target_length
         input_lengths, target_lengths, alpha, beta, grad if grad is not None else alpha,
         grad_scale.to(device=log_probs.device, dtype=acc), nll, T, N, C, blank,
         ZERO_INFINITY=bool(zero_infinity), WRITE_GRAD=grad is not None, ACC=acc_dtype(log_probs.dtype),
-        BLOCK_L=block_l, BLOCK_C=block_c)
+        **blocks)
     return [nll]
 
 
-def _aot_case(dtype: str):
-    ptr = "*" + dtype
-    signature = {"LP": ptr, "stride_t": "i64", "stride_n": "i64", "stride_c": "i64", "TGT": "*i64", "OFF": "*i64",
-                 "IN_LEN": "*i64", "TGT_LEN": "*i64", "ALPHA": "*fp32", "BETA": "*fp32", "GRAD": ptr, "SCALE": "*fp32",
-                 "NLL": "*fp32", "T": "i64", "N": "i64", "C": "i64", "blank": "i64"}
-    constexprs = {"ZERO_INFINITY": True, "WRITE_GRAD": True, "ACC": tl.float32, "BLOCK_L": 128, "BLOCK_C": 64}
-    return ctc_kernel, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs
+def _aot_call(dtype, classes, label_length, layout, wide, grad, zero_infinity):
+    """A ctc_loss call as the route makes it: (T, N, C) log-probabilities, contiguous or class-strided (a (N, C, T)
+    tensor permuted), sequences 2^31 elements apart when wide (a view of a larger tensor); padded (N, S) targets."""
+    steps, batch = 50, 8
+    order = (2, 0, 1) if layout == "class-strided" else None
+    log_probs = aot.meta(steps, batch, classes + ((1 << 31) if wide else 0), dtype=dtype, order=order)[..., :classes]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lengths = aot.meta(batch, dtype=torch.int64)
+    return ctc_loss, dict(log_probs=log_probs, targets=aot.meta(batch, label_length, dtype=torch.int64),
+                          target_offsets=lengths, input_lengths=lengths, target_lengths=lengths, blank=0,
+                          zero_infinity=zero_infinity,
+                          grad=torch.empty((steps, batch, classes), dtype=dtype, device="meta") if grad else None,
+                          grad_scale=aot.meta(batch, dtype=acc))
 
 
-AOT_KERNELS = [_aot_case("bf16"), _aot_case("fp32")]
+def aot_calls():
+    """(host, arguments) calls covering what the route passes ctc_kernel (see triton_kernels/aot.py)."""
+    factors = dict(dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64), classes=(30, 1000, 32000),
+                   label_length=(5, 100, 300), layout=("contiguous", "class-strided"), wide=(False, True),
+                   grad=(False, True), zero_infinity=(False, True))
+    cases = aot.covering(factors, lambda case: True, dict(grad=True), ("dtype", "label_length"))
+    return [_aot_call(**case) for case in cases]

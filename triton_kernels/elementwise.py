@@ -3,7 +3,7 @@
 A family module (focal.py, bce.py, regression.py) writes its per-element math as a @triton.jit function
     loss_fn(x, t, a, p0, p1) -> (loss, d loss / d x, d loss / d t)
 (a: the auxiliary operand, pos_weight, 1 when absent; p0, p1: the family's parameters) and gets its kernel
-entry point from kernel_function(loss_fn, parameter names) and its ahead-of-time compile cases from aot_kernels(loss_fn).
+entry point from kernel_function(loss_fn, parameter names) and its ahead-of-time calls from family_calls(entry point).
 The driver passes loss_fn to elementwise_kernel as a tl.constexpr, so every family compiles to one fused
 kernel: load, per-element weight, gradients scaled by the reduction, per-block partial sums (added up in
 a fixed order by torch afterwards), all with int64 offsets.
@@ -14,10 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import aot
 from .common import acc_dtype, float_options, launch_config, log1p, raise_if_flagged
 
-# Elementwise work needs no large tiles: 4 warps streaming 2048 elements keep loads coalesced and wide.
-MAX_ELEMENTWISE_BLOCK = 2048
+INT32_MAX = (1 << 31) - 1
+# Elementwise work needs no large tiles: 4 warps streaming 1024 elements keep loads coalesced and 128 bits wide,
+# and leave registers for the families' per-element math (at 2048 the weighted, 64-bit-offset variants neared 255).
+MAX_ELEMENTWISE_BLOCK = 1024
 
 
 @triton.jit
@@ -36,9 +39,13 @@ def elementwise_kernel(
     n, C, ignore_index, w_inner, w_period, a_inner, a_period,
     LOSS_FN: tl.constexpr, INDEX_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_AUX: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GX: tl.constexpr, WRITE_GT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    # Offsets, and the divisions that broadcast the operands, are 32-bit when every offset of the launch fits:
+    # 64-bit division is a long software sequence per element that alone filled the registers.
+    pid = tl.program_id(0)
+    if INDEX_64:
+        pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
@@ -96,7 +103,7 @@ def kernel_function(loss_fn, parameters=()):
         if n == 0:
             return loss, torch.zeros((), dtype=acc, device=input.device)
         index_target = not target.is_floating_point()
-        cfg = launch_config(n, MAX_ELEMENTWISE_BLOCK)
+        cfg = launch_config(n, MAX_ELEMENTWISE_BLOCK, acc)
         blocks = triton.cdiv(n, cfg["BLOCK"])
         partial = torch.empty(blocks, dtype=acc, device=input.device)
         bad = torch.zeros(1, dtype=torch.int64, device=input.device)
@@ -108,7 +115,7 @@ def kernel_function(loss_fn, parameters=()):
             n, input.shape[-1] if index_target else 1, ignore_index, *weight_layout, *aux_layout,
             LOSS_FN=loss_fn, INDEX_TARGET=index_target, HAS_WEIGHT=weight is not None, HAS_AUX=aux is not None,
             WRITE_LOSS=per_element, WRITE_GX=grad_input is not None, WRITE_GT=grad_target is not None,
-            ACC=acc_dtype(input.dtype), **cfg)
+            ACC=acc_dtype(input.dtype), INDEX_64=blocks * cfg["BLOCK"] > INT32_MAX, **cfg)
         if index_target:
             C = input.shape[-1]
             raise_if_flagged(bad, lambda value: IndexError(
@@ -124,17 +131,35 @@ def kernel_function(loss_fn, parameters=()):
 
 
 
-def aot_kernels(loss_fn, index_target=False, grad_target=False):
-    """(kernel, signature, constexprs) cases for tests/test_triton_aot.py: bf16 and fp32 inputs, all operands."""
-    cases = []
-    for dtype in ("bf16", "fp32"):
-        ptr = "*" + dtype
-        sig = {"X": ptr, "T": "*i64" if index_target else ptr, "W": "*fp32", "A": "*fp32", "LOSS": "*fp32",
-               "GX": ptr, "GT": ptr, "PARTIAL": "*fp32", "SCALE": "*fp32", "PARAMS": "*fp32", "BAD": "*i64",
-               "n": "i64", "C": "i64", "ignore_index": "i64", "w_inner": "i64", "w_period": "i64",
-               "a_inner": "i64", "a_period": "i64"}
-        constexprs = {"LOSS_FN": loss_fn, "INDEX_TARGET": index_target, "HAS_WEIGHT": True, "HAS_AUX": True,
-                      "WRITE_LOSS": True, "WRITE_GX": True, "WRITE_GT": grad_target, "ACC": tl.float32,
-                      "BLOCK": MAX_ELEMENTWISE_BLOCK}
-        cases.append((elementwise_kernel, {**sig, **{k: "constexpr" for k in constexprs}}, constexprs))
-    return cases
+def family_calls(host, index_target=False, has_aux=False, grad_target=False):
+    """(host, arguments) calls covering what the route passes an elementwise family's kernel (triton_kernels/aot.py):
+    every dtype, a compact (C,) or (N, 1) weight (and aux operand, where the family has one), a materialised one,
+    none; per-element output or the sum; the gradients it can ask for; element counts below and beyond 2^31 (i32
+    and i64 specialisations)."""
+    family = tuple(inspect.signature(host).parameters)[len(ELEMENTWISE_PARAMETERS):]
+    classes = 80
+
+    def call(dtype, wide, weight, aux, per_element, grad_input, grad_target):
+        rows = (1 << 31) // classes + 16 if wide else 4096
+        input = aot.meta(rows, classes, dtype=dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        operands = {"none": (None, [1, 1]), "per class": (aot.meta(classes, dtype=acc), [1, classes]),
+                    "per row": (aot.meta(rows, dtype=acc), [classes, rows]),
+                    "per element": (aot.meta(rows * classes, dtype=acc), [1, rows * classes])}
+        w, w_layout = operands[weight]
+        a, a_layout = operands[aux]
+        return host, dict(
+            input=input, target=aot.meta(rows, dtype=torch.int64) if index_target else torch.empty_like(input),
+            weight=w, weight_layout=w_layout, aux=a, aux_layout=a_layout, ignore_index=-100,
+            grad_input=torch.empty_like(input) if grad_input else None,
+            grad_target=torch.empty_like(input) if grad_target else None, grad_scale=aot.meta(dtype=acc),
+            per_element=per_element, **{name: 0.5 for name in family})
+
+    layouts = ("none", "per class", "per row", "per element")
+    factors = dict(dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64), wide=(False, True),
+                   weight=layouts, aux=layouts if has_aux else ("none",), per_element=(False, True),
+                   grad_input=(False, True), grad_target=(False, True) if grad_target else (False,))
+    heaviest = dict(weight="per row", aux="per row" if has_aux else "none", per_element=True, grad_input=True,
+                    grad_target=grad_target)
+    return [call(**case) for case in aot.covering(factors, lambda case: True, heaviest, ("dtype", "wide"))]
+

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .common import pow_nonneg
-from .elementwise import aot_kernels, kernel_function, logistic
+from .elementwise import family_calls as elementwise_calls, kernel_function, logistic
 
 
 @triton.jit
@@ -23,4 +23,5 @@ def _sigmoid_focal(x, t, a, alpha, gamma):
 
 sigmoid_focal = kernel_function(_sigmoid_focal, ("alpha", "gamma"))
 
-AOT_KERNELS = aot_kernels(_sigmoid_focal) + aot_kernels(_sigmoid_focal, index_target=True)
+def aot_calls():
+    return elementwise_calls(sigmoid_focal) + elementwise_calls(sigmoid_focal, index_target=True)

@@ -6,7 +6,7 @@ params = (kind, beta or delta), kind 0 L1, 1 MSE, 2 smooth-L1, 3 Huber. Smooth-L
 import triton
 import triton.language as tl
 
-from .elementwise import aot_kernels, kernel_function
+from .elementwise import family_calls as elementwise_calls, kernel_function
 
 
 @triton.jit
@@ -31,4 +31,5 @@ def _regression(x, t, a, kind, b):
 
 regression = kernel_function(_regression, ("kind", "beta"))
 
-AOT_KERNELS = aot_kernels(_regression, grad_target=True)
+def aot_calls():
+    return elementwise_calls(regression, grad_target=True)

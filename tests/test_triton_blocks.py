@@ -1,0 +1,89 @@
+"""The Triton kernels' multi-block path, under the interpreter with the GPU's block cap: rows longer than one block
+are looped over with an online logsumexp, the last block partly masked. Each case is checked against torch in
+float64 on the same values (loss and gradient)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lossops
+from lossops.triton_kernels.common import MAX_BLOCK, launch_config
+
+D64 = torch.float64
+# Three float32 blocks, the last one 1/4 full; float64 tiles are smaller (launch_config), so this is many of them.
+CLASSES = 2 * MAX_BLOCK + MAX_BLOCK // 4 + 3
+
+
+def test_rows_span_several_blocks_with_a_partial_last_one():
+    for acc in (torch.float32, D64):
+        block = launch_config(CLASSES, acc=acc)["BLOCK"]
+        assert CLASSES > 2 * block and CLASSES % block != 0
+
+
+def _batch(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, dtype=D64, generator=g) * 4).to(dtype)
+    classes = shape[1]
+    t = torch.randint(0, classes, shape[:1] + shape[2:], generator=g)
+    t.view(-1)[0] = -100
+    # Targets in the last, partly masked block and on its last column, where a masking error would show.
+    t.view(-1)[1] = classes - 1
+    t.view(-1)[-1] = classes - 5
+    return x, t
+
+
+def _loss_and_grad(fn, x, *args, **kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x, *args, **kwargs)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (grad,) = torch.autograd.grad(loss, x, upstream)
+    return loss.detach(), grad
+
+
+def _capped_cross_entropy(x, t, softcap=None, **kwargs):
+    z = x if softcap is None else softcap * torch.tanh(x / softcap)
+    return F.cross_entropy(z, t, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["rows", "class-dim-1"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, weight=True), dict(softcap=20.0)],
+                         ids=["plain", "smoothing-weight", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_cross_entropy_multi_block(layout, options, dtype):
+    shape = (3, CLASSES) if layout == "rows" else (2, CLASSES, 2)
+    x, t = _batch(shape, dtype)
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = torch.linspace(0.5, 2.0, CLASSES, dtype=D64)
+    with lossops.backend("triton"):
+        ours = _loss_and_grad(lossops.cross_entropy, x, t, reduction="none",
+                              **{k: v.to(dtype) if torch.is_tensor(v) else v for k, v in options.items()})
+    truth = _loss_and_grad(_capped_cross_entropy, x.to(D64), t, reduction="none", **options)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for got, expected in zip(ours, truth):
+        torch.testing.assert_close(got.to(D64), expected, **tolerance)
+
+
+def test_probability_targets_multi_block():
+    x, _ = _batch((2, CLASSES), torch.float32)
+    q = torch.rand((2, CLASSES), dtype=D64).softmax(1)
+    with lossops.backend("triton"):
+        ours = _loss_and_grad(lossops.cross_entropy, x, q.float(), reduction="none", label_smoothing=0.05)
+    truth = _loss_and_grad(F.cross_entropy, x.to(D64), q, reduction="none", label_smoothing=0.05)
+    for got, expected in zip(ours, truth):
+        torch.testing.assert_close(got.to(D64), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_focal_multi_block():
+    x, t = _batch((3, CLASSES), torch.float32)
+    gamma = 1.5
+
+    def focal(z, target):
+        keep = target != -100
+        log_p = z.log_softmax(1).gather(1, torch.where(keep, target, 0)[:, None])[:, 0]
+        return torch.where(keep, -(1 - log_p.exp()) ** gamma * log_p, 0)
+
+    with lossops.backend("triton"):
+        ours = _loss_and_grad(lossops.softmax_focal_loss, x, t, gamma=gamma, reduction="none")
+    truth = _loss_and_grad(focal, x.to(D64), t)
+    for got, expected in zip(ours, truth):
+        torch.testing.assert_close(got.to(D64), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,197 @@
+"""The kernel variants the Triton route launches, taken from its own host functions, for ahead-of-time compiles.
+
+A kernel module lists the calls of its host functions that cover what the route can pass (`aot_calls()`:
+(host function, keyword arguments) pairs, the tensors on the meta device so that any size costs nothing). Each
+call runs its host code unchanged up to the kernel launch, which is captured instead of run; the launch's
+arguments are then specialised exactly as Triton's JIT specialises them at run time (integers below 2^31 as i32,
+the integer 1 as a constant, multiples of 16 and aligned pointers as divisible by 16) and compiled with the
+num_warps the launch asked for. So the compile list follows `launch_config` and the host's flag logic by
+construction, and two calls that reach the same specialisation compile once.
+
+Needs a process in which TRITON_INTERPRET was never set (the kernels must be JITFunctions).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.runtime.jit import JITFunction
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kernel: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+    @property
+    def key(self):
+        def plain(value):
+            return getattr(value, "cache_key", None) or repr(value)
+        return (self.kernel.__name__, tuple(self.signature.items()),
+                tuple((k, plain(v)) for k, v in self.constexprs.items()), repr(sorted(self.attrs.items())),
+                tuple(sorted(self.options.items())))
+
+    def describe(self) -> str:
+        """The launch-relevant facts, for tables and failure messages."""
+        flags = [k for k, v in self.constexprs.items() if v is True]
+        sizes = {k: getattr(v, "__name__", v) for k, v in self.constexprs.items()
+                 if not isinstance(v, bool) and not isinstance(v, JITFunction)}
+        ints = sorted({t for t in self.signature.values() if t in ("i32", "i64")})
+        pointers = [t for k, t in self.signature.items() if t.startswith("*")]
+        return (f"{self.kernel.__name__} {pointers[0][1:]} {'/'.join(ints)} {sizes} "
+                f"num_warps={self.options.get('num_warps')} {'+'.join(flags) or '-'}")
+
+    def compile(self, cc: int):
+        from triton.backends.compiler import GPUTarget
+        source = triton.compiler.ASTSource(fn=self.kernel, signature=self.signature, constexprs=self.constexprs,
+                                           attrs=self.attrs)
+        return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=self.options)
+
+
+class _Captured(Exception):
+    def __init__(self, kernel, args, kwargs):
+        super().__init__(kernel.__name__)
+        self.kernel, self.args, self.kwargs = kernel, args, kwargs
+
+
+def _fake_data_ptr(tensor):
+    # Meta tensors all report address 0; the host code compares addresses to detect an in-place gradient, so each
+    # storage gets a distinct, 256-byte aligned stand-in (views keep their byte offset).
+    if tensor.device.type != "meta":
+        return _real_data_ptr(tensor)
+    return (tensor.untyped_storage()._cdata << 8) + tensor.storage_offset() * tensor.element_size()
+
+
+_real_data_ptr = torch.Tensor.data_ptr
+
+
+@contextlib.contextmanager
+def _capturing():
+    def capture(self, *args, grid, warmup, **kwargs):
+        raise _Captured(self, args, kwargs)
+
+    run = JITFunction.run
+    JITFunction.run = capture
+    torch.Tensor.data_ptr = _fake_data_ptr
+    try:
+        yield
+    finally:
+        JITFunction.run = run
+        torch.Tensor.data_ptr = _real_data_ptr
+
+
+def specialise(kernel: JITFunction, args: tuple, kwargs: dict) -> Variant:
+    """The signature, constants and attributes Triton's JIT derives from these launch arguments."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    names = [p.name for p in kernel.params]
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
+    bound.apply_defaults()
+    signature, constexprs, attrs = {}, {}, {}
+    for param in kernel.params:
+        value = bound.arguments[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = value
+        elif isinstance(key, str) and CUDABackend.parse_attr(key):
+            attrs[(param.num,)] = CUDABackend.parse_attr(key)
+    options.setdefault("num_warps", 4)
+    return Variant(kernel, signature, constexprs, attrs, options)
+
+
+def capture(host, **arguments) -> Variant:
+    """The variant `host(**arguments)` launches (its host code runs up to the launch)."""
+    with _capturing():
+        try:
+            host(**arguments)
+        except _Captured as launch:
+            return specialise(launch.kernel, launch.args, launch.kwargs)
+    raise AssertionError(f"{host.__name__} launched no kernel for {sorted(arguments)}")
+
+
+def variants(calls) -> list[Variant]:
+    """The distinct variants of (host, arguments) calls, in first-seen order."""
+    seen = {}
+    for host, arguments in calls:
+        variant = capture(host, **arguments)
+        seen.setdefault(variant.key, variant)
+    return list(seen.values())
+
+
+def meta(*shape, dtype=torch.float32, order=None):
+    """An uninitialised meta tensor; order: the dimensions from outermost to innermost in memory (a permuted
+    layout such as a class-dim-1 view), default row-major."""
+    if order is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    stored = torch.empty([shape[d] for d in order], dtype=dtype, device="meta")
+    return stored.permute([order.index(d) for d in range(len(shape))])
+
+
+def covering(factors: dict, valid, heaviest: dict, corners: tuple) -> list[dict]:
+    """Valid cases in which every pair of values of any two factors appears together (a greedy pairwise covering),
+    plus, for every combination of the `corners` factors' values, the case with the options in `heaviest` and
+    every other factor at its last value (factors list their values lightest first: the last class count, the
+    wide integers). The full product would take far longer to compile than a test may run."""
+    names = list(factors)
+    product = [case for values in itertools.product(*factors.values())
+               if valid(case := dict(zip(names, values)))]
+    pairs = [{(a, repr(case[a]), b, repr(case[b])) for a, b in itertools.combinations(names, 2)} for case in product]
+    uncovered = set().union(*pairs)
+    chosen = []
+    while uncovered:
+        best = max(range(len(product)), key=lambda i: len(pairs[i] & uncovered))
+        chosen.append(product[best])
+        uncovered -= pairs[best]
+    for values in itertools.product(*(factors[name] for name in corners)):
+        case = {name: factor[-1] for name, factor in factors.items()}
+        case.update(heaviest)
+        case.update(zip(corners, values))
+        if case not in chosen:
+            chosen.append(case)
+    return chosen
+
+
+# --- resources of a compiled variant --------------------------------------------------------------------------
+
+# Per-SM limits (CUDA occupancy calculator, compute capability 8.0 and 9.0): registers, warps, resident blocks,
+# shared memory (the driver reserves 1 KB per block).
+_SM = {80: dict(registers=65536, warps=64, blocks=32, shared=167936),
+       90: dict(registers=65536, warps=64, blocks=32, shared=233472)}
+_RESERVED_SHARED = 1024
+_REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
+
+
+def resources(compiled, cc: int) -> dict:
+    """Registers per thread, local memory (spills) and stack bytes from `cuobjdump -res-usage` on the cubin,
+    shared memory, and the blocks and warps that fit on one SM."""
+    from triton import knobs
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], check=True,
+                                capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
+    registers, stack, local = int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])
+    shared = int(usage["SHARED"]) + compiled.metadata.shared
+    warps = compiled.metadata.num_warps
+    sm = _SM[cc]
+    per_warp = -(-registers * 32 // _REGISTER_GRANULE) * _REGISTER_GRANULE
+    blocks = min(sm["blocks"], sm["warps"] // warps, sm["registers"] // per_warp // warps,
+                 sm["shared"] // (shared + _RESERVED_SHARED))
+    return dict(registers=registers, spill=max(stack, local), shared=shared, num_warps=warps, blocks_per_sm=blocks,
+                warps_per_sm=blocks * warps)
