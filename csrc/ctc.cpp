@@ -348,8 +348,12 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
     V blank_sum(acc_t(0));
     for (int64_t s = lo; s <= hi; s += W) {
       const int64_t cnt = std::min<int64_t>(W, hi + 1 - s);
-      const V arg = V::loadu(a + s, cnt) + V::loadu(cur + s, cnt) - V::loadu(emit + s, cnt) + offset;
-      V post_s = fast_exp(arg);
+      const V e = V::loadu(emit + s, cnt);
+      const V arg = V::loadu(a + s, cnt) + V::loadu(cur + s, cnt) - e + offset;
+      // A label whose log-probability is -inf at t: alpha and beta both carry that -inf and arg is -inf + inf, NaN.
+      // The posterior alpha * beta / y vanishes with y, so its limit is 0 and the gradient there exp(-inf) - 0 = 0
+      // (torch returns NaN, which log_softmax's backward spreads over the whole frame).
+      V post_s = V::blendv(fast_exp(arg), zero, e == vninf);
       post_s.store(post + s, cnt);
       if (cnt < W) post_s = V::set(zero, post_s, cnt);
       blank_sum = blank_sum + V::blendv(zero, post_s, blank_lanes);

@@ -225,3 +225,33 @@ def test_concatenated_target_lengths_past_int64_are_refused_clearly(backend, len
     for target_lengths in (torch.tensor(lengths), lengths):
         with pytest.raises(RuntimeError, match="target_lengths|targets tensor of 4"):
             lossops.ctc_loss(log_probs, torch.tensor([1, 2, 3, 1]), torch.tensor([10, 10]), target_lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_minus_infinity_label_gives_the_limit_gradient(backend, dtype):
+    """A label (or the blank) whose log-probability is -inf at some frames: torch's gradient there is
+    exp(-inf) - exp(-inf + inf) = NaN, which log_softmax's backward spreads over the frame. lossops returns the
+    limit, checked against the same problem with -1e4 in place of -inf (e^-1e4 is 0 in float64 as well)."""
+    logits, targets, input_lengths, target_lengths = _problem(T=12, N=3, C=6, S=3, impossible=False)
+    log_probs = logits.log_softmax(2)
+    cut = log_probs.clone()
+    cut[2, 0, targets[0, 0]] = float("-inf")  # a target label at a frame its alignments can use
+    cut[5, 1, 0] = float("-inf")              # the blank
+    cut[0, 2, :] = float("-inf")              # a whole frame of a sequence whose target is empty: impossible
+    cut[0, 2, 0] = 0.0                        # ...except the blank, so it stays possible
+    limit = torch.where(cut == float("-inf"), torch.full_like(cut, -1e4), cut)
+    upstream = torch.linspace(0.5, 1.5, 3, dtype=dtype)
+
+    def run(lp):
+        lp = lp.to(dtype).requires_grad_(True)
+        loss = lossops.ctc_loss(lp, targets, input_lengths, target_lengths, reduction="none")
+        (grad,) = torch.autograd.grad(loss, lp, upstream)
+        return loss.detach(), grad
+
+    loss, grad = run(cut)
+    expected_loss, expected_grad = run(limit)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert_close(loss, expected_loss, **tolerance)
+    assert_close(grad, expected_grad, **tolerance)
+    assert (grad[cut.to(dtype) == float("-inf")] == 0).all()

@@ -88,7 +88,8 @@ def ctc_kernel(
             tl.store(beta_base + (i % 2) * BLOCK_L + s, b)
             alpha = tl.load(alpha_base + t * BLOCK_L + s, mask=valid, other=neg)
             term = alpha + b + nll - e
-            post_s = tl.where(valid & (term != neg), tl.exp(term), 0.0)
+            # e = -inf makes term -inf + inf (NaN); the posterior's limit there is 0 (see csrc/ctc.cpp).
+            post_s = tl.where(valid & (term != neg) & (e != neg), tl.exp(term), 0.0)
             for c0 in range(0, C, BLOCK_C):
                 cs = c0 + tl.arange(0, BLOCK_C)
                 x = tl.load(row_base + t * stride_t + strided(cs, stride_c), mask=cs < C, other=0.0).to(ACC)

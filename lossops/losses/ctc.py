@@ -192,9 +192,16 @@ def _loss_like(t, o):
 
 
 def reference_ctc(log_probs, targets, input_lengths, target_lengths, options: CTCOptions) -> Tensor:
-    """torch's own ctc_loss (the "reference" backend), after lossops' checks; low precision runs in float32."""
+    """torch's own ctc_loss (the "reference" backend), after lossops' checks; low precision runs in float32.
+
+    A log-probability of -inf is raised to the dtype's lowest finite value first: torch's gradient there is
+    exp(-inf) - exp(-inf + inf) = NaN, whose limit is 0. The loss is the same (e^lowest is 0 as e^-inf is), the
+    posterior through such an emission now underflows to 0, and the clamp's own gradient there is 0: the limit.
+    """
     low = log_probs.dtype in (torch.bfloat16, torch.float16)
-    loss = F.ctc_loss(log_probs.float() if low else log_probs, targets.long(), input_lengths, target_lengths,
+    lp = log_probs.float() if low else log_probs
+    lp = lp.clamp_min(torch.finfo(lp.dtype).min)
+    loss = F.ctc_loss(lp, targets.long(), input_lengths, target_lengths,
                       options.blank, options.reduction, options.zero_infinity)
     return loss.to(_checks.output_dtype(log_probs))
 
