@@ -28,7 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -84,8 +84,8 @@ at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out) {
 }
 
 // The mean's denominator as the custom op's 0-d tensor holds it (rounded to the accumulation type), and the
-// gradient's scale (its reciprocal for "mean", computed in that type; 1 otherwise). A mean over nothing (every
-// target ignored, or every kept weight 0) is NaN with a zero gradient, as lossops._reduce.mean has it.
+// gradient's scale (its reciprocal for "mean", computed in that type, 0 for a denominator of 0; 1 otherwise): a
+// mean over nothing (every target ignored, or every kept weight 0) has a zero gradient, as lossops._reduce has it.
 struct Denominator {
   double value, gradient_scale;
 };
@@ -109,9 +109,7 @@ at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at:
   }
   const bool fp64 = acc == at::kDouble;
   double value = fp64 ? *total.const_data_ptr<double>() : *total.const_data_ptr<float>();
-  if (reduction == Reduction::kMean && denominator.value == 0)
-    value = std::numeric_limits<double>::quiet_NaN();
-  else if (reduction == Reduction::kMean)
+  if (reduction == Reduction::kMean)
     value = fp64 ? value / denominator.value
                  : static_cast<double>(static_cast<float>(value) / static_cast<float>(denominator.value));
   return scalar_loss(value, acc, out);
@@ -134,6 +132,25 @@ struct WrittenGradient {
     return buffer.view(shape);
   }
 };
+
+// An autograd node held the way this torch's graph edges hold one: std::shared_ptr up to torch 2.12,
+// c10::intrusive_ptr from 2.13 on (Edge::function's type says which).
+template <typename Pointer>
+struct NodeMaker;
+template <typename Base>
+struct NodeMaker<std::shared_ptr<Base>> {
+  template <typename T>
+  static std::shared_ptr<T> make() { return std::make_shared<T>(); }
+};
+template <typename Base>
+struct NodeMaker<c10::intrusive_ptr<Base>> {
+  template <typename T>
+  static c10::intrusive_ptr<T> make() { return c10::make_intrusive<T>(); }
+};
+template <typename T>
+auto make_node() {
+  return NodeMaker<decltype(torch::autograd::Edge::function)>::template make<T>();
+}
 
 struct FusedLossBackward : torch::autograd::Node {
   WrittenGradient input_gradient, target_gradient;
@@ -168,7 +185,7 @@ struct FusedLossBackward : torch::autograd::Node {
 
 py::object attach_gradient(at::Tensor loss, const at::Tensor& input, const at::Tensor& target, at::Tensor grad_input,
                            at::Tensor grad_target, std::vector<int64_t> item_shape, const char* name) {
-  auto node = c10::make_intrusive<FusedLossBackward>();
+  auto node = make_node<FusedLossBackward>();
   node->input_gradient.buffer = std::move(grad_input);
   node->target_gradient.buffer = std::move(grad_target);
   node->item_shape = std::move(item_shape);

@@ -65,6 +65,29 @@ def backend(name: str):
         _override.reset(token)
 
 
+TARGET_CHECKS = ("device", "immediate")
+_target_checks: str | None = None
+
+
+def set_target_checks(mode: str) -> None:
+    """How out-of-range class indices are reported where reading a value back costs a host synchronisation (the
+    GPU route): "device" (the default) asserts on the device, as torch's CUDA losses do (no sync, CUDA-graph
+    capturable; the error surfaces at the next synchronising call and poisons the CUDA context); "immediate"
+    reads the kernels' flag after each launch and raises IndexError naming the value (one sync per call).
+    Calls on CPU memory always raise the immediate IndexError: there the read costs nothing.
+    LOSSOPS_TARGET_CHECKS sets the default."""
+    global _target_checks
+    if mode not in TARGET_CHECKS:
+        raise ValueError(f"lossops: unknown target-check mode {mode!r}; expected one of {TARGET_CHECKS}")
+    _target_checks = mode
+
+
+def target_checks() -> str:
+    """The target-check mode in force ("device" or "immediate"), see set_target_checks."""
+    mode = _target_checks or os.environ.get("LOSSOPS_TARGET_CHECKS") or "device"
+    return mode if mode in TARGET_CHECKS else "device"
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

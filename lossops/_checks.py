@@ -83,9 +83,20 @@ def broadcastable(name: str, value, shape: torch.Size, input: torch.Tensor, exce
     return value
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether reading t's values on the host costs no synchronisation (CPU memory). Every check that reads a value
+    back branches here, so the GPU route's sync-free branch can be exercised on CPU (tests/test_gpu_route.py)."""
+    return t.device.type == "cpu"
+
+
 def class_index_in_range(name: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """For paths without an in-kernel check: one reduction, then an IndexError naming an offending value."""
+    """For paths without an in-kernel check: one reduction, then an IndexError naming an offending value (on an
+    accelerator a device-side assertion instead: no host sync)."""
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if not host_readable(bad):
+        torch._assert_async(~bad.any(), f"lossops: a {name} value is out of bounds (valid: 0..{num_classes - 1}, "
+                                         f"ignore_index is {ignore_index})")
+        return
     if bool(bad.any()):
         value = int(target[bad].reshape(-1)[0])
         raise IndexError(f"lossops: {name} value {value} is out of bounds (valid: 0..{num_classes - 1}, "

@@ -258,7 +258,7 @@ def _batch_sharded(function, sharding, a, names, x, d, class_dim, mesh):
         if sharding.denominator is not None:
             denominator = sharding.denominator(local)
         else:
-            denominator = torch.tensor(local[names[0]].numel(), dtype=total.dtype, device=total.device)
+            denominator = torch.full((), local[names[0]].numel(), dtype=total.dtype, device=total.device)
         terms = [(total, denominator)]
     loss = None
     for total, denominator in terms:

@@ -104,11 +104,12 @@ def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, opti
 
 
 def denominator_tensor(value, input: Tensor) -> Tensor:
-    """The mean's denominator as a tensor in the accumulation dtype (no host sync for tensors)."""
+    """The mean's denominator as a tensor in the accumulation dtype: no host sync for tensors, and a number is
+    filled in on the device (a kernel argument, capturable), never copied from host memory."""
     dtype = _checks.opmath_dtype(input.dtype)
     if isinstance(value, Tensor):
         return value.detach().to(device=input.device, dtype=dtype).reshape(())
-    return torch.tensor(float(value), dtype=dtype, device=input.device)
+    return torch.full((), float(value), dtype=dtype, device=input.device)
 
 
 def avg_factor(value, reduction: str):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
+
 
 def class_index_denominator(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                             num_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -30,8 +32,8 @@ def class_index_denominator(target: torch.Tensor, weight: torch.Tensor | None, i
 def gradient_scale(reduction: str, denominator: torch.Tensor) -> torch.Tensor:
     """What the kernels multiply the gradient by in forward: 1/denominator for mean (0 when the denominator
     is 0, see mean()), 1 otherwise."""
-    if reduction == "mean":
-        return torch.where(denominator == 0, 0, denominator.reciprocal())
+    if reduction == "mean":  # 1/0 = inf becomes 0 (denominators are sums of counts or weights)
+        return torch.nan_to_num(denominator.reciprocal(), nan=0.0, posinf=0.0, neginf=0.0)
     return torch.ones((), dtype=denominator.dtype, device=denominator.device)
 
 
@@ -46,11 +48,13 @@ def mean(total: torch.Tensor, denominator) -> torch.Tensor:
 
 
 def reduce(reduction: str, per_item: torch.Tensor, total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """An op's loss from its kernel's results. No gradient flows through it (the kernels wrote theirs, scaled by
+    gradient_scale), so a mean over nothing needs no guard here: 0 / 0 is NaN."""
     if reduction == "none":
         return per_item
     if reduction == "sum":
         return total
-    return mean(total, denominator)
+    return total / denominator
 
 
 def _tracing(t: torch.Tensor) -> bool:
@@ -61,7 +65,7 @@ def _tracing(t: torch.Tensor) -> bool:
 
 def _is_one(grad_output: torch.Tensor) -> bool:
     # Free on CPU; on CUDA it would sync, so there the multiplication always runs (on the device).
-    return (grad_output.device.type == "cpu" and grad_output.numel() == 1
+    return (_checks.host_readable(grad_output) and grad_output.numel() == 1
             and not _tracing(grad_output) and grad_output.item() == 1)  # item(): a fifth of a tensor compare
 
 

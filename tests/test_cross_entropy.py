@@ -22,8 +22,15 @@ def torch_loss(input, target, weight=None, ignore_index=-100, reduction="mean", 
                lse_square_scale=0.0, softcap=None):
     """What lossops.cross_entropy promises, written with torch ops only."""
     logits = input if softcap is None else softcap * torch.tanh(input / softcap)
-    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
+    index_mean = reduction == "mean" and not target.is_floating_point()
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index,
+                           reduction="sum" if index_mean else reduction, label_smoothing=label_smoothing)
+    if index_mean:  # a mean over nothing is NaN with a zero gradient (torch's gradient is NaN when weights sum to 0)
+        keep = target != ignore_index
+        classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+        kept_weight = keep.to(loss.dtype) if weight is None else \
+            torch.where(keep, weight.to(loss.dtype)[torch.where(keep, target, 0).clamp(0, max(classes - 1, 0))], 0)
+        loss = _mean_of(loss, kept_weight.sum())
     if lse_square_scale == 0:
         return loss
     lse = logits.logsumexp(1 if input.dim() > 1 else 0)
@@ -33,7 +40,13 @@ def torch_loss(input, target, weight=None, ignore_index=-100, reduction="mean", 
         kept = (target != ignore_index).to(lse.dtype)
         denominator = kept.sum()
     z = lse_square_scale * lse.square() * kept
-    return loss + (z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / denominator)
+    return loss + (z if reduction == "none" else z.sum() if reduction == "sum" else _mean_of(z.sum(), denominator))
+
+
+def _mean_of(total, denominator):
+    denominator = torch.as_tensor(denominator, dtype=total.dtype)
+    empty = denominator == 0
+    return torch.where(empty, float("nan"), total / torch.where(empty, 1, denominator))
 
 
 def make_inputs(case, dtype=torch.float64):

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _backend, _checks
+
 
 # Largest class/element tile a program holds in registers at once; larger rows are looped over. The same under the
 # interpreter, so the tests take the GPU's multi-block path (C > MAX_BLOCK, its last block partly masked).
@@ -51,10 +53,16 @@ def float_options(values: tuple, acc, device):
 
 def raise_if_flagged(flag, out_of_bounds):
     """flag[0] holds an offending target written by a kernel, or 0 when there was none (the kernels only flag
-    values that cannot be valid, and 0 always is); out_of_bounds(value) builds the exception to raise."""
-    if flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # A host read would break the capture; fail on the device instead.
-        torch._assert_async(flag[0] == 0, "lossops: a target is out of bounds")
+    values that cannot be valid, and 0 always is); out_of_bounds(value) builds the exception to raise.
+
+    Where reading the flag costs a host sync (device memory) the check is a device-side assertion instead, as in
+    torch's CUDA losses: nothing waits for it and it can be captured in a CUDA graph. The "immediate" target-check
+    mode (lossops.set_target_checks) reads it anyway, outside a capture, for an IndexError naming the value."""
+    immediate = _backend.target_checks() == "immediate" and not (
+        flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if not (_checks.host_readable(flag) or immediate):
+        torch._assert_async(flag == 0, "lossops: a class index in target is out of bounds (lossops.set_target_checks("
+                                       "'immediate') raises an IndexError naming it)")
         return
     value = int(flag[0])
     if value != 0:

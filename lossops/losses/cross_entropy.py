@@ -246,7 +246,7 @@ def _denominator(logits3: Tensor, target: Tensor, weight: Optional[Tensor], igno
                  weight_normalizes_mean: bool) -> Tensor:
     acc = _checks.opmath_dtype(logits3.dtype)
     if target.is_floating_point():  # torch divides probability-target losses by the number of rows
-        return torch.tensor(logits3.shape[0] * logits3.shape[2], dtype=acc, device=logits3.device)
+        return torch.full((), logits3.shape[0] * logits3.shape[2], dtype=acc, device=logits3.device)
     return _reduce.class_index_denominator(target, weight if weight_normalizes_mean else None, ignore_index,
                                            logits3.shape[1], acc)
 
@@ -422,7 +422,7 @@ def _mean_denominator(a: dict) -> Tensor:
     classes = x.shape[rows_class_dim(x)]
     acc = _checks.opmath_dtype(x.dtype)
     if t.shape == x.shape:  # probabilities: the mean is over items
-        return torch.tensor(x.numel() // max(classes, 1), dtype=acc, device=x.device)
+        return torch.full((), x.numel() // max(classes, 1), dtype=acc, device=x.device)
     return _reduce.class_index_denominator(t, a["weight"], a["ignore_index"], classes, acc)
 
 

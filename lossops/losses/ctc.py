@@ -114,7 +114,7 @@ def _lengths(name: str, value: Lengths, batch: int, device, batched: bool, high:
             raise RuntimeError(f"lossops: {name} is on {value.device} but log_probs is on {device}")
         if value.dim() == 0 and not batched:
             value = value.reshape(1)
-        items = value.tolist() if value.device.type == "cpu" and not torch.compiler.is_compiling() else None
+        items = value.tolist() if _checks.host_readable(value) and not torch.compiler.is_compiling() else None
         value = value.to(device=device, dtype=torch.int64)
     else:
         items = [value] if isinstance(value, int) and not batched else list(value) if not isinstance(value, int) \
@@ -141,7 +141,7 @@ _BOUNDS = {"input_lengths": "the time steps of log_probs ({})", "target_lengths"
 
 def _check_total_target_length(target_lengths: Tensor, targets: Tensor) -> None:
     """Concatenated targets: the lengths must not add up to more values than there are."""
-    if target_lengths.device.type == "cpu":
+    if _checks.host_readable(target_lengths):
         total = sum(target_lengths.tolist())  # Python integers: huge lengths cannot wrap around to a small sum
         if total > targets.numel():
             raise RuntimeError(f"lossops: target_lengths sum to {total} but the concatenated targets have "

@@ -1,0 +1,89 @@
+"""`python -m bench.gpu_route_host`: the host time of the GPU route (the triton backend) per call, without a GPU.
+
+Every Triton launch is stubbed out (Triton's interpreter is on, its kernel runs are no-ops), and the checks that
+read values back take the branch they take on device memory, so what is timed is the Python and torch work the
+route does around its kernels: checks, backend choice, the op's autograd node, small torch ops, launch
+preparation. Forward+backward on each family's tiny declared case, median of interleaved repeats, next to the
+launches and torch ops counted on the same call. On a GPU every torch op is also a kernel launch (~5 us of host
+time each in eager torch): their count is what the route costs the device's launch queue.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as interpreter  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import lossops  # noqa: E402
+from lossops import _checks  # noqa: E402
+from lossops._family import FAMILIES  # noqa: E402
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(case):
+    torch.manual_seed(0)
+    args = case.make(torch.float32)
+    args[0] = args[0].detach().requires_grad_()
+    return args
+
+
+def measure(repeats: int = 200) -> list[dict]:
+    launches = []
+    interpreter.InterpretedFunction.run = lambda self, *a, **k: launches.append(self.__name__)
+    _checks.host_readable = lambda t: False
+    rows = []
+    with lossops.backend("triton"):
+        for name, family in FAMILIES.items():
+            case = family.cases[0]
+            fn = getattr(lossops, name)
+            args = _inputs(case)
+
+            def call():
+                loss = fn(*args, **case.kwargs)
+                loss.backward(torch.ones_like(loss))
+                args[0].grad = None
+            for _ in range(10):
+                call()
+            launches.clear()
+            with _Ops() as ops:
+                call()
+            counted = dict(launches=len(launches), torch_ops=ops.count)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            rows.append(dict(op=name, shape=tuple(args[0].shape), us=statistics.median(times) * 1e6, **counted))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_route_host", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}; host time per forward+backward with Triton launches stubbed (median of "
+          f"{args.repeats})")
+    print(f"{'op':34} {'input':>10} {'host us':>8} {'launches':>8} {'torch ops':>9}")
+    for r in measure(args.repeats):
+        print(f"{r['op']:34} {'x'.join(map(str, r['shape'])):>10} {r['us']:8.1f} {r['launches']:8d} {r['torch_ops']:9d}")
+
+
+if __name__ == "__main__":
+    main()

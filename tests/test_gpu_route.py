@@ -1,0 +1,149 @@
+"""The GPU route (the triton backend) without a GPU: what each op's forward+backward asks of the host.
+
+On CUDA a host read of a device value (`.item()`, `int(t)`, `bool(t)`, `.tolist()`) synchronises, and a tensor made
+from host values (`torch.tensor(...)`) is a pageable host-to-device copy; neither can be captured in a CUDA graph.
+Under Triton's interpreter every tensor is in CPU memory, so the one helper every value-reading check branches on
+(lossops._checks.host_readable) is made to answer as it would for device memory, and every such call made from
+lossops' own code (not torch's or Triton's) on a second, warmed-up call is recorded: there must be none.
+The same run counts the Triton launches and the torch ops each op issues.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+import triton.runtime.interpreter as interpreter
+
+import lossops
+import lossops.triton_kernels
+from lossops import _checks
+from lossops._family import FAMILIES
+
+OURS = tuple(os.path.dirname(m.__file__) + os.sep for m in (lossops, lossops.triton_kernels))
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+HOST_TENSORS = ("tensor", "as_tensor", "scalar_tensor")
+
+
+def _from_our_code() -> bool:
+    caller = sys._getframe(2).f_code.co_filename
+    return caller.startswith(OURS)
+
+
+@contextlib.contextmanager
+def device_memory_recorder(monkeypatch):
+    """Records (what, where) for every host read and host-built tensor made from lossops' frames."""
+    calls = []
+    monkeypatch.setattr(_checks, "host_readable", lambda t: False)
+
+    def wrap(owner, name, kind):
+        original = getattr(owner, name)
+
+        def recorded(*args, **kwargs):
+            if _from_our_code():
+                frame = sys._getframe(1)
+                calls.append(f"{kind} {name} at {frame.f_code.co_filename}:{frame.f_lineno}")
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, recorded)
+
+    for name in HOST_READS:
+        wrap(torch.Tensor, name, "host read:")
+    for name in HOST_TENSORS:
+        wrap(torch, name, "tensor from host values:")
+    yield calls
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counting_launches(monkeypatch):
+    launches = []
+    run = interpreter.InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.__name__)
+        return run(self, *args, **kwargs)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted)
+    yield launches
+
+
+def _calls():
+    for name, family in FAMILIES.items():
+        for index, case in enumerate(family.cases):
+            yield pytest.param(name, case, id=f"{name}-{index}")
+
+
+def _inputs(case):
+    torch.manual_seed(0)
+    args = case.make(torch.float32)  # the declared cases' makers live in lossops' modules: called outside records
+    args[0] = args[0].detach().requires_grad_()
+    return args
+
+
+def _forward_backward(name, case, args=None):
+    args = args or _inputs(case)
+    loss = getattr(lossops, name)(*args, **case.kwargs)
+    loss.backward(torch.ones_like(loss))
+    return args[0].grad
+
+
+@pytest.mark.parametrize("name, case", list(_calls()))
+def test_no_host_read_and_no_host_built_tensor_on_the_triton_route(monkeypatch, name, case):
+    with lossops.backend("triton"):
+        _forward_backward(name, case)  # values cached on a first call (kernel options) are allowed
+        args = _inputs(case)
+        with device_memory_recorder(monkeypatch) as calls:
+            grad = _forward_backward(name, case, args)
+    assert grad is not None and torch.isfinite(grad).all()
+    allowed = [c for c in calls if name == "ctc_loss" and "tolist" in c]  # CTC's lengths on the host, as torch's
+    assert [c for c in calls if c not in allowed] == [], "\n".join(calls)
+
+
+def test_out_of_range_target_on_device_memory_is_a_device_assertion(monkeypatch):
+    x, bad = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 7, 1, 2])
+    with lossops.backend("triton"):
+        monkeypatch.setattr(_checks, "host_readable", lambda t: False)
+        # On a CPU tensor torch._assert_async fails at once; on CUDA it fails on the device, without a sync.
+        with pytest.raises(RuntimeError, match="class index in target is out of bounds"):
+            lossops.cross_entropy(x, bad)
+        lossops.set_target_checks("immediate")
+        try:
+            with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+                lossops.cross_entropy(x, bad)
+        finally:
+            lossops.set_target_checks("device")
+    with pytest.raises(ValueError, match="target-check mode 'sometimes'"):
+        lossops.set_target_checks("sometimes")
+
+
+# Kernel launches and torch ops per forward+backward on the triton route (plain eager: the op's own autograd
+# node, no custom-op dispatch). Cross-entropy with class indices: the one fused kernel, and a handful of small
+# torch ops (the kept-row count, its reciprocal, the sum of the row losses, the mean, the flag's check).
+LAUNCH_BUDGET = {"cross_entropy": 1, "softmax_focal_loss": 1, "binary_cross_entropy_with_logits": 1,
+                 "sigmoid_focal_loss": 1, "sigmoid_focal_loss_index": 1, "l1_loss": 1, "mse_loss": 1,
+                 "smooth_l1_loss": 1, "huber_loss": 1, "ctc_loss": 1}
+TORCH_OP_BUDGET = 16
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH_BUDGET))
+def test_launches_and_torch_ops_per_forward_backward(monkeypatch, name):
+    case = FAMILIES[name].cases[0]
+    with lossops.backend("triton"):
+        _forward_backward(name, case)
+        args = _inputs(case)
+        with counting_launches(monkeypatch) as launches, OpCounter() as counter:
+            _forward_backward(name, case, args)
+    assert len(launches) <= LAUNCH_BUDGET[name], launches
+    ours = [op for op in counter.ops if not op.startswith("aten.ones_like") and "randn" not in op]
+    assert len(ours) <= TORCH_OP_BUDGET, ours
