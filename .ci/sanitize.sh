@@ -54,7 +54,7 @@ print('sanitize: testing', m.__file__, '(', m.capability(), ')')
 
 mapfile -t files < <(cd "$ROOT" && ls tests/test_*.py | grep -v -e '^tests/test_large\.py$' -e 'triton_aot')
 status=0
-(cd "$PKG" && python -m pytest -q -p no:cacheprovider --rootdir "$ROOT" "${files[@]/#/$ROOT/}" \
+(cd "$PKG" && python -m pytest -q -n "${LOSSOPS_TEST_WORKERS:-auto}" -p no:cacheprovider --rootdir "$ROOT" "${files[@]/#/$ROOT/}" \
   -k "${LOSSOPS_SANITIZE_K:-cpp}" "$@") 2>&1 | tee "$LOG" || status=$?
 # halt_on_error aborts the process that hit a report; a report inside a subprocess shows only in the log.
 if grep -q -E "ERROR: AddressSanitizer|runtime error:|SUMMARY: UndefinedBehaviorSanitizer" "$LOG"; then
