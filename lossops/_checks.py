@@ -188,5 +188,9 @@ def distinct_memory(t: torch.Tensor) -> bool:
 
 
 def autocast_enabled(device: torch.device) -> bool:
-    """torch.is_autocast_enabled for a device type that may have no autocast at all (meta): then False."""
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    """torch.is_autocast_enabled for a device type that may have no autocast at all (meta): then False. (A set of
+    names rather than torch.amp.is_autocast_available, which Dynamo cannot trace in torch 2.11.)"""
+    return device.type not in _NO_AUTOCAST and torch.is_autocast_enabled(device.type)
+
+
+_NO_AUTOCAST = frozenset({"meta"})

@@ -16,8 +16,12 @@ WORK="$(mktemp -d /tmp/lossops-check-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Triton before 3.7 runs its interpreter's scalar arguments as 1-element arrays, which NumPy 2.4 no longer converts
+# to Python integers (the Triton tests run under that interpreter).
+numpy="numpy"
+case "$triton_version" in 3.[0-6].*) numpy="numpy<2.4" ;; esac
 "$VENV/bin/python" -m pip install -q "torch==$version" ${triton_version:+"triton==$triton_version"} \
-  setuptools wheel pybind11 ninja pytest hypothesis numpy expecttest 2>&1 | grep -v "^WARNING: Location" || true
+  setuptools wheel pybind11 ninja pytest pytest-xdist hypothesis "$numpy" expecttest 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import torch, triton; print('check_torch: torch', torch.__version__, 'triton', triton.__version__)"
 git -C "$ROOT" ls-files -z --cached --others --exclude-standard | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK")
 (cd "$WORK" && MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps . 2>&1 \
