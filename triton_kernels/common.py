@@ -11,18 +11,21 @@ import triton.language as tl
 
 from .. import _backend, _checks
 
-
 # Largest class/element tile a program holds in registers at once; larger rows are looped over. The same under the
 # interpreter, so the tests take the GPU's multi-block path (C > MAX_BLOCK, its last block partly masked).
 MAX_BLOCK = 8192
-# float64 values take two registers each, and the options' per-element terms (softcap, weights, smoothing) stay
-# live across a block: a float64 tile holds a quarter of the values (8 per thread at most), or ptxas spills
-# (docs/triton-kernels.md lists the registers of every variant).
+# Values a thread holds per block: the warps grow with the block to keep it at this. Each value's per-element terms
+# (softcap, weights, smoothing, the gradient) are live at once, so twice as many values per thread put the
+# option-heavy variants at one block per SM or into spills (docs/triton-kernels.md). float64 values take two
+# registers each: half as many per thread, in a quarter of the tile.
+VALUES_PER_THREAD = 16
 FLOAT64_BLOCK_DIVISOR = 4
+MAX_WARPS = 16
 
 
 def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.float32, gather: bool = False) -> dict:
-    """Block size and warp count for a loop over n elements accumulated in `acc`: the one place this policy lives.
+    """Block size and warp count for a loop over n elements accumulated in `acc`: the one place this policy lives
+    (docs/triton-kernels.md has the registers and occupancy of every variant it produces).
 
     gather: the elements are strided (a class-dim-1 layout), so each one is loaded or stored through its own 64-bit
     address instead of one vector per thread: half the block, or the addresses alone fill the registers."""
@@ -33,7 +36,8 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
         max_block //= 2
     block = min(triton.next_power_of_2(max(int(n), 1)), max_block)
     block = max(block, 16)
-    num_warps = 4 if block <= (1024 if double else 2048) else 8
+    per_thread = VALUES_PER_THREAD // 2 if double else VALUES_PER_THREAD
+    num_warps = min(max(block // (32 * per_thread), 4), MAX_WARPS)
     return {"BLOCK": block, "num_warps": num_warps}
 
 

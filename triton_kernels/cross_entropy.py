@@ -50,11 +50,10 @@ def cross_entropy_kernel(
     inner_idx = row % inner
     X += outer_idx * stride_xo + inner_idx * stride_xi
     G += outer_idx * stride_go + inner_idx * stride_gi
-    # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32.
+    # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32. Those only the
+    # row's coefficients use are loaded after the first loop, so they hold no registers across it.
     eps = tl.load(PARAMS + 0).to(ACC)
-    z = tl.load(PARAMS + 1).to(ACC)
     cap = tl.load(PARAMS + 2).to(ACC)
-    focal_gamma = tl.load(PARAMS + 3).to(ACC)
     smooth = eps / C
 
     valid = True
@@ -67,6 +66,8 @@ def cross_entropy_kernel(
         y = tl.where(valid, y, 0)
     else:
         T += outer_idx * stride_to + inner_idx * stride_ti
+    # Columns read: none for an ignored (or invalid) target, whose loss and gradient are zeros whatever its logits.
+    read = tl.where(valid, C, 0)
 
     # Loop-carried values start in ACC: a Python float is an fp32 constant, and the compiler refuses a loop
     # variable whose type changes (fp32 -> fp64) between iterations.
@@ -76,7 +77,7 @@ def cross_entropy_kernel(
     q_sum = tl.zeros((), ACC)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < C
+        mask = cols < read
         x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
         m, s = _online_logsumexp(m, s, x)
         x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
@@ -95,6 +96,8 @@ def cross_entropy_kernel(
     # Log-probabilities are formed as (x - max) - log_sum, never x - lse: lse rounds to max's ulp.
     log_sum = tl.log(s)
     lse = m + log_sum
+    z = tl.load(PARAMS + 1).to(ACC)
+    focal_gamma = tl.load(PARAMS + 3).to(ACC)
 
     x_y = 0.0
     onehot_coef = 0.0
@@ -141,7 +144,7 @@ def cross_entropy_kernel(
             written = tl.where(tl.load(HOLD) == 0, C, 0)
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            mask = cols < C
+            mask = cols < read
             x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
             g = coef * tl.exp((x - m) - log_sum)
             if PROB_TARGET:

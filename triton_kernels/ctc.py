@@ -13,7 +13,7 @@ import triton.language as tl
 from .. import _checks
 
 from . import aot
-from .common import acc_dtype, launch_config, strided
+from .common import MAX_BLOCK, acc_dtype, launch_config, strided
 
 @triton.jit
 def _log_add3(a, b, c):
@@ -101,13 +101,17 @@ def ctc_kernel(
             tl.debug_barrier()
 
 
-def _blocks(C: int, S: int, acc: torch.dtype) -> dict:
+def _blocks(C: int, S: int, acc: torch.dtype, gather: bool) -> dict:
     """The label block (the longest extended label sequence) and the (classes x labels) posterior tile, sized by
-    launch_config like every other block: a longer label block leaves fewer classes per tile, down to one."""
+    launch_config like every other block: a longer label block leaves fewer classes per tile, down to one.
+    gather: classes are strided in log_probs (each read through its own address). The label block's rows (alpha,
+    beta, labels, transitions) stay live beside the tile, which therefore gets half the largest block."""
     block_l = max(16, triton.next_power_of_2(2 * S + 1))
-    tile = launch_config(block_l * max(C, 1), acc=acc)
+    policy = dict(max_block=MAX_BLOCK // 2, acc=acc, gather=gather)
+    tile = launch_config(block_l * max(C, 1), **policy)
     block_c = max(1, min(triton.next_power_of_2(max(C, 1)), tile["BLOCK"] // block_l))
-    return dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=launch_config(block_l * block_c, acc=acc)["num_warps"])
+    warps = launch_config(block_l * block_c, **policy)["num_warps"]
+    return dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
 
 
 def ctc_loss(*, log_probs, targets, target_offsets, input_lengths, target_lengths, blank, zero_infinity, grad,
@@ -136,7 +140,7 @@ def ctc_loss(*, log_probs, targets, target_offsets, input_lengths, target_length
     # The label block must hold the longest target: padded (N, S) targets bound it by S with no device round
     # trip; concatenated ones need the longest length from the device (one synchronisation).
     S = targets.shape[1] if targets.dim() == 2 else int(target_lengths.max())
-    blocks = _blocks(C, S, acc)
+    blocks = _blocks(C, S, acc, gather=log_probs.stride(2) != 1)
     block_l = blocks["BLOCK_L"]
     alpha = torch.empty((N, max(T, 1), block_l), dtype=acc, device=log_probs.device)
     beta = torch.empty((N, 2, block_l), dtype=acc, device=log_probs.device) if grad is not None else alpha

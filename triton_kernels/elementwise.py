@@ -19,7 +19,7 @@ from .common import acc_dtype, float_options, launch_config, log1p, raise_if_fla
 
 INT32_MAX = (1 << 31) - 1
 # Elementwise work needs no large tiles: 4 warps streaming 1024 elements keep loads coalesced and 128 bits wide,
-# and leave registers for the families' per-element math (at 2048 the weighted, 64-bit-offset variants neared 255).
+# and leave registers for the families' per-element math and the weights' broadcast indices.
 MAX_ELEMENTWISE_BLOCK = 1024
 
 
@@ -49,6 +49,7 @@ def elementwise_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    scale = tl.load(SCALE).to(ACC)
     keep = mask
     if INDEX_TARGET:
         # Element (row, c) of an (N, C) input has target 1 where index[row] == c; C is background.
@@ -62,7 +63,6 @@ def elementwise_kernel(
     if HAS_AUX:
         a = tl.load(A + (offs // a_inner) % a_period, mask=mask, other=1.0).to(ACC)
     loss, gx, gt = LOSS_FN(x, t, a, tl.load(PARAMS + 0).to(ACC), tl.load(PARAMS + 1).to(ACC))
-    scale = tl.load(SCALE).to(ACC)
     if HAS_WEIGHT:
         w = tl.load(W + (offs // w_inner) % w_period, mask=mask, other=0.0).to(ACC)
         loss = loss * w
