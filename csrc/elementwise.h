@@ -11,6 +11,7 @@
 #include "common.h"
 #include "kernel_abi.h"
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -81,6 +82,113 @@ inline void zero_ignored_rows(const int64_t* index, int64_t C, int64_t ignore_in
       ++row;
     }
   }
+}
+
+// Elements of scalar_t as vectors of the accumulation type: one vector per step for float and double, the two
+// halves of one bf16/fp16 vector otherwise (converted in registers, never through a buffer).
+template <typename scalar_t>
+struct DenseVectors {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int kVecs = std::is_same_v<scalar_t, acc_t> ? 1 : 2;
+  static constexpr int64_t kStep = kVecs * Vec::size();
+
+  // A full step takes the plain loads and stores: the counted ones go through a stack buffer on AVX2.
+  static void load(const scalar_t* p, int64_t count, Vec* out) {
+    if constexpr (kVecs == 1) {
+      out[0] = count == kStep ? Vec::loadu(p) : Vec::loadu(p, count);
+    } else {
+      using Narrow = at::vec::Vectorized<scalar_t>;
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(count == kStep ? Narrow::loadu(p) : Narrow::loadu(p, count));
+      out[0] = lo;
+      out[1] = hi;
+    }
+  }
+  static void load_acc(const acc_t* p, int64_t count, Vec* out) {
+    for (int k = 0; k < kVecs; ++k) {
+      const int64_t c = std::clamp<int64_t>(count - k * Vec::size(), 0, Vec::size());
+      out[k] = c == Vec::size() ? Vec::loadu(p + k * Vec::size()) : c > 0 ? Vec::loadu(p + k * Vec::size(), c) : Vec(acc_t(0));
+    }
+  }
+  static void store(scalar_t* p, const Vec* v, int64_t count) {
+    if constexpr (kVecs == 1) {
+      if (count == kStep) v[0].store(p);
+      else v[0].store(p, count);
+    } else {
+      const auto narrow = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+      if (count == kStep) narrow.store(p);
+      else narrow.store(p, count);
+    }
+  }
+};
+
+// The common case in one pass of registers: input and target of one shape (the target in the input's dtype or
+// the accumulation dtype), no weight, no auxiliary operand, float targets. Each chunk's sum is kept in
+// 2 * kVecs vector accumulators and reduced in a fixed order: bitwise the same for any thread count.
+template <typename scalar_t, template <typename> class Loss>
+void run_dense(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<double>& chunk_sums) {
+  using D = DenseVectors<scalar_t>;
+  using acc_t = typename D::acc_t;
+  using Vec = typename D::Vec;
+  constexpr int K = D::kVecs;
+  constexpr int64_t W = Vec::size();
+  const Loss<acc_t> loss_fn(a.params);
+  const int64_t n = a.input.numel();
+  const scalar_t* x_ptr = a.input.const_data_ptr<scalar_t>();
+  const bool target_in_acc = a.target.scalar_type() != a.input.scalar_type();
+  const scalar_t* t_ptr = target_in_acc ? nullptr : a.target.const_data_ptr<scalar_t>();
+  const acc_t* t_acc_ptr = target_in_acc ? a.target.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* gx_ptr = a.grad_input.has_value() ? a.grad_input->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt_ptr = a.grad_target.has_value() ? a.grad_target->mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* l_ptr = a.per_element ? loss_out.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t scale = static_cast<acc_t>(a.grad_scale);
+
+  at::parallel_for(0, static_cast<int64_t>(chunk_sums.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const Loss<acc_t> loss_local = loss_fn;  // in registers: see run()
+    auto chunk_loop = [&](auto with_gradient) {
+      // One step of kStep elements, its losses added into `sums` (kept in registers: indexed by constants only).
+      auto step = [&](int64_t i, int64_t count, Vec* sums) __attribute__((always_inline)) {
+        Vec x[K], t[K], l[K], gx[K], gt[K];
+        D::load(x_ptr + i, count, x);
+        if (t_acc_ptr) D::load_acc(t_acc_ptr + i, count, t);
+        else D::load(t_ptr + i, count, t);
+        for (int k = 0; k < K; ++k) {
+          loss_local(x[k], t[k], Vec(acc_t(1)), l[k], gx[k], gt[k]);
+          const int64_t lanes = std::clamp<int64_t>(count - k * W, 0, W);
+          // lanes past the end hold zeros, whose loss need not be 0 (BCE): kept out of the sum
+          sums[k] = sums[k] + (lanes == W ? l[k] : Vec::set(Vec(acc_t(0)), l[k], lanes));
+          if (l_ptr && lanes == W) l[k].store(l_ptr + i + k * W);
+          else if (l_ptr && lanes > 0) l[k].store(l_ptr + i + k * W, lanes);
+          if constexpr (decltype(with_gradient)::value) {
+            gx[k] = gx[k] * Vec(scale);
+            gt[k] = gt[k] * Vec(scale);
+          }
+        }
+        if constexpr (decltype(with_gradient)::value) {
+          if (gx_ptr) D::store(gx_ptr + i, gx, count);
+          if (gt_ptr) D::store(gt_ptr + i, gt, count);
+        }
+      };
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        // two independent sets of accumulators, alternating step by step, so additions overlap
+        Vec even[K], odd[K];
+        for (int k = 0; k < K; ++k) even[k] = odd[k] = Vec(acc_t(0));
+        const int64_t stop = std::min(n, (chunk + 1) * kReduceChunk);
+        int64_t i = chunk * kReduceChunk;
+        for (; i + 2 * D::kStep <= stop; i += 2 * D::kStep) {
+          step(i, D::kStep, even);
+          step(i + D::kStep, D::kStep, odd);
+        }
+        for (; i < stop; i += D::kStep) step(i, std::min(D::kStep, stop - i), even);
+        Vec total = even[0] + odd[0];
+        for (int k = 1; k < K; ++k) total = total + (even[k] + odd[k]);
+        chunk_sums[chunk] = static_cast<double>(
+            at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, total));
+      }
+    };
+    if (gx_ptr || gt_ptr) chunk_loop(std::true_type{});
+    else chunk_loop(std::false_type{});
+  });
 }
 
 template <typename scalar_t, template <typename> class Loss>
@@ -191,7 +299,11 @@ std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& a) {
   at::Tensor loss = new_cpu_tensor({a.per_element ? n : 0}, acc_type);
   std::vector<double> chunk_sums((n + kReduceChunk - 1) / kReduceChunk);
   if (n > 0) {
-    LOSSOPS_DISPATCH_FLOATING(x.scalar_type(), "lossops_elementwise", [&] { detail::run<scalar_t, Loss>(a, loss, chunk_sums); });
+    const bool dense = a.target.is_floating_point() && !a.weight.has_value() && !a.aux.has_value();
+    LOSSOPS_DISPATCH_FLOATING(x.scalar_type(), "lossops_elementwise", [&] {
+      if (dense) detail::run_dense<scalar_t, Loss>(a, loss, chunk_sums);
+      else detail::run<scalar_t, Loss>(a, loss, chunk_sums);
+    });
   }
   double total = 0.0;
   for (double s : chunk_sums) total += s;
