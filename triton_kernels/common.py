@@ -28,7 +28,8 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
     (docs/triton-kernels.md has the registers and occupancy of every variant it produces).
 
     gather: the elements are strided (a class-dim-1 layout), so each one is loaded or stored through its own 64-bit
-    address instead of one vector per thread: half the block, or the addresses alone fill the registers."""
+    address instead of one vector per thread: half the block, or the addresses alone fill the registers (in float64,
+    where value and address take two registers each, half the values per thread as well)."""
     double = acc == torch.float64
     if double:
         max_block //= FLOAT64_BLOCK_DIVISOR
@@ -36,7 +37,7 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
         max_block //= 2
     block = min(triton.next_power_of_2(max(int(n), 1)), max_block)
     block = max(block, 16)
-    per_thread = VALUES_PER_THREAD // 2 if double else VALUES_PER_THREAD
+    per_thread = VALUES_PER_THREAD // (2 if double else 1) // (2 if double and gather else 1)
     num_warps = min(max(block // (32 * per_thread), 4), MAX_WARPS)
     return {"BLOCK": block, "num_warps": num_warps}
 
