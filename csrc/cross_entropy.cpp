@@ -238,24 +238,21 @@ struct RowGradient {
                      int64_t n) const {
     const Vec<acc_t> ones(acc_t(1)), vmax(max), vlog_sum(log_sum), va(softmax_coef * scale), vs(smooth * scale),
         vscale(scale), vinv_cap(capped ? acc_t(1) / cap : acc_t(0)), vto_prob(to_prob);
-    auto prob = [&](int64_t i) {
-      return eb ? Vec<acc_t>::loadu(eb + i) * vto_prob : fast_exp((Vec<acc_t>::loadu(xb + i) - vmax) - vlog_sum);
-    };
-    int64_t i = 0;
-    for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) {
-      Vec<acc_t> gv = va * prob(i);
-      if (qb) gv = gv - vscale * Vec<acc_t>::loadu(qb + i);
-      else if (smoothing) gv = gv - vs * (weight ? Vec<acc_t>::loadu(weight + b0 + i) : ones);
-      if (capped) { const Vec<acc_t> t = Vec<acc_t>::loadu(xb + i) * vinv_cap; gv = gv * (ones - t * t); }
-      gv.store(gb + i);
-    }
-    for (; i < n; ++i) {
-      const acc_t p = eb ? eb[i] * to_prob : std::exp((xb[i] - max) - log_sum);
-      acc_t gi = softmax_coef * scale * p;
-      if (qb) gi -= scale * qb[i];
-      else if (smoothing) gi -= smooth * scale * (weight ? weight[b0 + i] : acc_t(1));
-      if (capped) gi *= softcap_derivative(xb[i], cap);
-      gb[i] = gi;
+    // The last, partial vector takes the same vector code through counted loads and stores: a scalar tail
+    // would be auto-vectorised by the compiler behind a run-time overlap check of these buffers, and the
+    // vectorised and scalar versions round differently, so a value would depend on where the buffers lie.
+    for (int64_t i = 0; i < n; i += Vec<acc_t>::size()) {
+      const int64_t count = std::min<int64_t>(Vec<acc_t>::size(), n - i);
+      auto load = [count](const acc_t* ptr) {
+        return count == Vec<acc_t>::size() ? Vec<acc_t>::loadu(ptr) : Vec<acc_t>::loadu(ptr, count);
+      };
+      const Vec<acc_t> prob = eb ? load(eb + i) * vto_prob : fast_exp((load(xb + i) - vmax) - vlog_sum);
+      Vec<acc_t> gv = va * prob;
+      if (qb) gv = gv - vscale * load(qb + i);
+      else if (smoothing) gv = gv - vs * (weight ? load(weight + b0 + i) : ones);
+      if (capped) { const Vec<acc_t> t = load(xb + i) * vinv_cap; gv = gv * (ones - t * t); }
+      if (count == Vec<acc_t>::size()) gv.store(gb + i);
+      else gv.store(gb + i, count);
     }
   }
 
