@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 import triton.runtime.interpreter as interpreter
 
 import lossops
@@ -54,16 +53,6 @@ def device_memory_recorder(monkeypatch):
     for name in HOST_TENSORS:
         wrap(torch, name, "tensor from host values:")
     yield calls
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -127,23 +116,31 @@ def test_out_of_range_target_on_device_memory_is_a_device_assertion(monkeypatch)
         lossops.set_target_checks("sometimes")
 
 
-# Kernel launches and torch ops per forward+backward on the triton route (plain eager: the op's own autograd
-# node, no custom-op dispatch). Cross-entropy with class indices: the one fused kernel, and a handful of small
-# torch ops (the kept-row count, its reciprocal, the sum of the row losses, the mean, the flag's check).
+# Triton launches and kernel-launching torch ops per forward+backward on the triton route (plain eager: the op's
+# own autograd node, no custom-op dispatch), as they stand: a change that adds one fails here. Cross-entropy with
+# class indices: the fused kernel, then the kept-row count, the gradient scale, the flag's zeros and device-side
+# check, the sum of the row losses, the mean, and in backward grad_output's product (docs/gpu-route.md says what
+# would bring these to two launches).
 LAUNCH_BUDGET = {"cross_entropy": 1, "softmax_focal_loss": 1, "binary_cross_entropy_with_logits": 1,
                  "sigmoid_focal_loss": 1, "sigmoid_focal_loss_index": 1, "l1_loss": 1, "mse_loss": 1,
-                 "smooth_l1_loss": 1, "huber_loss": 1, "ctc_loss": 1}
-TORCH_OP_BUDGET = 16
+                 "smooth_l1_loss": 1, "huber_loss": 1, "ctc_loss": 1, "linear_cross_entropy": 2}
+TORCH_OP_BUDGET = {"cross_entropy": 15, "softmax_focal_loss": 15, "binary_cross_entropy_with_logits": 12,
+                   "sigmoid_focal_loss": 11, "sigmoid_focal_loss_index": 14, "l1_loss": 12, "mse_loss": 12,
+                   "smooth_l1_loss": 12, "huber_loss": 12, "ctc_loss": 41, "linear_cross_entropy": 43}
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCH_BUDGET))
 def test_launches_and_torch_ops_per_forward_backward(monkeypatch, name):
+    from bench.gpu_route_host import _torch_ops
     case = FAMILIES[name].cases[0]
     with lossops.backend("triton"):
+        monkeypatch.setattr(_checks, "host_readable", lambda t: False)
         _forward_backward(name, case)
         args = _inputs(case)
-        with counting_launches(monkeypatch) as launches, OpCounter() as counter:
+        with counting_launches(monkeypatch) as launches:
             _forward_backward(name, case, args)
+            launches = list(launches)  # the counting stays patched until the test ends
+        args = _inputs(case)
+        ops = _torch_ops(lambda: _forward_backward(name, case, args))
     assert len(launches) <= LAUNCH_BUDGET[name], launches
-    ours = [op for op in counter.ops if not op.startswith("aten.ones_like") and "randn" not in op]
-    assert len(ours) <= TORCH_OP_BUDGET, ours
+    assert ops <= TORCH_OP_BUDGET[name]
