@@ -141,6 +141,8 @@ def test_launches_and_torch_ops_per_forward_backward(monkeypatch, name):
             _forward_backward(name, case, args)
             launches = list(launches)  # the counting stays patched until the test ends
         args = _inputs(case)
+        # the kernels stubbed out: the interpreter's own work would count as torch ops
+        monkeypatch.setattr(interpreter.InterpretedFunction, "run", lambda self, *a, **k: None)
         ops = _torch_ops(lambda: _forward_backward(name, case, args))
     assert len(launches) <= LAUNCH_BUDGET[name], launches
     assert ops <= TORCH_OP_BUDGET[name]
