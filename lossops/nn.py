@@ -5,6 +5,7 @@ the ones below combine or wrap several functions.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -44,13 +45,10 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
         self.temperature, self.return_token_stats = temperature, return_token_stats
 
     def extra_repr(self):
-        options = _family_options_repr(
-            {"reduction": self.reduction, "ignore_index": self.ignore_index, "label_smoothing": self.label_smoothing,
-             "options": self.options, "lse_square_scale": self.lse_square_scale, "softcap": self.softcap,
-             "chunk_size": self.chunk_size, "temperature": self.temperature,
-             "return_token_stats": self.return_token_stats, "weight": self.weight},
-            {"reduction": "mean", "ignore_index": None, "label_smoothing": 0.0, "options": None, "lse_square_scale": 0.0,
-             "softcap": None, "chunk_size": None, "temperature": 1.0, "return_token_stats": False, "weight": None})
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()}
+        names = ("reduction", "ignore_index", "label_smoothing", "options", "lse_square_scale", "softcap", "chunk_size",
+                 "temperature", "return_token_stats", "weight")
+        options = _family_options_repr({name: getattr(self, name) for name in names}, defaults)
         head = f"num_classes={self.num_classes}" + (f", out_features={self.out_features}" if self.out_features else "")
         return head + (", " + options if options else "")
 
