@@ -4,8 +4,8 @@ Every Triton launch is stubbed out (Triton's interpreter is on, its kernel runs 
 read values back take the branch they take on device memory, so what is timed is the Python and torch work the
 route does around its kernels: checks, backend choice, the op's autograd node, small torch ops, launch
 preparation. Forward+backward on each family's tiny declared case, median of interleaved repeats, next to the
-launches and torch ops counted on the same call. On a GPU every torch op is also a kernel launch (~5 us of host
-time each in eager torch): their count is what the route costs the device's launch queue.
+launches and torch ops counted on the same call. On a GPU every torch op is also a kernel launch (each with its
+own host cost in eager torch): their count is what the route costs the device's launch queue.
 """
 from __future__ import annotations
 

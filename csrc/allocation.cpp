@@ -3,7 +3,7 @@
 // A fresh N x V gradient costs more in page faults than in arithmetic (4 KiB pages: ~130k faults for a
 // 4096 x 32000 fp32 buffer). Asking for 2 MiB pages (madvise(MADV_HUGEPAGE), honoured when THP is in
 // "madvise" or "always" mode) makes the faults ~500x fewer, but the kernel still zeroes every fresh page
-// (~12 ms per 256 MiB on the benchmark machine, as long as the loss itself). A training loop asks for the
+// (for a large gradient, about as long as the loss itself). A training loop asks for the
 // same gradient every step, so the most recently freed large buffer is kept and handed out again for a
 // request of the same size: its pages are already resident. One slot, like a one-entry caching allocator:
 // a request of another size frees the kept buffer first, so no step ever holds more memory than it would
@@ -31,8 +31,8 @@ namespace lossops {
 namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kMinHugeBytes = size_t(8) << 20;
-// Buffers from 1 MiB on are kept too (on 4 KiB pages): a 5.5 MiB bf16 segmentation gradient otherwise took ~390
-// page faults per step from the default allocator, a quarter of the loss's time.
+// Buffers from 1 MiB on are kept too (on 4 KiB pages): a 5.5 MiB bf16 segmentation gradient otherwise takes ~390
+// page faults per step from the default allocator, a large share of the loss's time.
 constexpr size_t kMinKeptBytes = size_t(1) << 20;
 constexpr size_t kPage = size_t(4) << 10;
 

@@ -5,8 +5,8 @@
 // build without being written three times. Each concern has a header of its own; this one includes them all.
 #pragma once
 
-// In the order the definitions had when they were all here: GCC's inlining follows the order functions are
-// defined in, and the kernels were measured with this one.
+// Included in this order on purpose: GCC's inlining follows the order functions are defined in, and the
+// kernels were tuned with this one.
 #include "tuning.h"        // kBlock, kExpCacheElements, kRowGrainElements, kReduceChunk, row_grain
 #include "dispatch.h"      // opmath_t, LOSSOPS_DISPATCH_FLOATING
 #include "cpu_tensor.h"    // new_cpu_tensor, cpu_scalar

@@ -6,8 +6,8 @@
 
 namespace lossops {
 
-// Fresh CPU outputs without at::empty / at::scalar_tensor: their operator headers were half of every kernel
-// translation unit's compile time (about 5 s of 10), and the kernels never need more than an allocation.
+// Fresh CPU outputs without at::empty / at::scalar_tensor: their operator headers weigh heavily on every kernel
+// translation unit's compile time, and the kernels never need more than an allocation.
 inline at::Tensor new_cpu_tensor(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::Tensor(at::detail::empty_cpu(sizes, dtype));
 }

@@ -69,7 +69,7 @@ struct LaneLayout {
 // and sum run across classes with every lane a different row; the target class, the only per-row
 // irregularity, is patched in per lane.
 // 32 rows: two cache lines of each fp32 class plane per group, so each plane is read in runs long enough for
-// the prefetcher whatever the vector width (AVX2 with 16 rows measured ~2x slower on class-dim-1 layouts).
+// the prefetcher whatever the vector width (16 rows on AVX2 left class-dim-1 layouts waiting on memory).
 constexpr int64_t kLaneRows = 32;
 template <typename acc_t>
 constexpr int64_t kLaneVectors = std::max<int64_t>(1, kLaneRows / Vec<acc_t>::size());
@@ -92,7 +92,7 @@ struct LaneProblem {
 };
 
 // The options that change the per-element loops are template flags, so those loops carry no branches (a
-// generic version measured 2.4 cycles per element for the forward pass alone).
+// generic version spent its time on them in the forward pass alone).
 template <typename scalar_t, bool kGrad, bool kSmooth, bool kCapped>
 void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, int64_t end) {
   using acc_t = opmath_t<scalar_t>;
@@ -306,10 +306,9 @@ void cross_entropy_lanes(const at::Tensor& input, const int64_t* index_ptr, cons
 }
 
 // Which kernel serves a class-index call. (N, C) rows: the lane kernel up to kLaneRowClasses classes, beyond
-// which a row is long enough for the row kernel's vector loop (65536 rows, 1 thread, fwd+bwd, AVX-512, fp32 /
-// bf16 ms: lanes 1.5/1.9, 3.1/3.3, 4.9/5.8, 5.9/6.5, 7.2/7.9, 12.0/12.7 at C = 32, 64, 100, 128, 160, 256; rows
-// 5.2/5.5, 5.6/6.0, 8.5/11.0, 7.2/7.4, 7.3/9.8, 10.2/10.9). Class-dim-1 (inner > 1): the lane kernel
-// whenever its class-major tile (C x 32 values per thread, twice with a gradient) stays in L2.
+// which a row is long enough for the row kernel's vector loop (the crossover was measured; the timings are in
+// docs/tuning.md). Class-dim-1 (inner > 1): the lane kernel whenever its class-major tile (C x 32 values per
+// thread, twice with a gradient) stays in L2.
 constexpr int64_t kLaneRowClasses = 160;
 constexpr int64_t kLaneTileClasses = 2048;
 

@@ -8,7 +8,7 @@
 // Two departures from a literal transcription, neither changing the result in exact arithmetic:
 // - Rows are renormalised: each stored alpha (beta) row is relative to the previous row's maximum, the offsets
 //   summed in double. Raw log-alphas grow to |nll| (thousands at T = 500), where a float's ulp is ~1e-4 and the
-//   posterior exp(alpha + beta + nll - lp) inherited that error; stored values now stay near |log_probs|.
+//   posterior exp(alpha + beta + nll - lp) would inherit that error; stored values stay near |log_probs|.
 // - Only the states that can lie on a complete path are computed: s <= 2t + 1 (reachable from the start) and
 //   s >= L - 2(T - t) (can still reach the end); everything outside is -inf in the exact recursion too.
 #include <algorithm>
@@ -37,8 +37,8 @@ constexpr int64_t kPad = 2;
 // log(x) for x in [1, 3], the range of a sum of three exponentials whose largest is e^0 = 1 (fast_exp(0) is exactly
 // 1). x = 2^k y with y in [0.75, 1.5], log y = 2 atanh(u), u = (y - 1) / (y + 1) in [-1/7, 1/5]: five terms of the
 // odd series leave a relative error below 1e-8, and y - 1 is exact, so the result is within about an ulp of the
-// alpha it is added to. Sleef's general logf (a library call, with the vector registers spilled around it) was a
-// quarter of the recursion's time.
+// alpha it is added to. Sleef's general logf is a library call, with the vector registers spilled around it, in
+// the recursion's innermost loop.
 inline CVec<float> log_1_to_3(const CVec<float>& x) {
   using V = CVec<float>;
   const V halve = x > V(1.5f);
@@ -210,8 +210,8 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
 
   const scalar_t* const lp_n = p.log_probs + n * p.stride_n;
   // Consecutive frames of a sequence are N * C elements apart (and backward walks down in time), beyond what the
-  // hardware prefetcher follows: asking for frames kAhead steps early removed the stalls on the emission loads
-  // (40% of the forward time) and on the rows read for the gradient (a quarter of the backward's at C = 1000).
+  // hardware prefetcher follows: asking for frames kAhead steps early removes the stalls on the emission loads
+  // and on the rows read for the gradient.
   // Short rows are fetched whole, long ones only at the target's classes.
   constexpr int64_t kAhead = 4;
   const bool whole_rows = p.stride_c == 1 && C * int64_t(sizeof(scalar_t)) <= 512;
@@ -340,8 +340,8 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
     cur[lo - 1] = cur[lo - 2] = ninf;
     next_max = vec_max(vmax);
 
-    // The blank states (even s) are summed in vector lanes: scattered one by one, every other s added into the same
-    // class_post[blank], a chain of store-to-load dependencies that took a third of the backward time.
+    // The blank states (even s) are summed in vector lanes: scattered one by one, every other s would be added into
+    // the same class_post[blank], a chain of store-to-load dependencies.
     const V offset(static_cast<acc_t>(alpha_offset[t] + J + nll));
     const acc_t* a = alpha_row(t);
     const V blank_lanes = (lo & 1) ? odd_lanes : even_lanes;

@@ -2,8 +2,8 @@
 // the reduction, the output cast and creates the autograd node, all in C++.
 //
 // On small inputs the Python custom-op route (torch.library's autograd wrapper, redispatch, the mean's
-// denominator and the casts as separate tensor ops) cost 10-30x the kernel and made lossops several times
-// slower than eager PyTorch. The custom op stays the route for everything this path does not take
+// denominator and the casts as separate tensor ops) costs many times the kernel, more than eager PyTorch's whole
+// call (docs/eager-path.md has the figures). The custom op stays the route for everything this path does not take
 // (torch.compile, tensor subclasses, dispatch modes, autocast, other backends; lossops/_eager.py decides).
 // This path is tried before the Python checks and returns None for anything it does not recognise (bad
 // arguments included), so the Python path raises every error and each message keeps one source. The values
@@ -65,7 +65,7 @@ bool modes_active() {
 
 // t's elements under other sizes and strides, sharing its storage, made without the dispatcher (no view
 // tracking, no autograd metadata): for the kernels' (outer, C, inner) and flat views, which never leave this
-// file. At a few microseconds a call, the dispatched view ops were a tenth of it.
+// file. A call takes a few microseconds, so even the dispatched view ops would be a visible share of it.
 at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
   auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(t.storage()), t.key_set(), t.dtype());
   impl->set_sizes_and_strides(sizes, strides, t.storage_offset());

@@ -82,8 +82,8 @@ inline void write_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t st
 
 #if defined(CPU_CAPABILITY_AVX512)
 // One 16x16 float block, kept in registers: 32-bit, 64-bit, then two 128-bit-lane interleaves (64 shuffles).
-// Written out because ATen's transpose_mxn_16x16 is not inlined and passes its rows through the stack: it was a
-// quarter of the lane kernel's time at 100 classes.
+// Written out because ATen's transpose_mxn_16x16 is not inlined and passes its rows through the stack, which
+// the lane kernel cannot afford at every group.
 inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
@@ -119,8 +119,8 @@ inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_
 #if defined(CPU_CAPABILITY_AVX2)
 // One block of up to 8x8 floats (m source rows of n values), kept in registers: 32-bit, 64-bit, then 128-bit-lane
 // interleaves (24 shuffles). Partial blocks load through lane masks, so that a row count or a class
-// count that is not a multiple of 8 (10 classes: 8 + 2) costs one more block, not an element-by-element loop:
-// that loop and ATen's out-of-line transpose_mxn were 15% of the 10-class lane kernel's time.
+// count that is not a multiple of 8 (10 classes: 8 + 2) costs one more block, not an element-by-element loop
+// (that loop and ATen's out-of-line transpose_mxn cost the 10-class lane kernel dearly).
 __attribute__((always_inline)) inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int m, int n) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 r[8], t[8];
@@ -147,8 +147,8 @@ __attribute__((always_inline)) inline void transpose_8x8(const float* src, int64
   if (m == 8 && n == 8) {
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ld_dst, t[j]);
   } else {
-    // Not vmaskmovps: as a store it is microcoded on AMD's cores (the kernel got 25% slower with it). Not a loop
-    // of scalar stores either, which GCC turns into a memcpy call.
+    // Not vmaskmovps: as a store it is microcoded on AMD's cores and slows the kernel down. Not a loop of scalar
+    // stores either, which GCC turns into a memcpy call.
     for (int j = 0; j < n; ++j) {
       float* d = dst + j * ld_dst;
       __m128 part = _mm256_castps256_ps128(t[j]);

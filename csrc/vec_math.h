@@ -30,8 +30,8 @@ inline at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) 
 }
 
 // fast_exp of K vectors in place, one step of the formula across all K before the next: each exp is one chain of
-// ~20 dependent operations, and issued one after the other only about three fit in the out-of-order window
-// (the softmax pass ran at 16 cycles per vector where its operations need 6). Bit for bit fast_exp's results.
+// ~20 dependent operations, and issued one after the other only about three fit in the out-of-order window, so
+// the softmax pass would wait on latency rather than throughput. Bit for bit fast_exp's results.
 template <int K, typename acc_t>
 inline void fast_exp_batch(at::vec::Vectorized<acc_t>* v) {
   for (int k = 0; k < K; ++k) v[k] = fast_exp(v[k]);
@@ -65,14 +65,14 @@ __attribute__((always_inline)) inline at::vec::Vectorized<float> times_pow2(cons
 }  // namespace exp_detail
 
 // x = n ln2 + r, e^r = poly(r), times 2^n. n = round(x log2 e) by adding 1.5 * 2^23, which leaves the rounded value
-// in the low bits (one fused multiply-add where a multiply and a rounding were). clamp_min/clamp_max are plain
+// in the low bits (one fused multiply-add instead of a multiply and a rounding). clamp_min/clamp_max are plain
 // vmaxps/vminps with the argument second, which they return when it is NaN: a NaN argument stays NaN.
 //
 // AVX2: when no lane of the K vectors has |x| > 87 (the softmax's x - max but for rows that span 87 nats), every
 // 2^n is a normal float, built from the rounding sum's bits in two integer operations and applied in one
 // multiply; otherwise all K take times_pow2's two steps. Both give the same bits for such a lane (the same n,
 // scalings by powers of two that are exact but for the last), so a value never depends on its neighbours.
-// Counted: the clamps and the two-step scaling were 7 of the exponential's 20 operations.
+// Counted: the clamps and the two-step scaling are 7 of the exponential's 20 operations.
 template <int K>
 __attribute__((always_inline)) inline void fast_exp_batch_float(at::vec::Vectorized<float>* v) {
   using Vec = at::vec::Vectorized<float>;
@@ -125,7 +125,7 @@ __attribute__((always_inline)) inline void fast_exp_batch<4, float>(at::vec::Vec
 #endif
 
 // e^x and e^x - 1 for a log-probability x <= 0 (NaN stays NaN). The gradient at the target class needs both, and
-// at few classes per row Sleef's exp and expm1 were a sixth of the lane kernel's time.
+// at few classes per row Sleef's exp and expm1, two full evaluations, weigh on the lane kernel.
 template <typename acc_t>
 inline void exp_and_expm1(const at::vec::Vectorized<acc_t>& x, at::vec::Vectorized<acc_t>& e,
                           at::vec::Vectorized<acc_t>& em1) {
@@ -161,7 +161,7 @@ inline void exp_and_expm1(const at::vec::Vectorized<float>& x, at::vec::Vectoriz
 // log1p(e) for e in [0, 1] (the softplus and sigmoid losses' log1p(exp(-|x|))): log1p(e) = 2 atanh(s) with
 // s = e / (2 + e) in [0, 1/3], an odd series whose terms fall by at least 9x each; seven of them reach float's
 // rounding (about 1 ulp measured over [0, 1], tiny e included: log1p(e) ~ 2s keeps e's relative precision).
-// About 11 operations where Sleef's general log1p took a third of the BCE kernel's time. double keeps Sleef.
+// About 11 operations, far cheaper than Sleef's general log1p, which dominated the BCE kernel. double keeps Sleef.
 template <typename acc_t>
 inline at::vec::Vectorized<acc_t> log1p_unit(const at::vec::Vectorized<acc_t>& e) {
   return e.log1p();

@@ -35,7 +35,7 @@ def set_backend(name: str) -> None:
     _global = _validated(name)
 
 
-# os.environ.get encodes its key on every call (~0.5 us, a tenth of a tiny loss call). On POSIX CPython,
+# os.environ.get encodes its key on every call, a cost every tiny loss call would pay. On POSIX CPython,
 # os.environ keeps its contents in a plain dict of bytes (updated by every assignment and deletion through it),
 # read directly here while os.environ is still the object it was at import.
 _ENVIRON = os.environ
