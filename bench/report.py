@@ -1,4 +1,4 @@
-"""Turns measured rows into the markdown table, the CSV, the PNG plot and the issue-5 targets verdict."""
+"""Turns measured rows into the markdown table, the CSV, the PNG plot and the speed targets' verdict."""
 from __future__ import annotations
 
 import csv
@@ -163,7 +163,7 @@ class Target:
     bound: float
 
 
-ISSUE_5_TARGETS = (
+SPEED_TARGETS = (
     Target("CE fp32 N=4096 V=32000", "cross_entropy", "float32", (4096, 32000), False, "vs eager", 3),
     Target("CE fp32 N=4096 V=32000", "cross_entropy", "float32", (4096, 32000), False, "vs compile", 1.5),
     Target("CE fp32 N=4096 V=32000", "cross_entropy", "float32", (4096, 32000), False, "x clone floor", 1.25),
@@ -192,12 +192,12 @@ def _target_value(target: Target, recs: list[dict], ours: str):
 
 
 def targets(recs: list[dict], ours: str, device: str) -> str:
-    """The issue-5 table, each line met / missed from ratios measured side by side in this run."""
-    lines = [f"## Targets (issue 5; forward+backward, {ours} measured in this run)", ""]
+    """The targets table, each line met / missed from ratios measured side by side in this run."""
+    lines = [f"## Targets (forward+backward, {ours} measured in this run)", ""]
     if device != "cpu":
         lines += ["The targets are stated for the CPU; on this device they are shown for reference only.", ""]
     lines += ["| case | criterion | measured | verdict |", "|---|---|---:|---|"]
-    for target in ISSUE_5_TARGETS:
+    for target in SPEED_TARGETS:
         value = _target_value(target, recs, ours)
         at_least = target.metric.startswith("vs")
         criterion = f"{'≥' if at_least else '≤'} {target.bound:g}× {target.metric.removeprefix('x ')}"

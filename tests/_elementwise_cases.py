@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from _cases import forward_backward, leaf_copies, lowp_error_no_worse
 
-# The interpreter makes Triton ~100x slower: it runs the first few OpInfo samples of each op.
+# The interpreter makes Triton far slower: it runs the first few OpInfo samples of each op.
 TRITON_OPINFO_SAMPLES = 3
 
 

@@ -1,4 +1,4 @@
-"""lossops.binary_cross_entropy_with_logits against torch's, on every backend (issue 4)."""
+"""lossops.binary_cross_entropy_with_logits against torch's, on every backend."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""lossops.cross_entropy against torch.nn.functional.cross_entropy, on every backend (issue 3).
+"""lossops.cross_entropy against torch.nn.functional.cross_entropy, on every backend.
 
 The oracle is torch: F.cross_entropy for everything torch has, and for the extras (z-loss, softcap) the
 same torch expression the docstring defines, built from F.cross_entropy and torch.logsumexp.
@@ -90,7 +90,7 @@ def _valid(case):
     return not (case["target"] == "prob" and case["ignore"])  # torch: no ignore_index for probabilities
 
 
-# The full grid runs on cpp; Triton (interpreted, ~100x slower) and the reference (F.cross_entropy plus the
+# The full grid runs on cpp; Triton (interpreted, far slower) and the reference (F.cross_entropy plus the
 # extras, i.e. nearly the oracle itself) get the subset in which every pair of option values still meets.
 GRADCHECK_CASES = backend_cases({"cpp": grid(OPTIONS, _valid), "reference": pairwise(OPTIONS, _valid),
                                  "triton": pairwise(OPTIONS, _valid)})
@@ -424,7 +424,7 @@ def test_inplace_backward_logits_intact_until_backward(kernel_backend):
 
 
 def test_inplace_backward_logits_hold_the_gradient_afterwards(kernel_backend):
-    """What the README promises the logits hold after backward: d(loss)/d(logits), grad_output applied."""
+    """What docs/semantics.md promises the logits hold after backward: d(loss)/d(logits), grad_output applied."""
     h, w = _fresh_logits()
     target = torch.tensor([0, 4, -100, 2, 2, 1])
     logits = h @ w

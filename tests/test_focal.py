@@ -1,4 +1,4 @@
-"""Sigmoid and softmax focal loss (issue 4), on every backend.
+"""Sigmoid and softmax focal loss, on every backend.
 
 The oracle is our own float64 transcription of the published formulas, written here independently of
 lossops: torchvision.ops.sigmoid_focal_loss (torchvision does not import beside this CPU torch) and

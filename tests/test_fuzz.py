@@ -1,4 +1,4 @@
-"""Differential fuzzing against torch (issue 7).
+"""Differential fuzzing against torch.
 
 hypothesis draws shapes (dims of 1, odd sizes, class counts that are no multiple of any block or vector
 width, vocabularies up to 256k on the C++ backend), dtypes, option combinations and values (ordinary,

@@ -1,4 +1,4 @@
-"""A logits tensor of more than 2^31 elements through the C++ kernel (issue 7): every offset must be int64.
+"""A logits tensor of more than 2^31 elements through the C++ kernel: every offset must be int64.
 
 SLOW AND LARGE: ~4.3 GB of bf16 logits (the gradient is written over them, so no second N x V buffer,
 and the torch comparisons use only the rows that are checked), 20-60 s on two cores. It runs in CI by

@@ -1,4 +1,4 @@
-"""lossops.l1_loss / mse_loss / smooth_l1_loss / huber_loss against torch, on every backend (issue 4).
+"""lossops.l1_loss / mse_loss / smooth_l1_loss / huber_loss against torch, on every backend.
 
 The oracle is torch: F.<loss>(reduction="none") and, for the keyword extras (broadcast weights,
 avg_factor), the torch expression the module docstring (lossops/regression.py) defines.

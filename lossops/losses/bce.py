@@ -1,4 +1,5 @@
-"""`lossops.binary_cross_entropy_with_logits`: torch's function, fused, as the custom op `lossops::bce_with_logits`.
+"""`lossops.binary_cross_entropy_with_logits`: torch's function, fused, as the custom op
+`lossops::binary_cross_entropy_with_logits`.
 
 weight and pos_weight broadcast to the input's shape as in torch; a (C,) pos_weight is read in place, never
 expanded (lossops/_elementwise.py). The gradient with respect to the target is computed in the same pass

@@ -4,7 +4,7 @@ Sigmoid focal has torchvision.ops.sigmoid_focal_loss's semantics (alpha < 0 disa
 targets allowed) on the shared elementwise driver (lossops/_elementwise.py; kernels csrc/focal.cpp and
 triton_kernels/focal.py), with a gradient that stays finite for every gamma >= 0 (see csrc/focal.cpp).
 Softmax focal is a per-row variant of cross-entropy: its own op `lossops::softmax_focal_loss` on the
-cross-entropy kernel (lossops.cross_entropy.declare_rows, with focal_gamma set).
+cross-entropy kernel (lossops.losses.cross_entropy.declare_rows, with focal_gamma set).
 """
 from __future__ import annotations
 

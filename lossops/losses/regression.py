@@ -1,4 +1,5 @@
-"""Regression losses: `lossops.l1_loss`, `mse_loss`, `smooth_l1_loss`, `huber_loss`, one custom op `lossops::regression`.
+"""Regression losses: `lossops.l1_loss`, `mse_loss`, `smooth_l1_loss`, `huber_loss`, each its own custom op
+(`lossops::l1_loss`, ...).
 
 Each is torch's function argument for argument (broadcasting of input and target with torch's warning,
 the legacy size_average/reduce, torch's errors for negative beta / non-positive delta), fused by the
@@ -114,7 +115,8 @@ def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None
 def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
                weight: Optional[Tensor] = None, *, avg_factor=None) -> Tensor:
     """Drop-in for torch.nn.functional.huber_loss, fused."""
-    # The common call passes the checks below in a few attribute reads (the full checks cost a small call ~20%).
+    # The common call passes the checks below in a few attribute reads (the full checks are a large share of a
+    # small call).
     if not (type(delta) is float and delta > 0 and type(input) is Tensor and type(target) is Tensor
             and input.dtype is target.dtype and input.is_floating_point()):
         delta = _checks.real("delta", delta)
