@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import lossops
 from lossops._family import FAMILIES as LOSS_FAMILIES

@@ -85,9 +85,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}; host time per forward+backward with Triton launches stubbed (median of "
           f"{args.repeats})")
-    print(f"{'op':34} {'input':>10} {'host us':>8} {'launches':>8} {'torch ops':>9}  (ops that launch a kernel on a GPU)")
+    print(f"{'op':34} {'input':>10} {'host us':>8} {'launches':>8} {'torch ops':>9}"
+          "  (ops that launch a kernel on a GPU)")
     for r in measure(args.repeats):
-        print(f"{r['op']:34} {'x'.join(map(str, r['shape'])):>10} {r['us']:8.1f} {r['launches']:8d} {r['torch_ops']:9d}")
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['op']:34} {shape:>10} {r['us']:8.1f} {r['launches']:8d} {r['torch_ops']:9d}")
 
 
 if __name__ == "__main__":

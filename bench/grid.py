@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-import lossops
-
 from .cases import FAMILIES, Family, _arguments
 from .report import Stamp
 

@@ -36,7 +36,8 @@ class Stamp:
 
     def file_stem(self) -> str:
         machine = re.sub(r"[^A-Za-z0-9]+", "-", self.machine).strip("-")
-        return f"bench_{time.strftime('%Y%m%d-%H%M%S')}_{self.device}_{machine}_torch-{self.torch}_{self.threads}threads"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return f"bench_{stamp}_{self.device}_{machine}_torch-{self.torch}_{self.threads}threads"
 
     def header(self) -> str:
         return f"{self.machine}, torch {self.torch}, {self.threads} threads, device {self.device}"
@@ -180,7 +181,8 @@ SPEED_TARGETS = (
 def _target_value(target: Target, recs: list[dict], ours: str):
     def time_of(impl):
         for r in recs:
-            if (r["op"], r["dtype"], (r["rows"], r["cols"]), r["impl"]) == (target.op, target.dtype, target.shape, impl):
+            key = (r["op"], r["dtype"], (r["rows"], r["cols"]), r["impl"])
+            if key == (target.op, target.dtype, target.shape, impl):
                 return None if r["error"] else r["fwdbwd_ms"]
         return None
 

@@ -1,7 +1,11 @@
 """lossops: fused forward+backward loss kernels for PyTorch (C++ on CPU, Triton on GPU)."""
-from ._backend import (backend, empty_cache, get_backend, gradient_cache_bytes, gradient_cache_enabled, set_backend,
-                       set_gradient_cache, set_target_checks, show_config, target_checks)
-from . import losses as _losses  # registers every loss family
+# Re-exported settings ("name as name": an explicit re-export; SETTINGS below lists them for __all__).
+from ._backend import backend as backend, empty_cache as empty_cache, get_backend as get_backend
+from ._backend import gradient_cache_bytes as gradient_cache_bytes, gradient_cache_enabled as gradient_cache_enabled
+from ._backend import set_backend as set_backend, set_gradient_cache as set_gradient_cache
+from ._backend import set_target_checks as set_target_checks, show_config as show_config
+from ._backend import target_checks as target_checks
+from . import losses  # noqa: F401 -- imported for its side effect: registers every loss family
 from ._family import FAMILIES as _FAMILIES
 from . import distributed, monitor, nn
 from ._dtensor import register_op_strategies as _register_op_strategies

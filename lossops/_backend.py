@@ -39,7 +39,8 @@ def set_backend(name: str) -> None:
 # os.environ keeps its contents in a plain dict of bytes (updated by every assignment and deletion through it),
 # read directly here while os.environ is still the object it was at import.
 _ENVIRON = os.environ
-_ENVIRON_BYTES = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
+_ENVIRON_BYTES = (os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict)
+                  else None)
 
 
 def _requested_by_environment() -> str | None:

@@ -167,9 +167,9 @@ def broadcast_shape(input_shape, target_shape) -> torch.Size:
     out = []
     for dim, (x, y) in enumerate(zip(a, b)):
         if x != y and x != 1 and y != 1:
-            raise RuntimeError(f"lossops: target of shape {tuple(target_shape)} cannot be broadcast with input of shape "
-                               f"{tuple(input_shape)}: the size of tensor a ({x}) must match the size of tensor b ({y}) "
-                               f"at non-singleton dimension {dim}")
+            raise RuntimeError(f"lossops: target of shape {tuple(target_shape)} cannot be broadcast with input of "
+                               f"shape {tuple(input_shape)}: the size of tensor a ({x}) must match the size of tensor "
+                               f"b ({y}) at non-singleton dimension {dim}")
         out.append(y if x == 1 else x)
     return torch.Size(out)
 

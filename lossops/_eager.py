@@ -3,9 +3,10 @@ reduces, casts and creates the autograd node, instead of the torch.library custo
 
 It serves plain CPU tensors in eager mode on the cpp backend. It is tried before the Python checks: the C++
 returns None for anything it does not recognise, bad arguments included, and the Python path then raises, so
-each error keeps one source. Everything that needs the op to be visible to PyTorch takes the custom op: torch.compile (Dynamo sees the constant False
-below and traces the op), tensor subclasses (DTensor, fake and functional tensors), dispatch and function
-modes (opcheck, FlopCounterMode, make_fx), functorch transforms, forward-mode AD and autocast.
+each error keeps one source. Everything that needs the op to be visible to PyTorch takes the custom op:
+torch.compile (Dynamo sees the constant False below and traces the op), tensor subclasses (DTensor, fake and
+functional tensors), dispatch and function modes (opcheck, FlopCounterMode, make_fx), functorch transforms,
+forward-mode AD and autocast.
 """
 from __future__ import annotations
 

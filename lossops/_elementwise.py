@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -64,14 +64,16 @@ def _loss_like(t, o):
     return input.new_empty(input.shape if o.reduction == "none" else (), dtype=_checks.opmath_dtype(input.dtype))
 
 
-def declare(name: str, options: type, kernel: _family.Kernel, kernel_options: Callable, **declaration) -> _family.Family:
+def declare(name: str, options: type, kernel: _family.Kernel, kernel_options: Callable,
+            **declaration) -> _family.Family:
     """Registers an elementwise family: kernel_options(tensors, options) -> its own kernel parameters by name."""
     declaration.setdefault("sharding", _dtensor.Sharding())  # every dimension an item dimension; mean over all
     return _family.register(_family.Family(name=name, inputs=INPUTS, options=options, kernel=kernel, run=_run,
                                            loss_like=_loss_like, kernel_options=kernel_options, **declaration))
 
 
-def broadcast_layout(operand: Optional[Tensor], shape: torch.Size, dtype: torch.dtype) -> tuple[Optional[Tensor], list[int]]:
+def broadcast_layout(operand: Optional[Tensor], shape: torch.Size,
+                     dtype: torch.dtype) -> tuple[Optional[Tensor], list[int]]:
     """A contiguous compact copy of an operand broadcast to `shape`, and its [inner, period] layout.
 
     The compact form applies when the operand's non-1 dimensions form one run equal to the output's

@@ -234,7 +234,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         o = ctx.options
         valid = t != o.ignore_index
         g = grad_loss.reshape(-1).to(lse.dtype) if o.reduction == "none" else grad_loss.to(lse.dtype).expand(lse.shape)
-        g_ce, g_z = ((g * _reduce.gradient_scale("mean", ce_denominator), g * _reduce.gradient_scale("mean", z_denominator))
+        g_ce, g_z = ((g * _reduce.gradient_scale("mean", ce_denominator),
+                      g * _reduce.gradient_scale("mean", z_denominator))
                      if o.reduction == "mean" else (g, g))
         eps = o.label_smoothing
         g_ce = torch.where(valid, g_ce, 0)

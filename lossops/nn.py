@@ -125,7 +125,8 @@ class MultiTaskLoss(torch.nn.Module):
     def _loss(role, loss, known, options):
         if isinstance(loss, str):
             if loss not in known:
-                raise ValueError(f"lossops: unknown {role} loss {loss!r}; expected one of {sorted(known)} or a callable")
+                raise ValueError(f"lossops: unknown {role} loss {loss!r}; "
+                                 f"expected one of {sorted(known)} or a callable")
             return known[loss](**(options or {}))
         if not callable(loss):
             raise TypeError(f"lossops: {role} must be a loss name or a callable, got {type(loss).__name__}")

@@ -29,7 +29,8 @@ def opinfo_params(names):
         for dtype in (torch.float32, torch.float64):
             count = len(list(_opinfo(name).sample_inputs("cpu", dtype, requires_grad=True)))
             for i in range(count):
-                backends = ["cpp", "reference"] + (["triton"] if dtype == torch.float64 and i < TRITON_OPINFO_SAMPLES else [])
+                with_triton = dtype == torch.float64 and i < TRITON_OPINFO_SAMPLES
+                backends = ["cpp", "reference"] + (["triton"] if with_triton else [])
                 params += [pytest.param(b, name, dtype, i, id=f"{b}-{name.split('.')[-1]}-{str(dtype)[6:]}-{i}")
                            for b in backends]
     return params

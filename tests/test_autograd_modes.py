@@ -114,7 +114,8 @@ EXTRA_CALLS = [
          _seeded(lambda: ([_d(6, 5), torch.randint(0, 2, (6, 5)).double()], dict(alpha=1.5, reduction="sum")))),
     Call("bce-weight-pos-weight", lossops.binary_cross_entropy_with_logits,
          _seeded(lambda: ([_d(6, 5), torch.rand(6, 5, dtype=torch.float64)],
-                          dict(weight=torch.rand(5, dtype=torch.float64), pos_weight=torch.rand(5, dtype=torch.float64) + 0.5))),
+                          dict(weight=torch.rand(5, dtype=torch.float64),
+                               pos_weight=torch.rand(5, dtype=torch.float64) + 0.5))),
          wrt=(0, 1)),  # torch differentiates neither BCE weight
     Call("mse-weight-mean", lossops.mse_loss,
          _seeded(lambda: ([_d(4, 5), _d(4, 5)], dict(weight=torch.rand(4, 5, dtype=torch.float64) + 0.1)))),

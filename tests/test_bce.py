@@ -16,7 +16,9 @@ def _cases():
     options = dict(weight=list(OPERAND_SHAPES), pos_weight=list(OPERAND_SHAPES), reduction=("none", "mean", "sum"),
                    target_grad=(False, True))
     # a (1, 3, 4) operand would broadcast the loss to 3-D: torch refuses it, tested below
-    valid = lambda c: "expanded" not in (c["weight"], c["pos_weight"])
+    def valid(c):
+        return "expanded" not in (c["weight"], c["pos_weight"])
+
     return backend_cases({"cpp": grid(options, valid), "reference": pairwise(options, valid),
                           "triton": pairwise(options, valid)})
 
@@ -45,8 +47,13 @@ def test_reduced_precision_matches_torch(backend, dtype):
     x = 6 * torch.randn(n, dtype=torch.float64)
     t = torch.randint(0, 2, (n,)).double()
     pos_weight = torch.tensor(3.0, dtype=torch.float64)
-    ours = lambda x: lossops.binary_cross_entropy_with_logits(x, t.to(x.dtype), reduction="sum", pos_weight=pos_weight)
-    truth = lambda x: F.binary_cross_entropy_with_logits(x, t.to(x.dtype), reduction="sum", pos_weight=pos_weight.to(x.dtype))
+
+    def ours(x):
+        return lossops.binary_cross_entropy_with_logits(x, t.to(x.dtype), reduction="sum", pos_weight=pos_weight)
+
+    def truth(x):
+        return F.binary_cross_entropy_with_logits(x, t.to(x.dtype), reduction="sum", pos_weight=pos_weight.to(x.dtype))
+
     if dtype == torch.float32:
         x32 = x.float().requires_grad_()
         assert_close(forward_backward(ours, [x32]), forward_backward(truth, leaf_copies([x32])), rtol=1e-5, atol=1e-4)
@@ -57,7 +64,8 @@ def test_reduced_precision_matches_torch(backend, dtype):
 @pytest.mark.parametrize("backend, name, dtype, index",
                          opinfo_params(["nn.functional.binary_cross_entropy_with_logits"]), indirect=["backend"])
 def test_opinfo_samples(backend, name, dtype, index):
-    check_opinfo_sample(lossops.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, name, dtype, index)
+    check_opinfo_sample(lossops.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, name, dtype,
+                        index)
 
 
 def test_saturated_logits_stay_exact(kernel_backend):

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 

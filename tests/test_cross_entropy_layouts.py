@@ -1,6 +1,7 @@
 """Cross-entropy over the layouts and row counts that decide how the C++ kernel vectorises: rows of few classes
 (one row per SIMD lane, groups of 16-32 rows with a ragged last group), class-dim-1 layouts read in place,
-(N, C) rows transposed in register blocks, longer rows one at a time, and strided views of each, on every ISA build this CPU runs."""
+(N, C) rows transposed in register blocks, longer rows one at a time, and strided views of each, on every ISA
+build this CPU runs."""
 import pytest
 import torch
 import torch.nn.functional as F

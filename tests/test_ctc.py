@@ -70,7 +70,8 @@ def test_raw_log_probs_gradient_is_torchs_convention():
     """Not the derivative with respect to log_probs: exp(log_probs) - posterior, as torch returns."""
     logits, targets, il, tl = _problem(impossible=False)
     lp = logits.log_softmax(-1)
-    ours = forward_backward(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="sum"), [lp.clone().requires_grad_()])
+    ours = forward_backward(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="sum"),
+                            [lp.clone().requires_grad_()])
     theirs = forward_backward(lambda x: F.ctc_loss(x, targets, il, tl, reduction="sum"), [lp.clone().requires_grad_()])
     assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     assert not torch.autograd.gradcheck(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="sum"),
@@ -121,7 +122,8 @@ def test_low_precision_error_no_worse_than_float32(kernel_backend, dtype):
     truth of the same (rounded) inputs its error is that of a float32 computation, rounded to the dtype."""
     logits, targets, il, tl = _problem(T=40, N=4, C=30, S=10, impossible=False)
     lp = logits.log_softmax(-1).to(dtype)
-    ours = forward_backward(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="none"), [lp.clone().requires_grad_()])
+    ours = forward_backward(lambda x: lossops.ctc_loss(x, targets, il, tl, reduction="none"),
+                            [lp.clone().requires_grad_()])
     truth = forward_backward(lambda x: F.ctc_loss(x, targets, il, tl, reduction="none"), [lp.double().requires_grad_()])
     f32 = forward_backward(lambda x: F.ctc_loss(x, targets, il, tl, reduction="none"), [lp.float().requires_grad_()])
     assert ours[0].dtype == dtype and ours[1][0].dtype == dtype
@@ -203,7 +205,8 @@ def test_module_matches_torch_module(backend):
         lp = logits.log_softmax(-1)
         if kwargs.get("blank") == 1:
             targets = torch.where(targets == 1, 2, targets)
-        ours = forward_backward(lambda x: lossops.nn.CTCLoss(**kwargs)(x, targets, il, tl), [lp.clone().requires_grad_()])
+        ours = forward_backward(lambda x: lossops.nn.CTCLoss(**kwargs)(x, targets, il, tl),
+                                [lp.clone().requires_grad_()])
         theirs = forward_backward(lambda x: torch.nn.CTCLoss(**kwargs)(x, targets, il, tl),
                                   [lp.clone().requires_grad_()])
         assert_close(ours, theirs, equal_nan=True)

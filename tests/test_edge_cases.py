@@ -26,13 +26,15 @@ def test_bce_with_logits_infinite_target_or_pos_weight_as_torch(backend, target,
 
 def test_zero_weighted_denominator_is_nan_with_zero_gradient(backend):
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    loss = lossops.cross_entropy(x, torch.tensor([1, 2, 1, 2]), weight=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    weight = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    loss = lossops.cross_entropy(x, torch.tensor([1, 2, 1, 2]), weight=weight)
     loss.backward()
     assert torch.isnan(loss)
     assert torch.equal(x.grad, torch.zeros_like(x.grad))
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits", "softmax_focal_loss"])
+@pytest.mark.parametrize("name", ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits",
+                                  "softmax_focal_loss"])
 def test_a_missing_target_is_a_clear_type_error(backend, name):
     with pytest.raises(TypeError, match="target"):
         getattr(lossops, name)(torch.randn(4, 3), None)

@@ -44,8 +44,8 @@ def paper_softmax_focal(input, target, alpha, gamma, ignore_index, reduction):
 
 
 def _sigmoid_cases():
-    options = dict(alpha=(0.25, -1.0, 1.5), gamma=(0.0, 0.5, 2.0), targets=("hard", "soft"), reduction=("none", "mean", "sum"),
-                   weight=(None, "row", "full"))
+    options = dict(alpha=(0.25, -1.0, 1.5), gamma=(0.0, 0.5, 2.0), targets=("hard", "soft"),
+                   reduction=("none", "mean", "sum"), weight=(None, "row", "full"))
     return backend_cases({"cpp": grid(options), "reference": pairwise(options), "triton": pairwise(options)})
 
 
@@ -53,7 +53,8 @@ def _sigmoid_cases():
 def test_sigmoid_focal_float64_matches_torchvision_and_gradcheck(backend, case):
     x = (3 * torch.randn(4, 5, dtype=torch.float64)).requires_grad_()
     t = torch.randint(0, 2, (4, 5)).double() if case["targets"] == "hard" else torch.rand(4, 5, dtype=torch.float64)
-    weight = {None: None, "row": torch.rand(5, dtype=torch.float64), "full": torch.rand(4, 5, dtype=torch.float64)}[case["weight"]]
+    weight = {None: None, "row": torch.rand(5, dtype=torch.float64),
+              "full": torch.rand(4, 5, dtype=torch.float64)}[case["weight"]]
     args = dict(alpha=case["alpha"], gamma=case["gamma"], reduction=case["reduction"])
     ours = forward_backward(lambda x: lossops.sigmoid_focal_loss(x, t, **args, weight=weight), [x])
 
@@ -63,7 +64,8 @@ def test_sigmoid_focal_float64_matches_torchvision_and_gradcheck(backend, case):
         return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / loss.numel()}[case["reduction"]]
 
     assert_close(ours, forward_backward(expected, leaf_copies([x])))
-    assert torch.autograd.gradcheck(lambda x: lossops.sigmoid_focal_loss(x, t, **args, weight=weight), (x,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: lossops.sigmoid_focal_loss(x, t, **args, weight=weight), (x,),
+                                    fast_mode=True)
 
 
 def test_sigmoid_focal_gamma_zero_is_bce_times_alpha_t(backend):
@@ -94,8 +96,12 @@ def test_sigmoid_focal_saturated_gradients_are_finite(backend, gamma, dtype):
 def test_sigmoid_focal_reduced_precision(backend):
     n = 256 if backend == "triton" else 4099
     x, t = 3 * torch.randn(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
-    ours = lambda x: lossops.sigmoid_focal_loss(x, t.to(x.dtype), 0.25, 2.0, "sum")
-    truth = lambda x: torchvision_sigmoid_focal(x, t.to(x.dtype), 0.25, 2.0, "sum")
+    def ours(x):
+        return lossops.sigmoid_focal_loss(x, t.to(x.dtype), 0.25, 2.0, "sum")
+
+    def truth(x):
+        return torchvision_sigmoid_focal(x, t.to(x.dtype), 0.25, 2.0, "sum")
+
     x32 = x.float().requires_grad_()
     assert_close(forward_backward(ours, [x32]), forward_backward(truth, leaf_copies([x32])), rtol=1e-5, atol=1e-4)
     check_lowp(ours, truth, [x.requires_grad_()], torch.bfloat16, "sigmoid focal")
@@ -146,7 +152,9 @@ def test_softmax_focal_float64_matches_paper_and_gradcheck(backend, case):
     args = (alpha, case["gamma"], -100, case["reduction"])
     ours = forward_backward(lambda x: lossops.softmax_focal_loss(x, target, *args), [x])
     # the oracle works on (rows, C): move the class dimension last
-    flat = lambda x: x.movedim(1, -1).reshape(-1, 5) if x.dim() > 2 else x
+    def flat(x):
+        return x.movedim(1, -1).reshape(-1, 5) if x.dim() > 2 else x
+
     theirs = forward_backward(lambda x: paper_softmax_focal(flat(x), target.reshape(-1) if x.dim() > 2 else target,
                                                             *args), leaf_copies([x]))
     if case["reduction"] == "none" and len(shape) == 3:
@@ -165,8 +173,9 @@ def test_softmax_focal_gamma_zero_is_cross_entropy(backend):
 @pytest.mark.parametrize("gamma", [0.2, 0.7])
 def test_softmax_focal_saturated_gradients_are_finite(backend, gamma):
     x = torch.tensor([[100.0, -100.0, 0.0], [-100.0, 100.0, 0.0]], requires_grad=True)
-    loss, (grad,) = forward_backward(lambda x: lossops.softmax_focal_loss(x, torch.tensor([0, 0]), None, gamma, reduction="sum"),
-                                     [x], torch.tensor(1.0))
+    loss, (grad,) = forward_backward(
+        lambda x: lossops.softmax_focal_loss(x, torch.tensor([0, 0]), None, gamma, reduction="sum"),
+        [x], torch.tensor(1.0))
     assert torch.isfinite(grad).all()
     # row 0 is certain and right (loss, gradient 0); row 1 certain and wrong: q = 1, the loss is CE's, 200
     assert_close(loss, torch.tensor(200.0))

@@ -14,7 +14,8 @@ ROWS, COLS = 256, 16384  # 16 MiB in fp32: above the 8 MiB threshold for kept bu
 
 # (lossops op, torch op, target maker): every family whose C++ path allocates its gradient.
 OPS = {
-    "cross_entropy": (lossops.cross_entropy, F.cross_entropy, lambda x, g: torch.randint(0, x.shape[1], x.shape[:1], generator=g)),
+    "cross_entropy": (lossops.cross_entropy, F.cross_entropy,
+                      lambda x, g: torch.randint(0, x.shape[1], x.shape[:1], generator=g)),
     "mse_loss": (lossops.mse_loss, F.mse_loss, lambda x, g: torch.randn(x.shape, generator=g)),
     "binary_cross_entropy_with_logits": (lossops.binary_cross_entropy_with_logits,
                                          F.binary_cross_entropy_with_logits,

@@ -90,8 +90,8 @@ def gradcheck(case, reduction):
 
     def f(*tensors):
         h, w, *b = tensors
-        return lossops.linear_cross_entropy(h, w, target, linear_bias=b[0] if b else None, reduction=reduction, chunk_size=4,
-                                            **options)
+        return lossops.linear_cross_entropy(h, w, target, linear_bias=b[0] if b else None, reduction=reduction,
+                                            chunk_size=4, **options)
     assert torch.autograd.gradcheck(f, leaves(hidden, weight, bias))
 
 
@@ -122,8 +122,8 @@ def test_z_loss_term_is_averaged_over_kept_rows(backend_name, reduction):
         return z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / kept.sum()
 
     def loss(s):
-        return lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, reduction=reduction, chunk_size=CHUNK,
-                                            lse_square_scale=s, **options)
+        return lossops.linear_cross_entropy(hidden, weight, target, linear_bias=bias, reduction=reduction,
+                                            chunk_size=CHUNK, lse_square_scale=s, **options)
 
     with lossops.backend(backend_name):
         with_z, without = loss(scale), loss(0.0)
@@ -275,7 +275,8 @@ def test_module_is_torchs(options):
     torch.testing.assert_close(got, want)
     upstream = torch.rand_like(want) + 0.5
     params = lambda m: [p for p in m.linear.parameters()]  # noqa: E731
-    for a, b in zip(torch.autograd.grad(got, params(ours), upstream), torch.autograd.grad(want, params(theirs), upstream)):
+    for a, b in zip(torch.autograd.grad(got, params(ours), upstream),
+                    torch.autograd.grad(want, params(theirs), upstream)):
         torch.testing.assert_close(a, b)
     with pytest.raises(RuntimeError, match=r"expected weight shape to be \(50,\)"):
         lossops.nn.LinearCrossEntropyLoss(D, V, weight=torch.ones(3))

@@ -58,7 +58,8 @@ def test_learned_weights_move_in_training(backend):
 
 def test_sigmoid_focal_classification_and_custom_callables(backend):
     module = lossops.nn.MultiTaskLoss("focal", lambda a, b: (a - b).abs().sum(), weights=(1.0, 0.1))
-    logits, index, reg_in, reg_t = torch.randn(5, 4), torch.tensor([0, 4, 2, 1, 4]), torch.randn(5, 2), torch.randn(5, 2)
+    logits, index = torch.randn(5, 4), torch.tensor([0, 4, 2, 1, 4])
+    reg_in, reg_t = torch.randn(5, 2), torch.randn(5, 2)
     expected = lossops.sigmoid_focal_loss_index(logits, index, reduction="mean") + 0.1 * (reg_in - reg_t).abs().sum()
     assert_close(module(logits, index, reg_in, reg_t), expected)
 

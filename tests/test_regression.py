@@ -15,8 +15,10 @@ from _cases import backend_cases, forward_backward, grid, leaf_copies, pairwise
 from _elementwise_cases import check_lowp, check_opinfo_sample, opinfo_params
 
 OPS = {
-    "l1_loss": (lambda x, t, p, **kw: lossops.l1_loss(x, t, **kw), lambda x, t, p: F.l1_loss(x, t, reduction="none")),
-    "mse_loss": (lambda x, t, p, **kw: lossops.mse_loss(x, t, **kw), lambda x, t, p: F.mse_loss(x, t, reduction="none")),
+    "l1_loss": (lambda x, t, p, **kw: lossops.l1_loss(x, t, **kw),
+                lambda x, t, p: F.l1_loss(x, t, reduction="none")),
+    "mse_loss": (lambda x, t, p, **kw: lossops.mse_loss(x, t, **kw),
+                 lambda x, t, p: F.mse_loss(x, t, reduction="none")),
     "smooth_l1_loss": (lambda x, t, p, **kw: lossops.smooth_l1_loss(x, t, beta=p, **kw),
                        lambda x, t, p: F.smooth_l1_loss(x, t, reduction="none", beta=p)),
     "huber_loss": (lambda x, t, p, **kw: lossops.huber_loss(x, t, delta=p, **kw),
@@ -74,10 +76,16 @@ def test_reduced_precision_matches_torch(backend, op, dtype):
     n = 256 if backend == "triton" else 4099  # odd: not a multiple of any vector width or block
     x, t = 4 * torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
     param = PARAMS[op][-1]
-    ours = lambda x: OPS[op][0](x, t.to(x.dtype), param, reduction="sum")
-    torch_fn = {"l1_loss": F.l1_loss, "mse_loss": F.mse_loss, "smooth_l1_loss": F.smooth_l1_loss, "huber_loss": F.huber_loss}[op]
+    def ours(x):
+        return OPS[op][0](x, t.to(x.dtype), param, reduction="sum")
+
+    torch_fn = {"l1_loss": F.l1_loss, "mse_loss": F.mse_loss, "smooth_l1_loss": F.smooth_l1_loss,
+                "huber_loss": F.huber_loss}[op]
     extra = {"smooth_l1_loss": {"beta": param}, "huber_loss": {"delta": param}}.get(op, {})
-    truth = lambda x: torch_fn(x, t.to(x.dtype), reduction="sum", **extra)
+
+    def truth(x):
+        return torch_fn(x, t.to(x.dtype), reduction="sum", **extra)
+
     if dtype == torch.float32:
         x32 = x.float().requires_grad_()
         assert_close(forward_backward(ours, [x32]), forward_backward(truth, leaf_copies([x32])), rtol=1e-5, atol=1e-4)
@@ -165,7 +173,8 @@ def test_non_contiguous_and_expanded_inputs(backend):
     (lambda: lossops.nn.L1Loss(), lambda: torch.nn.L1Loss()),
     (lambda: lossops.nn.MSELoss(reduction="sum"), lambda: torch.nn.MSELoss(reduction="sum")),
     (lambda: lossops.nn.SmoothL1Loss(beta=0.3), lambda: torch.nn.SmoothL1Loss(beta=0.3)),
-    (lambda: lossops.nn.HuberLoss(reduction="none", delta=0.4), lambda: torch.nn.HuberLoss(reduction="none", delta=0.4)),
+    (lambda: lossops.nn.HuberLoss(reduction="none", delta=0.4),
+     lambda: torch.nn.HuberLoss(reduction="none", delta=0.4)),
 ])
 def test_modules_match_torch_modules(backend, module, torch_module):
     x, t = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(4, 3, dtype=torch.float64)

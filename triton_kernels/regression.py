@@ -19,7 +19,8 @@ def _regression(x, t, a, kind, b):
     b = tl.where(is_l1, 0.0, b)
     k = tl.where(is_huber, 0.5, tl.where(b > 0, 0.5 / tl.where(b > 0, b, 1.0), 0.0))
     m = tl.where(is_huber, b, 1.0)
-    # sign(d), sign(0) = 0; a NaN difference gives NaN (smooth-L1, Huber) or 0 (L1, smooth-L1 beta=0), as torch's gradients do
+    # sign(d), sign(0) = 0; a NaN difference gives NaN (smooth-L1, Huber) or 0 (L1, smooth-L1 beta=0), as torch's
+    # gradients do
     sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, tl.where(is_l1, 0.0, d)))
     quadratic = ad < b
     loss = tl.where(quadratic, k * d * d, m * (ad - 0.5 * b))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks, _eager, _family, _reduce
+from .. import _backend, _checks, _eager, _family
 
 KERNEL = _family.Kernel("ctc_loss", "ctc", ("log_probs", "targets", "target_offsets", "input_lengths",
                                             "target_lengths", "blank", "zero_infinity", "grad", "grad_scale"))
@@ -123,7 +123,8 @@ def _lengths(name: str, value: Lengths, batch: int, device, batched: bool, high:
             raise TypeError(f"lossops: {name} must be a tensor or a sequence of ints, got {value!r}")
         value = torch.tensor(items, dtype=torch.int64, device=device)
     if value.dim() != 1 or value.shape[0] != batch:
-        raise RuntimeError(f"lossops: {name} must have one entry per sequence ({batch}), got shape {tuple(value.shape)}")
+        raise RuntimeError(f"lossops: {name} must have one entry per sequence ({batch}), "
+                           f"got shape {tuple(value.shape)}")
     if items is not None:
         if items and min(items) < 0:
             raise RuntimeError(f"lossops: {name} must be non-negative, got {min(items)}")

@@ -52,8 +52,8 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     reduction = _checks.reduction(reduction)
     alpha, gamma = _alpha(alpha), _gamma(gamma)
     if weight is None and avg_factor is None:
-        loss = _elementwise.eager(SIGMOID_FOCAL, inputs, targets, reduction, SigmoidFocalOptions(alpha=alpha, gamma=gamma),
-                                  kernel_target_grad=False)
+        loss = _elementwise.eager(SIGMOID_FOCAL, inputs, targets, reduction,
+                                  SigmoidFocalOptions(alpha=alpha, gamma=gamma), kernel_target_grad=False)
         if loss is not None:
             return loss
     _checks.floating("inputs", inputs)
@@ -207,7 +207,8 @@ def reference_softmax_focal(input: Tensor, target: Tensor, weight: Optional[Tens
     if input.shape[class_dim] == 0:  # no classes: every target is ignored (checked above), nothing to gather
         logp = input.to(acc).sum(class_dim)
     else:
-        logp = torch.log_softmax(input.to(acc), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+        logp = torch.log_softmax(input.to(acc), class_dim)
+        logp = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
     if options.uniform_alpha is not None:  # rounded to the input's dtype first, as a per-class tensor would be
         w = torch.full((), options.uniform_alpha, dtype=input.dtype, device=input.device).to(acc)
     else:
