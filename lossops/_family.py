@@ -121,17 +121,22 @@ class Family:
     selfcheck: Optional[tuple] = None        # (keyword arguments, truth(x, t), make(dtype)) for lossops.selfcheck
     bench: Optional[Bench] = None
     sharding: Optional[_dtensor.Sharding] = None  # how it splits over a DTensor device mesh (None: Replicate only)
-    # reduction="none" where the gradients cannot be formed in forward and scaled afterwards (a weight's gradient
-    # sums rows that each have their own grad_output): (family, backend, tensors, options, grad_loss, needs) ->
-    # {input: gradient}, run by the op lossops::<name>_backward from the inputs saved in forward
+    # Gradients formed in backward instead of written in forward, where gradient_in_backward(backend, options)
+    # says so: where they cannot be formed in forward and scaled afterwards (a weight's gradient sums rows that
+    # each have their own grad_output), or where a backend reads the input once more rather than write and scale
+    # a gradient. recompute(family, backend, tensors, options, grad_loss, needs[, state]) -> {input: gradient},
+    # run by the op lossops::<name>_backward from the inputs saved in forward and, for a family with a state_like,
+    # the state its run returned third: state_like(tensors, options) is an empty tensor shaped as that state.
     recompute: Optional[Callable] = None
+    gradient_in_backward: Callable = lambda backend, options: False
+    state_like: Optional[Callable] = None
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
     op: Any = None
     option_fields: tuple = ()
     option_converters: tuple = ()
     # the op's positional arguments -> (tensors by name, options record, {input: grad flag}, backend), by register()
     split_arguments: Optional[Callable] = None
-    eager_parts: tuple = ()  # (impl, setup_context, backward, number of tensor inputs) for LossopsEager                           # the custom op, made by register()
+    eager_parts: tuple = ()  # (impl, setup_context, backward, number of tensor inputs) for LossopsEager
 
     def public(self, fn: Callable) -> Callable:
         """Decorator for the family's public function."""
@@ -209,8 +214,13 @@ def _schema(family: Family) -> str:
     params += [f"{_schema_type(hints[n])} {n}" for n in family.option_names()]
     grads = [i.name for i in family.inputs if i.differentiable]
     params += [f"bool grad_{n}" for n in grads] + ["str backend"]
-    outputs = ", ".join(["Tensor loss"] + [f"Tensor grad_{n}" for n in grads])
+    outputs = ", ".join(["Tensor loss"] + [f"Tensor grad_{n}" for n in grads] + ["Tensor state"] * has_state(family))
     return f"({', '.join(params)}) -> ({outputs})"
+
+
+def has_state(family: Family) -> bool:
+    """Whether the family's op has a state output (the values its backward reads besides the inputs)."""
+    return family.state_like is not None
 
 
 def _identity(value):
@@ -243,34 +253,40 @@ def register(family: Family) -> Family:
     def empty(like: Tensor) -> Tensor:
         return like.new_empty((0,))
 
+    stateful = has_state(family)
+
     def impl(*args):
         tensors, opts, grads, backend = split(args)
-        loss, written = family.run(family, backend, tensors, opts, grads)
+        loss, written, *state = family.run(family, backend, tensors, opts, grads)
         first = tensors[names[0]]
-        return (loss, *(written.get(n) if written.get(n) is not None else empty(first) for n in differentiable))
+        state = (state[0] if state and state[0] is not None else empty(first),) if stateful else ()
+        return (loss, *(written.get(n) if written.get(n) is not None else empty(first) for n in differentiable),
+                *state)
 
     def fake(*args):
-        tensors, opts, grads, _ = split(args)
+        tensors, opts, grads, backend = split(args)
         first = tensors[names[0]]
-        in_forward = not (family.recompute is not None and opts.reduction == "none")
+        in_forward = not family.gradient_in_backward(backend, opts)
+        state = ((empty(first) if in_forward else family.state_like(tensors, opts)),) if stateful else ()
         return (family.loss_like(tensors, opts),
                 *(tensors[n].new_empty(tensors[n].shape) if grads[n] and in_forward else empty(first)
-                  for n in differentiable))
+                  for n in differentiable), *state)
 
     op = torch.library.custom_op(f"lossops::{family.name}", impl, mutates_args=(), schema=_schema(family))
     op.register_fake(fake)
 
     def setup_context(ctx, inputs, output, eager=False):
-        tensors, opts, grads, _ = split(inputs)
-        ctx.recompute = family.recompute is not None and opts.reduction == "none"
-        if ctx.recompute:  # backward recomputes from the inputs (lossops::<name>_backward)
-            ctx.save_for_backward(*(tensors[n] for n in names))
+        tensors, opts, grads, backend = split(inputs)
+        ctx.recompute = family.gradient_in_backward(backend, opts)
+        ctx.eager = eager
+        if ctx.recompute:  # backward recomputes from the inputs and the state (lossops::<name>_backward)
+            ctx.save_for_backward(*(tensors[n] for n in names), *output[len(output) - stateful:])
             ctx.arguments = inputs[n_in:]
             ctx.set_materialize_grads(False)
             if not eager:
                 ctx.mark_non_differentiable(*output[1:])
             return
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output[1:1 + len(differentiable)])
         ctx.computed = grads
         ctx.item_shape = family.item_shape(tensors, opts) if opts.reduction == "none" else None
         if eager:  # the gradients are not outputs there
@@ -305,15 +321,18 @@ def register(family: Family) -> Family:
             return (None,) * (n_in + n_opt + len(differentiable) + 1)
         _reduce.refuse_double_backward()
         saved = ctx.saved_tensors
-        grads = dict(zip(differentiable, backward_op(grad_loss, *saved, *ctx.arguments[:n_opt], *needs,
-                                                     ctx.arguments[-1])))
+        # A plain eager call runs the backward op's body directly, as LossopsEager runs the op's: same code, without
+        # the custom-op dispatch.
+        run = backward_parts[1] if ctx.eager else backward_parts[0]
+        recomputed = run(grad_loss, *saved, *ctx.arguments[:n_opt], *needs, ctx.arguments[-1])
+        grads = dict(zip(differentiable, (recomputed,) if isinstance(recomputed, Tensor) else recomputed))
         result = [grads[n] if n in grads and need_grad else None
                   for n, need_grad in zip(names, ctx.needs_input_grad[first_input:first_input + n_in])]
         return (*result, *(None,) * (n_opt + len(differentiable) + 1))
 
-    backward_op = None
+    backward_parts = None
     if family.recompute is not None:
-        backward_op = _backward_op(family, names, differentiable, n_in, n_opt, split)
+        backward_parts = _backward_op(family, names, differentiable, n_in, n_opt, split)
     op.register_autograd(backward, setup_context=setup_context)
     family.eager_parts = (impl, setup_context, backward, n_in)
     family.split_arguments = split
@@ -325,31 +344,42 @@ def register(family: Family) -> Family:
 
 
 def _backward_op(family: Family, names, differentiable, n_in: int, n_opt: int, split):
-    """lossops::<name>_backward: the gradients recomputed from the inputs for a per-item grad_loss."""
-    params = ["Tensor grad_loss"] + _schema(family)[1:].split(") -> (")[0].split(", ")
+    """lossops::<name>_backward: the gradients recomputed from the inputs (and the forward's state). Returns the op
+    and its body."""
+    stateful = has_state(family)
+    params = _schema(family)[1:].split(") -> (")[0].split(", ")
     params = [p for p in params if not p.startswith("bool grad_")]
+    params[n_in:n_in] = ["Tensor state"] * stateful
+    params = ["Tensor grad_loss"] + params
     params[-1:-1] = [f"bool needs_{n}" for n in differentiable]
     schema = f"({', '.join(params)}) -> ({', '.join(f'Tensor grad_{n}' for n in differentiable)})"
 
     def arguments(args):
-        tensors, opts, _, _ = split(list(args[1:n_in + 1 + n_opt]) + [False] * len(differentiable) + [args[-1]])
-        return args[0], tensors, opts, dict(zip(differentiable, args[n_in + 1 + n_opt:-1])), args[-1]
+        inputs, state = list(args[1:n_in + 1]), args[n_in + 1:n_in + 1 + stateful]
+        options = list(args[n_in + 1 + stateful:n_in + 1 + stateful + n_opt])
+        tensors, opts, _, _ = split(inputs + options + [False] * len(differentiable) + [args[-1]])
+        needs = dict(zip(differentiable, args[n_in + 1 + stateful + n_opt:-1]))
+        return args[0], tensors, opts, needs, args[-1], {"state": state[0]} if stateful else {}
 
     def impl(*args):
-        grad_loss, tensors, opts, needs, backend = arguments(args)
-        grads = family.recompute(family, backend, tensors, opts, grad_loss, needs)
+        grad_loss, tensors, opts, needs, backend, state = arguments(args)
+        grads = family.recompute(family, backend, tensors, opts, grad_loss, needs, **state)
         first = tensors[names[0]]
-        return tuple(grads.get(n) if grads.get(n) is not None else first.new_empty((0,)) for n in differentiable)
+        return single(grads.get(n) if grads.get(n) is not None else first.new_empty((0,)) for n in differentiable)
 
     def fake(*args):
-        _, tensors, _, needs, _ = arguments(args)
+        _, tensors, _, needs, _, _ = arguments(args)
         first = tensors[names[0]]
-        return tuple(tensors[n].new_empty(tensors[n].shape) if needs[n] and tensors[n] is not None
-                     else first.new_empty((0,)) for n in differentiable)
+        return single(tensors[n].new_empty(tensors[n].shape) if needs[n] and tensors[n] is not None
+                      else first.new_empty((0,)) for n in differentiable)
+
+    def single(gradients):  # a schema with one result returns a tensor, not a tuple
+        gradients = tuple(gradients)
+        return gradients[0] if len(gradients) == 1 else gradients
 
     op = torch.library.custom_op(f"lossops::{family.name}_backward", impl, mutates_args=(), schema=schema)
     op.register_fake(fake)
-    return op
+    return op, impl
 
 
 _TENSOR_ANNOTATIONS = ("Tensor", "Optional[Tensor]", Tensor, Optional[Tensor])

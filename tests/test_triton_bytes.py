@@ -80,6 +80,31 @@ def test_cross_entropy_forward_only_reads_once():
     assert moved["logits"] == {"read": ROWS * (CLASSES + 1) * logits.element_size(), "written": 0}
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_family_route_reads_twice_and_writes_once(reduction):
+    """The family's route on this backend: forward reads each kept row once, backward reads it once more and writes
+    the gradient once with grad_output applied, so forward+backward moves the logits three times (plus one target
+    logit per kept row in each direction); an ignored row is read by neither and gets zeros."""
+    logits = _logits()
+    target = torch.randint(0, CLASSES, (ROWS,))
+    target[:2] = -100
+    options = dict(ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0, softcap=None, focal_gamma=None,
+                   reduction=reduction)
+    grad = torch.empty_like(logits)
+    grad_loss = torch.randn(ROWS) if reduction == "none" else torch.tensor(2.0)
+    with traffic(logits=logits, grad=grad) as moved:
+        _, state = ce.cross_entropy_forward(input=logits, target=target, weight=None, weighted_mean=True, **options)
+        forward = {name: dict(counts) for name, counts in moved.items()}
+        ce.cross_entropy_backward(input=logits, target=target, weight=None, grad=grad, state=state,
+                                  grad_loss=grad_loss, **options)
+    row = CLASSES * logits.element_size()
+    kept = ROWS - 2
+    assert forward["logits"] == {"read": kept * (row + logits.element_size()), "written": 0}
+    assert forward["grad"] == {"read": 0, "written": 0}
+    assert moved["logits"] == {"read": 2 * kept * (row + logits.element_size()), "written": 0}
+    assert moved["grad"] == {"read": 0, "written": ROWS * row}
+
+
 def test_token_statistics_and_shard_kernels_read_once():
     logits = _logits()
     target = torch.randint(0, CLASSES, (ROWS,))

@@ -56,6 +56,15 @@ def float_options(values: tuple, acc, device):
     return torch.tensor(values, dtype=acc, device=device)
 
 
+_DEVICE_MESSAGE = ("lossops: a class index in target is out of bounds (lossops.set_target_checks('immediate') raises "
+                   "an IndexError naming it)")
+
+
+def _immediate(flag) -> bool:
+    return _backend.target_checks() == "immediate" and not (
+        flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def raise_if_flagged(flag, out_of_bounds):
     """flag[0] holds an offending target written by a kernel, or 0 when there was none (the kernels only flag
     values that cannot be valid, and 0 always is); out_of_bounds(value) builds the exception to raise.
@@ -63,15 +72,24 @@ def raise_if_flagged(flag, out_of_bounds):
     Where reading the flag costs a host sync (device memory) the check is a device-side assertion instead, as in
     torch's CUDA losses: nothing waits for it and it can be captured in a CUDA graph. The "immediate" target-check
     mode (lossops.set_target_checks) reads it anyway, outside a capture, for an IndexError naming the value."""
-    immediate = _backend.target_checks() == "immediate" and not (
-        flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-    if not (_checks.host_readable(flag) or immediate):
-        torch._assert_async(flag == 0, "lossops: a class index in target is out of bounds (lossops.set_target_checks("
-                                       "'immediate') raises an IndexError naming it)")
+    if not (_checks.host_readable(flag) or _immediate(flag)):
+        torch._assert_async(flag == 0, _DEVICE_MESSAGE)
         return
     value = int(flag[0])
     if value != 0:
         raise out_of_bounds(value)
+
+
+def assert_targets_valid(flag, out_of_bounds):
+    """flag = [1 if every target is valid else 0, the first invalid target's position], written by a kernel;
+    out_of_bounds(position) builds the exception to raise. Checked as raise_if_flagged checks its flag: a device-side
+    assertion where reading it would synchronise, an exception naming the value where it does not (or in the
+    "immediate" target-check mode, outside a CUDA graph capture)."""
+    if not (_checks.host_readable(flag) or _immediate(flag)):
+        torch._assert_async(flag[0], _DEVICE_MESSAGE)
+        return
+    if int(flag[0]) == 0:
+        raise out_of_bounds(int(flag[1]))
 
 
 @triton.jit

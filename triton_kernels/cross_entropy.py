@@ -1,19 +1,39 @@
-"""Cross-entropy / softmax focal loss for the Triton backend; same interface as csrc/cross_entropy.cpp.
+"""Cross-entropy / softmax focal loss for the Triton backend; same interface as csrc/cross_entropy.cpp, plus the
+route that forms the gradient in backward.
 
-One program per row: the first loop over the classes keeps an online max / sum-exp (plus the target terms),
-the second loop writes the gradient scale * (A * softmax - q) * softcap' while the row is hot in L2.
-Offsets are int64 (rows * classes may exceed 2^31); out-of-range targets are masked (never read) and
-reported through a flag tensor that the host checks once, after the launch (on the device while a CUDA
-graph is being captured). When the gradient overwrites the logits, a device-side "any target invalid"
-tensor computed before the launch makes every program skip its gradient stores, so a bad batch raises with
-the logits intact and without a host read before the kernel.
+Each program takes one row. Its first loop over the classes keeps an online max / sum-exp (plus the target terms);
+what follows depends on the route:
+  - `cross_entropy` (the kernel ABI both backends share; linear cross-entropy's chunks and in-place backward): a
+    second loop writes the gradient, scale * (A * softmax - q) * softcap', in forward while the row is hot in L2.
+  - `cross_entropy_forward` / `cross_entropy_backward` (the family's route on this backend): forward reads each row
+    once and keeps its (max, log sum-exp, target term); a one-program finishing kernel reduces the row losses in a
+    fixed order, sums the mean's denominator and finds the first invalid target; backward reads the row once more
+    and writes the gradient with grad_output and the mean's 1/denominator loaded on the device. Three reads or
+    writes of N x C in all, no host value and no torch op between the launches.
+Offsets are int64 (rows * classes may exceed 2^31); out-of-range targets are masked (never read) and reported
+through a flag that the host checks without reading it (triton_kernels/common.py). When the gradient overwrites
+the logits in forward, a device-side "any target invalid" tensor computed before the launch makes every program
+skip its gradient stores, so a bad batch raises with the logits intact and without a host read before the kernel.
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import aot
-from .common import acc_dtype, expm1, float_options, launch_config, pow_nonneg, raise_if_flagged, softcap, strided
+from .common import (acc_dtype, assert_targets_valid, expm1, float_options, launch_config, pow_nonneg,
+                     raise_if_flagged, softcap, strided)
+
+# What the row kernel does after its statistics (the constexpr MODE).
+LOSS_ONLY, WRITE_GRADIENT, SAVE_STATE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Reductions as the finishing and backward kernels take them (the constexpr REDUCTION).
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+# Per row of the saved state: max, log sum-exp relative to it, and the row's share of the mean's denominator
+# (class-index targets) or the sum of its target weights (probability targets); the mean's denominator follows
+# the rows.
+STATE_WIDTH = 3
+FINISH_BLOCK = 1024
 
 
 @triton.jit
@@ -34,16 +54,122 @@ def _online_logsumexp(m, s, x):
 
 
 @triton.jit
+def _class_target(T, row, C, ignore_index):
+    """A row's class-index target: (the class, 0 where not valid; kept and in range; kept but out of range)."""
+    y = tl.load(T + row)
+    in_range = (y >= 0) & (y < C)
+    kept = y != ignore_index
+    return tl.where(kept & in_range, y, 0), kept & in_range, kept & (not in_range)
+
+
+@triton.jit
+def _probability_weights(T, stride_tc, W, cols, mask, eps, smooth, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """A block of the smoothed (and class-weighted) probability targets, zeros past the mask."""
+    q = tl.load(T + strided(cols, stride_tc), mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
+    if HAS_WEIGHT:
+        q = q * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, q, 0.0)
+
+
+@triton.jit
+def _row_statistics(X, stride_xc, T, stride_tc, W, read, C, eps, smooth, cap,
+                    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a row's first `read` classes: (max, log sum exp(x - max), sum q_c x_c or sum w_c x_c, sum q_c)."""
+    # Loop-carried values start in ACC: a Python float is an fp32 constant, and the compiler refuses a loop
+    # variable whose type changes (fp32 -> fp64) between iterations.
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    dot = tl.zeros((), ACC)  # sum q_c x_c (probability targets) or sum w_c x_c (smoothing)
+    q_sum = tl.zeros((), ACC)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < read
+        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
+        m, s = _online_logsumexp(m, s, x)
+        x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
+        if PROB_TARGET:
+            q = _probability_weights(T, stride_tc, W, cols, mask, eps, smooth, HAS_WEIGHT, ACC)
+            q_sum += tl.sum(q, axis=0)
+            dot += tl.sum(q * x0, axis=0)
+        elif SMOOTHING:
+            if HAS_WEIGHT:
+                dot += tl.sum(x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC), axis=0)
+            else:
+                dot += tl.sum(x0, axis=0)
+    # Log-probabilities are formed as (x - max) - log_sum, never x - lse: lse rounds to max's ulp.
+    return m, tl.log(s), dot, q_sum
+
+
+@triton.jit
+def _index_row_terms(x_y, w_y, m, log_sum, dot, w_sum, eps, smooth, z, focal_gamma,
+                     FOCAL: tl.constexpr, SMOOTHING: tl.constexpr):
+    """A class-index row's (loss, softmax coefficient of the loss term, of the z-loss term, one-hot coefficient,
+    log p_y): its gradient is (coef + z_coef) * p - onehot_coef * [j = y] - smoothing's share."""
+    lse = m + log_sum
+    logp = (x_y - m) - log_sum
+    if FOCAL:
+        # See csrc/cross_entropy.cpp row_coefficients: no negative power of q for any gamma >= 0.
+        p_y = tl.exp(logp)
+        q = -expm1(logp)
+        qg = pow_nonneg(q, focal_gamma)
+        r = tl.where(q > 0, -logp / tl.where(q > 0, q, 1.0), 1.0)
+        coef = w_y * qg * (1.0 + focal_gamma * p_y * r)
+        loss = -w_y * qg * logp
+        onehot_coef = coef
+        z_coef = 0.0 * lse
+    else:
+        loss = -(1.0 - eps) * w_y * logp + z * lse * lse
+        coef = (1.0 - eps) * w_y
+        z_coef = 2.0 * z * lse
+        if SMOOTHING:
+            loss += smooth * (w_sum * lse - dot)
+            coef += smooth * w_sum
+        onehot_coef = (1.0 - eps) * w_y
+    return loss, coef, z_coef, onehot_coef, logp
+
+
+@triton.jit
+def _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef, onehot_coef,
+                        target_scale, w_y_smooth, read, written, C, eps, smooth, cap,
+                        PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
+                        SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores softcap' * (coef * p - target_scale * (the target's share)) over the row: zeros past `read`, nothing
+    past `written`. coef and onehot_coef come scaled; target_scale is what scaled them."""
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < read
+        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
+        g = coef * tl.exp((x - m) - log_sum)
+        if PROB_TARGET:
+            g -= target_scale * _probability_weights(T, stride_tc, W, cols, mask, eps, smooth, HAS_WEIGHT, ACC)
+        else:
+            if SMOOTHING:
+                if HAS_WEIGHT:
+                    g -= target_scale * smooth * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                else:
+                    g -= target_scale * smooth
+            # coef * p - onehot_coef cancels as p -> 1: use (coef - onehot) p + onehot (p - 1).
+            g_y = (coef - onehot_coef) * tl.exp(logp) + onehot_coef * expm1(logp) - target_scale * w_y_smooth
+            g = tl.where(cols == y, g_y, g)
+        if SOFTCAP:
+            t = x / cap
+            g = g * (1.0 - t * t)
+        g = tl.where(mask, g, 0.0)
+        tl.store(G + strided(cols, stride_gc), g.to(G.dtype.element_ty), mask=cols < written)
+
+
+@triton.jit
 def cross_entropy_kernel(
     X, stride_xo, stride_xc, stride_xi,
     T, stride_to, stride_tc, stride_ti,
     W, WSUM,
     G, stride_go, stride_gc, stride_gi,
-    LOSS, LSE, BAD, HOLD, SCALE,
+    LOSS, LSE, STATE, BAD, HOLD, SCALE,
     PARAMS, inner, C, ignore_index,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
-    FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, HOLD_ON_BAD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    FOCAL: tl.constexpr, MODE: tl.constexpr, WEIGHTED_MEAN: tl.constexpr, HOLD_ON_BAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer_idx = row // inner
@@ -59,122 +185,190 @@ def cross_entropy_kernel(
     valid = True
     y = 0
     if not PROB_TARGET:
-        y = tl.load(T + row)
-        in_range = (y >= 0) & (y < C)
-        valid = (y != ignore_index) & in_range
-        tl.store(BAD, y, mask=(y != ignore_index) & (not in_range))
-        y = tl.where(valid, y, 0)
+        y, valid, out_of_range = _class_target(T, row, C, ignore_index)
+        if MODE != SAVE_STATE:  # the finishing kernel finds invalid targets on that route
+            tl.store(BAD, tl.load(T + row), mask=out_of_range)
     else:
         T += outer_idx * stride_to + inner_idx * stride_ti
     # Columns read: none for an ignored (or invalid) target, whose loss and gradient are zeros whatever its logits.
     read = tl.where(valid, C, 0)
-
-    # Loop-carried values start in ACC: a Python float is an fp32 constant, and the compiler refuses a loop
-    # variable whose type changes (fp32 -> fp64) between iterations.
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    dot = tl.zeros((), ACC)  # sum q_c x_c (probability targets) or sum w_c x_c (smoothing)
-    q_sum = tl.zeros((), ACC)
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < read
-        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
-        m, s = _online_logsumexp(m, s, x)
-        x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
-        if PROB_TARGET:
-            q = tl.load(T + strided(cols, stride_tc), mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
-            if HAS_WEIGHT:
-                q = q * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-            q = tl.where(mask, q, 0.0)
-            q_sum += tl.sum(q, axis=0)
-            dot += tl.sum(q * x0, axis=0)
-        elif SMOOTHING:
-            if HAS_WEIGHT:
-                dot += tl.sum(x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC), axis=0)
-            else:
-                dot += tl.sum(x0, axis=0)
-    # Log-probabilities are formed as (x - max) - log_sum, never x - lse: lse rounds to max's ulp.
-    log_sum = tl.log(s)
+    m, log_sum, dot, q_sum = _row_statistics(X, stride_xc, T, stride_tc, W, read, C, eps, smooth, cap, PROB_TARGET,
+                                             HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, BLOCK)
+    if not PROB_TARGET:
+        # Read again rather than kept: predicates live across the loop above are what ptxas spills first.
+        y, valid, _ = _class_target(T, row, C, ignore_index)
     lse = m + log_sum
     z = tl.load(PARAMS + 1).to(ACC)
     focal_gamma = tl.load(PARAMS + 3).to(ACC)
 
-    x_y = 0.0
+    logp = 0.0
     onehot_coef = 0.0
+    w_y_smooth = 0.0
+    w_y = 1.0
     if PROB_TARGET:
         loss = q_sum * lse - dot + z * lse * lse
         coef = q_sum + 2.0 * z * lse
     else:
         x_y = _load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC)
         x_y = tl.where(valid, x_y, 0.0)
-        w_y = 1.0
         if HAS_WEIGHT:
             w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
-        logp = (x_y - m) - log_sum
-        if FOCAL:
-            # See csrc/cross_entropy.cpp row_coefficients: no negative power of q for any gamma >= 0.
-            p_y = tl.exp(logp)
-            q = -expm1(logp)
-            qg = pow_nonneg(q, focal_gamma)
-            r = tl.where(q > 0, -logp / tl.where(q > 0, q, 1.0), 1.0)
-            coef = w_y * qg * (1.0 + focal_gamma * p_y * r)
-            loss = -w_y * qg * logp
-            onehot_coef = coef
-        else:
-            loss = -(1.0 - eps) * w_y * logp + z * lse * lse
-            coef = (1.0 - eps) * w_y + 2.0 * z * lse
-            if SMOOTHING:
-                w_sum = C * 1.0
-                if HAS_WEIGHT:
-                    w_sum = tl.load(WSUM).to(ACC)
-                loss += smooth * (w_sum * lse - dot)
-                coef += smooth * w_sum
-            onehot_coef = (1.0 - eps) * w_y
+        w_sum = C * 1.0
+        if SMOOTHING:
+            w_y_smooth = smooth * w_y
+            if HAS_WEIGHT:
+                w_sum = tl.load(WSUM).to(ACC)
+        loss, coef, z_coef, onehot_coef, logp = _index_row_terms(x_y, w_y, m, log_sum, dot, w_sum, eps, smooth, z,
+                                                                 focal_gamma, FOCAL, SMOOTHING)
+        coef += z_coef
         loss = tl.where(valid, loss, 0.0)
         lse = tl.where(valid, lse, 0.0)
     tl.store(LOSS + row, loss)
-    tl.store(LSE + row, lse)
-
-    if WRITE_GRAD:
+    if MODE != SAVE_STATE:
+        tl.store(LSE + row, lse)
+    else:
+        tl.store(STATE + row * 3 + 0, tl.where(valid, m, 0.0))
+        tl.store(STATE + row * 3 + 1, tl.where(valid, log_sum, 0.0))
+        if PROB_TARGET:
+            tl.store(STATE + row * 3 + 2, q_sum)
+        elif WEIGHTED_MEAN:
+            tl.store(STATE + row * 3 + 2, tl.where(valid, w_y, 0.0))
+        else:
+            tl.store(STATE + row * 3 + 2, tl.where(valid, 1.0, 0.0).to(ACC))
+    if MODE == WRITE_GRADIENT:
         scale = tl.load(SCALE).to(ACC)
         if not PROB_TARGET:
             scale = tl.where(valid, scale, 0.0)
         written = C  # columns this program stores: none while HOLD says a target is invalid
         if HOLD_ON_BAD:
             written = tl.where(tl.load(HOLD) == 0, C, 0)
-        for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < read
-            x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
-            g = coef * tl.exp((x - m) - log_sum)
-            if PROB_TARGET:
-                q = tl.load(T + strided(cols, stride_tc), mask=mask, other=0.0).to(ACC) * (1.0 - eps) + smooth
-                if HAS_WEIGHT:
-                    q = q * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-                g -= q
+        _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef * scale,
+                            onehot_coef * scale, scale, w_y_smooth, read, written, C, eps, smooth, cap,
+                            PROB_TARGET, HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, BLOCK)
+
+
+@triton.jit
+def cross_entropy_finish_kernel(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index,
+                                PROB_TARGET: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    """One program over the rows, in a fixed order (the same sum on every run): the reduced loss, the mean's
+    denominator after the rows' state, and FLAG = [1 if every class-index target is valid else 0, the first
+    invalid one's row]."""
+    total = tl.zeros((), ACC)
+    denominator = tl.zeros((), ACC)
+    first_bad = tl.full((), rows, tl.int64)
+    for start in range(0, rows, BLOCK):
+        r = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = r < rows
+        if REDUCTION != 0:
+            total += tl.sum(tl.load(LOSS + r, mask=mask, other=0.0).to(ACC), axis=0)
+        if REDUCTION == 2:
+            if PROB_TARGET:  # torch divides probability-target losses by the number of rows
+                denominator += tl.sum(tl.where(mask, 1.0, 0.0).to(ACC), axis=0)
             else:
-                if SMOOTHING:
-                    if HAS_WEIGHT:
-                        g -= smooth * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-                    else:
-                        g -= smooth
-                # coef * p - onehot_coef cancels as p -> 1: use (coef - onehot) p + onehot (p - 1).
-                g_y = (coef - onehot_coef) * tl.exp(logp) + onehot_coef * expm1(logp)
-                if SMOOTHING:
-                    w_y_smooth = smooth
-                    if HAS_WEIGHT:
-                        w_y_smooth = smooth * tl.load(W + y, mask=valid, other=0.0).to(ACC)
-                    g_y -= w_y_smooth
-                g = tl.where(cols == y, g_y, g)
-            if SOFTCAP:
-                t = x / cap
-                g = g * (1.0 - t * t)
-            g = tl.where(mask, g * scale, 0.0)
-            tl.store(G + strided(cols, stride_gc), g.to(G.dtype.element_ty), mask=cols < written)
+                denominator += tl.sum(tl.load(STATE + r * 3 + 2, mask=mask, other=0.0).to(ACC), axis=0)
+        if not PROB_TARGET:
+            y = tl.load(T + r, mask=mask, other=ignore_index)
+            bad = mask & (y != ignore_index) & ((y < 0) | (y >= C))
+            first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, r, rows), axis=0))
+    if REDUCTION == 1:
+        tl.store(OUT, total)
+    if REDUCTION == 2:
+        # A mean over nothing (every target ignored, or every kept weight 0) is NaN, its gradient 0 (lossops._reduce).
+        empty = denominator == 0
+        tl.store(OUT, tl.where(empty, float("nan"), total / tl.where(empty, 1.0, denominator)))
+        tl.store(STATE + rows * 3, denominator)
+    if not PROB_TARGET:
+        tl.store(FLAG, (first_bad == rows).to(tl.int64))
+        tl.store(FLAG + 1, first_bad)
+
+
+@triton.jit
+def cross_entropy_backward_kernel(
+    X, stride_xo, stride_xc, stride_xi,
+    T, stride_to, stride_tc, stride_ti,
+    W, WSUM,
+    G, stride_go, stride_gc, stride_gi,
+    STATE, GRAD_LOSS, PARAMS, inner, C, rows, ignore_index,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+    FOCAL: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The gradient of the loss cross_entropy_forward returned, from the row state it saved: one read of the row,
+    grad_output (one value, or one per row for reduction "none") and the mean's 1/denominator applied here."""
+    row = tl.program_id(0).to(tl.int64)
+    outer_idx = row // inner
+    inner_idx = row % inner
+    X += outer_idx * stride_xo + inner_idx * stride_xi
+    G += outer_idx * stride_go + inner_idx * stride_gi
+    eps = tl.load(PARAMS + 0).to(ACC)
+    z = tl.load(PARAMS + 1).to(ACC)
+    cap = tl.load(PARAMS + 2).to(ACC)
+    focal_gamma = tl.load(PARAMS + 3).to(ACC)
+    smooth = eps / C
+    m = tl.load(STATE + row * 3 + 0).to(ACC)
+    log_sum = tl.load(STATE + row * 3 + 1).to(ACC)
+    if REDUCTION == 0:
+        scale = tl.load(GRAD_LOSS + row).to(ACC)
+    else:
+        scale = tl.load(GRAD_LOSS).to(ACC)
+    if REDUCTION == 2:
+        denominator = tl.load(STATE + rows * 3).to(ACC)
+        scale = tl.where(denominator == 0, 0.0, scale / tl.where(denominator == 0, 1.0, denominator))
+
+    y = -1
+    read = C
+    logp = 0.0
+    onehot_coef = 0.0
+    w_y_smooth = 0.0
+    if PROB_TARGET:
+        T += outer_idx * stride_to + inner_idx * stride_ti
+        coef = scale * (tl.load(STATE + row * 3 + 2).to(ACC) + 2.0 * z * (m + log_sum))
+    else:
+        y, valid, _ = _class_target(T, row, C, ignore_index)
+        read = tl.where(valid, C, 0)
+        scale = tl.where(valid, scale, 0.0)
+        x_y = tl.where(valid, _load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC), 0.0)
+        w_y = 1.0
+        if HAS_WEIGHT:
+            w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
+        w_sum = C * 1.0
+        if SMOOTHING:
+            w_y_smooth = smooth * w_y
+            if HAS_WEIGHT:
+                w_sum = tl.load(WSUM).to(ACC)
+        _, coef, z_coef, onehot_coef, logp = _index_row_terms(x_y, w_y, m, log_sum, 0.0, w_sum, eps, smooth, z,
+                                                              focal_gamma, FOCAL, SMOOTHING)
+        coef = (coef + z_coef) * scale
+        onehot_coef = onehot_coef * scale
+    _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef, onehot_coef, scale,
+                        w_y_smooth, read, C, C, eps, smooth, cap, PROB_TARGET, HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC,
+                        BLOCK)
 
 
 def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _RowLaunch:
+    """What every row kernel's launch derives from the same arguments: flags, options tensor, block and warps."""
+
+    def __init__(self, logits3, target, weight, grad, label_smoothing, lse_square_scale, softcap, focal_gamma):
+        self.acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32
+        self.prob_target = target.is_floating_point()
+        softcap = 0.0 if softcap is None else softcap
+        focal_gamma = -1.0 if focal_gamma is None else focal_gamma
+        self.smoothing = label_smoothing > 0 and not self.prob_target and focal_gamma < 0
+        self.target_strides = _strides3(target) if self.prob_target else (0, 0, 0)
+        g = grad if grad is not None else logits3
+        gather = logits3.stride(1) != 1 or g.stride(1) != 1 or (self.prob_target and target.stride(1) != 1)
+        self.params = float_options((float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
+                                     float(max(focal_gamma, 0.0))), self.acc, logits3.device)
+        self.flags = dict(PROB_TARGET=self.prob_target, HAS_WEIGHT=weight is not None, SMOOTHING=self.smoothing,
+                          SOFTCAP=softcap > 0, FOCAL=focal_gamma >= 0, ACC=acc_dtype(logits3.dtype),
+                          **launch_config(logits3.shape[1], acc=self.acc, gather=gather))
+
+    def weight_sum(self, weight, placeholder):
+        return weight.sum() if (weight is not None and self.smoothing) else placeholder  # placeholder: unread
 
 
 def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing, lse_square_scale, softcap,
@@ -182,22 +376,14 @@ def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing,
     """Same contract as the C++ kernel cross_entropy: returns (row_loss, row_lse, loss_sum). softcap and
     focal_gamma: None when off (focal_gamma set: softmax focal loss, weight = per-class alpha)."""
     logits3 = input
-    softcap = 0.0 if softcap is None else softcap
-    focal_gamma = -1.0 if focal_gamma is None else focal_gamma
     outer, C, inner = logits3.shape
     rows = outer * inner
-    acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32
-    row_loss = torch.empty(rows, dtype=acc, device=logits3.device)
-    row_lse = torch.empty(rows, dtype=acc, device=logits3.device)
-    prob_target = target.is_floating_point()
+    launch = _RowLaunch(logits3, target, weight, grad, label_smoothing, lse_square_scale, softcap, focal_gamma)
+    row_loss = torch.empty(rows, dtype=launch.acc, device=logits3.device)
+    row_lse = torch.empty(rows, dtype=launch.acc, device=logits3.device)
     in_place = grad is not None and grad.data_ptr() == logits3.data_ptr()
-    hold_on_bad = not prob_target and rows > 0 and in_place
-    if not prob_target and rows > 0 and C == 0:
-        # No class to mask a target into and no kernel to launch: every kept target is out of range.
-        bad = target != ignore_index
-        if bool(bad.any()):
-            raise _out_of_bounds(int(target[bad.int().argmax()]), C, ignore_index)
-    if rows == 0 or C == 0:
+    hold_on_bad = not launch.prob_target and rows > 0 and in_place
+    if _empty_rows(logits3, target, ignore_index):
         row_loss.zero_()
         row_lse.fill_(float("-inf"))
         if grad is not None:
@@ -205,26 +391,98 @@ def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing,
         return row_loss, row_lse, row_loss.sum()
     # Out-of-range class indices are masked by the kernel, which writes one of them here.
     flag = torch.zeros(1, dtype=torch.int64, device=logits3.device)
-    smoothing = label_smoothing > 0 and not prob_target and focal_gamma < 0
-    wsum = weight.sum() if (weight is not None and smoothing) else flag  # flag: an unread placeholder
-    target_strides = _strides3(target) if prob_target else (0, 0, 0)
     g = grad if grad is not None else logits3
-    gather = logits3.stride(1) != 1 or g.stride(1) != 1 or (prob_target and target.stride(1) != 1)
-    cfg = launch_config(C, acc=acc, gather=gather)
-    params = float_options((float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
-                            float(max(focal_gamma, 0.0))), acc, logits3.device)
     # Device-side, so nothing waits for it: nonzero when some target is invalid (see the module docstring).
-    hold = ((target != ignore_index) & ((target < 0) | (target >= C))).any().to(torch.int32).reshape(1) if hold_on_bad else flag
+    hold = flag
+    if hold_on_bad:
+        hold = ((target != ignore_index) & ((target < 0) | (target >= C))).any().to(torch.int32).reshape(1)
     cross_entropy_kernel[(rows,)](
-        logits3, *_strides3(logits3), target, *target_strides, weight if weight is not None else row_loss, wsum,
-        g, *_strides3(g), row_loss, row_lse, flag, hold, grad_scale.to(logits3.device),
-        params, inner, C, ignore_index,
-        PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None, SMOOTHING=smoothing, SOFTCAP=softcap > 0,
-        FOCAL=focal_gamma >= 0, WRITE_GRAD=grad is not None, HOLD_ON_BAD=hold_on_bad,
-        ACC=acc_dtype(logits3.dtype), **cfg)
-    if not prob_target:
+        logits3, *_strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
+        launch.weight_sum(weight, flag), g, *_strides3(g), row_loss, row_lse, row_loss, flag, hold,
+        grad_scale.to(logits3.device), launch.params, inner, C, ignore_index,
+        MODE=WRITE_GRADIENT if grad is not None else LOSS_ONLY, WEIGHTED_MEAN=False, HOLD_ON_BAD=hold_on_bad,
+        **launch.flags)
+    if not launch.prob_target:
         raise_if_flagged(flag, lambda value: _out_of_bounds(value, C, ignore_index))
     return row_loss, row_lse, row_loss.sum()
+
+
+def _empty_rows(logits3, target, ignore_index) -> bool:
+    """No row or no class: nothing to launch. Without classes every kept target is out of range (a host read, in
+    this corner only)."""
+    outer, C, inner = logits3.shape
+    if not target.is_floating_point() and outer * inner > 0 and C == 0:
+        bad = target != ignore_index
+        if bool(bad.any()):
+            raise _out_of_bounds(int(target[bad.int().argmax()]), C, ignore_index)
+    return outer * inner == 0 or C == 0
+
+
+def cross_entropy_forward(*, input, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+                          focal_gamma, reduction, weighted_mean):
+    """The family route's forward: (loss, state). loss: one value per row ("none") or the reduced loss, in the
+    accumulation dtype; state: what cross_entropy_backward needs (STATE_WIDTH values per row, then the mean's
+    denominator). weighted_mean: the mean divides by the kept targets' weights (else by their count)."""
+    logits3 = input
+    outer, C, inner = logits3.shape
+    rows = outer * inner
+    launch = _RowLaunch(logits3, target, weight, None, label_smoothing, lse_square_scale, softcap, focal_gamma)
+    row_loss = torch.empty(rows, dtype=launch.acc, device=logits3.device)
+    state = torch.empty(rows * STATE_WIDTH + 1, dtype=launch.acc, device=logits3.device)
+    if _empty_rows(logits3, target, ignore_index):
+        state.zero_()
+        row_loss.zero_()
+        return _reduce_empty(row_loss, reduction), state
+    cross_entropy_kernel[(rows,)](
+        logits3, *_strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
+        launch.weight_sum(weight, row_loss), logits3, 0, 0, 0, row_loss, row_loss, state, row_loss, row_loss,
+        row_loss, launch.params, inner, C, ignore_index,
+        MODE=SAVE_STATE, WEIGHTED_MEAN=weighted_mean and weight is not None, HOLD_ON_BAD=False, **launch.flags)
+    loss = row_loss if reduction == "none" else torch.empty((), dtype=launch.acc, device=logits3.device)
+    flag = cross_entropy_finish(row_loss=row_loss, state=state, target=target, loss=loss, classes=C,
+                                ignore_index=ignore_index, reduction=reduction)
+    if flag is not None:
+        assert_targets_valid(flag, lambda row: _out_of_bounds(int(target[row]), C, ignore_index))
+    return loss, state
+
+
+def cross_entropy_finish(*, row_loss, state, target, loss, classes, ignore_index, reduction):
+    """Launches the finishing kernel (see its docstring); returns the target flag (None for probability targets)."""
+    prob_target = target.is_floating_point()
+    flag = None if prob_target else torch.empty(2, dtype=torch.int64, device=row_loss.device)
+    if prob_target and reduction == "none":
+        return None
+    cross_entropy_finish_kernel[(1,)](
+        row_loss, state, target, loss, flag if flag is not None else target, row_loss.shape[0], classes, ignore_index,
+        PROB_TARGET=prob_target, REDUCTION=_REDUCTIONS[reduction], ACC=acc_dtype(row_loss.dtype),
+        BLOCK=FINISH_BLOCK, num_warps=8)
+    return flag
+
+
+def _reduce_empty(row_loss, reduction):
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    return total if reduction == "sum" else total * float("nan")  # a mean over nothing
+
+
+def cross_entropy_backward(*, input, target, weight, grad, state, grad_loss, ignore_index, label_smoothing,
+                           lse_square_scale, softcap, focal_gamma, reduction):
+    """Writes into `grad` the gradient of the loss cross_entropy_forward returned with this state, times grad_loss
+    (one value, or one per row for reduction "none")."""
+    logits3 = input
+    outer, C, inner = logits3.shape
+    rows = outer * inner
+    if rows == 0 or C == 0:
+        grad.zero_()
+        return grad
+    launch = _RowLaunch(logits3, target, weight, grad, label_smoothing, lse_square_scale, softcap, focal_gamma)
+    grad_loss = grad_loss.reshape(-1).contiguous() if reduction == "none" else grad_loss.reshape(())
+    cross_entropy_backward_kernel[(rows,)](
+        logits3, *_strides3(logits3), target, *launch.target_strides, weight if weight is not None else state,
+        launch.weight_sum(weight, state), grad, *_strides3(grad), state, grad_loss, launch.params, inner, C, rows,
+        ignore_index, REDUCTION=_REDUCTIONS[reduction], **launch.flags)
+    return grad
 
 
 # --- vocabulary-parallel cross-entropy (lossops.distributed): a rank holds classes [class_offset, + C) ----------
@@ -464,11 +722,28 @@ def _aot_cross_entropy(dtype, classes, layout, wide, target, weight, smoothing, 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     outer, C, inner = logits3.shape
     labels = aot.meta(outer * inner, dtype=torch.int64) if target == "index" else torch.empty_like(logits3)
+    common = dict(input=logits3, target=labels, weight=aot.meta(C, dtype=acc) if weight else None, ignore_index=-100,
+                  label_smoothing=smoothing, lse_square_scale=1e-4, softcap=softcap, focal_gamma=focal)
+    if grad == "saved state":
+        return cross_entropy_forward, dict(common, reduction="mean", weighted_mean=True)
+    if grad.startswith("backward"):
+        reduction = grad.split()[1]
+        return cross_entropy_backward, dict(
+            common, grad=torch.empty(logits3.shape, dtype=dtype, device="meta"),
+            state=aot.meta(outer * inner * STATE_WIDTH + 1, dtype=acc), reduction=reduction,
+            grad_loss=aot.meta(outer * inner if reduction == "none" else 1, dtype=acc))
     gradient = {"none": None, "separate": torch.empty(logits3.shape, dtype=dtype, device="meta"),
                 "in place": logits3}[grad]
-    return cross_entropy, dict(input=logits3, target=labels, weight=aot.meta(C, dtype=acc) if weight else None,
-                               grad=gradient, ignore_index=-100, label_smoothing=smoothing, lse_square_scale=1e-4,
-                               softcap=softcap, focal_gamma=focal, grad_scale=aot.meta(dtype=acc))
+    return cross_entropy, dict(common, grad=gradient, grad_scale=aot.meta(dtype=acc))
+
+
+def _aot_finish(dtype, target, reduction, wide):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = _WIDE + 16 if wide else 4096
+    labels = aot.meta(rows, dtype=torch.int64) if target == "index" else aot.meta(rows, 8, dtype=dtype)
+    return cross_entropy_finish, dict(row_loss=aot.meta(rows, dtype=acc), state=aot.meta(rows * 3 + 1, dtype=acc),
+                                      target=labels, loss=aot.meta(dtype=acc), classes=32000, ignore_index=-100,
+                                      reduction=reduction)
 
 
 def _aot_token_stats(dtype, classes, layout, wide, softcap, grad):
@@ -505,10 +780,15 @@ def aot_calls():
     """(host function, arguments) calls covering what the route passes these kernels (see triton_kernels/aot.py)."""
     shape = dict(dtype=AOT_DTYPES, classes=AOT_CLASSES, layout=("last", "dim1", "transposed"), wide=(False, True))
     options = dict(target=("prob", "index"), weight=(False, True), smoothing=(0.0, 0.1), softcap=(None, 30.0),
-                   focal=(2.0, None), grad=("none", "separate", "in place"))
+                   focal=(2.0, None), grad=("none", "separate", "in place", "saved state", "backward none",
+                                            "backward mean"))
     heaviest = dict(target="index", weight=True, smoothing=0.1, softcap=30.0, focal=None, grad="in place")
     cases = aot.covering({**shape, **options}, _focal_alone, heaviest, ("dtype", "layout"))
     calls = [_aot_cross_entropy(**case) for case in cases]
+    calls += [_aot_finish(dtype, target, reduction, wide)
+              for dtype, target, reduction, wide in itertools.product((torch.float32, torch.float64), ("index", "prob"),
+                                                                      ("none", "sum", "mean"), (False, True))
+              if not (target == "prob" and reduction == "none")]  # nothing to finish there
     stats = aot.covering({**shape, "softcap": (None, 30.0), "grad": (False, True)}, lambda case: True,
                          dict(softcap=30.0), ("dtype", "grad"))
     calls += [_aot_token_stats(**case) for case in stats]

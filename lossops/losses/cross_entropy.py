@@ -2,10 +2,11 @@
 shares with softmax focal loss (lossops/focal.py).
 
 Call path: cross_entropy() validates (lossops._checks) -> row_softmax_loss() views the input as (outer, C, inner)
-without moving the class dimension and calls the family's op -> the op runs the backend's fused kernel
-(csrc/cross_entropy.cpp or triton_kernels/cross_entropy.py) through softmax_rows(), which returns the loss
-and, when a gradient is needed, writes it in the same pass -> backward multiplies that gradient by
-grad_output (lossops._reduce).
+without moving the class dimension and calls the family's op -> the op runs the backend's fused kernel:
+  - C++ (csrc/cross_entropy.cpp) through softmax_rows(), which returns the loss and, when a gradient is needed,
+    writes it in the same pass while the row is in cache -> backward multiplies it by grad_output (lossops._reduce);
+  - Triton (triton_kernels/cross_entropy.py): forward reads each row once and keeps its statistics (the op's state
+    output) -> backward reads the row again and writes the gradient with grad_output applied on the device.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from .._family import GridShapes as G
 KERNEL = _family.Kernel("cross_entropy", "cross_entropy",
                         ("input", "target", "weight", "grad", "ignore_index", "label_smoothing", "lse_square_scale",
                          "softcap", "focal_gamma", "grad_scale"))
-ROW_INPUTS = (_family.Input("input", differentiable=True), _family.Input("target"), _family.Input("weight", optional=True))
+ROW_INPUTS = (_family.Input("input", differentiable=True), _family.Input("target"),
+              _family.Input("weight", optional=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +131,8 @@ def _with_token_options(input, target, weight, size_average, ignore_index, reduc
                              label_smoothing=label_smoothing, lse_square_scale=z_loss_scale, softcap=softcap,
                              inplace_backward=inplace_backward)
 
-    return token_options.reduce_tokens(per_token, target, item_shape, weight, _checks.integer("ignore_index", ignore_index),
+    return token_options.reduce_tokens(per_token, target, item_shape, weight,
+                                       _checks.integer("ignore_index", ignore_index),
                                        reduction, lse_square_scale, token_weight, num_items_in_batch, probabilities)
 
 
@@ -229,14 +232,17 @@ def _check_target(input: Tensor, target: Tensor, probabilities: bool, ignore_ind
             raise RuntimeError(f"lossops: expected a floating point target for class probabilities (target has the "
                                f"input's shape {tuple(input.shape)}), got dtype {target.dtype}")
         if ignore_index >= 0:
-            raise RuntimeError(f"lossops: ignore_index is not supported for class-probability targets, got {ignore_index}")
+            raise RuntimeError(f"lossops: ignore_index is not supported for class-probability targets, "
+                               f"got {ignore_index}")
         return
     if target.dtype not in (torch.int64, torch.uint8):  # torch's nll_loss accepts exactly these two
-        raise RuntimeError(f"lossops: class-index target must be an int64 or uint8 tensor, got dtype {target.dtype} and "
-                           f"shape {tuple(target.shape)} (probability targets must have the input's shape {tuple(input.shape)})")
+        raise RuntimeError(f"lossops: class-index target must be an int64 or uint8 tensor, got dtype {target.dtype} "
+                           f"and shape {tuple(target.shape)} (probability targets must have the input's shape "
+                           f"{tuple(input.shape)})")
     expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
     if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
-        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                         f"({target.shape[0]}).")
     if target.shape != expected:
         raise RuntimeError(f"lossops: expected target of shape {tuple(expected)} for input of shape "
                            f"{tuple(input.shape)}, got {tuple(target.shape)}")
@@ -295,9 +301,47 @@ def softmax_rows(backend: str, logits3: Tensor, target: Tensor, weight: Optional
 
 
 def _rows_run(family, backend, t, o, grads):
-    grad = _backend.empty_gradient(t["input"]) if grads["input"] else None
     weight, arguments = family.kernel_options(t, o)
+    if family.gradient_in_backward(backend, o):
+        loss, state = _backend.kernel(backend, "cross_entropy", "cross_entropy_forward")(
+            input=t["input"], target=t["target"], **_gradient_in_backward_arguments(t["input"], t["target"], weight,
+                                                                                     arguments))
+        return loss, {"input": None}, state
+    grad = _backend.empty_gradient(t["input"]) if grads["input"] else None
     return softmax_rows(backend, t["input"], t["target"], weight, grad, **arguments), {"input": grad}
+
+
+def _rows_gradient(family, backend, t, o, grad_loss, needs, state):
+    """The gradient of the loss _rows_run returned on a backend that forms it in backward, from the row state."""
+    if not needs["input"]:
+        return {}
+    weight, arguments = family.kernel_options(t, o)
+    arguments = _gradient_in_backward_arguments(t["input"], t["target"], weight, arguments)
+    del arguments["weighted_mean"]
+    grad = _backend.empty_gradient(t["input"])
+    _backend.kernel(backend, "cross_entropy", "cross_entropy_backward")(
+        input=t["input"], target=t["target"], grad=grad, state=state, grad_loss=grad_loss, **arguments)
+    return {"input": grad}
+
+
+def _gradient_in_backward_arguments(logits3: Tensor, target: Tensor, weight: Optional[Tensor], arguments: dict) -> dict:
+    """softmax_rows' arguments as cross_entropy_forward / cross_entropy_backward take them: the class weights in the
+    accumulation dtype, and whether the mean divides by the kept targets' weights (mean_weights' rule for a
+    class-weighted z-loss mean: the weights carry count / sum_w and the mean divides by the count)."""
+    arguments = dict(arguments)
+    weighted_mean = arguments.pop("weight_normalizes_mean", True)
+    acc = _checks.opmath_dtype(logits3.dtype)
+    arguments.setdefault("label_smoothing", 0.0)
+    arguments.setdefault("lse_square_scale", 0.0)
+    arguments.setdefault("softcap", None)
+    arguments.setdefault("focal_gamma", None)
+    if (arguments["focal_gamma"] is None and not target.is_floating_point() and weight is not None
+            and arguments["reduction"] == "mean" and arguments["lse_square_scale"] > 0):
+        weight, _ = mean_weights(target, weight, arguments["ignore_index"], logits3.shape[1], "mean",
+                                 arguments["lse_square_scale"], acc)
+        weighted_mean = False
+    weight = None if weight is None else weight.to(acc).contiguous()
+    return dict(arguments, weight=weight, weighted_mean=weighted_mean)
 
 
 def _rows_loss_like(t, o):
@@ -311,12 +355,27 @@ def _rows_item_shape(t, o):
     return (logits3.shape[0], 1, logits3.shape[2])
 
 
+def _rows_state_like(t, o):
+    logits3 = t["input"]
+    rows = logits3.shape[0] * logits3.shape[2]
+    return logits3.new_empty((rows * 3 + 1,), dtype=_checks.opmath_dtype(logits3.dtype))
+
+
 def declare_rows(name: str, options: type, kernel_options, **declaration) -> _family.Family:
     """A loss over softmax rows on the cross-entropy kernel: kernel_options(tensors, options) -> (per-class
     weight or None, softmax_rows' keyword arguments)."""
     return _family.register(_family.Family(name=name, inputs=ROW_INPUTS, options=options, kernel=KERNEL,
                                            run=_rows_run, loss_like=_rows_loss_like, item_shape=_rows_item_shape,
-                                           kernel_options=kernel_options, **declaration))
+                                           kernel_options=kernel_options, recompute=_rows_gradient,
+                                           gradient_in_backward=_triton_backward, state_like=_rows_state_like,
+                                           **declaration))
+
+
+def _triton_backward(backend: str, options) -> bool:
+    # The Triton route reads the logits once in forward and once in backward, where the gradient is written with
+    # grad_output applied (triton_kernels/cross_entropy.py); the C++ route writes it in forward, while the row is
+    # in cache, and scales it in place.
+    return backend == "triton"
 
 
 class _InplaceRowSoftmaxLoss(torch.autograd.Function):
@@ -369,7 +428,8 @@ def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tens
     logits = softcap * torch.tanh(input / softcap) if softcap is not None else input
     index_mean = options.reduction == "mean" and target.shape != input.shape
     loss = F.cross_entropy(logits, target, weight, ignore_index=options.ignore_index,
-                           reduction="sum" if index_mean else options.reduction, label_smoothing=options.label_smoothing)
+                           reduction="sum" if index_mean else options.reduction,
+                           label_smoothing=options.label_smoothing)
     if index_mean:  # lossops' rule for a mean over nothing (NaN, zero gradient), where torch's gradient is NaN
         classes = input.shape[1] if input.dim() > 1 else input.shape[0]
         loss = _reduce.mean(loss, _reduce.class_index_denominator(target, weight, options.ignore_index, classes,

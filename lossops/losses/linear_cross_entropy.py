@@ -343,7 +343,8 @@ def _recompute(family, backend, t, o, grad_loss, needs, stats_grad=None):
 
 def _loss_like(t, o):
     hidden = t["hidden"]
-    return hidden.new_empty((hidden.shape[0],) if o.reduction == "none" else (), dtype=_checks.opmath_dtype(hidden.dtype))
+    return hidden.new_empty((hidden.shape[0],) if o.reduction == "none" else (),
+                            dtype=_checks.opmath_dtype(hidden.dtype))
 
 
 def _hidden_and_vocab(dtype):
@@ -356,7 +357,8 @@ LINEAR_CROSS_ENTROPY = _family.register(_family.Family(
             _family.Input("bias", optional=True, differentiable=True), _family.Input("target"),
             _family.Input("class_weight", optional=True)),
     options=LinearCrossEntropyOptions, kernel=ROW_KERNEL, run=_run, recompute=_recompute, loss_like=_loss_like,
-    function=linear_cross_entropy, sharding=SHARDING,
+    gradient_in_backward=lambda backend, options: options.reduction == "none", function=linear_cross_entropy,
+    sharding=SHARDING,
     cases=(_family.Case(_hidden_and_vocab, dict(chunk_size=4), target=2,
                         bad=("target_out_of_range", dict(chunk_size=0))),),
 ))
