@@ -100,9 +100,10 @@ class PerExtensionBuild(BuildExtension):
 
     Each extension is one or two translation units, so ninja alone (MAX_JOBS within one extension) would leave
     the other core idle while the next ISA waits: the extensions themselves run in MAX_JOBS threads.
-    pip hands every build a fresh temporary directory, which would make each `pip install -e .` a full rebuild;
-    objects go to build/obj instead, so ninja recompiles only what changed (a --build-temp inside the clone, as
-    the sanitizer build passes, is kept)."""
+    pip hands every build a fresh temporary directory, which would make each `pip install -e .` a full rebuild,
+    and `pip wheel .` another directory of its own (build/temp.*); objects go to build/obj instead, so ninja
+    recompiles only what changed and a wheel built after the editable install links the same objects (a
+    --build-temp of another name, as the sanitizer build passes, is kept)."""
 
     def finalize_options(self):
         super().finalize_options()
@@ -112,7 +113,8 @@ class PerExtensionBuild(BuildExtension):
     def build_extension(self, ext):
         given_abs = os.path.abspath(self.build_temp)
         pip_temporary = given_abs.startswith(tempfile.gettempdir() + os.sep) and not given_abs.startswith(ROOT + os.sep)
-        shared = os.path.join(ROOT, "build", "obj") if pip_temporary else self.build_temp
+        setuptools_default = os.path.basename(given_abs).startswith("temp.")
+        shared = os.path.join(ROOT, "build", "obj") if pip_temporary or setuptools_default else self.build_temp
         # A shallow copy per extension: the threads must not share a mutated build_temp.
         own = copy.copy(self)
         own.build_temp = os.path.join(shared, ext.name.replace(".", "_"))

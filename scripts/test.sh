@@ -8,6 +8,8 @@ args=()
 for a in "$@"; do
   if [ "$a" = "--no-sanitize" ]; then sanitize=0; else args+=("$a"); fi
 done
+# Lint first: it takes a second and names the line.
+ruff check "$ROOT"
 # One worker per core (LOSSOPS_TEST_WORKERS=0 runs in this process): the tests are mostly small and single-threaded.
 workers="${LOSSOPS_TEST_WORKERS:-auto}"
 if [ "$workers" = 0 ]; then

@@ -113,16 +113,19 @@ def test_bf16_token_weights_no_worse_than_torch():
 
 
 @pytest.mark.parametrize("backend_name", ["cpp", "triton", "reference"])
-def test_gradcheck(backend_name):
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.8, softcap=2.0, lse_square_scale=0.1, class_weight=True),
+                                    dict(label_smoothing=0.1, class_weight=True),
+                                    dict(num_items_in_batch=9, class_weight=True),
+                                    dict(reduction="none", temperature=2.0)],
+                         ids=["temperature-softcap-z-loss", "smoothing", "num_items_in_batch", "none"])
+def test_gradcheck(backend_name, kwargs):
     x, t, tw, w = batch(seed=7)
     x.requires_grad_(True)
     tw.requires_grad_(True)
+    kwargs = dict(kwargs)
+    weight = w if kwargs.pop("class_weight", False) else None
     with lossops.backend(backend_name):
-        for kwargs in (dict(temperature=0.8, softcap=2.0, lse_square_scale=0.1), dict(label_smoothing=0.1),
-                       dict(num_items_in_batch=9)):
-            assert gradcheck(lambda a, b: lossops.cross_entropy(a, t, w, token_weight=b, **kwargs), (x, tw))
-        assert gradcheck(lambda a, b: lossops.cross_entropy(a, t, token_weight=b, reduction="none", temperature=2.0),
-                         (x, tw))
+        assert gradcheck(lambda a, b: lossops.cross_entropy(a, t, weight, token_weight=b, **kwargs), (x, tw))
 
 
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.6, softcap=4.0), dict(lse_square_scale=0.1)],
