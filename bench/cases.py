@@ -16,6 +16,9 @@ import lossops
 from lossops._family import FAMILIES as LOSS_FAMILIES
 
 Shape = tuple[int, int]
+# The dtype names the command line takes (--dtype).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,11 @@ import torch
 
 import lossops
 
-from . import report
-from .cases import FAMILIES, FLOORS, Shape, implementations, ours_name
+from . import grid, report
+from .cases import DTYPES, FAMILIES, FLOORS, Shape, implementations, ours_name
 from .measure import PeakMemory
 from .runner import Settings, run_case
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 # Headroom for a case: the logits, eager's saved softmax, the gradient and a float32 temporary, with slack.
 MEMORY_COPIES = 6
@@ -125,7 +123,6 @@ class Progress:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.grid:
-        from . import grid
         return grid.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import FAMILIES, Family, _arguments
+from .cases import DTYPES, FAMILIES, Family, _arguments
 from .report import Stamp
 
 # Each family declares its grid shapes and speed targets (lossops._family.Bench, GridShapes).
@@ -133,7 +133,6 @@ def run_grid(args, note) -> list[Cell]:
             for shape in (QUICK_SHAPES if args.quick else GRID_SHAPES)[op]]
     if args.shape:
         plan = [p for p in plan if p[1] in args.shape]
-    from .cli import DTYPES  # the CLI's dtype names
     start = time.monotonic()
     for index, (op, shape, dtype_name) in enumerate(plan):
         family = FAMILIES[op]
