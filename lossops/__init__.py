@@ -5,6 +5,7 @@ from ._backend import gradient_cache_bytes as gradient_cache_bytes, gradient_cac
 from ._backend import set_backend as set_backend, set_gradient_cache as set_gradient_cache
 from ._backend import set_target_checks as set_target_checks, show_config as show_config
 from ._backend import target_checks as target_checks
+from ._version import __version__ as __version__
 from . import losses  # noqa: F401 -- imported for its side effect: registers every loss family
 from ._family import FAMILIES as _FAMILIES
 from . import distributed, monitor, nn
@@ -17,4 +18,3 @@ SETTINGS = ["backend", "get_backend", "set_backend", "set_gradient_cache", "grad
             "gradient_cache_bytes", "show_config", "set_target_checks", "target_checks"]
 globals().update({name: family.function for name, family in _FAMILIES.items()})
 __all__ = ["monitor", "nn", "distributed", "LossWithTokenStats", *SETTINGS, *_FAMILIES]
-__version__ = "0.1.0"

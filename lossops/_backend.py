@@ -17,6 +17,9 @@ import os
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from . import _cpp
+from ._version import __version__
+
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("lossops_backend", default=None)
@@ -150,7 +153,6 @@ def _cpp_available() -> bool:
     if _cpp_loaded:
         return True
     try:
-        from . import _cpp
         _cpp.module()
     except ImportError:
         return False
@@ -167,7 +169,6 @@ def kernel(backend: str, module: str, name: str):
     """A family's kernel on a concrete backend, called with keyword arguments only: the C++ host module checks
     them against the names the kernel registered (csrc/kernel_abi.h), Python against the Triton function's."""
     if backend == "cpp":
-        from . import _cpp
         return functools.partial(_cpp.module().call_kernel, name)
     if backend == "triton":
         return getattr(importlib.import_module(f"lossops.triton_kernels.{module}"), name)
@@ -182,7 +183,6 @@ def empty_gradient(like: torch.Tensor) -> torch.Tensor:
     when it has the same size (see set_gradient_cache).
     """
     if like.device.type == "cpu" and _cpp_available():
-        from . import _cpp
         return _cpp.module().empty_gradient_like(like)
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
@@ -193,33 +193,27 @@ def set_gradient_cache(enabled: bool) -> None:
     step. On by default (LOSSOPS_GRADIENT_CACHE=0 turns the default off). Peak memory within a step is
     unchanged (a request of another size frees the kept buffer first); between steps one gradient's memory
     stays allocated. Turning it off frees the kept buffer."""
-    from . import _cpp
     _cpp.set_gradient_cache(enabled)
 
 
 def gradient_cache_enabled() -> bool:
-    from . import _cpp
     return _cpp.gradient_cache_enabled()
 
 
 def empty_cache() -> int:
     """Frees the gradient buffer kept for the next step (like torch.cuda.empty_cache); returns its bytes."""
-    from . import _cpp
     return _cpp.empty_cache()
 
 
 def gradient_cache_bytes() -> int:
     """Bytes held by the kept gradient buffer right now (0 when none)."""
-    from . import _cpp
     return _cpp.gradient_cache_bytes()
 
 
 def show_config() -> str:
     """What this installation runs on: version, the C++ kernel build serving CPU calls, backends, Triton."""
-    import lossops
-    lines = [f"lossops {lossops.__version__}, torch {torch.__version__}"]
+    lines = [f"lossops {__version__}, torch {torch.__version__}"]
     try:
-        from . import _cpp
         built = [isa for isa in _cpp.ISAS if _cpp.kernel_library(isa)]
         lines.append(f"C++ kernels: {_cpp.capability()} build in use (built: {', '.join(built)}; "
                      f"this CPU: {torch.backends.cpu.get_cpu_capability()})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, _cpp
 
 
 def class_index_denominator(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
@@ -72,7 +72,6 @@ def _is_one(grad_output: torch.Tensor) -> bool:
 def _graph_kept() -> bool:
     """Inside a backward: whether it keeps the graph (retain_graph=True); True when that cannot be known."""
     try:
-        from . import _cpp
         return _cpp.host().graph_kept()
     except ImportError:
         return True
