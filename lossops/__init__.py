@@ -8,11 +8,12 @@ from ._backend import target_checks as target_checks
 from ._version import __version__ as __version__
 from . import losses  # noqa: F401 -- imported for its side effect: registers every loss family
 from ._family import FAMILIES as _FAMILIES
-from . import distributed, monitor, nn
-from ._dtensor import register_op_strategies as _register_op_strategies
+from . import _dtensor, distributed, monitor, nn
 from .losses.token_stats import LossWithTokenStats
 
-_register_op_strategies()  # when torch.distributed.tensor is already imported; else on the first DTensor call
+# Every public function also serves DTensor inputs, lossops.nn's Modules with it (they call family.function).
+_dtensor.serve_dtensors(_FAMILIES)
+_dtensor.register_op_strategies()  # when torch.distributed.tensor is already imported; else on the first DTensor call
 
 SETTINGS = ["backend", "get_backend", "set_backend", "set_gradient_cache", "gradient_cache_enabled", "empty_cache",
             "gradient_cache_bytes", "show_config", "set_target_checks", "target_checks"]

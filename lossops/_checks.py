@@ -103,6 +103,15 @@ def class_index_in_range(name: str, target: torch.Tensor, num_classes: int, igno
                          f"ignore_index is {ignore_index})")
 
 
+def last_dim_target(target: torch.Tensor, name: str, input: torch.Tensor) -> None:
+    """Class indices for an input whose last dimension is the features or classes: shape input.shape[:-1]."""
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"lossops: target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if target.shape != input.shape[:-1]:
+        raise RuntimeError(f"lossops: expected target of shape {tuple(input.shape[:-1])} for {name} of shape "
+                           f"{tuple(input.shape)}, got {tuple(target.shape)}")
+
+
 def real(name: str, value) -> float:
     """A float argument taken as torch's argument parser takes one: a real number or a one-element tensor.
     Anything else is a TypeError, as there; float() alone would accept "0.5" and give ValueError for "a"."""

@@ -1,7 +1,8 @@
 """DTensor inputs: every lossops loss on a 1-D device mesh (torch.distributed.tensor), computed on the local
 shards with the reduction made across the mesh.
 
-A loss's `Sharding` (in its family declaration) says how its tensors line up with the input's dimensions. Then:
+A loss's `Sharding` (lossops._sharding, in its family declaration) says how its tensors line up with the input's
+dimensions. Then:
   - everything Replicate: each rank computes the whole loss; the result is a Replicate DTensor;
   - the input sharded on a batch / token / spatial dimension (Shard(d), d not the class dimension): the other
     tensors are sharded alike (a plain tensor or a Replicate DTensor is split here; per-class weights stay whole),
@@ -12,53 +13,47 @@ A loss's `Sharding` (in its family declaration) says how its tensors line up wit
     lossops.distributed (fused shard kernels, partial logsumexp statistics), as torch's loss_parallel();
   - anything else (Partial inputs, meshes of more than one dimension, class-sharded losses without a
     vocabulary-parallel algorithm) raises a ValueError naming the placement.
+A plain tensor beside DTensor arguments, the input included, counts as whole: Replicate on their mesh.
 Gradients flow back through DTensor's to_local / from_local, so each input's gradient is a DTensor with that
 input's placements.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
+import sys
 from typing import Callable, Optional
 
 import torch
 
-from . import _checks
+from . import _checks, distributed
+from ._family import FAMILIES, Family
+from ._sharding import Sharding
 
 
-@dataclasses.dataclass(frozen=True)
-class Sharding:
-    """How a loss's tensor arguments line up with its input (the first argument) on a device mesh.
+def serve_dtensors(families: dict[str, Family]) -> None:
+    """Makes each family's public function also serve DTensor inputs (lossops runs this once every family is
+    registered): the function itself, or, where it runs the C++ eager path first, the full path it hands every
+    other call to (Family.full_path). The family's sharding record is read when a DTensor call comes."""
+    for family in families.values():
+        if family.function is None or hasattr(family.function, "sharding_of"):
+            continue  # served already
+        sharding_of = _sharding_of(family)
+        if family.full_path is not None:
+            family.full_path = accepting_dtensors(family.full_path, sharding_of)
+            family.function.sharding_of = sharding_of
+        else:
+            family.function = accepting_dtensors(family.function, sharding_of)
 
-    class_dim: the input's class dimension (softmax losses: 1, or 0 for a 1-D input); None when every dimension
-      is an item dimension (elementwise losses). Arguments with fewer dimensions than the input, whose shape is
-      the input's without the class dimension, are per-item targets; arguments of the input's shape (or
-      broadcasting to it) are split along the same dimension where they have it; `whole` names arguments that
-      are never split (per-class weights).
-    denominator(arguments) -> the mean's denominator for one rank's arguments (None: the number of loss items).
-    parallel_classes(arguments, input, mesh) -> the loss when the class dimension is sharded (None: refused).
-    local_sums(function, arguments) -> [(local sum, local denominator)] when the mean is a sum of terms with
-      different denominators (cross-entropy's z-loss beside class weights); None: one term.
-    """
-    class_dim: Optional[Callable[[torch.Tensor], int]] = None
-    whole: tuple[str, ...] = ()
-    denominator: Optional[Callable[[dict], torch.Tensor]] = None
-    parallel_classes: Optional[Callable] = None
-    local_sums: Optional[Callable] = None
-    batch_sharding: bool = True  # False: only Replicate inputs (e.g. CTC, whose lengths are host lists)
-    # an argument whose Shard(0) shards the classes (linear cross-entropy's weight), and those split with it
-    classes_sharded_by: Optional[str] = None
-    split_with_classes: tuple[str, ...] = ()
-    class_dim_name: str = "class"
-    # arguments served only when every input is replicated (their sharded rules are not written): refused
-    # with a ValueError otherwise, where leaving them out of a sharded mean would be silently wrong
-    replicated_only: dict = dataclasses.field(default_factory=dict)  # name -> its default
+
+def _sharding_of(family: Family) -> Callable[[], Optional[Sharding]]:
+    return lambda: family.sharding
 
 
 def accepting_dtensors(function: Callable, sharding) -> Callable:
-    """`function`, also serving DTensor inputs; a plain call costs one type check. sharding: a Sharding, None,
-    or a function returning one (a family's, read when a DTensor call comes)."""
+    """`function`, also serving DTensor inputs (the input or any other argument a DTensor); a plain call costs a
+    type check per argument. sharding: a Sharding, None, or a function returning one (a family's, read when a
+    DTensor call comes)."""
     signature = inspect.signature(function)
     first = next(iter(signature.parameters))
     sharding_of = sharding if callable(sharding) else lambda: sharding
@@ -66,7 +61,7 @@ def accepting_dtensors(function: Callable, sharding) -> Callable:
     @functools.wraps(function)
     def call(*args, **kwargs):
         x = args[0] if args else kwargs.get(first)
-        if type(x) is torch.Tensor or not _is_dtensor(x):
+        if (type(x) is torch.Tensor or not _is_dtensor(x)) and not _other_dtensor(x, args, kwargs):
             return function(*args, **kwargs)
         return _call(function, signature, sharding_of(), args, kwargs)
 
@@ -81,12 +76,10 @@ def register_op_strategies() -> None:
     """Lets DTensor run lossops' custom ops when they are called directly (torch.ops.lossops.*): replicated in,
     replicated out, so DTensor gathers sharded inputs first (correct, not fast; the public functions above shard
     properly). Done once torch.distributed.tensor is in use: importing it costs half a second."""
-    import sys
     if "torch.distributed.tensor" not in sys.modules:
         return
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.experimental import register_sharding
-    from ._family import FAMILIES
     for family in FAMILIES.values():
         op = family.op._opoverload
         if op in _registered_ops:
@@ -105,6 +98,12 @@ def _is_dtensor(value) -> bool:
     return type(value).__name__ == "DTensor" and type(value).__module__.startswith("torch.distributed.tensor")
 
 
+def _other_dtensor(x, args, kwargs) -> bool:
+    """Whether another argument is a DTensor when the input x is a plain tensor (an input that is no tensor at
+    all goes to the function's own checks)."""
+    return isinstance(x, torch.Tensor) and (any(map(_is_dtensor, args)) or any(map(_is_dtensor, kwargs.values())))
+
+
 def _call(function, signature, sharding, args, kwargs):
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
@@ -115,6 +114,10 @@ def _call(function, signature, sharding, args, kwargs):
     name = function.__name__
     names = list(a)
     x = a[names[0]]
+    if not _is_dtensor(x):  # a plain input beside DTensor arguments: whole, as a plain target beside DTensor logits
+        other = next(v for v in a.values() if _is_dtensor(v))
+        x = a[names[0]] = DTensor.from_local(x, other.device_mesh, [Replicate()] * other.device_mesh.ndim,
+                                             run_check=False)
     mesh = x.device_mesh
     if mesh.ndim != 1:
         raise ValueError(f"lossops: {name} takes DTensors on a 1-D device mesh, got a {mesh.ndim}-D mesh "
@@ -198,8 +201,7 @@ def _summed_gradient(value, mesh):
     local = _whole(value, mesh)
     if not local.requires_grad or not torch.is_grad_enabled():
         return local
-    from .distributed import _SumGradOverGroup
-    return _SumGradOverGroup.apply(local, mesh.get_group())
+    return distributed._SumGradOverGroup.apply(local, mesh.get_group())
 
 
 def _split(value, dim: int, mesh):

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _dtensor, _eager, _family, _reduce
+from . import _backend, _checks, _eager, _family, _reduce, _sharding
 
 ELEMENTWISE_PARAMETERS = ("input", "target", "weight", "weight_layout", "aux", "aux_layout", "ignore_index",
                           "grad_input", "grad_target", "grad_scale", "per_element")
@@ -67,7 +67,7 @@ def _loss_like(t, o):
 def declare(name: str, options: type, kernel: _family.Kernel, kernel_options: Callable,
             **declaration) -> _family.Family:
     """Registers an elementwise family: kernel_options(tensors, options) -> its own kernel parameters by name."""
-    declaration.setdefault("sharding", _dtensor.Sharding())  # every dimension an item dimension; mean over all
+    declaration.setdefault("sharding", _sharding.Sharding())  # every dimension an item dimension; mean over all
     return _family.register(_family.Family(name=name, inputs=INPUTS, options=options, kernel=kernel, run=_run,
                                            loss_like=_loss_like, kernel_options=kernel_options, **declaration))
 

@@ -10,6 +10,8 @@ A family module (lossops/<family>.py) writes, per public loss:
 fields, its autograd rebuilds the options by name (never by position) and multiplies the gradients the kernel
 wrote in forward by grad_output (lossops._reduce). `FAMILIES` is what lossops' exports, lossops.nn, the
 compile / opcheck / bad-input / Triton-AOT / kernel-ABI tests, selfcheck and the benchmark iterate.
+Nothing here knows DTensors: once every family is registered, lossops (its __init__) makes each public function
+serve them too (lossops._dtensor.serve_dtensors), from the family's `sharding` record (lossops._sharding).
 """
 from __future__ import annotations
 
@@ -22,27 +24,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _dtensor, _eager, _reduce
-
-
-# Every kernel declared anywhere (families' and helpers' such as the vocabulary-parallel shard kernels), by name:
-# what tests/test_kernel_abi.py holds both backends to.
-KERNELS: dict[str, "Kernel"] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """A kernel as both backends expose it: the C++ library registers `name` with these keyword parameters
-    (LOSSOPS_REGISTER_KERNEL), lossops.triton_kernels.<module> defines a function `name` taking the same ones."""
-    name: str
-    module: str
-    parameters: tuple[str, ...]
-
-    def __post_init__(self):
-        KERNELS.setdefault(self.name, self)
-
-    def __call__(self, backend: str, **arguments):
-        return _backend.kernel(backend, self.module, self.name)(**arguments)
+from . import _checks, _eager, _reduce
+from ._kernels import KERNELS as KERNELS, Kernel
+from ._sharding import Sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +98,17 @@ class Family:
     reference: Optional[Callable] = None     # plain PyTorch, the "reference" backend
     item_shape: Callable = lambda tensors, options: None  # how a per-item grad_output broadcasts on a gradient
     function: Optional[Callable] = None      # the public function (set by @family.public)
+    # A public function that serves plain calls itself first (the C++ eager path) and calls family.full_path with
+    # the same arguments for everything else: lossops._dtensor makes full_path, not function, serve DTensors, so
+    # no wrapper runs before the eager path.
+    full_path: Optional[Callable] = None
     module: Optional[type] = None            # its nn.Module (set by @family.module_class or make_module)
     cases: tuple[Case, ...] = ()
     bad_inputs: Optional[str] = None         # its kind in tests/test_bad_inputs.py ("classes", "elementwise")
     torch_fn: Optional[Callable] = None      # torch's counterpart with the same signature, the tests' oracle
     selfcheck: Optional[tuple] = None        # (keyword arguments, truth(x, t), make(dtype)) for lossops.selfcheck
     bench: Optional[Bench] = None
-    sharding: Optional[_dtensor.Sharding] = None  # how it splits over a DTensor device mesh (None: Replicate only)
+    sharding: Optional[Sharding] = None      # how it splits over a DTensor device mesh (None: Replicate only)
     # Gradients formed in backward instead of written in forward, where gradient_in_backward(backend, options)
     # says so: where they cannot be formed in forward and scaled afterwards (a weight's gradient sums rows that
     # each have their own grad_output), or where a backend reads the input once more rather than write and scale
@@ -142,12 +130,6 @@ class Family:
         """Decorator for the family's public function."""
         self.function = fn
         return fn
-
-    def __setattr__(self, name, value):
-        # The public function also serves DTensor inputs (lossops._dtensor), however it is assigned.
-        if name == "function" and value is not None and not hasattr(value, "sharding_of"):
-            value = _dtensor.accepting_dtensors(value, lambda: self.sharding)
-        object.__setattr__(self, name, value)
 
     def option_names(self) -> tuple[str, ...]:
         # computed once by register(): torch.compile traces apply() and cannot trace dataclasses.fields
@@ -394,8 +376,7 @@ def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: t
     (with torch's warning); everything else is checked by the function on the first call. check(**arguments)
     runs in the constructor for the checks torch makes there.
     """
-    function = family.function
-    signature = inspect.signature(function)
+    signature = inspect.signature(family.function)
     params = [p for p in list(signature.parameters.values())[inputs:] if p.name not in per_call]
     legacy = {"size_average", "reduce"} & {p.name for p in params}
     stored = [p.name for p in params if p.name not in legacy]
@@ -422,7 +403,8 @@ def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: t
                 setattr(self, name, value)
 
     def forward(self, *args, **kwargs):
-        return function(*args, **{name: getattr(self, name) for name in stored}, **kwargs)
+        # family.function as it is when called: the one lossops made serve DTensors after this Module was made
+        return family.function(*args, **{name: getattr(self, name) for name in stored}, **kwargs)
 
     def extra_repr(self):
         return options_repr({name: getattr(self, name) for name in stored},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _cpp
+from . import _backend, _checks, _cpp
 
 
 def class_index_denominator(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
@@ -109,5 +109,16 @@ def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, item_shape=
     if _tracing(grad_output) or grad_output.dim() > 0 or _graph_kept():
         return grad * grad_output
     if not _is_one(grad_output):
-        grad.data.mul_(grad_output)  # .data: no version bump on a buffer nobody else holds
+        if _scaled_on_the_device(grad, grad_output):
+            _backend.kernel("triton", "common", "scale_gradient")(grad=grad.data, grad_output=grad_output)
+        else:
+            grad.data.mul_(grad_output)  # .data: no version bump on a buffer nobody else holds
     return grad
+
+
+def _scaled_on_the_device(grad: torch.Tensor, grad_output: torch.Tensor) -> bool:
+    """Whether the Triton route scales this gradient: where grad_output's value cannot be read without a sync, a
+    kernel that tests it on the device skips the pass over the gradient when it is 1 (a torch multiply would
+    always read and write it)."""
+    return (not _checks.host_readable(grad_output) and grad.is_contiguous() and grad_output.numel() == 1
+            and _backend.resolve(grad.device) == "triton")

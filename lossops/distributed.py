@@ -23,6 +23,9 @@ any collective. vocab_parallel_linear_cross_entropy all-reduces hidden's gradien
 hidden.grad is the full gradient on every rank, like Megatron-LM's "copy to tensor-parallel region"; pass
 reduce_hidden_grad=False when your column-parallel layer already does that reduction. With NCCL the tensors
 live on each rank's GPU; the code is the same (gloo serves CPU tensors).
+
+This module builds on the helpers and kernel declarations only: the loss families call it for DTensor inputs
+sharded on the classes (lossops.cross_entropy's logits, lossops.linear_cross_entropy's weight).
 """
 from __future__ import annotations
 
@@ -35,8 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _family, _reduce
-from .losses.linear_cross_entropy import check_last_dim_target
+from . import _backend, _checks, _kernels, _reduce
 
 
 def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=None, ignore_index: int = -100,
@@ -60,7 +62,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     _checks.same_device(local_logits, target=target)
     if local_logits.dim() < 1:
         raise ValueError("lossops: local_logits must have at least one dimension (classes), got a 0-d tensor")
-    check_last_dim_target(target, "local_logits", local_logits)
+    _checks.last_dim_target(target, "local_logits", local_logits)
     start, vocab = _shard_range(local_logits.shape[-1], local_logits.device, group)
     if weight is not None:
         _checks.class_weight(weight, vocab, local_logits)
@@ -163,21 +165,21 @@ def _grad_reference(*, input, target, weight, grad, lse, coefficients, class_off
     return [grad]
 
 
-SHARD_STATS = _family.Kernel("cross_entropy_shard_stats", "cross_entropy",
-                             ("input", "target", "weight", "class_offset", "ignore_index", "softcap"))
-SHARD_GRAD = _family.Kernel("cross_entropy_shard_grad", "cross_entropy",
-                            ("input", "target", "weight", "grad", "lse", "coefficients", "class_offset", "softcap"))
+SHARD_STATS = _kernels.Kernel("cross_entropy_shard_stats", "vocab_parallel",
+                              ("input", "target", "weight", "class_offset", "ignore_index", "softcap"))
+SHARD_GRAD = _kernels.Kernel("cross_entropy_shard_grad", "vocab_parallel",
+                             ("input", "target", "weight", "grad", "lse", "coefficients", "class_offset", "softcap"))
 _REFERENCE_TWINS = {SHARD_STATS.name: _stats_reference, SHARD_GRAD.name: _grad_reference}
 
 
 def _shard_kernel(backend: str, name: str):
     if backend == "reference":
         return _REFERENCE_TWINS[name]
-    return functools.partial(_family.KERNELS[name], backend)
+    return functools.partial(_kernels.KERNELS[name], backend)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """The fused shard kernels (csrc/cross_entropy.cpp, triton_kernels/cross_entropy.py): forward reduces each
+    """The fused shard kernels (csrc/cross_entropy.cpp, triton_kernels/vocab_parallel.py): forward reduces each
     row's (max, sum-exp, target logit, weighted logit sum) over the group; backward recomputes the shard's
     softmax from the saved global logsumexp, as flash-attn's and quack's cross-entropy do."""
 

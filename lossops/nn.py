@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._family import FAMILIES as _FAMILIES, options_repr as _family_options_repr
-from .losses import focal as _focal
+from .losses import focal as _focal, linear_cross_entropy as _linear_cross_entropy
 
 globals().update({family.module.__name__: family.module for family in _FAMILIES.values() if family.module})
 
@@ -55,17 +55,15 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
     def forward(self, input: Tensor, target: Tensor, *, token_weight: Optional[Tensor] = None,
                 num_items_in_batch=None):
         """torch's forward(input, target); token_weight and num_items_in_batch as lossops.linear_cross_entropy."""
-        from .losses.linear_cross_entropy import linear_cross_entropy
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
         linear_bias = (None if self.linear.bias is None
                        else self.linear.bias.reshape((self.num_classes, *self.out_features)))
-        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-                                    reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, options=self.options,
-                                    lse_square_scale=self.lse_square_scale, softcap=self.softcap,
-                                    chunk_size=self.chunk_size, token_weight=token_weight,
-                                    num_items_in_batch=num_items_in_batch, temperature=self.temperature,
-                                    return_token_stats=self.return_token_stats)
+        return _linear_cross_entropy.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, options=self.options,
+            lse_square_scale=self.lse_square_scale, softcap=self.softcap, chunk_size=self.chunk_size,
+            token_weight=token_weight, num_items_in_batch=num_items_in_batch, temperature=self.temperature,
+            return_token_stats=self.return_token_stats)
 
 
 class FocalLoss(torch.nn.Module):

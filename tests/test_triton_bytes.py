@@ -9,6 +9,7 @@ import torch
 from triton.runtime import interpreter
 
 from lossops.triton_kernels import cross_entropy as ce
+from lossops.triton_kernels import token_stats, vocab_parallel
 from lossops.triton_kernels import regression
 from lossops.triton_kernels.common import launch_config
 
@@ -110,17 +111,32 @@ def test_token_statistics_and_shard_kernels_read_once():
     target = torch.randint(0, CLASSES, (ROWS,))
     row = CLASSES * logits.element_size()
     with traffic(logits=logits) as moved:
-        ce.cross_entropy_token_stats(input=logits, target=target, ignore_index=-100, softcap=None)
+        token_stats.cross_entropy_token_stats(input=logits, target=target, ignore_index=-100, softcap=None)
     assert moved["logits"] == {"read": ROWS * (row + logits.element_size()), "written": 0}
 
     shard = logits[:, :, 0]
     grad = torch.empty_like(shard)
     coefficients = torch.ones(ROWS, 3)
     with traffic(logits=shard, grad=grad) as moved:
-        ce.cross_entropy_shard_grad(input=shard, target=target, weight=None, grad=grad, lse=torch.zeros(ROWS),
-                                    coefficients=coefficients, class_offset=0, softcap=None)
+        vocab_parallel.cross_entropy_shard_grad(input=shard, target=target, weight=None, grad=grad,
+                                                lse=torch.zeros(ROWS), coefficients=coefficients, class_offset=0,
+                                                softcap=None)
     assert moved["logits"] == {"read": ROWS * row, "written": 0}
     assert moved["grad"] == {"read": 0, "written": ROWS * row}
+
+
+@pytest.mark.parametrize("grad_output, passes", [(1.0, 0), (0.5, 1)])
+def test_gradient_scaling_skips_its_pass_when_grad_output_is_one(grad_output, passes):
+    """The backward scaling of a gradient written in forward: nothing moved for grad_output 1, else one read and
+    one write of the gradient."""
+    from lossops.triton_kernels import common
+    grad = torch.randn(5, 3000)
+    expected = grad * grad_output
+    with traffic(grad=grad) as moved:
+        common.scale_gradient(grad=grad, grad_output=torch.tensor(grad_output))
+    size = grad.numel() * grad.element_size()
+    assert moved["grad"] == {"read": passes * size, "written": passes * size}
+    torch.testing.assert_close(grad, expected)
 
 
 def test_elementwise_reads_each_operand_once_and_writes_each_gradient_once():

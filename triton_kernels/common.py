@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend, _checks
+from . import aot
 
 # Largest class/element tile a program holds in registers at once; larger rows are looped over. The same under the
 # interpreter, so the tests take the GPU's multi-block path (C > MAX_BLOCK, its last block partly masked).
@@ -90,6 +91,41 @@ def assert_targets_valid(flag, out_of_bounds):
         return
     if int(flag[0]) == 0:
         raise out_of_bounds(int(flag[1]))
+
+
+# Elements a program of scale_gradient_kernel scales.
+SCALE_BLOCK = 2048
+
+
+@triton.jit
+def scale_gradient_kernel(G, GRAD_OUTPUT, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """G *= grad_output in place. A grad_output of 1 (what loss.backward() passes) reads and writes nothing more: the
+    test is made on the device by every program, so no host read is needed to skip the pass."""
+    scale = tl.load(GRAD_OUTPUT).to(ACC)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask).to(ACC)
+        tl.store(G + offs, (g * scale).to(G.dtype.element_ty), mask=mask)
+
+
+def aot_calls():
+    """(host function, arguments) calls covering what the route passes scale_gradient_kernel (triton_kernels/aot.py)."""
+    calls = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for n in (4096, (1 << 31) + 16):  # i32 and i64 element counts
+            calls.append((scale_gradient, dict(grad=aot.meta(n, dtype=dtype), grad_output=aot.meta(dtype=acc))))
+    return calls
+
+
+def scale_gradient(*, grad, grad_output):
+    """grad (contiguous) times the one-element grad_output, in place, without a pass when grad_output is 1."""
+    n = grad.numel()
+    if n:
+        scale_gradient_kernel[(triton.cdiv(n, SCALE_BLOCK),)](grad, grad_output, n, ACC=acc_dtype(grad.dtype),
+                                                              BLOCK=SCALE_BLOCK, num_warps=4)
+    return grad
 
 
 @triton.jit

@@ -37,7 +37,7 @@ FINISH_BLOCK = 1024
 
 
 @triton.jit
-def _load_logits(ptrs, mask, SOFTCAP: tl.constexpr, cap, ACC: tl.constexpr):
+def load_logits(ptrs, mask, SOFTCAP: tl.constexpr, cap, ACC: tl.constexpr):
     x = tl.load(ptrs, mask=mask, other=float("-inf")).to(ACC)
     if SOFTCAP:
         # Padded lanes must stay -inf: capping them would give -cap and leak into the sums.
@@ -46,7 +46,7 @@ def _load_logits(ptrs, mask, SOFTCAP: tl.constexpr, cap, ACC: tl.constexpr):
 
 
 @triton.jit
-def _online_logsumexp(m, s, x):
+def online_logsumexp(m, s, x):
     """One block of the running (max, sum of exp(x - max)); a row of -inf so far shifts by 0, not NaN."""
     new_m = tl.maximum(m, tl.max(x, axis=0))
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
@@ -85,8 +85,8 @@ def _row_statistics(X, stride_xc, T, stride_tc, W, read, C, eps, smooth, cap,
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < read
-        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
-        m, s = _online_logsumexp(m, s, x)
+        x = load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
+        m, s = online_logsumexp(m, s, x)
         x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
         if PROB_TARGET:
             q = _probability_weights(T, stride_tc, W, cols, mask, eps, smooth, HAS_WEIGHT, ACC)
@@ -139,7 +139,7 @@ def _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_s
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < read
-        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
+        x = load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
         g = coef * tl.exp((x - m) - log_sum)
         if PROB_TARGET:
             g -= target_scale * _probability_weights(T, stride_tc, W, cols, mask, eps, smooth, HAS_WEIGHT, ACC)
@@ -166,7 +166,7 @@ def cross_entropy_kernel(
     W, WSUM,
     G, stride_go, stride_gc, stride_gi,
     LOSS, LSE, STATE, BAD, HOLD, SCALE,
-    PARAMS, inner, C, ignore_index,
+    PARAMS, inner, C, rows, ignore_index,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
     FOCAL: tl.constexpr, MODE: tl.constexpr, WEIGHTED_MEAN: tl.constexpr, HOLD_ON_BAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -209,7 +209,7 @@ def cross_entropy_kernel(
         loss = q_sum * lse - dot + z * lse * lse
         coef = q_sum + 2.0 * z * lse
     else:
-        x_y = _load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC)
+        x_y = load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC)
         x_y = tl.where(valid, x_y, 0.0)
         if HAS_WEIGHT:
             w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
@@ -235,6 +235,9 @@ def cross_entropy_kernel(
             tl.store(STATE + row * 3 + 2, tl.where(valid, w_y, 0.0))
         else:
             tl.store(STATE + row * 3 + 2, tl.where(valid, 1.0, 0.0).to(ACC))
+        # The mean's denominator after the rows: the finishing kernel writes it for a mean; every byte of the
+        # state is defined whatever the reduction.
+        tl.store(STATE + rows * 3, tl.zeros((), ACC), mask=row == 0)
     if MODE == WRITE_GRADIENT:
         scale = tl.load(SCALE).to(ACC)
         if not PROB_TARGET:
@@ -327,7 +330,7 @@ def cross_entropy_backward_kernel(
         y, valid, _ = _class_target(T, row, C, ignore_index)
         read = tl.where(valid, C, 0)
         scale = tl.where(valid, scale, 0.0)
-        x_y = tl.where(valid, _load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC), 0.0)
+        x_y = tl.where(valid, load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC), 0.0)
         w_y = 1.0
         if HAS_WEIGHT:
             w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
@@ -345,7 +348,7 @@ def cross_entropy_backward_kernel(
                         BLOCK)
 
 
-def _strides3(t):
+def strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
@@ -358,7 +361,7 @@ class _RowLaunch:
         softcap = 0.0 if softcap is None else softcap
         focal_gamma = -1.0 if focal_gamma is None else focal_gamma
         self.smoothing = label_smoothing > 0 and not self.prob_target and focal_gamma < 0
-        self.target_strides = _strides3(target) if self.prob_target else (0, 0, 0)
+        self.target_strides = strides3(target) if self.prob_target else (0, 0, 0)
         g = grad if grad is not None else logits3
         gather = logits3.stride(1) != 1 or g.stride(1) != 1 or (self.prob_target and target.stride(1) != 1)
         self.params = float_options((float(label_smoothing), float(lse_square_scale), float(softcap) or 1.0,
@@ -397,13 +400,13 @@ def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing,
     if hold_on_bad:
         hold = ((target != ignore_index) & ((target < 0) | (target >= C))).any().to(torch.int32).reshape(1)
     cross_entropy_kernel[(rows,)](
-        logits3, *_strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
-        launch.weight_sum(weight, flag), g, *_strides3(g), row_loss, row_lse, row_loss, flag, hold,
-        grad_scale.to(logits3.device), launch.params, inner, C, ignore_index,
+        logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
+        launch.weight_sum(weight, flag), g, *strides3(g), row_loss, row_lse, row_loss, flag, hold,
+        grad_scale.to(logits3.device), launch.params, inner, C, rows, ignore_index,
         MODE=WRITE_GRADIENT if grad is not None else LOSS_ONLY, WEIGHTED_MEAN=False, HOLD_ON_BAD=hold_on_bad,
         **launch.flags)
     if not launch.prob_target:
-        raise_if_flagged(flag, lambda value: _out_of_bounds(value, C, ignore_index))
+        raise_if_flagged(flag, lambda value: out_of_bounds(value, C, ignore_index))
     return row_loss, row_lse, row_loss.sum()
 
 
@@ -414,7 +417,7 @@ def _empty_rows(logits3, target, ignore_index) -> bool:
     if not target.is_floating_point() and outer * inner > 0 and C == 0:
         bad = target != ignore_index
         if bool(bad.any()):
-            raise _out_of_bounds(int(target[bad.int().argmax()]), C, ignore_index)
+            raise out_of_bounds(int(target[bad.int().argmax()]), C, ignore_index)
     return outer * inner == 0 or C == 0
 
 
@@ -434,15 +437,15 @@ def cross_entropy_forward(*, input, target, weight, ignore_index, label_smoothin
         row_loss.zero_()
         return _reduce_empty(row_loss, reduction), state
     cross_entropy_kernel[(rows,)](
-        logits3, *_strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
+        logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
         launch.weight_sum(weight, row_loss), logits3, 0, 0, 0, row_loss, row_loss, state, row_loss, row_loss,
-        row_loss, launch.params, inner, C, ignore_index,
+        row_loss, launch.params, inner, C, rows, ignore_index,
         MODE=SAVE_STATE, WEIGHTED_MEAN=weighted_mean and weight is not None, HOLD_ON_BAD=False, **launch.flags)
     loss = row_loss if reduction == "none" else torch.empty((), dtype=launch.acc, device=logits3.device)
     flag = cross_entropy_finish(row_loss=row_loss, state=state, target=target, loss=loss, classes=C,
                                 ignore_index=ignore_index, reduction=reduction)
     if flag is not None:
-        assert_targets_valid(flag, lambda row: _out_of_bounds(int(target[row]), C, ignore_index))
+        assert_targets_valid(flag, lambda row: out_of_bounds(int(target[row]), C, ignore_index))
     return loss, state
 
 
@@ -479,78 +482,13 @@ def cross_entropy_backward(*, input, target, weight, grad, state, grad_loss, ign
     launch = _RowLaunch(logits3, target, weight, grad, label_smoothing, lse_square_scale, softcap, focal_gamma)
     grad_loss = grad_loss.reshape(-1).contiguous() if reduction == "none" else grad_loss.reshape(())
     cross_entropy_backward_kernel[(rows,)](
-        logits3, *_strides3(logits3), target, *launch.target_strides, weight if weight is not None else state,
-        launch.weight_sum(weight, state), grad, *_strides3(grad), state, grad_loss, launch.params, inner, C, rows,
+        logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else state,
+        launch.weight_sum(weight, state), grad, *strides3(grad), state, grad_loss, launch.params, inner, C, rows,
         ignore_index, REDUCTION=_REDUCTIONS[reduction], **launch.flags)
     return grad
 
 
-# --- vocabulary-parallel cross-entropy (lossops.distributed): a rank holds classes [class_offset, + C) ----------
-
-@triton.jit
-def shard_stats_kernel(
-    X, stride_xr, stride_xc, T, W, STATS, PARAMS, C, class_offset, ignore_index,
-    HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    X += row * stride_xr
-    cap = tl.load(PARAMS).to(ACC)
-    y = tl.load(T + row)
-    keep = y != ignore_index
-    read = tl.where(keep, C, 0)  # columns to read: none for an ignored row
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    dot = tl.zeros((), ACC)
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < read
-        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
-        m, s = _online_logsumexp(m, s, x)
-        x0 = tl.where(mask, x, 0.0)
-        if HAS_WEIGHT:
-            x0 = x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-        dot += tl.sum(x0, axis=0)
-    local = y - class_offset
-    owned = keep & (local >= 0) & (local < C)
-    x_y = _load_logits(X + tl.where(owned, local, 0) * stride_xc, owned, SOFTCAP, cap, ACC)
-    tl.store(STATS + row * 4 + 0, tl.where(keep, m, 0.0))
-    tl.store(STATS + row * 4 + 1, s)
-    tl.store(STATS + row * 4 + 2, tl.where(owned, x_y, 0.0))
-    tl.store(STATS + row * 4 + 3, dot)
-
-
-@triton.jit
-def shard_grad_kernel(
-    X, stride_xr, stride_xc, T, W, G, LSE, COEF, PARAMS, C, class_offset,
-    HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    X += row * stride_xr
-    G += row * C
-    cap = tl.load(PARAMS).to(ACC)
-    a = tl.load(COEF + row * 3 + 0).to(ACC)
-    b = tl.load(COEF + row * 3 + 1).to(ACC)
-    d = tl.load(COEF + row * 3 + 2).to(ACC)
-    live = (a != 0.0) | (b != 0.0) | (d != 0.0)  # an ignored row: zeros, its logits never read
-    read = tl.where(live, C, 0)
-    lse = tl.load(LSE + row).to(ACC)
-    local = tl.load(T + row) - class_offset
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < read
-        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
-        g = a * tl.exp(x - lse) - tl.where(cols == local, b, 0.0)
-        if HAS_WEIGHT:
-            g -= d * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-        else:
-            g -= d
-        if SOFTCAP:
-            t = x / cap
-            g = g * (1.0 - t * t)
-        tl.store(G + cols, tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
-
-
-def _softcap_launch(input, softcap, grad=None):
+def softcap_launch(input, softcap, grad=None):
     """(accumulation dtype, [softcap] options tensor, launch flags) for the kernels whose only float option is the
     softcap, over rows of input.shape[1] classes (the shard and token-statistics kernels)."""
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -560,142 +498,7 @@ def _softcap_launch(input, softcap, grad=None):
                              **launch_config(input.shape[1], acc=acc, gather=gather))
 
 
-def cross_entropy_shard_stats(*, input, target, weight, class_offset, ignore_index, softcap):
-    """Same contract as the C++ kernel: per row [max, sum exp(x - max), owned target logit, sum_j w_j x_j] of
-    this shard's (capped) logits, zeros for ignored rows."""
-    acc, params, flags = _softcap_launch(input, softcap)
-    stats = torch.empty((input.shape[0], 4), dtype=acc, device=input.device)
-    if input.shape[0]:
-        shard_stats_kernel[(input.shape[0],)](
-            input, *input.stride(), target, weight if weight is not None else stats, stats, params, input.shape[1],
-            class_offset, ignore_index, HAS_WEIGHT=weight is not None, **flags)
-    return [stats]
-
-
-def cross_entropy_shard_grad(*, input, target, weight, grad, lse, coefficients, class_offset, softcap):
-    """Writes grad = softcap' * (A exp(x - lse) - B [j = target - class_offset] - D w_j) per row (coefficients
-    (N, 3) = A, B, D; a row of three zeros gets zeros)."""
-    _, params, flags = _softcap_launch(input, softcap, grad)
-    if input.shape[0]:
-        shard_grad_kernel[(input.shape[0],)](
-            input, *input.stride(), target, weight if weight is not None else lse, grad, lse, coefficients, params,
-            input.shape[1], class_offset, HAS_WEIGHT=weight is not None, **flags)
-    return [grad]
-
-
-# --- per-token statistics (lossops/losses/token_stats.py): read-only, one program per row ------------------------
-
-# Lower bound of x - max where x may be -inf: e^(x - max) is then 0 (already below -746 in float64) and
-# 0 * (x - max), or 0 * (a + b (x - max)), stays 0 instead of NaN.
-_LOWEST_SHIFT = tl.constexpr(-1.0e4)
-
-
-@triton.jit
-def token_stats_kernel(
-    X, stride_xo, stride_xc, stride_xi, T, STATS, ARGMAX, BAD, PARAMS, inner, C, ignore_index,
-    SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """[logsumexp, target log-probability, entropy] and the first argmax of a row; the entropy as
-    log s - u / s with u = sum e^(x - m) (x - m) kept relative to the running max m (see csrc EntropyStats)."""
-    row = tl.program_id(0).to(tl.int64)
-    X += (row // inner) * stride_xo + (row % inner) * stride_xi
-    cap = tl.load(PARAMS).to(ACC)
-    y = tl.load(T + row)
-    in_range = (y >= 0) & (y < C)
-    keep = (y != ignore_index) & in_range
-    tl.store(BAD, y, mask=(y != ignore_index) & (not in_range))
-    read = tl.where(keep, C, 0)
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    u = tl.zeros((), ACC)
-    best = tl.zeros((), dtype=tl.int64)
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = _load_logits(X + strided(cols, stride_xc), cols < read, SOFTCAP, cap, ACC)
-        block_max = tl.max(x, axis=0)
-        new_m = tl.maximum(m, block_max)
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        d = tl.maximum(x - safe_m, _LOWEST_SHIFT)
-        e = tl.exp(d)
-        k = tl.maximum(m - safe_m, _LOWEST_SHIFT)
-        r = tl.exp(k)
-        u = r * (u + k * s) + tl.sum(e * d, axis=0)
-        s = r * s + tl.sum(e, axis=0)
-        first = tl.min(tl.where(x == block_max, cols, C), axis=0).to(tl.int64)
-        best = tl.where(block_max > m, first, best)
-        m = new_m
-    log_sum = tl.log(s)
-    x_y = _load_logits(X + tl.where(keep, y, 0) * stride_xc, keep, SOFTCAP, cap, ACC)
-    tl.store(STATS + row * 3 + 0, tl.where(keep, m + log_sum, 0.0))
-    tl.store(STATS + row * 3 + 1, tl.where(keep, (x_y - m) - log_sum, 0.0))
-    tl.store(STATS + row * 3 + 2, tl.where(keep, log_sum - u / s, 0.0))
-    tl.store(ARGMAX + row, tl.where(keep, best, -1))
-
-
-@triton.jit
-def token_stats_grad_kernel(
-    X, stride_xo, stride_xc, stride_xi, T, G, stride_go, stride_gc, stride_gi, LSE, COEF, PARAMS, inner, C,
-    ignore_index, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """grad_j = softcap'(x_j) (p_j (a + b (x_j - lse)) + c [j == y]), the target's entry formed without the
-    cancellation of p_y a + c as p_y -> 1 (see csrc token_stats_grad_rows)."""
-    row = tl.program_id(0).to(tl.int64)
-    X += (row // inner) * stride_xo + (row % inner) * stride_xi
-    G += (row // inner) * stride_go + (row % inner) * stride_gi
-    cap = tl.load(PARAMS).to(ACC)
-    a = tl.load(COEF + row * 3 + 0).to(ACC)
-    b = tl.load(COEF + row * 3 + 1).to(ACC)
-    c = tl.load(COEF + row * 3 + 2).to(ACC)
-    y = tl.load(T + row)
-    live = (y != ignore_index) & (y >= 0) & (y < C) & ((a != 0.0) | (b != 0.0) | (c != 0.0))
-    read = tl.where(live, C, 0)
-    lse = tl.load(LSE + row).to(ACC)
-    x_y = _load_logits(X + tl.where(live, y, 0) * stride_xc, live, SOFTCAP, cap, ACC)
-    d_y = tl.maximum(x_y - lse, _LOWEST_SHIFT)
-    g_y = tl.exp(d_y) * (a + c + b * d_y) - c * expm1(d_y)
-    if SOFTCAP:
-        t_y = x_y / cap
-        g_y = g_y * (1.0 - t_y * t_y)
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < read
-        x = _load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
-        d = tl.maximum(x - lse, _LOWEST_SHIFT)
-        g = tl.exp(d) * (a + b * d)
-        if SOFTCAP:
-            t = x / cap
-            g = g * (1.0 - t * t)
-        g = tl.where(cols == y, g_y, g)
-        tl.store(G + strided(cols, stride_gc), tl.where(mask, g, 0.0).to(G.dtype.element_ty), mask=cols < C)
-
-
-def cross_entropy_token_stats(*, input, target, ignore_index, softcap):
-    """Same contract as the C++ kernel: (stats (rows, 3) [lse, target log-probability, entropy], argmax (rows,)),
-    zeros and argmax -1 for ignored rows; an out-of-range target raises IndexError."""
-    outer, C, inner = input.shape
-    rows = outer * inner
-    acc, params, flags = _softcap_launch(input, softcap)
-    stats = torch.empty((rows, 3), dtype=acc, device=input.device)
-    argmax = torch.empty(rows, dtype=torch.int64, device=input.device)
-    if rows:
-        flag = torch.zeros(1, dtype=torch.int64, device=input.device)
-        token_stats_kernel[(rows,)](input, *_strides3(input), target, stats, argmax, flag, params, inner, C,
-                                    ignore_index, **flags)
-        raise_if_flagged(flag, lambda value: _out_of_bounds(value, C, ignore_index))
-    return [stats, argmax]
-
-
-def cross_entropy_token_stats_grad(*, input, target, grad, lse, coefficients, ignore_index, softcap):
-    """Writes grad (input's shape, not aliasing it) from per-row [a, b, c] coefficients; see the C++ kernel."""
-    outer, C, inner = input.shape
-    _, params, flags = _softcap_launch(input, softcap, grad)
-    if outer * inner and C:
-        token_stats_grad_kernel[(outer * inner,)](input, *_strides3(input), target, grad, *_strides3(grad), lse,
-                                                  coefficients, params, inner, C, ignore_index, **flags)
-    return []
-
-
-def _out_of_bounds(value, C, ignore_index):
+def out_of_bounds(value, C, ignore_index):
     return IndexError(f"Target {value} is out of bounds (number of classes is {C}, ignore_index is {ignore_index}).")
 
 
@@ -706,7 +509,7 @@ AOT_CLASSES = (10, 1000, 32000, 128256, 262144)
 _WIDE = 1 << 31  # an integer argument from here on is specialised as i64
 
 
-def _aot_logits(dtype, classes, layout, wide):
+def aot_logits(dtype, classes, layout, wide):
     """An (outer, C, inner) view as the route passes it: classes last ("last"; "wide": rows 2^31 elements apart),
     a contiguous class-dim-1 tensor ("dim1"; "wide": inner positions so that C x inner passes 2^31), or class-last
     storage read as class-dim-1 ("transposed", the layout of F.cross_entropy(logits.transpose(1, 2), y))."""
@@ -718,7 +521,7 @@ def _aot_logits(dtype, classes, layout, wide):
 
 
 def _aot_cross_entropy(dtype, classes, layout, wide, target, weight, smoothing, softcap, focal, grad):
-    logits3 = _aot_logits(dtype, classes, layout, wide)
+    logits3 = aot_logits(dtype, classes, layout, wide)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     outer, C, inner = logits3.shape
     labels = aot.meta(outer * inner, dtype=torch.int64) if target == "index" else torch.empty_like(logits3)
@@ -746,31 +549,6 @@ def _aot_finish(dtype, target, reduction, wide):
                                       reduction=reduction)
 
 
-def _aot_token_stats(dtype, classes, layout, wide, softcap, grad):
-    logits3 = _aot_logits(dtype, classes, layout, wide)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    outer, C, inner = logits3.shape
-    target = aot.meta(outer * inner, dtype=torch.int64)
-    if not grad:
-        return cross_entropy_token_stats, dict(input=logits3, target=target, ignore_index=-100, softcap=softcap)
-    return cross_entropy_token_stats_grad, dict(
-        input=logits3, target=target, grad=torch.empty(logits3.shape, dtype=dtype, device="meta"),
-        lse=aot.meta(outer * inner, dtype=acc), coefficients=aot.meta(outer * inner, 3, dtype=acc), ignore_index=-100,
-        softcap=softcap)
-
-
-def _aot_shard(dtype, classes, wide, weight, softcap, grad):
-    shard = _aot_logits(dtype, classes, "last", wide)[:, :, 0]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    rows = shard.shape[0]
-    common = dict(input=shard, target=aot.meta(rows, dtype=torch.int64),
-                  weight=aot.meta(classes, dtype=acc) if weight else None, class_offset=classes, softcap=softcap)
-    if not grad:
-        return cross_entropy_shard_stats, dict(common, ignore_index=-100)
-    return cross_entropy_shard_grad, dict(common, grad=torch.empty(shard.shape, dtype=dtype, device="meta"),
-                                          lse=aot.meta(rows, dtype=acc), coefficients=aot.meta(rows, 3, dtype=acc))
-
-
 def _focal_alone(case):
     # Softmax focal loss: class-index targets, no smoothing and no softcap (lossops.softmax_focal_loss).
     return case["focal"] is None or (case["target"] == "index" and not case["smoothing"] and case["softcap"] is None)
@@ -789,11 +567,4 @@ def aot_calls():
               for dtype, target, reduction, wide in itertools.product((torch.float32, torch.float64), ("index", "prob"),
                                                                       ("none", "sum", "mean"), (False, True))
               if not (target == "prob" and reduction == "none")]  # nothing to finish there
-    stats = aot.covering({**shape, "softcap": (None, 30.0), "grad": (False, True)}, lambda case: True,
-                         dict(softcap=30.0), ("dtype", "grad"))
-    calls += [_aot_token_stats(**case) for case in stats]
-    shard = aot.covering({"dtype": AOT_DTYPES, "classes": AOT_CLASSES, "wide": (False, True), "weight": (False, True),
-                          "softcap": (None, 30.0), "grad": (False, True)}, lambda case: True,
-                         dict(weight=True, softcap=30.0), ("dtype", "grad"))
-    calls += [_aot_shard(**case) for case in shard]
     return calls

@@ -106,7 +106,7 @@ def kernel_function(loss_fn, parameters=()):
         cfg = launch_config(n, MAX_ELEMENTWISE_BLOCK, acc)
         blocks = triton.cdiv(n, cfg["BLOCK"])
         partial = torch.empty(blocks, dtype=acc, device=input.device)
-        bad = torch.zeros(1, dtype=torch.int64, device=input.device)
+        bad = torch.zeros(1, dtype=torch.int64, device=input.device) if index_target else partial  # unread: no target
         params_t = float_options(tuple(params + [0.0] * (MAX_FAMILY_PARAMETERS - len(params))), acc, input.device)
         elementwise_kernel[(blocks,)](
             input, target, partial if weight is None else weight, partial if aux is None else aux, loss,

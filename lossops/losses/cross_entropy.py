@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks, _dtensor, _eager, _family, _reduce
+from .. import _backend, _checks, _eager, _family, _reduce, _sharding
 from . import token_options, token_stats
 from .._family import GridShapes as G
+from ..distributed import vocab_parallel_cross_entropy
 
 # One kernel for every loss over softmax rows; focal_gamma (None: off) makes it softmax focal loss.
 KERNEL = _family.Kernel("cross_entropy", "cross_entropy",
@@ -77,11 +78,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         loss = cpp.eager_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         if loss is not None:
             return loss
-    return _cross_entropy_in_full(input, target, weight, size_average, ignore_index, reduce, reduction,
-                                  label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-                                  inplace_backward=inplace_backward, temperature=temperature,
-                                  token_weight=token_weight, num_items_in_batch=num_items_in_batch,
-                                  return_token_stats=return_token_stats)
+    return CROSS_ENTROPY.full_path(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                   label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+                                   inplace_backward=inplace_backward, temperature=temperature,
+                                   token_weight=token_weight, num_items_in_batch=num_items_in_batch,
+                                   return_token_stats=return_token_stats)
 
 
 def _full_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
@@ -108,10 +109,6 @@ def _full_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] 
                            weight=_checks.floating("weight", weight, exception=RuntimeError))
     options = CrossEntropyOptions(ignore_index, reduction, label_smoothing, lse_square_scale, cap)
     return row_softmax_loss(CROSS_ENTROPY, input, target, weight, options, inplace_backward=inplace_backward)
-
-
-_cross_entropy_in_full = _dtensor.accepting_dtensors(_full_cross_entropy, lambda: CROSS_ENTROPY.sharding)
-cross_entropy.sharding_of = _cross_entropy_in_full.sharding_of  # served DTensors already: not wrapped again
 
 
 def _with_token_options(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
@@ -311,14 +308,15 @@ def _rows_run(family, backend, t, o, grads):
     return softmax_rows(backend, t["input"], t["target"], weight, grad, **arguments), {"input": grad}
 
 
-def _rows_gradient(family, backend, t, o, grad_loss, needs, state):
-    """The gradient of the loss _rows_run returned on a backend that forms it in backward, from the row state."""
+def _rows_gradient(family, backend, t, o, grad_loss, needs, state, grad=None):
+    """The gradient of the loss _rows_run returned on a backend that forms it in backward, from the row state, into
+    `grad` when given (inplace_backward: the logits themselves)."""
     if not needs["input"]:
         return {}
     weight, arguments = family.kernel_options(t, o)
     arguments = _gradient_in_backward_arguments(t["input"], t["target"], weight, arguments)
     del arguments["weighted_mean"]
-    grad = _backend.empty_gradient(t["input"])
+    grad = _backend.empty_gradient(t["input"]) if grad is None else grad
     _backend.kernel(backend, "cross_entropy", "cross_entropy_backward")(
         input=t["input"], target=t["target"], grad=grad, state=state, grad_loss=grad_loss, **arguments)
     return {"input": grad}
@@ -389,10 +387,13 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, family, tensors, options, backend):
-        weight, arguments = family.kernel_options(tensors, options)
-        loss = softmax_rows(backend, tensors["input"], tensors["target"], weight, None, **arguments)
-        ctx.save_for_backward(input, tensors["target"], weight)
-        ctx.arguments, ctx.backend = arguments, backend
+        if family.gradient_in_backward(backend, options):  # backward reads the saved row state, not the logits twice
+            loss, _, state = _rows_run(family, backend, tensors, options, {"input": False})
+        else:
+            weight, arguments = family.kernel_options(tensors, options)
+            loss, state = softmax_rows(backend, tensors["input"], tensors["target"], weight, None, **arguments), None
+        ctx.save_for_backward(input, tensors["target"], tensors["weight"], state)
+        ctx.family, ctx.options, ctx.backend = family, options, backend
         ctx.logits3_shape = tensors["input"].shape
         ctx.consumed = False
         return loss
@@ -406,16 +407,22 @@ class _InplaceRowSoftmaxLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * 5
         _reduce.refuse_double_backward()
-        input, target, weight = ctx.saved_tensors
+        input, target, class_weight, state = ctx.saved_tensors
         ctx.consumed = True
         # reshape views the logits' own storage whenever it can (contiguous or class-sliced logits); where it
         # has to copy, the gradient lands in that copy: still correct, one buffer more.
         logits3 = input.reshape(ctx.logits3_shape)
-        per_row = ctx.arguments["reduction"] == "none"
-        softmax_rows(ctx.backend, logits3, target, weight, logits3, **ctx.arguments,
-                     grad_output=None if per_row else grad_loss)
-        if per_row:  # one upstream value per row: applied after the kernel, in the same buffer
-            logits3.mul_(grad_loss.reshape(ctx.logits3_shape[0], 1, ctx.logits3_shape[2]))
+        tensors = {"input": logits3, "target": target, "weight": class_weight}
+        if state is not None:
+            _rows_gradient(ctx.family, ctx.backend, tensors, ctx.options, grad_loss, {"input": True}, state,
+                           grad=logits3)
+        else:
+            weight, arguments = ctx.family.kernel_options(tensors, ctx.options)
+            per_row = arguments["reduction"] == "none"
+            softmax_rows(ctx.backend, logits3, target, weight, logits3, **arguments,
+                         grad_output=None if per_row else grad_loss)
+            if per_row:  # one upstream value per row: applied after the kernel, in the same buffer
+                logits3.mul_(grad_loss.reshape(ctx.logits3_shape[0], 1, ctx.logits3_shape[2]))
         # Nodes that saved the logits and have not run yet now fail their version check.
         torch.autograd.graph.increment_version(input)
         return logits3.reshape(input.shape), None, None, None, None
@@ -503,7 +510,6 @@ def _mean_terms(function, a: dict):
 
 def _vocab_parallel(a: dict, input, mesh) -> Tensor:
     """Logits sharded on the class dimension: lossops.distributed's vocabulary-parallel cross-entropy."""
-    from ..distributed import vocab_parallel_cross_entropy
     local, target = a["input"], a["target"]
     if target.shape == local.shape or target.is_floating_point():
         raise ValueError("lossops: cross_entropy with logits sharded on the class dimension takes class-index "
@@ -519,10 +525,11 @@ CROSS_ENTROPY = declare_rows(
     lambda t, o: (t["weight"], dict(ignore_index=o.ignore_index, reduction=o.reduction,
                                     label_smoothing=o.label_smoothing, lse_square_scale=o.lse_square_scale,
                                     softcap=o.softcap)),
-    reference=reference_cross_entropy, function=cross_entropy, bad_inputs="classes", torch_fn=F.cross_entropy,
-    sharding=_dtensor.Sharding(rows_class_dim, whole=("weight",), denominator=_mean_denominator,
-                               parallel_classes=_vocab_parallel, local_sums=_mean_terms,
-                               replicated_only=token_options.DEFAULTS),
+    reference=reference_cross_entropy, function=cross_entropy, full_path=_full_cross_entropy, bad_inputs="classes",
+    torch_fn=F.cross_entropy,
+    sharding=_sharding.Sharding(rows_class_dim, whole=("weight",), denominator=_mean_denominator,
+                                parallel_classes=_vocab_parallel, local_sums=_mean_terms,
+                                replicated_only=token_options.DEFAULTS),
     cases=(_family.Case(_classes, dict(label_smoothing=0.1), F.cross_entropy,
                         bad=("target_out_of_range", dict(label_smoothing=1.5))),
            _family.Case(_classes_4d_weighted, dict(reduction="none", lse_square_scale=0.01, softcap=4.0),

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks, _dtensor, _eager, _elementwise, _family, _reduce
+from .. import _checks, _eager, _elementwise, _family, _reduce, _sharding
 from .._family import GridShapes as G
 from .cross_entropy import declare_rows, row_softmax_loss, rows_class_dim
 
@@ -290,7 +290,7 @@ SIGMOID_FOCAL = _elementwise.declare(
                                  _family.SpeedTarget((65536, 80), 5.0, dtype="float32", threads="all"))))
 SIGMOID_FOCAL_INDEX = _elementwise.declare(
     "sigmoid_focal_loss_index", SigmoidFocalOptions, SIGMOID_FOCAL_KERNEL, _focal_kernel_options,
-    function=sigmoid_focal_loss_index, sharding=_dtensor.Sharding(lambda x: 1),  # target_index: (N,) of (N, C)
+    function=sigmoid_focal_loss_index, sharding=_sharding.Sharding(lambda x: 1),  # target_index: (N,) of (N, C)
     cases=(_family.Case(_background_classes, dict(reduction="sum"), bad=("target_out_of_range",)),))
 def _softmax_focal_denominator(a: dict) -> Tensor:
     """The mean's denominator for one rank's rows: the targets' alphas (a tensor alpha) or their count."""
@@ -302,7 +302,7 @@ def _softmax_focal_denominator(a: dict) -> Tensor:
 SOFTMAX_FOCAL = declare_rows(
     "softmax_focal_loss", SoftmaxFocalOptions, _softmax_focal_kernel_options, reference=reference_softmax_focal,
     function=softmax_focal_loss, bad_inputs="classes",
-    sharding=_dtensor.Sharding(rows_class_dim, whole=("alpha",), denominator=_softmax_focal_denominator),
+    sharding=_sharding.Sharding(rows_class_dim, whole=("alpha",), denominator=_softmax_focal_denominator),
     cases=(_family.Case(_classes, dict(gamma=1.5), bad=("target_out_of_range", dict(gamma=-1.0))),),
     selfcheck=(dict(gamma=0.0), F.cross_entropy, _selfcheck_classes),
     bench=_family.Bench(plain_softmax_focal_loss, class_index,

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks, _dtensor, _family, _reduce
+from .. import _backend, _checks, _family, _reduce, _sharding
+from ..distributed import vocab_parallel_linear_cross_entropy
 from .cross_entropy import (KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_terms, mean_weights,
                             reference_cross_entropy)
 from . import token_options, token_stats
@@ -179,7 +180,6 @@ def _mean_terms(function, a: dict):
 
 def _vocab_parallel(a: dict, input, mesh) -> Tensor:
     """The weight sharded on its rows (classes): lossops.distributed's vocabulary-parallel linear cross-entropy."""
-    from ..distributed import vocab_parallel_linear_cross_entropy
     return vocab_parallel_linear_cross_entropy(a["input"], a["linear_weight"], a["target"], group=mesh.get_group(),
                                                local_bias=a["linear_bias"], ignore_index=_ignore_index(a),
                                                reduction=a["reduction"], label_smoothing=a["label_smoothing"],
@@ -188,10 +188,10 @@ def _vocab_parallel(a: dict, input, mesh) -> Tensor:
 
 
 # input (..., D): its last dimension is the features, which the target does not have.
-SHARDING = _dtensor.Sharding(lambda input: input.dim() - 1, whole=("linear_weight", "linear_bias", "weight"),
-                             denominator=_mean_denominator, parallel_classes=_vocab_parallel, local_sums=_mean_terms,
-                             classes_sharded_by="linear_weight", split_with_classes=("linear_bias",),
-                             class_dim_name="feature", replicated_only=token_options.DEFAULTS)
+SHARDING = _sharding.Sharding(lambda input: input.dim() - 1, whole=("linear_weight", "linear_bias", "weight"),
+                              denominator=_mean_denominator, parallel_classes=_vocab_parallel, local_sums=_mean_terms,
+                              classes_sharded_by="linear_weight", split_with_classes=("linear_bias",),
+                              class_dim_name="feature", replicated_only=token_options.DEFAULTS)
 
 
 def default_chunk_size(num_rows: int, vocab: int, itemsize: int) -> int:
@@ -220,18 +220,9 @@ def _check_arguments(input: Tensor, linear_weight: Tensor, target: Tensor, linea
             raise RuntimeError(f"lossops: linear_bias must be a {linear_weight.dtype} tensor of shape "
                                f"({linear_weight.shape[0]},), got {linear_bias.dtype} of shape "
                                f"{tuple(linear_bias.shape)}")
-    check_last_dim_target(target, "input", input)
+    _checks.last_dim_target(target, "input", input)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"lossops: chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def check_last_dim_target(target: Tensor, name: str, input: Tensor) -> None:
-    """Class indices for an input whose last dimension is the features or classes: shape input.shape[:-1]."""
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise RuntimeError(f"lossops: target must be an integer tensor of class indices, got dtype {target.dtype}")
-    if target.shape != input.shape[:-1]:
-        raise RuntimeError(f"lossops: expected target of shape {tuple(input.shape[:-1])} for {name} of shape "
-                           f"{tuple(input.shape)}, got {tuple(target.shape)}")
 
 
 def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,

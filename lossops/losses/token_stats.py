@@ -12,7 +12,7 @@ Class weights, label smoothing and token weights shape the loss, not these stati
 (float64 for float64 logits) with the target's shape.
 
 One read-only kernel per backend computes all of them per row (csrc/cross_entropy.cpp token_stats_rows,
-triton_kernels/cross_entropy.py token_stats_kernel); their gradient is one more kernel that writes
+triton_kernels/token_stats.py token_stats_kernel); their gradient is one more kernel that writes
 grad_j = softcap'(x_j) (p_j (a + b (x_j - lse)) + c [j == y]) from per-row coefficients (below). cross_entropy
 runs the statistics kernel as one extra read of the logits; linear_cross_entropy runs it on each chunk of logits
 inside its fused pass, before the loss kernel overwrites the chunk.
@@ -26,9 +26,9 @@ from torch import Tensor
 
 from .. import _backend, _checks, _family, _reduce
 
-STATS_KERNEL = _family.Kernel("cross_entropy_token_stats", "cross_entropy",
+STATS_KERNEL = _family.Kernel("cross_entropy_token_stats", "token_stats",
                               ("input", "target", "ignore_index", "softcap"))
-STATS_GRAD_KERNEL = _family.Kernel("cross_entropy_token_stats_grad", "cross_entropy",
+STATS_GRAD_KERNEL = _family.Kernel("cross_entropy_token_stats_grad", "token_stats",
                                    ("input", "target", "grad", "lse", "coefficients", "ignore_index", "softcap"))
 
 
