@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _eager, _reduce
+from . import _eager, _reduce
 from ._kernels import KERNELS as KERNELS, Kernel
 from ._sharding import Sharding
 
@@ -97,12 +97,12 @@ class Family:
     loss_like: Callable                      # (tensors, options) -> an empty tensor shaped like the op's loss
     reference: Optional[Callable] = None     # plain PyTorch, the "reference" backend
     item_shape: Callable = lambda tensors, options: None  # how a per-item grad_output broadcasts on a gradient
-    function: Optional[Callable] = None      # the public function (set by @family.public)
+    function: Optional[Callable] = None      # the public function (given in the declaration)
     # A public function that serves plain calls itself first (the C++ eager path) and calls family.full_path with
     # the same arguments for everything else: lossops._dtensor makes full_path, not function, serve DTensors, so
     # no wrapper runs before the eager path.
     full_path: Optional[Callable] = None
-    module: Optional[type] = None            # its nn.Module (set by @family.module_class or make_module)
+    module: Optional[type] = None            # its nn.Module (set from make_module)
     cases: tuple[Case, ...] = ()
     bad_inputs: Optional[str] = None         # its kind in tests/test_bad_inputs.py ("classes", "elementwise")
     torch_fn: Optional[Callable] = None      # torch's counterpart with the same signature, the tests' oracle
@@ -125,11 +125,6 @@ class Family:
     # the op's positional arguments -> (tensors by name, options record, {input: grad flag}, backend), by register()
     split_arguments: Optional[Callable] = None
     eager_parts: tuple = ()  # (impl, setup_context, backward, number of tensor inputs) for LossopsEager
-
-    def public(self, fn: Callable) -> Callable:
-        """Decorator for the family's public function."""
-        self.function = fn
-        return fn
 
     def option_names(self) -> tuple[str, ...]:
         # computed once by register(): torch.compile traces apply() and cannot trace dataclasses.fields
@@ -159,8 +154,8 @@ class LossopsEager(torch.autograd.Function):
     """A family's op body and autograd (the same functions the custom op registers) without the custom-op
     dispatch, for plain eager calls (lossops._eager.applies: no torch.compile, tensor subclass, dispatch or
     function mode, functorch transform, forward AD or autocast); everything else goes through the custom op, so
-    tracing, opcheck and FakeTensor see it. The custom-op machinery measured about 100 us a call, more than a small
-    problem's whole kernel."""
+    tracing, opcheck and FakeTensor see it. The custom-op machinery costs more per call than a small problem's
+    whole kernel (docs/eager-path.md)."""
 
     @staticmethod
     def forward(ctx, call, *tensor_inputs):
@@ -232,30 +227,8 @@ def register(family: Family) -> Family:
         grads = dict(zip(differentiable, args[n_in + n_opt:n_in + n_opt + len(differentiable)]))
         return tensors, opts, grads, args[-1]
 
-    def empty(like: Tensor) -> Tensor:
-        return like.new_empty((0,))
-
     stateful = has_state(family)
-
-    def impl(*args):
-        tensors, opts, grads, backend = split(args)
-        loss, written, *state = family.run(family, backend, tensors, opts, grads)
-        first = tensors[names[0]]
-        state = (state[0] if state and state[0] is not None else empty(first),) if stateful else ()
-        return (loss, *(written.get(n) if written.get(n) is not None else empty(first) for n in differentiable),
-                *state)
-
-    def fake(*args):
-        tensors, opts, grads, backend = split(args)
-        first = tensors[names[0]]
-        in_forward = not family.gradient_in_backward(backend, opts)
-        state = ((empty(first) if in_forward else family.state_like(tensors, opts)),) if stateful else ()
-        return (family.loss_like(tensors, opts),
-                *(tensors[n].new_empty(tensors[n].shape) if grads[n] and in_forward else empty(first)
-                  for n in differentiable), *state)
-
-    op = torch.library.custom_op(f"lossops::{family.name}", impl, mutates_args=(), schema=_schema(family))
-    op.register_fake(fake)
+    op, impl = _forward_op(family, names, differentiable, split)
 
     def setup_context(ctx, inputs, output, eager=False):
         tensors, opts, grads, backend = split(inputs)
@@ -323,6 +296,36 @@ def register(family: Family) -> Family:
         raise RuntimeError(f"lossops: a loss family named {family.name} is already registered")
     FAMILIES[family.name] = family
     return family
+
+
+def _forward_op(family: Family, names, differentiable, split):
+    """lossops::<name> with its fake implementation: (loss, the gradients written in forward, [the state its
+    backward reads]). Returns the op and its body."""
+    stateful = has_state(family)
+
+    def empty(like: Tensor) -> Tensor:
+        return like.new_empty((0,))
+
+    def impl(*args):
+        tensors, opts, grads, backend = split(args)
+        loss, written, *state = family.run(family, backend, tensors, opts, grads)
+        first = tensors[names[0]]
+        state = (state[0] if state and state[0] is not None else empty(first),) if stateful else ()
+        return (loss, *(written.get(n) if written.get(n) is not None else empty(first) for n in differentiable),
+                *state)
+
+    def fake(*args):
+        tensors, opts, grads, backend = split(args)
+        first = tensors[names[0]]
+        in_forward = not family.gradient_in_backward(backend, opts)
+        state = ((empty(first) if in_forward else family.state_like(tensors, opts)),) if stateful else ()
+        return (family.loss_like(tensors, opts),
+                *(tensors[n].new_empty(tensors[n].shape) if grads[n] and in_forward else empty(first)
+                  for n in differentiable), *state)
+
+    op = torch.library.custom_op(f"lossops::{family.name}", impl, mutates_args=(), schema=_schema(family))
+    op.register_fake(fake)
+    return op, impl
 
 
 def _backward_op(family: Family, names, differentiable, n_in: int, n_opt: int, split):
@@ -427,6 +430,3 @@ def options_repr(values: dict, defaults: dict) -> str:
             shown.append(f"{name}={value!r}")
     return ", ".join(shown)
 
-
-def opmath(dtype: torch.dtype) -> torch.dtype:
-    return _checks.opmath_dtype(dtype)
