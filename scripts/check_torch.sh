@@ -28,6 +28,7 @@ git -C "$ROOT" ls-files -z --cached --others --exclude-standard | (cd "$ROOT" &&
   | grep -v "^WARNING: Location" || true)
 rm -rf "$WORK/lossops"  # the tests must import the installed package, not the copy's sources
 cd "$WORK/tests"
+export PYTHONPATH="$WORK"  # the benchmark helpers some tests use (bench/); lossops itself is the installed package
 "$VENV/bin/python" -c "import lossops; print(lossops.show_config())"
 # The subset: every family against torch on every backend, the autograd modes, the GPU route's host reads, the
 # Triton kernels compiled for sm_80/sm_90 with this Triton, and the C++ eager path.
