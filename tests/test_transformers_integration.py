@@ -186,6 +186,7 @@ def test_unpatch_restores_the_original_forward():
     assert lossops_hf.is_patched(model) and model(input_ids, labels=labels).logits is None
     lossops_hf.unpatch(model)
     assert "forward" not in model.__dict__ and model.forward.__func__ is type(model).forward
+    assert "forward" not in model.lm_head.__dict__  # the head's interceptor goes with the patch
     assert not lossops_hf.is_patched(model)
     torch.testing.assert_close(model(input_ids, labels=labels).logits, reference(input_ids).logits)
     with pytest.raises(RuntimeError, match="not patched"):
@@ -222,8 +223,23 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
         clone.lm_head.weight.zero_()  # uniform logits: the loss is log(V)
     input_ids, labels = batch()
     assert clone.forward.__self__ is clone and lossops_hf.is_patched(clone)
+    assert clone.lm_head.forward.__self__ is clone.lm_head
     torch.testing.assert_close(clone(input_ids, labels=labels).loss, torch.tensor(VOCAB, dtype=torch.float).log())
     assert model(input_ids, labels=labels).loss.item() != pytest.approx(float(torch.tensor(VOCAB).log()))
+
+
+def test_a_head_replaced_after_patching_is_intercepted_too():
+    # resize_token_embeddings makes a new lm_head: the next fused forward gives it the interceptor.
+    reference, patched = models("llama")
+    for model in (reference, patched):
+        model.resize_token_embeddings(VOCAB + 8)
+    assert "forward" not in patched.lm_head.__dict__
+    input_ids, labels = batch()
+    got = patched(input_ids, labels=labels)
+    assert got.logits is None and "forward" in patched.lm_head.__dict__
+    torch.testing.assert_close(got.loss, reference(input_ids, labels=labels).loss)
+    lossops_hf.unpatch(patched)
+    assert "forward" not in patched.lm_head.__dict__
 
 
 def test_without_labels_the_patched_model_is_the_original():

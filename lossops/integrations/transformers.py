@@ -26,14 +26,24 @@ What differs from the unpatched model, on purpose:
     model's dtype before upcasting), so such losses can differ in the last bits of the low-precision format.
 Evaluation that needs logits (Trainer's compute_metrics) gets none while patched: unpatch, or evaluate with
 prediction_loss_only. Not supported: output layers other than a plain torch.nn.Linear (quantised, LoRA-wrapped),
-models dispatched with device_map/offloading (hooks on the head), concurrent forwards of one model from several
-threads (the head's input is intercepted per call). Not tested with torch.compile, FSDP or DeepSpeed.
+models dispatched with device_map/offloading (hooks on the head), an output layer with its own fully_shard (its
+weight is resharded when the loss reads it; shard the decoder layers and the root instead).
+
+While patched, the output layer has an instance-level `forward` too: it hands over its input only inside a fused
+forward of the same thread (a thread-local record, nothing per call on the model), so one model may run forwards
+from several threads at once, and a call of the head outside a fused forward is the Linear's own. Under FSDP2
+(`fully_shard` on the decoder layers and the root) the head's parameters are the root's and are unsharded while the
+loss is computed; with the head tensor-parallel (`ColwiseParallel` from torch.distributed.tensor.parallel) the
+weight is a DTensor sharded on the vocabulary and the loss is lossops' vocabulary-parallel linear cross-entropy.
+Tested under torch.compile (no graph break), FSDP2 and tensor parallelism on gloo: tests/test_scale_out.py.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import inspect
+import sys
+import threading
 import types
 from typing import Callable, Optional
 
@@ -49,7 +59,8 @@ except ImportError as error:  # pragma: no cover - the extra is missing
     raise ImportError("lossops.integrations.transformers needs transformers: pip install lossops[transformers]") \
         from error
 
-from ..losses.linear_cross_entropy import linear_cross_entropy
+# The public function (lossops.linear_cross_entropy), which also serves DTensor arguments (a tensor-parallel head).
+from .. import linear_cross_entropy
 
 __all__ = ["patch", "unpatch", "is_patched", "causal_lm_loss", "FusedLossPatch", "UnsupportedModelError",
            "SUPPORTED_MODEL_TYPES"]
@@ -104,6 +115,8 @@ class _PatchState:
     family: _Family
     previous_forward: Optional[Callable]  # an instance-level forward another wrapper had set, restored by unpatch
     chunk_size: Optional[int]
+    signature: inspect.Signature  # the original forward's, without self
+    var_keyword: str  # the name of its **kwargs
 
 
 class FusedLossPatch:
@@ -128,8 +141,12 @@ def patch(model: nn.Module, *, chunk_size: Optional[int] = None) -> FusedLossPat
         raise RuntimeError(f"lossops: this {type(model).__name__} is patched already")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"lossops: chunk_size must be a positive int or None, got {chunk_size!r}")
-    state = _PatchState(family, model.__dict__.get("forward"), chunk_size)
+    previous_forward = model.__dict__.get("forward")
+    signature = inspect.signature(model.forward)
+    var_keyword = next(p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD)
+    state = _PatchState(family, previous_forward, chunk_size, signature, var_keyword)
     fused_forward = _fused_forward_function(model.forward)
+    _install_head_forward(model.get_output_embeddings())
     model.__dict__[_STATE] = state
     model.__dict__["forward"] = types.MethodType(fused_forward, model)
     return FusedLossPatch(model)
@@ -148,6 +165,9 @@ def unpatch(model: nn.Module) -> None:
     del model.__dict__["forward"], model.__dict__[_STATE]
     if state.previous_forward is not None:
         model.__dict__["forward"] = state.previous_forward
+    head = model.get_output_embeddings()
+    if _is_head_forward(head.__dict__.get("forward")):
+        del head.__dict__["forward"]
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -161,7 +181,11 @@ def causal_lm_loss(hidden_states: Tensor, linear_weight: Tensor, labels: Optiona
     """transformers' ForCausalLMLoss(logits=linear(hidden_states, linear_weight, linear_bias), labels, ...)
     without the logits: labels padded with ignore_index and shifted left by one unless shift_labels is given,
     the mean over the kept tokens or, with num_items_in_batch, their sum divided by it; softcap and temperature
-    (dividing the logits, after the cap) as lossops.linear_cross_entropy. A float32 loss, as transformers'."""
+    (dividing the logits, after the cap) as lossops.linear_cross_entropy. A float32 loss, as transformers'.
+
+    DTensor arguments (a tensor-parallel head: linear_weight and linear_bias sharded on the vocabulary, Shard(0),
+    hidden_states replicated or a plain tensor) take lossops' vocabulary-parallel path; the loss is then the same
+    plain tensor on every rank, as from a head whose logits are gathered."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -172,9 +196,33 @@ def causal_lm_loss(hidden_states: Tensor, linear_weight: Tensor, labels: Optiona
     if isinstance(num_items_in_batch, Tensor):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     with _float32_loss(hidden):
-        return linear_cross_entropy(hidden, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
-                                    softcap=softcap, temperature=temperature, chunk_size=chunk_size,
-                                    num_items_in_batch=num_items_in_batch)
+        if not _sharded(hidden, linear_weight, linear_bias):
+            return linear_cross_entropy(hidden, linear_weight, target, linear_bias=linear_bias,
+                                        ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+                                        chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
+        # lossops' DTensor paths take temperature and num_items_in_batch with replicated inputs only; composed
+        # here as linear_cross_entropy composes them on one device: the temperature divides the hidden states,
+        # the bias and the softcap; num_items_in_batch divides the sum.
+        if temperature != 1.0:
+            hidden = hidden / temperature
+            linear_bias = None if linear_bias is None else linear_bias / temperature
+            softcap = None if softcap is None else softcap / temperature
+        loss = linear_cross_entropy(hidden, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
+                                    softcap=softcap, chunk_size=chunk_size,
+                                    reduction="mean" if num_items_in_batch is None else "sum")
+        if _is_dtensor(loss):  # Replicate: the local value, without a collective; a copy, not a view, which FSDP2
+            loss = loss.full_tensor().clone()  # warns of among a module's outputs (an in-place op would drop its hook)
+        return loss if num_items_in_batch is None else (loss / num_items_in_batch).to(loss.dtype)
+
+
+def _is_dtensor(value) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported here: DTensors exist only if it is
+    return dtensor is not None and isinstance(value, dtensor.DTensor)
+
+
+def _sharded(*tensors) -> bool:
+    """Whether any of the tensors is a DTensor not replicated on every mesh dimension."""
+    return any(_is_dtensor(t) and not all(p.is_replicate() for p in t.placements) for t in tensors)
 
 
 def _float32_loss(hidden: Tensor):
@@ -200,6 +248,7 @@ def _family(model) -> _Family:
         raise UnsupportedModelError(f"lossops: {name} (model_type={model_type!r}) is not among the causal LMs whose "
                                     f"loss the fused path is verified to reproduce: {', '.join(SUPPORTED_MODEL_TYPES)}")
     head = model.get_output_embeddings()
+    _check_head_not_fully_sharded(model, head)
     if type(head) is not nn.Linear:
         raise UnsupportedModelError(f"lossops: {name}'s output layer is a {type(head).__name__}, not a plain "
                                     "torch.nn.Linear; the fused loss reads its weight and bias directly, which would "
@@ -214,10 +263,29 @@ def _family(model) -> _Family:
 
 
 def _check_head_unwrapped(model, head: nn.Module) -> None:
-    if "forward" in head.__dict__ or head._forward_hooks or head._forward_pre_hooks:
+    _check_head_not_fully_sharded(model, head)
+    forward = head.__dict__.get("forward")
+    hooks = [*head._forward_hooks.values(), *head._forward_pre_hooks.values()]
+    if (forward is not None and not _is_head_forward(forward)) or not all(map(_is_tensor_parallel_hook, hooks)):
         raise UnsupportedModelError(f"lossops: {type(model).__name__}'s output layer has hooks or a replaced forward "
                                     "(accelerate adds them for device_map/offloading), which the fused loss would "
                                     "bypass")
+
+
+def _check_head_not_fully_sharded(model, head: nn.Module) -> None:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported here: FSDP2 is in use only if it is
+    if fsdp is not None and isinstance(head, fsdp.FSDPModule):
+        raise UnsupportedModelError(f"lossops: {type(model).__name__}'s output layer has its own fully_shard "
+                                    f"({type(head).__name__}): the fused loss reads its weight after the model's "
+                                    "forward, when FSDP has resharded it; apply fully_shard to the decoder layers and "
+                                    "the root only, so that the head's parameters are the root's")
+
+
+def _is_tensor_parallel_hook(hook) -> bool:
+    # torch.distributed.tensor.parallel's styles (ColwiseParallel, ...) register their input and output layouts
+    # through distribute_module: they make the head's input a DTensor and lay out its output, and the fused loss
+    # sees that input and the DTensor weight, as the head's own forward would.
+    return getattr(hook, "__module__", "").startswith("torch.distributed.tensor.")
 
 
 def _check_loss_function(model) -> None:
@@ -245,23 +313,26 @@ def _fused_forward_function(original: Callable) -> Callable:
 
 def _fused_loss_forward(model, *args, **kwargs):
     state: _PatchState = model.__dict__[_STATE]
-    original = state.previous_forward or types.MethodType(type(model).forward, model)
-    signature = inspect.signature(original)
-    call = signature.bind(*args, **kwargs)
+    call = state.signature.bind(*args, **kwargs)
     labels = call.arguments.get("labels")
     if labels is None:
-        return original(*args, **kwargs)
+        return _original_forward(model, state, *args, **kwargs)
     _check_loss_function(model)
     head = model.get_output_embeddings()
     _check_head_unwrapped(model, head)
-    extra = call.arguments.setdefault(next(p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD),
-                                      {})
+    _install_head_forward(head)  # a head replaced since patch() (resize_token_embeddings) gets it too
+    extra = call.arguments.setdefault(state.var_keyword, {})
     return_dict = extra.pop("return_dict", None)
     return_dict = model.config.return_dict if return_dict is None else return_dict
     call.arguments["labels"] = None
     extra["return_dict"] = True
-    with _head_inputs(head) as head_inputs:
-        output = original(*call.args, **call.kwargs)
+    head_inputs = []
+    outer = getattr(_RECORDING, "active", None)  # a fused forward running inside another one, in this thread
+    _RECORDING.active = (head, head_inputs)
+    try:
+        output = _original_forward(model, state, *call.args, **call.kwargs)
+    finally:
+        _RECORDING.active = outer
     if len(head_inputs) != 1:
         raise RuntimeError(f"lossops: {type(model).__name__}'s forward called its output layer "
                            f"{len(head_inputs)} times; the fused loss reproduces forwards that call it once")
@@ -279,18 +350,34 @@ def _fused_loss_forward(model, *args, **kwargs):
     return output if return_dict else output.to_tuple()
 
 
-@contextlib.contextmanager
-def _head_inputs(head: nn.Module):
-    """For one forward, the head records its inputs and returns a (..., 0) stand-in for the logits, on which
-    the model's own post-processing (softcap, scaling) costs nothing."""
-    inputs = []
+def _original_forward(model, state: _PatchState, *args, **kwargs):
+    # The class's forward called with the model (not bound with types.MethodType, which torch.compile cannot trace).
+    if state.previous_forward is not None:
+        return state.previous_forward(*args, **kwargs)
+    return type(model).forward(model, *args, **kwargs)
 
-    def record_input(hidden_states: Tensor) -> Tensor:
-        inputs.append(hidden_states)
-        return hidden_states.new_empty((*hidden_states.shape[:-1], 0))
 
-    head.forward = record_input
-    try:
-        yield inputs
-    finally:
-        del head.forward
+# Per thread, while a fused forward runs: (the output layer whose input it wants, the list that receives it). Kept
+# per thread rather than on the model, so forwards of one model in several threads each get their own head input.
+_RECORDING = threading.local()
+
+
+def _head_forward(head: nn.Linear, input: Tensor) -> Tensor:
+    """The patched model's output layer: inside a fused forward of this thread, it records its input and returns
+    a (..., 0) stand-in for the logits, on which the model's own post-processing (softcap, scaling) costs nothing;
+    anywhere else it is the Linear's own forward."""
+    active = getattr(_RECORDING, "active", None)
+    if active is None or active[0] is not head:
+        return type(head).forward(head, input)
+    active[1].append(input)
+    return input.new_empty((*input.shape[:-1], 0))
+
+
+def _is_head_forward(forward) -> bool:
+    return getattr(forward, "__func__", None) is _head_forward
+
+
+def _install_head_forward(head: nn.Module) -> None:
+    # A bound method, so copy.deepcopy(model) gives the copy's head its own.
+    if not _is_head_forward(head.__dict__.get("forward")):
+        head.__dict__["forward"] = types.MethodType(_head_forward, head)
