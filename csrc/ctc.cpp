@@ -146,76 +146,104 @@ void fill_rows(const Problem<scalar_t>& p, int64_t n, int64_t t_begin, int64_t t
   }
 }
 
+// torch's result for a sequence that admits no alignment, or has an empty input: written here, and true, so that
+// no recursion runs on it.
 template <typename scalar_t>
-void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scalar_t>>& ws) {
+bool settle_without_alignment(const Problem<scalar_t>& p, int64_t n, int64_t T, int64_t S, const int64_t* tg) {
   using acc_t = opmath_t<scalar_t>;
-  using V = CVec<acc_t>;
-  constexpr int64_t W = V::size();
-  const acc_t ninf = kNegInf<acc_t>;
-
-  const int64_t T = p.input_lengths[n];
-  const int64_t S = p.target_lengths[n];
-  const int64_t L = 2 * S + 1;
-  const int64_t C = p.C;
-  const int64_t* tg = p.targets + p.target_offsets[n];
-  const bool want_grad = p.grad != nullptr;
-  if (want_grad) fill_rows<scalar_t>(p, n, T, p.T, scalar_t(0));
-
   // A path emits every label and a blank between two equal ones: fewer frames than that admit no alignment.
   int64_t repeats = 0;
   for (int64_t k = 1; k < S; ++k) repeats += tg[k] == tg[k - 1];
-  if (T == 0 || T < S + repeats) {
-    // torch: log-likelihood 0 for an empty input and target (so nll is -0.0), else -inf.
-    const bool possible = T == 0 && S == 0;
-    if (possible || p.zero_infinity) {
-      p.nll[n] = possible ? -acc_t(0) : acc_t(0);
-      if (want_grad) fill_rows<scalar_t>(p, n, 0, T, scalar_t(0));
-    } else {
-      p.nll[n] = std::numeric_limits<acc_t>::infinity();
-      // torch's gradient is exp(lp) - exp(-inf + inf - lp) there: NaN on every frame of the input.
-      if (want_grad) fill_rows<scalar_t>(p, n, 0, T, std::numeric_limits<scalar_t>::quiet_NaN());
+  if (T != 0 && T >= S + repeats) return false;
+  const bool want_grad = p.grad != nullptr;
+  // torch: log-likelihood 0 for an empty input and target (so nll is -0.0), else -inf.
+  const bool possible = T == 0 && S == 0;
+  if (possible || p.zero_infinity) {
+    p.nll[n] = possible ? -acc_t(0) : acc_t(0);
+    if (want_grad) fill_rows<scalar_t>(p, n, 0, T, scalar_t(0));
+  } else {
+    p.nll[n] = std::numeric_limits<acc_t>::infinity();
+    // torch's gradient is exp(lp) - exp(-inf + inf - lp) there: NaN on every frame of the input.
+    if (want_grad) fill_rows<scalar_t>(p, n, 0, T, std::numeric_limits<scalar_t>::quiet_NaN());
+  }
+  return true;
+}
+
+// Consecutive frames of a sequence are N * C elements apart (and backward walks down in time), beyond what the
+// hardware prefetcher follows: asking for frames kAhead steps early removes the stalls on the emission loads
+// and on the rows read for the gradient.
+constexpr int64_t kAhead = 4;
+
+// One sequence's lattice: its extended labels, the states that can lie on a complete path at each frame
+// (lo_of(t) to hi_of(t)), the workspace rows the two recursions share, and the recursions' phases. The phases
+// are always inlined into ctc_sequence: their loops then compile as one function's, with the lattice's pointers
+// and sizes in registers rather than read through `this`.
+#define LOSSOPS_CTC_PHASE __attribute__((always_inline)) inline
+template <typename scalar_t>
+struct Lattice {
+  using acc_t = opmath_t<scalar_t>;
+  using V = CVec<acc_t>;
+  static constexpr int64_t W = V::size();
+  static constexpr acc_t ninf = kNegInf<acc_t>;
+
+  const Problem<scalar_t>& p;
+  int64_t n, T, S, L, Lp, C;
+  const int64_t* tg;
+  bool want_grad;
+  const scalar_t* lp_n;
+  bool whole_rows;  // emissions prefetched as whole rows, else only at the target's classes
+  acc_t *alpha, *beta0, *beta1, *row_buffer, *class_grad;
+  acc_t* skip;        // 0 where the skip into s (from s - 2) is allowed, -inf elsewhere
+  acc_t* emit;        // lp[t, l'(s)]
+  acc_t* post;        // posterior of state s at t
+  acc_t* class_post;  // posterior summed per class; all zero between frames
+  int64_t *ext, *ext_offset;
+  double* alpha_offset;
+
+  LOSSOPS_CTC_PHASE Lattice(const Problem<scalar_t>& problem, int64_t seq, Workspace<acc_t>& ws)
+      : p(problem), n(seq) {
+    T = p.input_lengths[n];
+    S = p.target_lengths[n];
+    L = 2 * S + 1;
+    C = p.C;
+    tg = p.targets + p.target_offsets[n];
+    want_grad = p.grad != nullptr;
+    Lp = L + 2 * kPad;
+    const int64_t alpha_rows = want_grad ? T : 2;
+    const size_t need = size_t(alpha_rows * Lp + 5 * Lp + (want_grad ? 3 * C : 0));
+    if (ws.values.size() < need) ws.values.resize(need);
+    if (ws.labels.size() < size_t(2 * L)) ws.labels.resize(2 * L);
+    if (want_grad && ws.offsets.size() < size_t(T)) ws.offsets.resize(T);
+
+    alpha = ws.values.data();
+    beta0 = alpha + alpha_rows * Lp + kPad;
+    beta1 = beta0 + Lp;
+    skip = beta1 + Lp;
+    emit = skip + Lp;
+    post = emit + Lp;
+    row_buffer = post + Lp - kPad;
+    class_grad = row_buffer + C;
+    class_post = class_grad + C;
+    ext = ws.labels.data();
+    ext_offset = ext + L;
+    alpha_offset = ws.offsets.data();
+
+    for (int64_t s = 0; s < L; ++s) ext[s] = (s & 1) ? tg[s >> 1] : p.blank;
+    for (int64_t s = 0; s < L; ++s) ext_offset[s] = ext[s] * p.stride_c;
+    for (int64_t s = -kPad; s < L + kPad; ++s) skip[s] = ninf;
+    for (int64_t s = 3; s < L; s += 2) {
+      if (ext[s] != ext[s - 2]) skip[s] = acc_t(0);
     }
-    return;
+    lp_n = p.log_probs + n * p.stride_n;
+    whole_rows = p.stride_c == 1 && C * int64_t(sizeof(scalar_t)) <= 512;
   }
 
-  const int64_t Lp = L + 2 * kPad;
-  const int64_t alpha_rows = want_grad ? T : 2;
-  const size_t need = size_t(alpha_rows * Lp + 5 * Lp + (want_grad ? 3 * C : 0));
-  if (ws.values.size() < need) ws.values.resize(need);
-  if (ws.labels.size() < size_t(2 * L)) ws.labels.resize(2 * L);
-  if (want_grad && ws.offsets.size() < size_t(T)) ws.offsets.resize(T);
+  acc_t* alpha_row(int64_t t) const { return alpha + (want_grad ? t : (t & 1)) * Lp + kPad; }
+  int64_t lo_of(int64_t t) const { return std::max<int64_t>(0, L - 2 * (T - t)); }
+  int64_t hi_of(int64_t t) const { return std::min<int64_t>(L - 1, 2 * t + 1); }
 
-  acc_t* const alpha = ws.values.data();
-  acc_t* const beta0 = alpha + alpha_rows * Lp + kPad;
-  acc_t* const beta1 = beta0 + Lp;
-  acc_t* const skip = beta1 + Lp;  // 0 where the skip into s (from s - 2) is allowed, -inf elsewhere
-  acc_t* const emit = skip + Lp;   // lp[t, l'(s)]
-  acc_t* const post = emit + Lp;   // posterior of state s at t
-  acc_t* const row_buffer = post + Lp - kPad;
-  acc_t* const class_grad = row_buffer + C;
-  acc_t* const class_post = class_grad + C;  // posterior summed per class; all zero between frames
-  int64_t* const ext = ws.labels.data();
-  int64_t* const ext_offset = ext + L;
-  double* const alpha_offset = ws.offsets.data();
-  auto alpha_row = [&](int64_t t) { return alpha + (want_grad ? t : (t & 1)) * Lp + kPad; };
-  auto lo_of = [&](int64_t t) { return std::max<int64_t>(0, L - 2 * (T - t)); };
-  auto hi_of = [&](int64_t t) { return std::min<int64_t>(L - 1, 2 * t + 1); };
-
-  for (int64_t s = 0; s < L; ++s) ext[s] = (s & 1) ? tg[s >> 1] : p.blank;
-  for (int64_t s = 0; s < L; ++s) ext_offset[s] = ext[s] * p.stride_c;
-  for (int64_t s = -kPad; s < L + kPad; ++s) skip[s] = ninf;
-  for (int64_t s = 3; s < L; s += 2) {
-    if (ext[s] != ext[s - 2]) skip[s] = acc_t(0);
-  }
-
-  const scalar_t* const lp_n = p.log_probs + n * p.stride_n;
-  // Consecutive frames of a sequence are N * C elements apart (and backward walks down in time), beyond what the
-  // hardware prefetcher follows: asking for frames kAhead steps early removes the stalls on the emission loads
-  // and on the rows read for the gradient.
   // Short rows are fetched whole, long ones only at the target's classes.
-  constexpr int64_t kAhead = 4;
-  const bool whole_rows = p.stride_c == 1 && C * int64_t(sizeof(scalar_t)) <= 512;
-  auto prefetch_emissions = [&](int64_t t) {
+  void prefetch_emissions(int64_t t) const {
     const scalar_t* row = lp_n + t * p.stride_t;
     if (whole_rows) {
       prefetch_row<0>(row, C);
@@ -223,99 +251,103 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
       __builtin_prefetch(row + p.blank * p.stride_c, 0, 3);
       for (int64_t k = 0; k < S; ++k) __builtin_prefetch(row + tg[k] * p.stride_c, 0, 3);
     }
-  };
-  for (int64_t t = 0; t < std::min(kAhead, T); ++t) prefetch_emissions(t);
-
-  // Forward: stored row t is alpha_t - K_t, K_t = sum of the shifts of rows 0..t-1.
-  double K = 0.0;
-  acc_t prev_max;
-  {
-    acc_t* row = alpha_row(0);
-    const int64_t lo = lo_of(0), hi = hi_of(0);
-    row[-2] = row[-1] = ninf;
-    prev_max = ninf;
-    for (int64_t s = lo; s <= hi; ++s) {
-      row[s] = static_cast<acc_t>(lp_n[ext_offset[s]]);
-      prev_max = std::max(prev_max, row[s]);
-    }
-    row[hi + 1] = row[hi + 2] = ninf;
-    if (want_grad) alpha_offset[0] = 0.0;
   }
-  for (int64_t t = 1; t < T; ++t) {
-    if (t + kAhead < T) prefetch_emissions(t + kAhead);
-    const acc_t* prev = alpha_row(t - 1);
-    acc_t* cur = alpha_row(t);
-    const int64_t lo = lo_of(t), hi = hi_of(t);
-    const scalar_t* lp_t = lp_n + t * p.stride_t;
-    for (int64_t s = lo; s <= hi; ++s) emit[s] = static_cast<acc_t>(lp_t[ext_offset[s]]);
-    const acc_t shift = row_shift(prev_max);
-    K += shift;
-    if (want_grad) alpha_offset[t] = K;
-    const V vshift(shift), vninf(ninf);
-    V vmax(ninf);
-    for (int64_t s = lo; s <= hi; s += W) {
-      const int64_t cnt = std::min<int64_t>(W, hi + 1 - s);
-      const V a1 = V::loadu(prev + s, cnt);
-      const V a2 = V::loadu(prev + s - 1, cnt);
-      const V a3 = V::loadu(prev + s - 2, cnt) + V::loadu(skip + s, cnt);
-      const V v = log_add3(a1, a2, a3) + (V::loadu(emit + s, cnt) - vshift);
-      v.store(cur + s, cnt);
-      vmax = at::vec::clamp_min(vmax, cnt == W ? v : V::set(vninf, v, cnt));
-    }
-    cur[-2] = cur[-1] = ninf;
-    cur[hi + 1] = cur[hi + 2] = ninf;
-    prev_max = vec_max(vmax);
-  }
-
-  double log_likelihood;
-  {
-    const acc_t* last = alpha_row(T - 1);
-    if (S == 0) {
-      log_likelihood = static_cast<double>(last[0]) + K;
-    } else {
-      const acc_t l1 = last[L - 1], l2 = last[L - 2];
-      acc_t m = std::max(l1, l2);
-      if (m == ninf) m = 0;
-      log_likelihood = static_cast<double>(std::log(std::exp(l1 - m) + std::exp(l2 - m)) + m) + K;
-    }
-  }
-  const double nll = -log_likelihood;
-  // Tested in the accumulation type: a float nll that overflows is infinite for zero_infinity, as in torch.
-  if (static_cast<acc_t>(nll) == std::numeric_limits<acc_t>::infinity()) {
-    p.nll[n] = p.zero_infinity ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
-    if (want_grad) {
-      fill_rows<scalar_t>(p, n, 0, T, p.zero_infinity ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN());
-    }
-    return;
-  }
-  p.nll[n] = static_cast<acc_t>(nll);
-  if (!want_grad) return;
-
-  // Backward: stored row t is beta_t - J_t; the posterior of s at t is exp(alpha_t + beta_t + nll - lp[t, l'(s)]).
-  const acc_t scale = p.grad_scale[n * p.grad_scale_stride];
-  beta0[L] = beta0[L + 1] = beta1[L] = beta1[L + 1] = ninf;
-  std::fill(class_post, class_post + C, acc_t(0));
-  const V zero(acc_t(0));
-  V even_lanes, odd_lanes;
-  {
-    acc_t parity[W];
-    for (int64_t j = 0; j < W; ++j) parity[j] = acc_t(j & 1);
-    odd_lanes = V::loadu(parity) == V(acc_t(1));
-    even_lanes = V::loadu(parity) == zero;
-  }
-  double J = 0.0;
-  acc_t next_max = ninf;
-  auto prefetch_frame = [&](int64_t t) {
+  // Backward reads frame t's log-probabilities and writes its gradient row.
+  void prefetch_frame(int64_t t) const {
     if (p.stride_c == 1) prefetch_row<0>(lp_n + t * p.stride_t, C);
     prefetch_row<1>(p.grad + (t * p.N + n) * C, C);
-  };
-  for (int64_t t = T - 1; t >= std::max<int64_t>(0, T - kAhead); --t) prefetch_frame(t);
-  for (int64_t t = T - 1; t >= 0; --t) {
-    if (t >= kAhead) prefetch_frame(t - kAhead);
-    acc_t* cur = (t & 1) ? beta1 : beta0;
-    const acc_t* next = (t & 1) ? beta0 : beta1;
+  }
+
+  // Forward: stored row t is alpha_t - K_t, K_t = sum of the shifts of rows 0..t-1. Returns K_{T-1}.
+  LOSSOPS_CTC_PHASE double alpha_recursion() const {
+    for (int64_t t = 0; t < std::min(kAhead, T); ++t) prefetch_emissions(t);
+    double K = 0.0;
+    acc_t prev_max;
+    {
+      acc_t* row = alpha_row(0);
+      const int64_t lo = lo_of(0), hi = hi_of(0);
+      row[-2] = row[-1] = ninf;
+      prev_max = ninf;
+      for (int64_t s = lo; s <= hi; ++s) {
+        row[s] = static_cast<acc_t>(lp_n[ext_offset[s]]);
+        prev_max = std::max(prev_max, row[s]);
+      }
+      row[hi + 1] = row[hi + 2] = ninf;
+      if (want_grad) alpha_offset[0] = 0.0;
+    }
+    for (int64_t t = 1; t < T; ++t) {
+      if (t + kAhead < T) prefetch_emissions(t + kAhead);
+      const acc_t* prev = alpha_row(t - 1);
+      acc_t* cur = alpha_row(t);
+      const int64_t lo = lo_of(t), hi = hi_of(t);
+      const scalar_t* lp_t = lp_n + t * p.stride_t;
+      for (int64_t s = lo; s <= hi; ++s) emit[s] = static_cast<acc_t>(lp_t[ext_offset[s]]);
+      const acc_t shift = row_shift(prev_max);
+      K += shift;
+      if (want_grad) alpha_offset[t] = K;
+      const V vshift(shift), vninf(ninf);
+      V vmax(ninf);
+      for (int64_t s = lo; s <= hi; s += W) {
+        const int64_t cnt = std::min<int64_t>(W, hi + 1 - s);
+        const V a1 = V::loadu(prev + s, cnt);
+        const V a2 = V::loadu(prev + s - 1, cnt);
+        const V a3 = V::loadu(prev + s - 2, cnt) + V::loadu(skip + s, cnt);
+        const V v = log_add3(a1, a2, a3) + (V::loadu(emit + s, cnt) - vshift);
+        v.store(cur + s, cnt);
+        vmax = at::vec::clamp_min(vmax, cnt == W ? v : V::set(vninf, v, cnt));
+      }
+      cur[-2] = cur[-1] = ninf;
+      cur[hi + 1] = cur[hi + 2] = ninf;
+      prev_max = vec_max(vmax);
+    }
+    return K;
+  }
+
+  // The log-likelihood from the last alpha row (stored relative to K): a path ends in the last label or the
+  // final blank.
+  LOSSOPS_CTC_PHASE double log_likelihood(double K) const {
+    const acc_t* last = alpha_row(T - 1);
+    if (S == 0) return static_cast<double>(last[0]) + K;
+    const acc_t l1 = last[L - 1], l2 = last[L - 2];
+    acc_t m = std::max(l1, l2);
+    if (m == ninf) m = 0;
+    return static_cast<double>(std::log(std::exp(l1 - m) + std::exp(l2 - m)) + m) + K;
+  }
+
+  // Backward: stored row t is beta_t - J_t; the posterior of s at t is exp(alpha_t + beta_t + nll - lp[t, l'(s)]).
+  // Each frame's gradient row is written as soon as its beta row is known, while the frame is in cache.
+  LOSSOPS_CTC_PHASE void beta_and_gradient(double nll) const {
+    const acc_t scale = p.grad_scale[n * p.grad_scale_stride];
+    beta0[L] = beta0[L + 1] = beta1[L] = beta1[L + 1] = ninf;
+    std::fill(class_post, class_post + C, acc_t(0));
+    V even_lanes, odd_lanes;
+    {
+      acc_t parity[W];
+      for (int64_t j = 0; j < W; ++j) parity[j] = acc_t(j & 1);
+      odd_lanes = V::loadu(parity) == V(acc_t(1));
+      even_lanes = V::loadu(parity) == V(acc_t(0));
+    }
+    double J = 0.0;
+    acc_t next_max = ninf;
+    for (int64_t t = T - 1; t >= std::max<int64_t>(0, T - kAhead); --t) prefetch_frame(t);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      if (t >= kAhead) prefetch_frame(t - kAhead);
+      acc_t* cur = (t & 1) ? beta1 : beta0;
+      const acc_t* next = (t & 1) ? beta0 : beta1;
+      const acc_t* row = read_block<scalar_t>(lp_n + t * p.stride_t, p.stride_c, C, row_buffer);
+      next_max = beta_row(t, row, cur, next, next_max, J);
+      const V blank_lanes = (lo_of(t) & 1) ? odd_lanes : even_lanes;
+      frame_posteriors(t, cur, static_cast<acc_t>(alpha_offset[t] + J + nll), blank_lanes);
+      frame_gradient(t, row, scale);
+    }
+  }
+
+  // Row t of beta into cur (relative to J_t, which it adds this row's shift to) from row t + 1 in next, whose
+  // maximum is next_max; gathers frame t's emissions (from its log-probabilities in row) into emit on the way.
+  // Returns row t's maximum.
+  LOSSOPS_CTC_PHASE acc_t beta_row(int64_t t, const acc_t* row, acc_t* cur, const acc_t* next, acc_t next_max,
+                                   double& J) const {
     const int64_t lo = lo_of(t), hi = hi_of(t);
-    const acc_t* row = read_block<scalar_t>(lp_n + t * p.stride_t, p.stride_c, C, row_buffer);
     for (int64_t s = lo; s <= hi; ++s) emit[s] = row[ext[s]];
     const V vninf(ninf);
     V vmax(ninf);
@@ -338,30 +370,37 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
       }
     }
     cur[lo - 1] = cur[lo - 2] = ninf;
-    next_max = vec_max(vmax);
+    return vec_max(vmax);
+  }
 
-    // The blank states (even s) are summed in vector lanes: scattered one by one, every other s would be added into
-    // the same class_post[blank], a chain of store-to-load dependencies.
-    const V offset(static_cast<acc_t>(alpha_offset[t] + J + nll));
+  // The posteriors of frame t's states (beta_t in cur, `offset` = K_t + J_t + nll) into post, and summed per
+  // class into class_post. blank_lanes: the lanes of a vector starting at lo_of(t) that hold blank states.
+  LOSSOPS_CTC_PHASE void frame_posteriors(int64_t t, const acc_t* cur, acc_t offset, const V& blank_lanes) const {
+    const int64_t lo = lo_of(t), hi = hi_of(t);
+    const V zero(acc_t(0)), vninf(ninf), voffset(offset);
+    // The blank states (even s) are summed in vector lanes: scattered one by one, every other s would be added
+    // into the same class_post[blank], a chain of store-to-load dependencies.
     const acc_t* a = alpha_row(t);
-    const V blank_lanes = (lo & 1) ? odd_lanes : even_lanes;
     V blank_sum(acc_t(0));
     for (int64_t s = lo; s <= hi; s += W) {
       const int64_t cnt = std::min<int64_t>(W, hi + 1 - s);
       const V e = V::loadu(emit + s, cnt);
-      const V arg = V::loadu(a + s, cnt) + V::loadu(cur + s, cnt) - e + offset;
-      // A label whose log-probability is -inf at t: alpha and beta both carry that -inf and arg is -inf + inf, NaN.
-      // The posterior alpha * beta / y vanishes with y, so its limit is 0 and the gradient there exp(-inf) - 0 = 0
-      // (torch returns NaN, which log_softmax's backward spreads over the whole frame).
+      const V arg = V::loadu(a + s, cnt) + V::loadu(cur + s, cnt) - e + voffset;
+      // A label whose log-probability is -inf at t: alpha and beta both carry that -inf and arg is -inf + inf,
+      // NaN. The posterior alpha * beta / y vanishes with y, so its limit is 0 and the gradient there
+      // exp(-inf) - 0 = 0 (torch returns NaN, which log_softmax's backward spreads over the whole frame).
       V post_s = V::blendv(fast_exp(arg), zero, e == vninf);
       post_s.store(post + s, cnt);
       if (cnt < W) post_s = V::set(zero, post_s, cnt);
       blank_sum = blank_sum + V::blendv(zero, post_s, blank_lanes);
     }
-    const int64_t first_odd = lo | 1;
-    for (int64_t s = first_odd; s <= hi; s += 2) class_post[ext[s]] += post[s];
+    for (int64_t s = lo | 1; s <= hi; s += 2) class_post[ext[s]] += post[s];
     class_post[p.blank] += vec_sum(blank_sum);
+  }
 
+  // Frame t's gradient row, scale * (exp(lp) - the posterior summed per class), from its log-probabilities in
+  // row; leaves class_post all zero for the next frame.
+  LOSSOPS_CTC_PHASE void frame_gradient(int64_t t, const acc_t* row, acc_t scale) const {
     scalar_t* out = p.grad + (t * p.N + n) * C;
     acc_t* g = class_grad;
     if constexpr (std::is_same_v<scalar_t, acc_t>) g = out;
@@ -369,7 +408,7 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
     for (; c + W <= C; c += W) fast_exp(V::loadu(row + c)).store(g + c);
     if (c < C) fast_exp(V::loadu(row + c, C - c)).store(g + c, C - c);
     // Classes of the target: subtract their posterior once (a class's sum is cleared at its first occurrence).
-    for (int64_t s = first_odd; s <= hi; s += 2) {
+    for (int64_t s = lo_of(t) | 1; s <= hi_of(t); s += 2) {
       const int64_t k = ext[s];
       g[k] -= class_post[k];
       class_post[k] = acc_t(0);
@@ -381,6 +420,30 @@ void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scal
     for (; c < C; ++c) g[c] *= scale;
     if constexpr (!std::is_same_v<scalar_t, acc_t>) write_block<scalar_t>(g, out, 1, C);
   }
+};
+#undef LOSSOPS_CTC_PHASE
+
+// Sequence n's nll and, when a gradient is asked for, its gradient rows (zero for frames past its input length).
+template <typename scalar_t>
+void ctc_sequence(const Problem<scalar_t>& p, int64_t n, Workspace<opmath_t<scalar_t>>& ws) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t T = p.input_lengths[n];
+  const bool want_grad = p.grad != nullptr;
+  if (want_grad) fill_rows<scalar_t>(p, n, T, p.T, scalar_t(0));
+  if (settle_without_alignment(p, n, T, p.target_lengths[n], p.targets + p.target_offsets[n])) return;
+
+  const Lattice<scalar_t> lattice(p, n, ws);
+  const double nll = -lattice.log_likelihood(lattice.alpha_recursion());
+  // Tested in the accumulation type: a float nll that overflows is infinite for zero_infinity, as in torch.
+  if (static_cast<acc_t>(nll) == std::numeric_limits<acc_t>::infinity()) {
+    p.nll[n] = p.zero_infinity ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
+    if (want_grad) {
+      fill_rows<scalar_t>(p, n, 0, T, p.zero_infinity ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN());
+    }
+    return;
+  }
+  p.nll[n] = static_cast<acc_t>(nll);
+  if (want_grad) lattice.beta_and_gradient(nll);
 }
 
 template <typename scalar_t>
