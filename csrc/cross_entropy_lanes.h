@@ -88,53 +88,78 @@ struct LaneProblem {
   CrossEntropyOptions options;
   acc_t cap, smooth, scale, weight_sum;
   int64_t groups_per_outer;
-  bool stream;  // gradient written with non-temporal stores (see cross_entropy_lane_groups)
+  bool stream;  // gradient written with non-temporal stores (see LaneGroups)
 };
 
-// The options that change the per-element loops are template flags, so those loops carry no branches (a
-// generic version spent its time on them in the forward pass alone).
+// Where a group of G rows lies: its outer index and first lane, how many of its lanes hold rows (n), and its
+// first row.
+struct LaneGroupAt {
+  int64_t o_index, lane0, n, r0;
+};
+
+// The four phases of a group of rows: its logits as class planes (load), max and sum of exponentials across the
+// classes (statistics), each row's results and gradient coefficients (results), the gradient (write_gradient).
+// A LaneGroups holds what every group of a call shares and nothing else, so that the compiler keeps it in
+// registers; the thread's buffers are a Buffers of their own. The phases are always inlined into
+// cross_entropy_lane_groups, so that the K vectors of accumulators they hand each other stay in registers too,
+// as in one function.
+#define LOSSOPS_LANE_PHASE __attribute__((always_inline)) inline
 template <typename scalar_t, bool kGrad, bool kSmooth, bool kCapped>
-void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, int64_t end) {
+struct LaneGroups {
   using acc_t = opmath_t<scalar_t>;
   using V = Vec<acc_t>;
-  constexpr int64_t W = V::size();
-  constexpr int64_t G = W * kLaneVectors<acc_t>;
-  constexpr bool kNarrow = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t C = p.C;
-  const CrossEntropyOptions& o = p.options;
-  const V zero(acc_t(0)), one(acc_t(1));
-  const V inv_cap(kCapped ? acc_t(1) / p.cap : acc_t(0));
-  std::vector<acc_t> x_tile(C * G), e_tile(kGrad ? C * G : 0);
-  std::vector<const acc_t*> x_class(C);
+  static constexpr int64_t W = V::size();
+  static constexpr int64_t K = kLaneVectors<acc_t>;
+  static constexpr int64_t G = W * K;
+  static constexpr bool kNarrow = !std::is_same_v<scalar_t, acc_t>;
+
+  const LaneProblem<scalar_t>& p;
+  const int64_t C;
   // (N, C) rows: lanes are rows, classes contiguous within each.
-  const bool rows_transposed = p.in.stride_class == 1 && p.in.stride_lane != 1;
-  const bool rows_transposed_out = kGrad && p.gl.stride_class == 1 && p.gl.stride_lane != 1;
+  const bool rows_transposed, rows_transposed_out;
   // Into a reused (resident) gradient buffer, full cache lines are written with non-temporal stores, which
   // skip reading each line before overwriting it: contiguous (N, C) rows as one run per group, class planes as
   // one run per class. Transposed straight into the rows, each 64-byte store straddles two lines.
-  const bool stream_rows = p.stream && rows_transposed_out && p.gl.stride_lane == C;
-  const bool stream_planes = p.stream && p.gl.stride_lane == 1;
-  std::vector<acc_t> row_buf((kNarrow && (rows_transposed || rows_transposed_out)) || stream_rows ? C * G : 0);
-  alignas(64) acc_t x_target[G], w_target[G], valid[G], patch[G];
-  int64_t target_class[G];
+  const bool stream_rows, stream_planes;
 
-  for (int64_t group = begin; group < end; ++group) {
+  explicit LaneGroups(const LaneProblem<scalar_t>& problem)
+      : p(problem), C(problem.C), rows_transposed(p.in.stride_class == 1 && p.in.stride_lane != 1),
+        rows_transposed_out(kGrad && p.gl.stride_class == 1 && p.gl.stride_lane != 1),
+        stream_rows(p.stream && rows_transposed_out && p.gl.stride_lane == C),
+        stream_planes(p.stream && p.gl.stride_lane == 1) {}
+
+  // One thread's tiles and per-lane scratch, reused for each of its groups.
+  struct Buffers {
+    std::vector<acc_t> x_tile, e_tile;
+    std::vector<const acc_t*> x_class;
+    std::vector<acc_t> row_buf;
+    alignas(64) acc_t x_target[G], w_target[G], valid[G], patch[G];
+    int64_t target_class[G];
+
+    explicit Buffers(const LaneGroups& groups)
+        : x_tile(groups.C * G), e_tile(kGrad ? groups.C * G : 0), x_class(groups.C),
+          row_buf((kNarrow && (groups.rows_transposed || groups.rows_transposed_out)) || groups.stream_rows
+                      ? groups.C * G
+                      : 0) {}
+  };
+
+  // Points x_class[c] at class c's G lanes of the group.
+  LOSSOPS_LANE_PHASE LaneGroupAt load(int64_t group, Buffers& b) const {
     const int64_t o_index = group / p.groups_per_outer, lane0 = (group % p.groups_per_outer) * G;
     const int64_t n = std::min(G, p.in.lanes - lane0);
-    const int64_t r0 = o_index * p.in.lanes + lane0;
     const scalar_t* x0 = p.x + o_index * p.in.stride_outer + lane0 * p.in.stride_lane;
     // fp32 lanes that are contiguous are read where they lie; anything else is widened into the tile,
     // (N, C) rows by a register-block transpose.
     const bool read_in_place = !kNarrow && !kCapped && n == G && p.in.stride_lane == 1;
     if (rows_transposed) {
       if constexpr (kNarrow) {
-        for (int64_t l = 0; l < n; ++l) read_block(x0 + l * p.in.stride_lane, 1, C, row_buf.data() + l * C, true);
-        transpose(row_buf.data(), C, x_tile.data(), G, n, C);
+        for (int64_t l = 0; l < n; ++l) read_block(x0 + l * p.in.stride_lane, 1, C, b.row_buf.data() + l * C, true);
+        transpose(b.row_buf.data(), C, b.x_tile.data(), G, n, C);
       } else {
-        transpose(x0, p.in.stride_lane, x_tile.data(), G, n, C);
+        transpose(x0, p.in.stride_lane, b.x_tile.data(), G, n, C);
       }
       if (n < G) {
-        for (int64_t c = 0; c < C; ++c) std::fill(x_tile.data() + c * G + n, x_tile.data() + (c + 1) * G, acc_t(0));
+        for (int64_t c = 0; c < C; ++c) std::fill(b.x_tile.data() + c * G + n, b.x_tile.data() + (c + 1) * G, acc_t(0));
       }
     }
 
@@ -146,22 +171,25 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
       if (prefetch_next) prefetch(src + G, G);
       else if (rows_transposed && c < G && lane0 + G + c < p.in.lanes) prefetch(x0 + (G + c) * p.in.stride_lane, C);
       if (read_in_place) {
-        x_class[c] = reinterpret_cast<const acc_t*>(src);
+        b.x_class[c] = reinterpret_cast<const acc_t*>(src);
         continue;
       }
-      acc_t* tile = x_tile.data() + c * G;
+      acc_t* tile = b.x_tile.data() + c * G;
       if (!rows_transposed) {
         read_block(src, p.in.stride_lane, n, tile, true);
         std::fill(tile + n, tile + G, acc_t(0));
       }
       if constexpr (kCapped) apply_softcap(tile, G, p.cap);
-      x_class[c] = tile;
+      b.x_class[c] = tile;
     }
-    // The K vectors of lanes side by side, each with its accumulators in registers across the classes, so that
-    // their exponentials go through fast_exp_batch together. The max need not propagate NaN: exp(NaN - max) makes
-    // the lane's sum NaN anyway.
-    constexpr int64_t K = kLaneVectors<acc_t>;
-    V vmax[K], vsum[K], vdot[K];
+    return {o_index, lane0, n, o_index * p.in.lanes + lane0};
+  }
+
+  // The K vectors of lanes side by side, each with its accumulators in registers across the classes, so that
+  // their exponentials go through fast_exp_batch together. The max need not propagate NaN: exp(NaN - max) makes
+  // the lane's sum NaN anyway. With a gradient the exponentials are kept in e_tile.
+  LOSSOPS_LANE_PHASE void statistics(Buffers& b, V* vmax, V* vsum, V* vdot) const {
+    const V zero(acc_t(0));
     for (int64_t k = 0; k < K; ++k) {
       vmax[k] = V(-std::numeric_limits<acc_t>::infinity());
       vsum[k] = zero;
@@ -169,37 +197,46 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
     }
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t k = 0; k < K; ++k) {
-        const V v = V::loadu(x_class[c] + k * W);
+        const V v = V::loadu(b.x_class[c] + k * W);
         vmax[k] = at::vec::clamp_min(v, vmax[k]);
         if constexpr (kSmooth) vdot[k] = at::vec::fmadd(v, V(p.weight ? p.weight[c] : acc_t(1)), vdot[k]);
       }
     }
     for (int64_t c = 0; c < C; ++c) {
       V e[K];
-      for (int64_t k = 0; k < K; ++k) e[k] = V::loadu(x_class[c] + k * W) - vmax[k];
+      for (int64_t k = 0; k < K; ++k) e[k] = V::loadu(b.x_class[c] + k * W) - vmax[k];
       fast_exp_batch<K>(e);
       for (int64_t k = 0; k < K; ++k) {
-        if constexpr (kGrad) e[k].store(e_tile.data() + c * G + k * W);
+        if constexpr (kGrad) e[k].store(b.e_tile.data() + c * G + k * W);
         vsum[k] = vsum[k] + e[k];
       }
     }
+  }
+
+  // Each row's loss and logsumexp; with a gradient, each vector's coefficient of the kept exponentials (coef), its
+  // smoothing term (shift) and the rows' target entries (patch).
+  LOSSOPS_LANE_PHASE void results(const LaneGroupAt& at, Buffers& b, const V* vmax, const V* vsum, const V* vdot,
+                                  V* coef, V* shift) const {
+    const CrossEntropyOptions& o = p.options;
+    const V zero(acc_t(0)), one(acc_t(1));
+    const V inv_cap(kCapped ? acc_t(1) / p.cap : acc_t(0));
+    const int64_t n = at.n, r0 = at.r0;
     for (int64_t l = 0; l < G; ++l) {
       const int64_t y = l < n ? p.target[r0 + l] : o.ignore_index;
       const bool counted = l < n && y != o.ignore_index;
-      target_class[l] = counted ? y : -1;
-      x_target[l] = counted ? x_class[y][l] : acc_t(0);
-      w_target[l] = counted ? (p.weight ? p.weight[y] : acc_t(1)) : acc_t(0);
-      valid[l] = counted ? acc_t(1) : acc_t(0);
+      b.target_class[l] = counted ? y : -1;
+      b.x_target[l] = counted ? b.x_class[y][l] : acc_t(0);
+      b.w_target[l] = counted ? (p.weight ? p.weight[y] : acc_t(1)) : acc_t(0);
+      b.valid[l] = counted ? acc_t(1) : acc_t(0);
     }
-    V coef[K], shift[K];
     for (int64_t k = 0; k < K; ++k) {
-      const V mask = V::loadu(valid + k * W) == one;
+      const V mask = V::loadu(b.valid + k * W) == one;
       const V log_sum = vsum[k].log();
       const V lse = vmax[k] + log_sum;
-      // (x - max) - log_sum, not x - lse: see cross_entropy_rows.
-      const V xt = V::loadu(x_target + k * W);
+      // (x - max) - log_sum, not x - lse: see cross_entropy_row.
+      const V xt = V::loadu(b.x_target + k * W);
       const V logp = (xt - vmax[k]) - log_sum;
-      const V wt = V::loadu(w_target + k * W);
+      const V wt = V::loadu(b.w_target + k * W);
       const LaneResult<acc_t> res = lane_coefficients<acc_t>(o, lse, logp, wt, vdot[k], p.weight_sum, C);
       const int64_t lanes_here = std::max<int64_t>(0, std::min(W, n - k * W));
       if (lanes_here > 0) {
@@ -215,49 +252,74 @@ void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, in
         exp_and_expm1(logp, p_target, p_target_m1);
         V gy = (res.softmax_coef - res.onehot_coef) * p_target + res.onehot_coef * p_target_m1 - V(p.smooth) * wt;
         if constexpr (kCapped) { const V t = xt * inv_cap; gy = gy * (one - t * t); }
-        (gy * vscale).store(patch + k * W);
+        (gy * vscale).store(b.patch + k * W);
       }
     }
-    if constexpr (kGrad) {
-      scalar_t* g0 = p.g + o_index * p.gl.stride_outer + lane0 * p.gl.stride_lane;
-      const bool write_in_place = !kNarrow && !stream_planes && n == G && p.gl.stride_lane == 1;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t* ec = e_tile.data() + c * G;
-        acc_t* out = write_in_place ? reinterpret_cast<acc_t*>(g0 + c * p.gl.stride_class) : ec;
-        const V wc(p.weight ? p.weight[c] : acc_t(1));
-        for (int64_t k = 0; k < K; ++k) {
-          V gv = V::loadu(ec + k * W) * coef[k];
-          if constexpr (kSmooth) gv = gv - shift[k] * wc;
-          if constexpr (kCapped) { const V t = V::loadu(x_class[c] + k * W) * inv_cap; gv = gv * (one - t * t); }
-          gv.store(out + k * W);
-        }
-      }
-      // The zero coefficients give ignored rows exactly 0 only where their exponentials are finite: those rows,
-      // and the target entries, are set here.
-      for (int64_t l = 0; l < n; ++l) {
-        const int64_t y = target_class[l];
-        if (write_in_place) {
-          acc_t* col = reinterpret_cast<acc_t*>(g0) + l;
-          if (y >= 0) col[y * p.gl.stride_class] = patch[l];
-          else for (int64_t c = 0; c < C; ++c) col[c * p.gl.stride_class] = acc_t(0);
-        } else {
-          if (y >= 0) e_tile[y * G + l] = patch[l];
-          else for (int64_t c = 0; c < C; ++c) e_tile[c * G + l] = acc_t(0);
-        }
-      }
-      if (rows_transposed_out && (stream_rows || kNarrow)) {
-        // Back to row-major in the staging buffer, then streamed as one run or narrowed row by row.
-        transpose(e_tile.data(), G, row_buf.data(), C, C, n);
-        if (stream_rows) stream_block<scalar_t>(row_buf.data(), g0, n * C);
-        else for (int64_t l = 0; l < n; ++l) write_block<scalar_t>(row_buf.data() + l * C, g0 + l * p.gl.stride_lane, 1, C);
-      } else if (rows_transposed_out) {
-        if constexpr (!kNarrow) transpose(e_tile.data(), G, reinterpret_cast<acc_t*>(g0), p.gl.stride_lane, C, n);
-      } else if (stream_planes) {
-        for (int64_t c = 0; c < C; ++c) stream_block<scalar_t>(e_tile.data() + c * G, g0 + c * p.gl.stride_class, n);
-      } else if (!write_in_place) {
-        for (int64_t c = 0; c < C; ++c) write_block<scalar_t>(e_tile.data() + c * G, g0 + c * p.gl.stride_class, p.gl.stride_lane, n);
+  }
+
+  // The group's gradient from the kept exponentials: in place where its class planes are contiguous fp32, else
+  // through e_tile and written out (transposed back for (N, C) rows, streamed where it pays).
+  LOSSOPS_LANE_PHASE void write_gradient(const LaneGroupAt& at, Buffers& b, const V* coef, const V* shift) const {
+    const V one(acc_t(1));
+    const V inv_cap(kCapped ? acc_t(1) / p.cap : acc_t(0));
+    const int64_t n = at.n;
+    scalar_t* g0 = p.g + at.o_index * p.gl.stride_outer + at.lane0 * p.gl.stride_lane;
+    const bool write_in_place = !kNarrow && !stream_planes && n == G && p.gl.stride_lane == 1;
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* ec = b.e_tile.data() + c * G;
+      acc_t* out = write_in_place ? reinterpret_cast<acc_t*>(g0 + c * p.gl.stride_class) : ec;
+      const V wc(p.weight ? p.weight[c] : acc_t(1));
+      for (int64_t k = 0; k < K; ++k) {
+        V gv = V::loadu(ec + k * W) * coef[k];
+        if constexpr (kSmooth) gv = gv - shift[k] * wc;
+        if constexpr (kCapped) { const V t = V::loadu(b.x_class[c] + k * W) * inv_cap; gv = gv * (one - t * t); }
+        gv.store(out + k * W);
       }
     }
+    // The zero coefficients give ignored rows exactly 0 only where their exponentials are finite: those rows,
+    // and the target entries, are set here.
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t y = b.target_class[l];
+      if (write_in_place) {
+        acc_t* col = reinterpret_cast<acc_t*>(g0) + l;
+        if (y >= 0) col[y * p.gl.stride_class] = b.patch[l];
+        else for (int64_t c = 0; c < C; ++c) col[c * p.gl.stride_class] = acc_t(0);
+      } else {
+        if (y >= 0) b.e_tile[y * G + l] = b.patch[l];
+        else for (int64_t c = 0; c < C; ++c) b.e_tile[c * G + l] = acc_t(0);
+      }
+    }
+    if (rows_transposed_out && (stream_rows || kNarrow)) {
+      // Back to row-major in the staging buffer, then streamed as one run or narrowed row by row.
+      transpose(b.e_tile.data(), G, b.row_buf.data(), C, C, n);
+      if (stream_rows) stream_block<scalar_t>(b.row_buf.data(), g0, n * C);
+      else for (int64_t l = 0; l < n; ++l) write_block<scalar_t>(b.row_buf.data() + l * C, g0 + l * p.gl.stride_lane, 1, C);
+    } else if (rows_transposed_out) {
+      if constexpr (!kNarrow) transpose(b.e_tile.data(), G, reinterpret_cast<acc_t*>(g0), p.gl.stride_lane, C, n);
+    } else if (stream_planes) {
+      for (int64_t c = 0; c < C; ++c) stream_block<scalar_t>(b.e_tile.data() + c * G, g0 + c * p.gl.stride_class, n);
+    } else if (!write_in_place) {
+      for (int64_t c = 0; c < C; ++c) write_block<scalar_t>(b.e_tile.data() + c * G, g0 + c * p.gl.stride_class, p.gl.stride_lane, n);
+    }
+  }
+};
+#undef LOSSOPS_LANE_PHASE
+
+// The options that change the per-element loops are template flags, so those loops carry no branches (a
+// generic version spent its time on them in the forward pass alone).
+template <typename scalar_t, bool kGrad, bool kSmooth, bool kCapped>
+void cross_entropy_lane_groups(const LaneProblem<scalar_t>& p, int64_t begin, int64_t end) {
+  using Groups = LaneGroups<scalar_t, kGrad, kSmooth, kCapped>;
+  using V = typename Groups::V;
+  constexpr int64_t K = Groups::K;
+  const Groups groups(p);
+  typename Groups::Buffers buffers(groups);
+  for (int64_t group = begin; group < end; ++group) {
+    const LaneGroupAt at = groups.load(group, buffers);
+    V vmax[K], vsum[K], vdot[K], coef[K], shift[K];
+    groups.statistics(buffers, vmax, vsum, vdot);
+    groups.results(at, buffers, vmax, vsum, vdot, coef, shift);
+    if constexpr (kGrad) groups.write_gradient(at, buffers, coef, shift);
   }
   if (p.stream) finish_streaming();
 }
