@@ -179,7 +179,7 @@ def _shard_kernel(backend: str, name: str):
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """The fused shard kernels (csrc/cross_entropy.cpp, triton_kernels/vocab_parallel.py): forward reduces each
+    """The fused shard kernels (csrc/vocab_parallel.cpp, triton_kernels/vocab_parallel.py): forward reduces each
     row's (max, sum-exp, target logit, weighted logit sum) over the group; backward recomputes the shard's
     softmax from the saved global logsumexp, as flash-attn's and quack's cross-entropy do."""
 

@@ -20,7 +20,7 @@ Torch behaviour not copied (documented where the strategies avoid it):
   (NaN times its zero upstream gradient); lossops gives every ignored row a zero gradient.
 Found in lossops by this fuzzing and fixed: log-probabilities formed as x - lse (wrong low bits for logits
 near 1e4), a NaN logit dropped from the row max (loss -inf instead of NaN), and the target-class gradient
-A p - c cancelling for p -> 1 with z-loss (csrc/cross_entropy.cpp).
+A p - c cancelling for p -> 1 with z-loss (csrc/softmax_rows.h).
 """
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def _index_row_terms(x_y, w_y, m, log_sum, dot, w_sum, eps, smooth, z, focal_gam
     lse = m + log_sum
     logp = (x_y - m) - log_sum
     if FOCAL:
-        # See csrc/cross_entropy.cpp row_coefficients: no negative power of q for any gamma >= 0.
+        # See csrc/softmax_rows.h row_coefficients: no negative power of q for any gamma >= 0.
         p_y = tl.exp(logp)
         q = -expm1(logp)
         qg = pow_nonneg(q, focal_gamma)

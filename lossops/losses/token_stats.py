@@ -11,7 +11,7 @@ Ignored tokens (target == ignore_index) get 0 in every float output and False in
 Class weights, label smoothing and token weights shape the loss, not these statistics. They are float32
 (float64 for float64 logits) with the target's shape.
 
-One read-only kernel per backend computes all of them per row (csrc/cross_entropy.cpp token_stats_rows,
+One read-only kernel per backend computes all of them per row (csrc/token_stats.cpp token_stats_rows,
 triton_kernels/token_stats.py token_stats_kernel); their gradient is one more kernel that writes
 grad_j = softcap'(x_j) (p_j (a + b (x_j - lse)) + c [j == y]) from per-row coefficients (below). cross_entropy
 runs the statistics kernel as one extra read of the logits; linear_cross_entropy runs it on each chunk of logits
