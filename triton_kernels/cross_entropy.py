@@ -54,6 +54,16 @@ def online_logsumexp(m, s, x):
 
 
 @triton.jit
+def _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner):
+    """Row `row` of an (outer, C, inner) view: the logits' and the gradient's row pointers and its (outer, inner)
+    position (64-bit, as row is)."""
+    outer_idx = row // inner
+    inner_idx = row % inner
+    return (X + outer_idx * stride_xo + inner_idx * stride_xi, G + outer_idx * stride_go + inner_idx * stride_gi,
+            outer_idx, inner_idx)
+
+
+@triton.jit
 def _class_target(T, row, C, ignore_index):
     """A row's class-index target: (the class, 0 where not valid; kept and in range; kept but out of range)."""
     y = tl.load(T + row)
@@ -130,6 +140,27 @@ def _index_row_terms(x_y, w_y, m, log_sum, dot, w_sum, eps, smooth, z, focal_gam
 
 
 @triton.jit
+def _index_target_terms(X, stride_xc, W, WSUM, y, valid, m, log_sum, dot, C, eps, smooth, z, focal_gamma, cap,
+                        HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+                        FOCAL: tl.constexpr, ACC: tl.constexpr):
+    """A class-index row's target logit and class weights, and from them _index_row_terms' results, smoothing's
+    share of the target entry (smooth * w_y, 0 without smoothing) and the target's class weight w_y."""
+    x_y = tl.where(valid, load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC), 0.0)
+    w_y = 1.0
+    if HAS_WEIGHT:
+        w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
+    w_sum = C * 1.0
+    w_y_smooth = 0.0
+    if SMOOTHING:
+        w_y_smooth = smooth * w_y
+        if HAS_WEIGHT:
+            w_sum = tl.load(WSUM).to(ACC)
+    loss, coef, z_coef, onehot_coef, logp = _index_row_terms(x_y, w_y, m, log_sum, dot, w_sum, eps, smooth, z,
+                                                             focal_gamma, FOCAL, SMOOTHING)
+    return loss, coef, z_coef, onehot_coef, logp, w_y_smooth, w_y
+
+
+@triton.jit
 def _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef, onehot_coef,
                         target_scale, w_y_smooth, read, written, C, eps, smooth, cap,
                         PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
@@ -172,10 +203,7 @@ def cross_entropy_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    outer_idx = row // inner
-    inner_idx = row % inner
-    X += outer_idx * stride_xo + inner_idx * stride_xi
-    G += outer_idx * stride_go + inner_idx * stride_gi
+    X, G, outer_idx, inner_idx = _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner)
     # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32. Those only the
     # row's coefficients use are loaded after the first loop, so they hold no registers across it.
     eps = tl.load(PARAMS + 0).to(ACC)
@@ -204,22 +232,13 @@ def cross_entropy_kernel(
     logp = 0.0
     onehot_coef = 0.0
     w_y_smooth = 0.0
-    w_y = 1.0
     if PROB_TARGET:
         loss = q_sum * lse - dot + z * lse * lse
         coef = q_sum + 2.0 * z * lse
     else:
-        x_y = load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC)
-        x_y = tl.where(valid, x_y, 0.0)
-        if HAS_WEIGHT:
-            w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
-        w_sum = C * 1.0
-        if SMOOTHING:
-            w_y_smooth = smooth * w_y
-            if HAS_WEIGHT:
-                w_sum = tl.load(WSUM).to(ACC)
-        loss, coef, z_coef, onehot_coef, logp = _index_row_terms(x_y, w_y, m, log_sum, dot, w_sum, eps, smooth, z,
-                                                                 focal_gamma, FOCAL, SMOOTHING)
+        loss, coef, z_coef, onehot_coef, logp, w_y_smooth, w_y = _index_target_terms(
+            X, stride_xc, W, WSUM, y, valid, m, log_sum, dot, C, eps, smooth, z, focal_gamma, cap, HAS_WEIGHT,
+            SMOOTHING, SOFTCAP, FOCAL, ACC)
         coef += z_coef
         loss = tl.where(valid, loss, 0.0)
         lse = tl.where(valid, lse, 0.0)
@@ -299,10 +318,7 @@ def cross_entropy_backward_kernel(
     """The gradient of the loss cross_entropy_forward returned, from the row state it saved: one read of the row,
     grad_output (one value, or one per row for reduction "none") and the mean's 1/denominator applied here."""
     row = tl.program_id(0).to(tl.int64)
-    outer_idx = row // inner
-    inner_idx = row % inner
-    X += outer_idx * stride_xo + inner_idx * stride_xi
-    G += outer_idx * stride_go + inner_idx * stride_gi
+    X, G, outer_idx, inner_idx = _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner)
     eps = tl.load(PARAMS + 0).to(ACC)
     z = tl.load(PARAMS + 1).to(ACC)
     cap = tl.load(PARAMS + 2).to(ACC)
@@ -330,17 +346,9 @@ def cross_entropy_backward_kernel(
         y, valid, _ = _class_target(T, row, C, ignore_index)
         read = tl.where(valid, C, 0)
         scale = tl.where(valid, scale, 0.0)
-        x_y = tl.where(valid, load_logits(X + y * stride_xc, valid, SOFTCAP, cap, ACC), 0.0)
-        w_y = 1.0
-        if HAS_WEIGHT:
-            w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
-        w_sum = C * 1.0
-        if SMOOTHING:
-            w_y_smooth = smooth * w_y
-            if HAS_WEIGHT:
-                w_sum = tl.load(WSUM).to(ACC)
-        _, coef, z_coef, onehot_coef, logp = _index_row_terms(x_y, w_y, m, log_sum, 0.0, w_sum, eps, smooth, z,
-                                                              focal_gamma, FOCAL, SMOOTHING)
+        _, coef, z_coef, onehot_coef, logp, w_y_smooth, _ = _index_target_terms(
+            X, stride_xc, W, WSUM, y, valid, m, log_sum, 0.0, C, eps, smooth, z, focal_gamma, cap, HAS_WEIGHT,
+            SMOOTHING, SOFTCAP, FOCAL, ACC)
         coef = (coef + z_coef) * scale
         onehot_coef = onehot_coef * scale
     _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef, onehot_coef, scale,
