@@ -37,23 +37,6 @@ std::string load_kernels(const std::string& path) {
 
 std::string capability() { return loaded_kernels().capability; }
 
-c10::IValue to_ivalue(const std::string& kernel, const std::string& name, py::handle value) {
-  if (value.is_none()) return {};
-  if (THPVariable_Check(value.ptr())) return THPVariable_Unpack(value.ptr());
-  if (py::isinstance<py::bool_>(value)) return value.cast<bool>();
-  if (py::isinstance<py::int_>(value)) return value.cast<int64_t>();
-  if (py::isinstance<py::float_>(value)) return value.cast<double>();
-  if (py::isinstance<py::list>(value) || py::isinstance<py::tuple>(value)) {
-    const py::sequence items = py::reinterpret_borrow<py::sequence>(value);
-    bool all_int = true;
-    for (py::handle item : items) all_int &= py::isinstance<py::int_>(item) && !py::isinstance<py::bool_>(item);
-    if (all_int) return items.cast<std::vector<int64_t>>();
-    return items.cast<std::vector<double>>();
-  }
-  TORCH_CHECK(false, "lossops: kernel ", kernel, ": argument ", name, " has unsupported type ",
-              std::string(py::str(value.get_type().attr("__name__"))));
-}
-
 // Calls a registered kernel with keyword arguments: exactly the names it registered, each once.
 std::vector<at::Tensor> call_kernel(const std::string& name, const py::kwargs& kwargs) {
   const KernelEntry* entry = loaded_kernels().find(name);
@@ -86,6 +69,23 @@ std::vector<std::string> kernel_parameters(const std::string& name) {
 
 }  // namespace
 
+c10::IValue to_ivalue(const std::string& kernel, const std::string& name, py::handle value) {
+  if (value.is_none()) return {};
+  if (THPVariable_Check(value.ptr())) return THPVariable_Unpack(value.ptr());
+  if (py::isinstance<py::bool_>(value)) return value.cast<bool>();
+  if (py::isinstance<py::int_>(value)) return value.cast<int64_t>();
+  if (py::isinstance<py::float_>(value)) return value.cast<double>();
+  if (py::isinstance<py::list>(value) || py::isinstance<py::tuple>(value)) {
+    const py::sequence items = py::reinterpret_borrow<py::sequence>(value);
+    bool all_int = true;
+    for (py::handle item : items) all_int &= py::isinstance<py::int_>(item) && !py::isinstance<py::bool_>(item);
+    if (all_int) return items.cast<std::vector<int64_t>>();
+    return items.cast<std::vector<double>>();
+  }
+  TORCH_CHECK(false, "lossops: kernel ", kernel, ": argument ", name, " has unsupported type ",
+              std::string(py::str(value.get_type().attr("__name__"))));
+}
+
 const KernelTable& loaded_kernels() {
   const KernelTable* table = g_kernels.load();
   TORCH_CHECK(table != nullptr, "lossops: no kernel library loaded (lossops._cpp.module() loads one)");
@@ -112,17 +112,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_names", &lossops::kernel_names, "The kernels the loaded library registered");
   m.def("kernel_parameters", &lossops::kernel_parameters, "A kernel's registered argument names, in order",
         py::arg("name"));
-  m.def("eager_cross_entropy", &lossops::eager_cross_entropy,
-        "Class-index cross-entropy for plain CPU tensors in one call (loss with its autograd node), or None "
-        "where this path does not apply; a focal_gamma makes it softmax focal loss", py::arg("input"),
-        py::arg("target"), py::arg("weight"), py::arg("ignore_index"), py::arg("reduction"),
-        py::arg("label_smoothing"), py::arg("focal_gamma") = py::none(), py::arg("uniform_alpha") = py::none());
-  m.def("eager_ctc_loss", &lossops::eager_ctc_loss,
-        "CTC loss for plain CPU tensors (int64 targets and length tensors) in one call, or None where this path "
-        "does not apply", py::arg("log_probs"), py::arg("targets"), py::arg("input_lengths"),
-        py::arg("target_lengths"), py::arg("blank"), py::arg("reduction"), py::arg("zero_infinity"));
-  m.def("eager_elementwise", &lossops::eager_elementwise,
-        "An unweighted elementwise family for plain CPU tensors in one call, or None where this path does not apply",
-        py::arg("family"), py::arg("input"), py::arg("target"), py::arg("params"), py::arg("reduction"),
-        py::arg("target_grad"));
+  m.def("declare_eager_route", &lossops::declare_eager_route,
+        "Record a family's eager route (lossops/_eager.py EagerRoute); returns its number", py::arg("kernel"),
+        py::arg("layout"), py::arg("denominator"), py::arg("parameters"), py::arg("scalars"), py::arg("node_name"));
+  m.def("eager_loss", &lossops::eager_loss,
+        "A loss for plain CPU tensors in one call through a declared eager route (loss with its autograd node), or "
+        "None where the route does not serve the call: eager_loss(route, reduction, *tensors, *scalars)",
+        py::arg("route"), py::arg("reduction"));
 }

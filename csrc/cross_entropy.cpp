@@ -195,7 +195,9 @@ void cross_entropy_rows(const at::Tensor& input, const at::Tensor& target, const
 
 }  // namespace
 
-// See CrossEntropyKernel (kernel_abi.h).
+// input: (outer, C, inner) with any strides; target: int64 (outer*inner) class indices, or probabilities of the
+// input's shape. Writes the gradient, scaled by grad_scale, into `grad` when given (it may alias input).
+// Returns {per-row loss, per-row logsumexp, sum of the per-row losses} in the input's opmath dtype.
 std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
                                               const std::optional<at::Tensor>& weight,
                                               const std::optional<at::Tensor>& grad,
@@ -248,11 +250,11 @@ std::vector<at::Tensor> cross_entropy_kernel(const KernelArgs& a) {
                                a.optional_tensor("grad"),
                                {a.integer("ignore_index"), a.real("label_smoothing"), a.real("lse_square_scale"),
                                 a.optional_real("softcap").value_or(0.0), a.optional_real("focal_gamma").value_or(-1.0)},
-                               a.tensor("grad_scale").item<double>());
+                               a.scale("grad_scale"));
 }
 }  // namespace
 
-LOSSOPS_REGISTER_KERNEL("cross_entropy", cross_entropy_kernel, &cross_entropy_forward, "input", "target", "weight",
+LOSSOPS_REGISTER_KERNEL("cross_entropy", cross_entropy_kernel, "input", "target", "weight",
                         "grad", "ignore_index", "label_smoothing", "lse_square_scale", "softcap", "focal_gamma",
                         "grad_scale");
 

@@ -570,7 +570,7 @@ std::vector<at::Tensor> ctc_loss_kernel(const KernelArgs& a) {
 }  // namespace ctc_detail
 }  // namespace
 
-LOSSOPS_REGISTER_KERNEL("ctc_loss", ctc_detail::ctc_loss_kernel, &ctc_loss_forward, "log_probs", "targets",
+LOSSOPS_REGISTER_KERNEL("ctc_loss", ctc_detail::ctc_loss_kernel, "log_probs", "targets",
                         "target_offsets", "input_lengths", "target_lengths", "blank", "zero_infinity", "grad",
                         "grad_scale");
 

@@ -1,6 +1,11 @@
 // The eager call path for plain CPU tensors (part of the host module): one call from Python runs the kernel,
 // the reduction, the output cast and creates the autograd node, all in C++.
 //
+// Nothing here is particular to a loss family. A family's declaration (lossops/_eager.py EagerRoute) names one of
+// the shared layouts below (which call tensors, their kernel views, the loss's and the gradients' item shapes),
+// one of the shared mean denominators, the scalar arguments with the ranges this path serves, and where each of
+// its kernel's named parameters comes from; the kernel is called by those names, as the custom op calls it.
+//
 // On small inputs the Python custom-op route (torch.library's autograd wrapper, redispatch, the mean's
 // denominator and the casts as separate tensor ops) costs many times the kernel, more than eager PyTorch's whole
 // call (docs/eager-path.md has the figures). The custom op stays the route for everything this path does not take
@@ -11,6 +16,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -18,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/TensorUtils.h>
+#include <c10/util/SmallVector.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -26,21 +33,26 @@
 #include <ATen/ops/full.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <deque>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "allocation.h"
 #include "eager_path.h"
+#include "eager_result.h"
 #include "kernel_abi.h"
 #include "tuning.h"
 
 namespace lossops {
 namespace {
 
-enum class Reduction { kNone, kMean, kSum };
+using namespace eager_result;
 
 std::optional<Reduction> parse_reduction(const std::string& name) {
   if (name == "mean") return Reduction::kMean;
@@ -72,329 +84,474 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
   return at::Tensor(std::move(impl));
 }
 
-// A value computed in the accumulation type, rounded there (as the custom op's 0-d tensor arithmetic rounds),
-// then cast to the loss's dtype (round to nearest even, as Tensor.to does), written into a fresh 0-d tensor.
-at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out) {
-  const double rounded = acc == at::kDouble ? value : static_cast<double>(static_cast<float>(value));
-  at::Tensor t = at::detail::empty_cpu({}, out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out, "lossops_scalar_loss", [&] {
-    *t.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(acc == at::kDouble ? rounded : static_cast<float>(rounded));
-  });
-  return t;
-}
+// ---- Routes: what a family's declaration says, as this file reads it ----
 
-// The mean's denominator as the custom op's 0-d tensor holds it (rounded to the accumulation type), and the
-// gradient's scale (its reciprocal for "mean", computed in that type, 0 for a denominator of 0; 1 otherwise): a
-// mean over nothing (every target ignored, or every kept weight 0) has a zero gradient, as lossops._reduce has it.
-struct Denominator {
-  double value, gradient_scale;
-};
+enum class Layout { kClassRows, kSameShape, kSequences };
+enum class DenominatorRule { kElements, kKeptRows, kKeptWeight, kTargetLengths };
+enum class Source { kTensor, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
+enum class ScalarKind { kInt, kReal, kFlag };
 
-Denominator denominator_of(double exact, at::ScalarType acc, Reduction reduction) {
-  const bool fp64 = acc == at::kDouble;
-  const double value = fp64 ? exact : static_cast<float>(exact);
-  double scale = 1.0;
-  if (reduction == Reduction::kMean)
-    scale = value == 0 ? 0.0 : fp64 ? 1.0 / value : static_cast<double>(1.0f / static_cast<float>(value));
-  return {value, scale};
-}
-
-// The loss from the kernel's per-item losses or their sum, reduced and cast as lossops._reduce.reduce and the
-// public function do it.
-at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at::IntArrayRef item_sizes,
-                        Denominator denominator, at::ScalarType acc, at::ScalarType out, Reduction reduction) {
-  if (reduction == Reduction::kNone) {
-    at::Tensor loss = per_item.view(item_sizes);
-    return acc == out ? loss : loss.to(out);
+// The call tensors each layout takes, in order, and the kernel operands it makes of them ("roles"; the layout may
+// add operands of its own after the call's).
+//   class_rows: input (N, C, d1...) or (C,), int64 class-index target (input's shape without C), optional
+//     per-class weight (C,). Operands: input as (outer, C, inner), target as (outer * inner,), weight in the
+//     accumulation dtype. Loss items: the target's shape; grad_output broadcasts as (outer, 1, inner).
+//   same_shape: input and target of one shape and floating dtype. Operands: both contiguous. Items: elements.
+//   sequences: (T, N, C) log-probabilities, int64 targets (N, S) or concatenated, int64 input and target
+//     lengths (N,). Operands: those four and each sequence's target offset. Items: sequences.
+size_t call_tensor_count(Layout layout) {
+  switch (layout) {
+    case Layout::kClassRows: return 3;
+    case Layout::kSameShape: return 2;
+    case Layout::kSequences: return 4;
   }
-  const bool fp64 = acc == at::kDouble;
-  double value = fp64 ? *total.const_data_ptr<double>() : *total.const_data_ptr<float>();
-  if (reduction == Reduction::kMean)
-    value = fp64 ? value / denominator.value
-                 : static_cast<double>(static_cast<float>(value) / static_cast<float>(denominator.value));
-  return scalar_loss(value, acc, out);
+  return 0;
 }
 
-// One gradient written in forward, multiplied by grad_output in backward as lossops._reduce.apply_grad_output
-// does for the custom op. A backward that frees the graph scales the buffer in place (no second input-sized
-// buffer, e.g. for GradScaler's scale) and hands it out: the node lets go of it at once, so nothing else reads
-// it. A backward that keeps the graph (retain_graph=True) hands out a new tensor and leaves the buffer as it
-// was, so a hook that modifies its gradient in place cannot change what a later backward computes.
-struct WrittenGradient {
-  at::Tensor buffer;  // scaled for the reduction; undefined when not needed
+constexpr size_t kMaxCallTensors = 4;
+using CallTensors = std::array<const at::Tensor*, kMaxCallTensors>;
+using Gradients = std::array<at::Tensor, kMaxCallTensors>;
 
-  at::Tensor times(const at::Tensor& grad_output, at::IntArrayRef item_shape, at::IntArrayRef shape) {
-    if (!buffer.defined()) return {};
-    if (!item_shape.empty()) return buffer.mul(grad_output.reshape(item_shape)).view(shape);
-    const double g = grad_output.item<double>();
-    if (torch::autograd::get_current_graph_task_keep_graph()) return buffer.mul(g).view(shape);
-    if (g != 1) buffer.mul_(g);
-    return buffer.view(shape);
-  }
+struct ParameterSource {
+  Source source;
+  size_t index;        // the operand (kTensor), the call tensor (kGradient) or the call scalar (kScalar, kFilled...)
+  c10::IValue constant;
 };
 
-// An autograd node held the way this torch's graph edges hold one: std::shared_ptr up to torch 2.12,
-// c10::intrusive_ptr from 2.13 on (Edge::function's type says which).
-template <typename Pointer>
-struct NodeMaker;
-template <typename Base>
-struct NodeMaker<std::shared_ptr<Base>> {
-  template <typename T>
-  static std::shared_ptr<T> make() { return std::make_shared<T>(); }
+struct ScalarRule {
+  ScalarKind kind;
+  double low, high;    // served range (reals: finite too; ints: low <= value <= high)
+  bool below_classes;  // an int in [0, C): the class_rows / sequences class count
 };
-template <typename Base>
-struct NodeMaker<c10::intrusive_ptr<Base>> {
-  template <typename T>
-  static c10::intrusive_ptr<T> make() { return c10::make_intrusive<T>(); }
-};
-template <typename T>
-auto make_node() {
-  return NodeMaker<decltype(torch::autograd::Edge::function)>::template make<T>();
-}
 
-struct FusedLossBackward : torch::autograd::Node {
-  WrittenGradient input_gradient, target_gradient;
-  std::vector<int64_t> item_shape;   // reduction="none": how grad_output broadcasts against the gradients
-  std::vector<int64_t> input_shape;  // the gradients' shape as the input had it
-  bool released = false;
-  std::string node_name;
+struct EagerRoute {
+  std::string kernel, node_name;
+  Layout layout;
+  DenominatorRule denominator;
+  std::vector<std::string> names;  // the kernel's parameters, in the order of `parameters`
+  std::vector<ParameterSource> parameters;
+  std::vector<ScalarRule> scalars;
+  std::vector<size_t> differentiable;  // call tensors with a gradient parameter, in call order
+  std::optional<size_t> ignore_index;  // the parameter holding ignore_index (kept_rows / kept_weight)
+  // The kernel in the library last loaded (tests switch libraries); calls hold the GIL, so no race.
+  mutable const KernelTable* table = nullptr;
+  mutable const KernelEntry* entry = nullptr;
 
-  std::string name() const override { return node_name; }
-
-  void release_variables() override {
-    input_gradient.buffer.reset();
-    target_gradient.buffer.reset();
-    released = true;
-  }
-
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    TORCH_CHECK(!released, "Trying to backward through the graph a second time (or directly access saved tensors "
-                "after they have already been freed). Saved intermediate values of the graph are freed when you call "
-                ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
-                "a second time or if you need to access saved tensors after calling backward.");
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "lossops: double backward (create_graph=True through a lossops loss) is not supported");
-    torch::autograd::variable_list out(2);
-    const at::Tensor& grad_output = grads[0];
-    if (!grad_output.defined()) return out;  // the loss did not reach the result
-    if (should_compute_output(0)) out[0] = input_gradient.times(grad_output, item_shape, input_shape);
-    if (should_compute_output(1)) out[1] = target_gradient.times(grad_output, item_shape, input_shape);
-    return out;
+  const KernelEntry& kernel_entry() const {
+    const KernelTable& loaded = loaded_kernels();
+    if (&loaded != table) {
+      const KernelEntry* found = loaded.find(kernel);
+      TORCH_CHECK(found != nullptr && found->parameters.size() == names.size(), "lossops: the kernel library's ",
+                  kernel, " does not take the parameters its eager route declares");
+      entry = found;
+      table = &loaded;
+    }
+    return *entry;
   }
 };
 
-py::object attach_gradient(at::Tensor loss, const at::Tensor& input, const at::Tensor& target, at::Tensor grad_input,
-                           at::Tensor grad_target, std::vector<int64_t> item_shape, const char* name) {
-  auto node = make_node<FusedLossBackward>();
-  node->input_gradient.buffer = std::move(grad_input);
-  node->target_gradient.buffer = std::move(grad_target);
-  node->item_shape = std::move(item_shape);
-  node->input_shape = input.sizes().vec();
-  node->node_name = name;
-  node->set_next_edges(torch::autograd::collect_next_edges(input, target));
-  torch::autograd::set_history(loss, node);
-  return py::cast(loss);
+// Appended to under the GIL at import, read by calls; a deque never moves its elements.
+std::deque<EagerRoute>& routes() {
+  static std::deque<EagerRoute> declared;
+  return declared;
 }
 
-}  // namespace
+template <typename Enum>
+Enum named(const std::string& what, const std::string& name,
+           std::initializer_list<std::pair<const char*, Enum>> choices) {
+  for (const auto& [choice, value] : choices) {
+    if (name == choice) return value;
+  }
+  TORCH_CHECK(false, "lossops: unknown eager-route ", what, " '", name, "'");
+}
 
-// Class-index cross-entropy with torch's options (weight, ignore_index, reduction, label_smoothing), and
-// softmax focal loss (focal_gamma given; weight = per-class alpha, or uniform_alpha for a float alpha, whose
-// mean divides by the count of kept rows, not by their alphas). Anything this path does not serve, invalid
-// arguments included, returns None (the Python path then raises).
-py::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target,
-                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                               const std::string& reduction_name, double label_smoothing,
-                               std::optional<double> focal_gamma, std::optional<double> uniform_alpha) {
-  const auto reduction = parse_reduction(reduction_name);
-  const bool focal = focal_gamma.has_value();
-  if (focal && (!(*focal_gamma >= 0) || !std::isfinite(*focal_gamma) || label_smoothing != 0 ||
-                (uniform_alpha && (weight.has_value() || !(*uniform_alpha >= 0) || !std::isfinite(*uniform_alpha)))))
-    return py::none();
-  if ((!focal && uniform_alpha) || modes_active()) return py::none();
-  if (!reduction || !(label_smoothing >= 0 && label_smoothing <= 1) || !input.device().is_cpu() ||
-      !kernel_dtype(input.scalar_type()) || input.dim() < 1 || input.numel() == 0 ||
-      target.scalar_type() != at::kLong || !target.device().is_cpu())
-    return py::none();
-  const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
-  if (weight.has_value() && (weight->scalar_type() != input.scalar_type() || weight->dim() != 1 ||
-                             weight->numel() != C || weight->requires_grad() || !weight->device().is_cpu()))
-    return py::none();
-  // torch's target shape: the input's without the class dimension.
-  std::vector<int64_t> expected = input.sizes().vec();
-  expected.erase(expected.begin() + (input.dim() == 1 ? 0 : 1));
-  if (target.sizes() != at::IntArrayRef(expected)) return py::none();
-  // The (outer, C, inner) view the kernel reads; dims 2.. merge into one only where their strides allow, else
-  // (as flatten would) a contiguous copy.
+// ---- One call ----
+
+// The call tensors under a layout's rules, and what the rest of the call needs of them.
+struct Prepared {
+  c10::SmallVector<at::Tensor, 5> operands;  // the layout's roles (undefined: an absent optional tensor)
+  at::DimVector loss_shape;                  // reduction="none"
+  at::DimVector item_shape;                  // grad_output's broadcast against the gradient buffers
+  int64_t classes = 0;
+};
+
+// The (outer, C, inner) view the kernel reads; dims 2.. merge into one only where their strides allow, else (as
+// flatten would) a contiguous copy.
+at::Tensor class_rows_view(const at::Tensor& input, int64_t C) {
   const int64_t outer = input.dim() == 1 ? 1 : input.size(0);
   const int64_t inner = input.dim() <= 2 ? 1 : input.numel() / (outer * C);
   const int64_t class_stride = input.dim() == 1 ? input.stride(0) : input.stride(1);
-  at::Tensor logits3;
-  if (input.dim() <= 2) {
-    logits3 = internal_view(input, {outer, C, 1}, {input.dim() == 1 ? C * class_stride : input.stride(0), class_stride, 1});
-  } else if (auto merged = at::detail::computeStride(input.sizes(), input.strides(), at::DimVector{outer, C, inner})) {
-    logits3 = internal_view(input, {outer, C, inner}, *merged);
-  } else {
-    const at::Tensor dense = input.contiguous();
-    logits3 = internal_view(dense, {outer, C, inner}, {C * inner, inner, 1});
-  }
-  const at::Tensor target_rows = target.is_contiguous()
-                                     ? internal_view(target, {target.numel()}, {1})
-                                     : target.contiguous().reshape({-1});
-  const auto acc = at::toOpMathType(input.scalar_type());
-  const bool needs_grad = at::GradMode::is_enabled() && input.requires_grad();
-  // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since
-  // the loss gets its own node.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-
-  // The mean's denominator as lossops._reduce.class_index_denominator forms it: the count of kept rows, or
-  // the float64 sum of their weights in index order (out-of-range targets are the kernel's to reject).
-  std::optional<at::Tensor> weight_acc;
-  double denominator = 0;
-  const int64_t* t = target_rows.const_data_ptr<int64_t>();
-  const int64_t rows = target_rows.numel();
-  if (weight.has_value()) {
-    weight_acc = weight->to(acc).contiguous();
-    const at::Tensor w64 = weight->to(at::kDouble).contiguous();
-    const double* w = w64.const_data_ptr<double>();
-    for (int64_t r = 0; r < rows; ++r) {
-      if (t[r] != ignore_index) denominator += w[std::clamp<int64_t>(t[r], 0, C - 1)];
-    }
-  } else {
-    // An integer count vectorises (a double sum is one dependent add per row) and its order does not matter.
-    const int64_t kept = at::parallel_reduce(
-        int64_t(0), rows, kIndexScanGrain, int64_t(0),
-        [&](int64_t begin, int64_t end, int64_t count) {
-          for (int64_t r = begin; r < end; ++r) count += t[r] != ignore_index;
-          return count;
-        },
-        std::plus<int64_t>());
-    denominator = static_cast<double>(kept);
-    // A float alpha weighs every row alike, rounded to the input's dtype as the Python path's full() does.
-    if (uniform_alpha) weight_acc = at::full({C}, *uniform_alpha, input.scalar_type()).to(acc);
-  }
-  const Denominator mean = denominator_of(denominator, acc, *reduction);
-
-  std::optional<at::Tensor> grad;
-  if (needs_grad) grad = empty_gradient(logits3.sizes(), logits3.scalar_type());
-  CrossEntropyOptions options;
-  options.ignore_index = ignore_index;
-  options.label_smoothing = label_smoothing;
-  if (focal) options.focal_gamma = *focal_gamma;
-  const CrossEntropyKernel cross_entropy = loaded_kernels().typed<CrossEntropyKernel>("cross_entropy");
-  TORCH_CHECK(cross_entropy != nullptr, "lossops: the kernel library has no typed cross_entropy kernel");
-  std::vector<at::Tensor> result = cross_entropy(logits3, target_rows, weight_acc, grad, options, mean.gradient_scale);
-  at::Tensor loss = reduced_loss(result[0], result[2], target.sizes(), mean, acc, input.scalar_type(), *reduction);
-  if (!needs_grad) return py::cast(loss);
-  std::vector<int64_t> item_shape;
-  if (*reduction == Reduction::kNone) item_shape = {logits3.size(0), 1, logits3.size(2)};
-  return attach_gradient(loss, input, target, *grad, at::Tensor(), std::move(item_shape),
-                         focal ? "LossopsSoftmaxFocalLossBackward" : "LossopsCrossEntropyBackward");
+  if (input.dim() <= 2)
+    return internal_view(input, {outer, C, 1}, {input.dim() == 1 ? C * class_stride : input.stride(0), class_stride, 1});
+  if (auto merged = at::detail::computeStride(input.sizes(), input.strides(), at::DimVector{outer, C, inner}))
+    return internal_view(input, {outer, C, inner}, *merged);
+  const at::Tensor dense = input.contiguous();
+  return internal_view(dense, {outer, C, inner}, {C * inner, inner, 1});
 }
 
-// An elementwise family on input and target of one shape and dtype, without weights: the mean divides by
-// the number of elements. target_grad: whether this family's kernel computes the target's gradient.
-py::object eager_elementwise(const std::string& family, const at::Tensor& input, const at::Tensor& target,
-                             std::vector<double> params, const std::string& reduction_name, bool target_grad) {
-  const auto reduction = parse_reduction(reduction_name);
-  ElementwiseKernel kernel = loaded_kernels().typed<ElementwiseKernel>(family);
-  if (!reduction || kernel == nullptr || modes_active() || !input.device().is_cpu() || !target.device().is_cpu() ||
-      !kernel_dtype(input.scalar_type()) || target.scalar_type() != input.scalar_type() ||
+bool prepare_class_rows(const CallTensors& call, Prepared& p) {
+  const at::Tensor& input = *call[0];
+  const at::Tensor& target = *call[1];
+  if (!kernel_dtype(input.scalar_type()) || input.dim() < 1 || input.numel() == 0 ||
+      target.scalar_type() != at::kLong || !target.device().is_cpu())
+    return false;
+  const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
+  const at::Tensor* weight = call[2];
+  if (weight != nullptr && (weight->scalar_type() != input.scalar_type() || weight->dim() != 1 ||
+                            weight->numel() != C || !weight->device().is_cpu()))
+    return false;
+  // torch's target shape: the input's without the class dimension.
+  std::vector<int64_t> expected = input.sizes().vec();
+  expected.erase(expected.begin() + (input.dim() == 1 ? 0 : 1));
+  if (target.sizes() != at::IntArrayRef(expected)) return false;
+  const at::Tensor logits = class_rows_view(input, C);
+  const at::Tensor rows = target.is_contiguous() ? internal_view(target, {target.numel()}, {1})
+                                                 : target.contiguous().reshape({-1});
+  const auto acc = at::toOpMathType(input.scalar_type());
+  p.operands = {logits, rows, weight != nullptr ? weight->to(acc).contiguous() : at::Tensor()};
+  p.loss_shape = at::DimVector(target.sizes());
+  p.item_shape = {logits.size(0), 1, logits.size(2)};
+  p.classes = C;
+  return true;
+}
+
+bool prepare_same_shape(const CallTensors& call, Prepared& p) {
+  const at::Tensor& input = *call[0];
+  const at::Tensor& target = *call[1];
+  if (!kernel_dtype(input.scalar_type()) || target.scalar_type() != input.scalar_type() ||
       input.sizes() != target.sizes() || input.numel() == 0)
-    return py::none();
-  const bool grad_mode = at::GradMode::is_enabled();
-  const bool needs_input = grad_mode && input.requires_grad();
-  const bool needs_target = grad_mode && target.requires_grad();
-  if (needs_target && !target_grad) return py::none();
-  const auto acc = at::toOpMathType(input.scalar_type());
-  // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since
-  // the loss gets its own node.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Denominator mean = denominator_of(static_cast<double>(input.numel()), acc, *reduction);
-  const at::Tensor x = input.contiguous(), y = target.contiguous();
-  ElementwiseArgs args;
-  args.input = x;
-  args.target = y;
-  args.weight_layout = {1, 1};
-  args.aux_layout = {1, 1};
-  args.params = std::move(params);
-  if (needs_input) args.grad_input = empty_gradient(x.sizes(), x.scalar_type());
-  if (needs_target) args.grad_target = empty_gradient(x.sizes(), x.scalar_type());
-  args.grad_scale = mean.gradient_scale;
-  args.per_element = *reduction == Reduction::kNone;
-  std::vector<at::Tensor> result = kernel(args);
-  at::Tensor loss = reduced_loss(result[0], result[1], input.sizes(), mean, acc, input.scalar_type(), *reduction);
-  if (!needs_input && !needs_target) return py::cast(loss);
-  std::vector<int64_t> item_shape;
-  if (*reduction == Reduction::kNone) item_shape = input.sizes().vec();
-  return attach_gradient(loss, input, target, needs_input ? *args.grad_input : at::Tensor(),
-                         needs_target ? *args.grad_target : at::Tensor(), std::move(item_shape),
-                         "LossopsElementwiseBackward");
+    return false;
+  p.operands = {input.contiguous(), target.contiguous()};
+  p.loss_shape = at::DimVector(input.sizes());
+  p.item_shape = p.loss_shape;
+  return true;
 }
 
-// CTC loss on (T, N, C) log-probabilities with int64 CPU targets (padded (N, S) or concatenated) and int64
-// CPU length tensors, every value in range; anything else, invalid values included, returns None (the Python
-// path raises). The same kernel call, scale and reduction as lossops/losses/ctc.py's _run.
-py::object eager_ctc_loss(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tensor& input_lengths,
-                          const at::Tensor& target_lengths, int64_t blank, const std::string& reduction_name,
-                          bool zero_infinity) {
-  const auto reduction = parse_reduction(reduction_name);
-  if (!reduction || modes_active() || !log_probs.device().is_cpu() || !kernel_dtype(log_probs.scalar_type()) || log_probs.dim() != 3 ||
-      log_probs.numel() == 0 || targets.scalar_type() != at::kLong || !targets.device().is_cpu() ||
-      !targets.is_contiguous() || (targets.dim() != 1 && targets.dim() != 2))
-    return py::none();
-  const int64_t T = log_probs.size(0), N = log_probs.size(1), C = log_probs.size(2);
+// CTC's lengths are read here (as torch's CPU ctc_loss reads them); anything out of range takes the full path.
+bool prepare_sequences(const CallTensors& call, Prepared& p) {
+  const at::Tensor& log_probs = *call[0];
+  const at::Tensor& targets = *call[1];
+  if (!kernel_dtype(log_probs.scalar_type()) || log_probs.dim() != 3 || log_probs.numel() == 0 ||
+      targets.scalar_type() != at::kLong || !targets.device().is_cpu() || !targets.is_contiguous() ||
+      (targets.dim() != 1 && targets.dim() != 2))
+    return false;
+  const int64_t T = log_probs.size(0), N = log_probs.size(1);
   const bool padded = targets.dim() == 2;
-  if (blank < 0 || blank >= C || (padded && targets.size(0) != N)) return py::none();
-  for (const at::Tensor* t : {&input_lengths, &target_lengths}) {
-    if (t->scalar_type() != at::kLong || !t->device().is_cpu() || t->dim() != 1 || t->size(0) != N ||
-        !t->is_contiguous() || t->requires_grad())
-      return py::none();
+  if (padded && targets.size(0) != N) return false;
+  for (size_t i : {2, 3}) {
+    const at::Tensor& t = *call[i];
+    if (t.scalar_type() != at::kLong || !t.device().is_cpu() || t.dim() != 1 || t.size(0) != N ||
+        !t.is_contiguous() || t.requires_grad())
+      return false;
   }
-  const int64_t* il = input_lengths.const_data_ptr<int64_t>();
-  const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
+  const int64_t* il = call[2]->const_data_ptr<int64_t>();
+  const int64_t* tl = call[3]->const_data_ptr<int64_t>();
   const int64_t width = padded ? targets.size(1) : 0;
   int64_t total = 0;
   for (int64_t n = 0; n < N; ++n) {
-    if (il[n] < 0 || il[n] > T || tl[n] < 0 || (padded && tl[n] > width)) return py::none();
+    if (il[n] < 0 || il[n] > T || tl[n] < 0 || (padded && tl[n] > width)) return false;
     total += tl[n];
   }
-  if (!padded && total > targets.numel()) return py::none();
-  const auto acc = at::toOpMathType(log_probs.scalar_type());
-  const bool needs_grad = at::GradMode::is_enabled() && log_probs.requires_grad();
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-
+  if (!padded && total > targets.numel()) return false;
   at::Tensor offsets = at::empty({N}, at::TensorOptions().dtype(at::kLong));
   int64_t* off = offsets.mutable_data_ptr<int64_t>();
   for (int64_t n = 0, start = 0; n < N; ++n) {
     off[n] = padded ? n * width : start;
     start += tl[n];
   }
-  // The mean divides each sequence's loss by its target length (at least 1), then by the batch, in the
-  // accumulation type as the Python path's (clamp_min(1) * N).reciprocal() does.
+  p.operands = {log_probs, targets, *call[2], *call[3], offsets};
+  p.loss_shape = {N};
+  p.item_shape = {1, N, 1};
+  p.classes = log_probs.size(2);
+  return true;
+}
+
+bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
+  switch (layout) {
+    case Layout::kClassRows: return prepare_class_rows(call, p);
+    case Layout::kSameShape: return prepare_same_shape(call, p);
+    case Layout::kSequences: return prepare_sequences(call, p);
+  }
+  return false;
+}
+
+// A call scalar as the route's rule takes it; nullopt where this path does not serve the value (the full path's
+// checks then raise, or serve it).
+std::optional<c10::IValue> scalar_argument(py::handle value, const ScalarRule& rule, int64_t classes) {
+  PyObject* o = value.ptr();
+  if (rule.kind == ScalarKind::kFlag) {
+    if (!PyBool_Check(o)) return std::nullopt;
+    return c10::IValue(o == Py_True);
+  }
+  if (PyBool_Check(o)) return std::nullopt;
+  if (rule.kind == ScalarKind::kInt) {
+    if (!PyLong_Check(o)) return std::nullopt;
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      return std::nullopt;
+    }
+    if (rule.below_classes ? !(v >= 0 && v < classes) : !(v >= rule.low && v <= rule.high)) return std::nullopt;
+    return c10::IValue(static_cast<int64_t>(v));
+  }
+  if (!PyFloat_Check(o) && !PyLong_Check(o)) return std::nullopt;
+  const double v = PyFloat_Check(o) ? PyFloat_AS_DOUBLE(o) : PyLong_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  if (!std::isfinite(v) || !(v >= rule.low && v <= rule.high)) return std::nullopt;
+  return c10::IValue(v);
+}
+
+// The mean's denominator for class_rows: the count of kept rows, or the float64 sum of their weights in index
+// order (out-of-range targets are the kernel's to reject), as lossops._reduce.class_index_denominator forms it.
+double kept_rows_denominator(const at::Tensor& rows, const at::Tensor& weight, int64_t ignore_index, int64_t C) {
+  const int64_t* t = rows.const_data_ptr<int64_t>();
+  const int64_t n = rows.numel();
+  if (weight.defined()) {
+    const at::Tensor w64 = weight.to(at::kDouble).contiguous();
+    const double* w = w64.const_data_ptr<double>();
+    double sum = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      if (t[r] != ignore_index) sum += w[std::clamp<int64_t>(t[r], 0, C - 1)];
+    }
+    return sum;
+  }
+  // An integer count vectorises (a double sum is one dependent add per row) and its order does not matter.
+  const int64_t kept = at::parallel_reduce(
+      int64_t(0), n, kIndexScanGrain, int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t count) {
+        for (int64_t r = begin; r < end; ++r) count += t[r] != ignore_index;
+        return count;
+      },
+      std::plus<int64_t>());
+  return static_cast<double>(kept);
+}
+
+// CTC's mean divides each sequence's loss by its target length (at least 1), then by the batch, in the
+// accumulation type, as lossops/losses/ctc.py's (clamp_min(1) * N).reciprocal() does; 1 for the other reductions.
+at::Tensor sequence_scale(const at::Tensor& target_lengths, at::ScalarType acc, Reduction reduction) {
+  const int64_t N = target_lengths.numel();
+  const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
   at::Tensor scale = at::empty({N}, at::TensorOptions().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "lossops_ctc_scale", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "lossops_sequence_scale", [&] {
     scalar_t* s = scale.mutable_data_ptr<scalar_t>();
     for (int64_t n = 0; n < N; ++n)
-      s[n] = *reduction == Reduction::kMean ? scalar_t(1) / (static_cast<scalar_t>(std::max<int64_t>(tl[n], 1)) *
-                                                           static_cast<scalar_t>(N))
-                                            : scalar_t(1);
+      s[n] = reduction == Reduction::kMean
+                 ? scalar_t(1) / (static_cast<scalar_t>(std::max<int64_t>(tl[n], 1)) * static_cast<scalar_t>(N))
+                 : scalar_t(1);
   });
-  std::optional<at::Tensor> grad;
-  if (needs_grad) grad = empty_gradient(log_probs.sizes(), log_probs.scalar_type());
-  const CtcKernel ctc = loaded_kernels().typed<CtcKernel>("ctc_loss");
-  TORCH_CHECK(ctc != nullptr, "lossops: the kernel library has no typed ctc_loss kernel");
-  const at::Tensor nll = ctc(log_probs, targets, offsets, input_lengths, target_lengths, blank, zero_infinity, grad,
-                             scale)[0];
-  at::Tensor loss = *reduction == Reduction::kNone  ? nll
-                    : *reduction == Reduction::kSum ? nll.sum()
-                                                    : at::dot(nll, scale);
-  if (loss.scalar_type() != log_probs.scalar_type()) loss = loss.to(log_probs.scalar_type());
-  if (!needs_grad) return py::cast(loss);
-  std::vector<int64_t> item_shape;
-  if (*reduction == Reduction::kNone) item_shape = {1, N, 1};
-  return attach_gradient(loss, log_probs, targets, *grad, at::Tensor(), std::move(item_shape),
-                         "LossopsCtcLossBackward");
+  return scale;
+}
+
+}  // namespace
+
+int64_t declare_eager_route(const std::string& kernel, const std::string& layout, const std::string& denominator,
+                            const py::list& parameters, const py::list& scalars, const std::string& node_name) {
+  EagerRoute route;
+  route.kernel = kernel;
+  route.node_name = node_name;
+  route.layout = named<Layout>("layout", layout, {{"class_rows", Layout::kClassRows},
+                                                  {"same_shape", Layout::kSameShape},
+                                                  {"sequences", Layout::kSequences}});
+  route.denominator = named<DenominatorRule>("denominator", denominator,
+                                             {{"elements", DenominatorRule::kElements},
+                                              {"kept_rows", DenominatorRule::kKeptRows},
+                                              {"kept_weight", DenominatorRule::kKeptWeight},
+                                              {"target_lengths", DenominatorRule::kTargetLengths}});
+  for (py::handle rule : scalars) {
+    const auto t = rule.cast<py::tuple>();
+    route.scalars.push_back({named<ScalarKind>("scalar kind", t[0].cast<std::string>(),
+                                               {{"int", ScalarKind::kInt}, {"real", ScalarKind::kReal},
+                                                {"flag", ScalarKind::kFlag}}),
+                             t[1].cast<double>(), t[2].cast<double>(), t[3].cast<bool>()});
+  }
+  for (py::handle parameter : parameters) {
+    const auto t = parameter.cast<py::tuple>();
+    const std::string name = t[0].cast<std::string>();
+    const Source source = named<Source>("parameter source", t[1].cast<std::string>(),
+                                        {{"tensor", Source::kTensor}, {"gradient", Source::kGradient},
+                                         {"grad_scale", Source::kGradScale}, {"per_item", Source::kPerItem},
+                                         {"scalar", Source::kScalar}, {"filled_weight", Source::kFilledWeight},
+                                         {"constant", Source::kConstant}});
+    const size_t index = t[2].cast<size_t>();
+    TORCH_CHECK(source != Source::kGradient || index < call_tensor_count(route.layout),
+                "lossops: eager route for ", kernel, ": gradient ", name, " of call tensor ", index);
+    TORCH_CHECK((source != Source::kScalar && source != Source::kFilledWeight) || index < route.scalars.size(),
+                "lossops: eager route for ", kernel, ": ", name, " reads scalar ", index);
+    TORCH_CHECK(source != Source::kFilledWeight || route.layout == Layout::kClassRows,
+                "lossops: eager route for ", kernel, ": a filled weight needs the class_rows layout");
+    if (source == Source::kGradient) route.differentiable.push_back(index);
+    if (name == "ignore_index") route.ignore_index = route.parameters.size();
+    route.names.push_back(name);
+    route.parameters.push_back({source, index, source == Source::kConstant ? to_ivalue(kernel, name, t[3]) : c10::IValue()});
+  }
+  std::sort(route.differentiable.begin(), route.differentiable.end());
+  const bool kept = route.denominator == DenominatorRule::kKeptRows || route.denominator == DenominatorRule::kKeptWeight;
+  TORCH_CHECK(!kept || (route.layout == Layout::kClassRows && route.ignore_index.has_value()),
+              "lossops: eager route for ", kernel, ": a kept-rows denominator needs class_rows and ignore_index");
+  TORCH_CHECK((route.denominator == DenominatorRule::kTargetLengths) == (route.layout == Layout::kSequences),
+              "lossops: eager route for ", kernel, ": the target_lengths denominator goes with the sequences layout");
+  routes().push_back(std::move(route));
+  return static_cast<int64_t>(routes().size()) - 1;
+}
+
+namespace {
+
+// One call of a route, as read from its Python arguments.
+struct EagerCall {
+  Reduction reduction;
+  CallTensors tensors{};  // nullptr: an absent optional tensor (or none: past the layout's count)
+  std::array<bool, kMaxCallTensors> needs_grad{};
+  Prepared prepared;
+  c10::SmallVector<c10::IValue, 4> scalars;
+};
+
+// false where the route does not serve the call.
+bool read_call(const EagerRoute& route, const py::args& arguments, EagerCall& call) {
+  const size_t n_call = call_tensor_count(route.layout);
+  for (size_t i = 0; i < n_call; ++i) {
+    PyObject* o = arguments[i].ptr();
+    if (o == Py_None) continue;
+    if (!THPVariable_CheckExact(o)) return false;
+    const at::Tensor& t = THPVariable_Unpack(o);
+    if (!t.device().is_cpu()) return false;
+    call.tensors[i] = &t;
+  }
+  if (call.tensors[0] == nullptr || call.tensors[1] == nullptr) return false;
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (size_t i = 0; i < n_call; ++i) {
+    if (call.tensors[i] == nullptr || !grad_mode || !call.tensors[i]->requires_grad()) continue;
+    if (!std::binary_search(route.differentiable.begin(), route.differentiable.end(), i)) return false;
+    call.needs_grad[i] = true;
+  }
+  if (!prepare(route.layout, call.tensors, call.prepared)) return false;
+  call.scalars.reserve(route.scalars.size());
+  for (size_t i = 0; i < route.scalars.size(); ++i) {
+    auto value = scalar_argument(arguments[n_call + i], route.scalars[i], call.prepared.classes);
+    if (!value) return false;
+    call.scalars.push_back(std::move(*value));
+  }
+  return true;
+}
+
+// The kernel's arguments in the route's parameter order, with the gradient buffers it writes (by call tensor); the
+// grad_scale slot is left empty for the denominator (its index in *grad_scale_at). false where a filled weight
+// meets a weight tensor.
+bool kernel_values(const EagerRoute& route, const EagerCall& call, std::vector<c10::IValue>& values,
+                   Gradients& gradients, std::optional<size_t>& grad_scale_at) {
+  const Prepared& p = call.prepared;
+  const at::Tensor& first = *call.tensors[0];
+  values.reserve(route.parameters.size());
+  for (const ParameterSource& s : route.parameters) {
+    switch (s.source) {
+      case Source::kTensor:
+        values.emplace_back(p.operands[s.index].defined() ? c10::IValue(p.operands[s.index]) : c10::IValue());
+        break;
+      case Source::kGradient:
+        if (call.needs_grad[s.index])
+          gradients[s.index] = empty_gradient(p.operands[s.index].sizes(), p.operands[s.index].scalar_type());
+        values.emplace_back(call.needs_grad[s.index] ? c10::IValue(gradients[s.index]) : c10::IValue());
+        break;
+      case Source::kGradScale:
+        grad_scale_at = values.size();
+        values.emplace_back();
+        break;
+      case Source::kPerItem: values.emplace_back(call.reduction == Reduction::kNone); break;
+      case Source::kScalar: values.push_back(call.scalars[s.index]); break;
+      case Source::kFilledWeight:
+        // One weight for every class, rounded to the input's dtype as the Python path's full() does.
+        if (p.operands[2].defined()) return false;
+        values.emplace_back(at::full({p.classes}, call.scalars[s.index].toDouble(), first.scalar_type())
+                                .to(at::toOpMathType(first.scalar_type())));
+        break;
+      case Source::kConstant: values.push_back(s.constant); break;
+    }
+  }
+  return true;
+}
+
+// The loss from the kernel's results: per item, their sum, or the mean over the route's denominator (`mean`), or
+// for per-sequence scales (`scale`) their dot product with the per-item losses; cast to the input's dtype.
+at::Tensor route_loss(const std::vector<at::Tensor>& result, const EagerCall& call,
+                      const std::optional<Denominator>& mean, const at::Tensor& scale) {
+  const at::ScalarType out = call.tensors[0]->scalar_type();
+  if (mean)
+    return reduced_loss(result[0], result.back(), call.prepared.loss_shape, *mean, at::toOpMathType(out), out,
+                        call.reduction);
+  const at::Tensor& per_item = result[0];
+  at::Tensor loss = call.reduction == Reduction::kNone  ? per_item
+                    : call.reduction == Reduction::kSum ? per_item.sum()
+                                                        : at::dot(per_item, scale);
+  return loss.scalar_type() == out ? loss : loss.to(out);
+}
+
+py::object with_gradients(at::Tensor loss, const EagerRoute& route, EagerCall& call,
+                          Gradients& gradients) {
+  auto node = make_node<FusedLossBackward>();
+  std::vector<at::Tensor> edges;
+  for (size_t i : route.differentiable) {
+    node->gradients.push_back({std::move(gradients[i])});
+    edges.push_back(call.tensors[i] != nullptr ? *call.tensors[i] : at::Tensor());
+  }
+  if (call.reduction == Reduction::kNone) node->item_shape.assign(call.prepared.item_shape.begin(), call.prepared.item_shape.end());
+  node->input_shape = call.tensors[0]->sizes().vec();
+  node->node_name = route.node_name;
+  node->set_next_edges(torch::autograd::collect_next_edges(edges));
+  torch::autograd::set_history(loss, node);
+  return py::cast(loss);
+}
+
+}  // namespace
+
+// Anything the route does not serve, invalid arguments included, returns None (the Python path then raises).
+py::object eager_loss(int64_t route_number, const std::string& reduction_name, const py::args& arguments) {
+  TORCH_CHECK(route_number >= 0 && static_cast<size_t>(route_number) < routes().size(),
+              "lossops: no eager route ", route_number);
+  const EagerRoute& route = routes()[route_number];
+  const size_t n_call = call_tensor_count(route.layout);
+  TORCH_CHECK(arguments.size() == n_call + route.scalars.size(), "lossops: eager route for ", route.kernel, " takes ",
+              n_call, " tensors and ", route.scalars.size(), " scalars, got ", arguments.size(), " arguments");
+  const auto reduction = parse_reduction(reduction_name);
+  if (!reduction || modes_active()) return py::none();
+  EagerCall call;
+  call.reduction = *reduction;
+  // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since the
+  // loss gets its own node.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (!read_call(route, arguments, call)) return py::none();
+  std::vector<c10::IValue> values;
+  Gradients gradients;
+  std::optional<size_t> grad_scale_at;
+  if (!kernel_values(route, call, values, gradients, grad_scale_at)) return py::none();
+
+  const Prepared& p = call.prepared;
+  const auto acc = at::toOpMathType(call.tensors[0]->scalar_type());
+  std::optional<Denominator> mean;
+  at::Tensor scale;
+  switch (route.denominator) {
+    case DenominatorRule::kElements:
+      mean = denominator_of(static_cast<double>(call.tensors[0]->numel()), acc, call.reduction);
+      break;
+    case DenominatorRule::kKeptRows:
+    case DenominatorRule::kKeptWeight: {
+      const at::Tensor& weight = route.denominator == DenominatorRule::kKeptWeight ? p.operands[2] : at::Tensor();
+      mean = denominator_of(kept_rows_denominator(p.operands[1], weight, values[*route.ignore_index].toInt(),
+                                                  p.classes),
+                            acc, call.reduction);
+      break;
+    }
+    case DenominatorRule::kTargetLengths: scale = sequence_scale(p.operands[3], acc, call.reduction); break;
+  }
+  if (grad_scale_at) values[*grad_scale_at] = mean ? c10::IValue(mean->gradient_scale) : c10::IValue(scale);
+
+  const KernelEntry& entry = route.kernel_entry();
+  const std::vector<at::Tensor> result = entry.function(KernelArgs(entry.name.c_str(), route.names, std::move(values)));
+  at::Tensor loss = route_loss(result, call, mean, scale);
+  if (std::none_of(call.needs_grad.begin(), call.needs_grad.end(), [](bool b) { return b; })) return py::cast(loss);
+  return with_gradients(std::move(loss), route, call, gradients);
 }
 
 }  // namespace lossops

@@ -3,9 +3,7 @@
 
 #include <torch/csrc/utils/pybind.h>
 
-#include <optional>
 #include <string>
-#include <vector>
 
 #include "kernel_abi.h"
 
@@ -14,14 +12,16 @@ namespace lossops {
 // The table of the kernel library lossops._cpp loaded (bindings.cpp); raises when none is loaded.
 const KernelTable& loaded_kernels();
 
-pybind11::object eager_cross_entropy(const at::Tensor& input, const at::Tensor& target,
-                                     const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                     const std::string& reduction, double label_smoothing,
-                                     std::optional<double> focal_gamma, std::optional<double> uniform_alpha);
-pybind11::object eager_ctc_loss(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tensor& input_lengths,
-                                const at::Tensor& target_lengths, int64_t blank, const std::string& reduction,
-                                bool zero_infinity);
-pybind11::object eager_elementwise(const std::string& family, const at::Tensor& input, const at::Tensor& target,
-                                   std::vector<double> params, const std::string& reduction, bool target_grad);
+// A Python value as a kernel argument: None, a tensor, a bool, an int, a float or a list of ints or floats
+// (bindings.cpp). `kernel` and `name` only name the argument in the error.
+c10::IValue to_ivalue(const std::string& kernel, const std::string& name, py::handle value);
+
+// Records a family's eager route (lossops/_eager.py `EagerRoute` says what each part means) and returns its
+// number, the first argument of eager_loss.
+int64_t declare_eager_route(const std::string& kernel, const std::string& layout, const std::string& denominator,
+                            const py::list& parameters, const py::list& scalars, const std::string& node_name);
+
+// One call of a declared route: the loss with its autograd node, or None where the route does not serve the call.
+py::object eager_loss(int64_t route, const std::string& reduction, const py::args& arguments);
 
 }  // namespace lossops

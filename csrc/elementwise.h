@@ -17,7 +17,7 @@
 
 namespace lossops {
 
-// See ElementwiseKernel (kernel_abi.h).
+// Returns {per-element loss (opmath dtype; empty unless per_element), sum of the losses (0-d, opmath)}.
 template <template <typename> class Loss>
 std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& args);
 
@@ -323,13 +323,13 @@ inline ElementwiseArgs elementwise_args(const KernelArgs& a) {
   return {a.tensor("input"),        a.tensor("target"),          a.optional_tensor("weight"),
           a.integers("weight_layout"), a.optional_tensor("aux"),  a.integers("aux_layout"),
           std::move(params),        a.optional_tensor("grad_input"), a.optional_tensor("grad_target"),
-          a.tensor("grad_scale").item<double>(), a.flag("per_element"), a.integer("ignore_index")};
+          a.scale("grad_scale"), a.flag("per_element"), a.integer("ignore_index")};
 }
 
 // LOSSOPS_REGISTER_ELEMENTWISE("name", forward, "param", ...): forward(const ElementwiseArgs&) as kernel "name".
 #define LOSSOPS_REGISTER_ELEMENTWISE(NAME, FORWARD, ...)                                                 \
   LOSSOPS_REGISTER_KERNEL(                                                                              \
-      NAME, [](const ::lossops::KernelArgs& a) { return FORWARD(::lossops::elementwise_args(a)); }, &FORWARD, \
+      NAME, [](const ::lossops::KernelArgs& a) { return FORWARD(::lossops::elementwise_args(a)); }, \
       LOSSOPS_ELEMENTWISE_PARAMETERS __VA_OPT__(, ) __VA_ARGS__)
 
 // Pieces several families share, on vectors.

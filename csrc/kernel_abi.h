@@ -11,8 +11,6 @@
 #include <ATen/core/ivalue.h>
 
 #include <cstdint>
-#include <cstring>
-#include <typeinfo>
 #include <optional>
 #include <string>
 #include <vector>
@@ -41,21 +39,6 @@ struct ElementwiseArgs {
   bool per_element = false;            // also return the per-element loss (reduction="none")
   int64_t ignore_index = -100;         // class-index targets only: rows with this index contribute nothing
 };
-
-// input: (outer, C, inner) with any strides; target: int64 (outer*inner) class indices, or probabilities of
-// the input's shape. Writes the gradient, scaled by grad_scale, into `grad` when given (it may alias input).
-// Returns {per-row loss, per-row logsumexp, sum of the per-row losses} in the input's opmath dtype.
-using CrossEntropyKernel = std::vector<at::Tensor> (*)(const at::Tensor& input, const at::Tensor& target,
-                                                       const std::optional<at::Tensor>& weight,
-                                                       const std::optional<at::Tensor>& grad,
-                                                       const CrossEntropyOptions& options, double grad_scale);
-// Returns {per-element loss (opmath dtype; empty unless per_element), sum of the losses (0-d, opmath)}.
-using ElementwiseKernel = std::vector<at::Tensor> (*)(const ElementwiseArgs& args);
-// CTC loss, reduction "none" (csrc/ctc.cpp ctc_loss_forward says what each argument holds).
-using CtcKernel = std::vector<at::Tensor> (*)(const at::Tensor& log_probs, const at::Tensor& targets,
-                                              const at::Tensor& target_offsets, const at::Tensor& input_lengths,
-                                              const at::Tensor& target_lengths, int64_t blank, bool zero_infinity,
-                                              const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale);
 
 // Named kernel arguments: the Python side calls every kernel of both backends with keyword arguments, the
 // host module checks them against the names the kernel registered (a missing, extra or misspelt name is an
@@ -103,6 +86,16 @@ class KernelArgs {
     TORCH_CHECK(v.isIntList(), "lossops: kernel ", kernel_, ": argument ", name, " must be a list of ints");
     return v.toIntVector();
   }
+  // A gradient scale: a number (the eager path) or a one-element float/double CPU tensor (the custom op's 0-d
+  // denominator arithmetic), read without a dispatch.
+  double scale(const char* name) const {
+    const c10::IValue& v = get(name);
+    if (!v.isTensor()) return real(name);
+    const at::Tensor& t = v.toTensor();
+    TORCH_CHECK(t.numel() == 1 && t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                "lossops: kernel ", kernel_, ": argument ", name, " must be a number or a one-element float CPU tensor");
+    return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : *t.const_data_ptr<float>();
+  }
   std::vector<double> reals(const char* name) const {
     const c10::IValue& v = get(name);
     TORCH_CHECK(v.isDoubleList(), "lossops: kernel ", kernel_, ": argument ", name, " must be a list of floats");
@@ -110,30 +103,32 @@ class KernelArgs {
   }
 
  private:
+  // Kernels read their arguments in about the order they registered them, so the search starts after the last
+  // one found: one comparison a read instead of a scan (a small call reads a dozen).
   const c10::IValue& get(const char* name) const {
-    for (size_t i = 0; i < names_.size(); ++i) {
-      if (names_[i] == name) return values_[i];
+    const size_t n = names_.size();
+    for (size_t k = 0; k < n; ++k) {
+      const size_t i = (next_ + k) % n;
+      if (names_[i] == name) {
+        next_ = i + 1;
+        return values_[i];
+      }
     }
     TORCH_CHECK(false, "lossops: kernel ", kernel_, " reads an argument ", name, " it did not register");
   }
   const char* kernel_;
   const std::vector<std::string>& names_;
   std::vector<c10::IValue> values_;
+  mutable size_t next_ = 0;
 };
 
 using KernelFunction = std::vector<at::Tensor> (*)(const KernelArgs& args);
 
 // One kernel of a loss family, as a kernel library registers it (LOSSOPS_REGISTER_KERNEL, kernel_table.cpp).
-// `typed` is the same kernel with its C++ signature, for the host's eager call path (nullptr if it has none).
-struct TypedKernel {
-  const void* function = nullptr;
-  const char* type = "";  // typeid(...).name() of its function pointer type: checked before a cast
-};
 struct KernelEntry {
   std::string name;
   std::vector<std::string> parameters;
   KernelFunction function;
-  TypedKernel typed;
 };
 
 struct KernelTable {
@@ -146,14 +141,6 @@ struct KernelTable {
     }
     return nullptr;
   }
-  // The typed form of a kernel the host calls directly; raises when the library does not have it.
-  // nullptr when the library has no kernel of that name with that C++ signature.
-  template <typename Fn>
-  Fn typed(const std::string& name) const {
-    const KernelEntry* e = find(name);
-    if (e == nullptr || e->typed.function == nullptr || std::strcmp(e->typed.type, typeid(Fn).name()) != 0) return nullptr;
-    return reinterpret_cast<Fn>(const_cast<void*>(e->typed.function));
-  }
 };
 
 // What the kernels ask of the host (the kept gradient buffer lives there, once per process).
@@ -161,29 +148,24 @@ struct HostServices {
   bool (*gradient_pages_resident)(const void* ptr);
 };
 
-// The one symbol a kernel library exports; its suffix changes whenever KernelTable or HostServices do, so a
-// stale library is refused instead of called with the wrong layout.
-#define LOSSOPS_KERNEL_TABLE_SYMBOL "lossops_kernel_table_v2"
+// The one symbol a kernel library exports (kernel_table.cpp defines it); its suffix changes whenever KernelTable,
+// KernelEntry or HostServices do, so a stale library is refused instead of called with the wrong layout.
+#define LOSSOPS_KERNEL_TABLE_SYMBOL "lossops_kernel_table_v3"
 using KernelTableEntry = const KernelTable* (*)(const HostServices* host);
-
-template <typename Fn>
-TypedKernel typed_pointer(Fn fn) { return {reinterpret_cast<const void*>(fn), typeid(Fn).name()}; }
-inline TypedKernel typed_pointer(std::nullptr_t) { return {}; }
 
 // For kernel translation units: adds a kernel to the library's table when the library is loaded.
 std::vector<KernelEntry>& kernel_registry();
 struct KernelRegistration {
-  KernelRegistration(const char* name, std::vector<std::string> parameters, KernelFunction function,
-                     TypedKernel typed = {}) {
-    kernel_registry().push_back({name, std::move(parameters), function, typed});
+  KernelRegistration(const char* name, std::vector<std::string> parameters, KernelFunction function) {
+    kernel_registry().push_back({name, std::move(parameters), function});
   }
 };
 #define LOSSOPS_REGISTER_KERNEL_CAT2(a, b) a##b
 #define LOSSOPS_REGISTER_KERNEL_CAT(a, b) LOSSOPS_REGISTER_KERNEL_CAT2(a, b)
-// LOSSOPS_REGISTER_KERNEL("name", function, typed_or_nullptr, "param", ...): the parameter names are the
-// keywords the Python side passes (the same as the Triton kernel's), in any order.
-#define LOSSOPS_REGISTER_KERNEL(NAME, FUNCTION, TYPED, ...)                                                \
+// LOSSOPS_REGISTER_KERNEL("name", function, "param", ...): the parameter names are the keywords the Python side
+// passes (the same as the Triton kernel's), in any order.
+#define LOSSOPS_REGISTER_KERNEL(NAME, FUNCTION, ...)                                                        \
   static const ::lossops::KernelRegistration LOSSOPS_REGISTER_KERNEL_CAT(lossops_kernel_, __COUNTER__)( \
-      NAME, {__VA_ARGS__}, FUNCTION, ::lossops::typed_pointer(TYPED))
+      NAME, {__VA_ARGS__}, FUNCTION)
 
 }  // namespace lossops

@@ -21,7 +21,7 @@ bool gradient_pages_resident(const void* ptr) { return g_host != nullptr && g_ho
 
 }  // namespace lossops
 
-extern "C" __attribute__((visibility("default"))) const lossops::KernelTable* lossops_kernel_table_v2(
+extern "C" __attribute__((visibility("default"))) const lossops::KernelTable* lossops_kernel_table_v3(
     const lossops::HostServices* host) {
   static const lossops::KernelTable table{LOSSOPS_STR(CPU_CAPABILITY), &lossops::kernel_registry()};
   lossops::g_host = host;

@@ -236,9 +236,9 @@ std::vector<at::Tensor> cross_entropy_token_stats_grad_kernel(const KernelArgs& 
 
 }  // namespace
 
-LOSSOPS_REGISTER_KERNEL("cross_entropy_token_stats", cross_entropy_token_stats_kernel, nullptr, "input", "target",
+LOSSOPS_REGISTER_KERNEL("cross_entropy_token_stats", cross_entropy_token_stats_kernel, "input", "target",
                         "ignore_index", "softcap");
-LOSSOPS_REGISTER_KERNEL("cross_entropy_token_stats_grad", cross_entropy_token_stats_grad_kernel, nullptr, "input",
+LOSSOPS_REGISTER_KERNEL("cross_entropy_token_stats_grad", cross_entropy_token_stats_grad_kernel, "input",
                         "target", "grad", "lse", "coefficients", "ignore_index", "softcap");
 
 }  // namespace lossops

@@ -175,9 +175,9 @@ std::vector<at::Tensor> cross_entropy_shard_grad_kernel(const KernelArgs& a) {
 
 }  // namespace
 
-LOSSOPS_REGISTER_KERNEL("cross_entropy_shard_stats", cross_entropy_shard_stats_kernel, nullptr, "input", "target",
+LOSSOPS_REGISTER_KERNEL("cross_entropy_shard_stats", cross_entropy_shard_stats_kernel, "input", "target",
                         "weight", "class_offset", "ignore_index", "softcap");
-LOSSOPS_REGISTER_KERNEL("cross_entropy_shard_grad", cross_entropy_shard_grad_kernel, nullptr, "input", "target",
+LOSSOPS_REGISTER_KERNEL("cross_entropy_shard_grad", cross_entropy_shard_grad_kernel, "input", "target",
                         "weight", "grad", "lse", "coefficients", "class_offset", "softcap");
 
 }  // namespace lossops

@@ -1,5 +1,6 @@
 """Whether a call may take the C++ eager path (csrc/eager_path.cpp): one call into C++ that runs the kernel,
-reduces, casts and creates the autograd node, instead of the torch.library custom op.
+reduces, casts and creates the autograd node, instead of the torch.library custom op; and the routes families
+declare for it (EagerRoute), the data that path runs on.
 
 It serves plain CPU tensors in eager mode on the cpp backend. It is tried before the Python checks: the C++
 returns None for anything it does not recognise, bad arguments included, and the Python path then raises, so
@@ -9,6 +10,10 @@ functional tensors), dispatch and function modes (opcheck, FlopCounterMode, make
 forward-mode AD and autocast.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -36,10 +41,97 @@ def applies(*tensors) -> bool:
     return _no_mode_active()
 
 
+# The kernel operands each layout of csrc/eager_path.cpp makes, in its order; the first ones are the call's tensors.
+LAYOUT_OPERANDS = {
+    "class_rows": ("input", "target", "weight"),  # (N, C, d...) logits, int64 class indices, optional class weight
+    "same_shape": ("input", "target"),  # floating input and target of one shape
+    "sequences": ("log_probs", "targets", "input_lengths", "target_lengths", "target_offsets"),  # CTC
+}
+CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "sequences": 4}
+DENOMINATORS = ("elements", "kept_rows", "kept_weight", "target_lengths")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scalar:
+    """One scalar argument of an eager call, after its tensors: the kernel parameter it fills and the values the
+    C++ path serves (anything else returns None there, and the public function's checks raise or serve it)."""
+    parameter: str
+    kind: str = "real"            # "int", "real" (finite), "flag"
+    low: float = -math.inf        # served: low <= value <= high
+    high: float = math.inf
+    below_classes: bool = False   # an int in [0, C), C the layout's class count
+    fills_weight: bool = False    # a real that becomes the per-class weight (every class alike)
+
+
+@dataclasses.dataclass
+class EagerRoute:
+    """What the C++ eager path needs to serve a family's plain CPU calls, declared once with the family:
+
+      layout: which call tensors and kernel views (LAYOUT_OPERANDS), the loss's item shape and how a per-item
+        grad_output broadcasts against the gradients;
+      denominator: the mean's: "elements" (every element), "kept_rows" (rows whose target is not ignore_index),
+        "kept_weight" (their class weights' sum in index order, their count without weights), "target_lengths"
+        (each sequence's loss over its target length, then over the batch);
+      scalars: the call's scalar arguments (Scalar), in call order;
+      gradients: kernel parameter -> the call tensor whose gradient it writes (a call tensor that requires grad
+        without one takes the custom op);
+      constants: every other kernel parameter's value on this route.
+    The kernel's "grad_scale" and "per_element" parameters are the path's own. declare() checks that every kernel
+    parameter has exactly one source, so a route cannot drift from its kernel's parameter list."""
+    layout: str
+    denominator: str
+    scalars: tuple[Scalar, ...] = ()
+    gradients: dict = dataclasses.field(default_factory=dict)
+    constants: dict = dataclasses.field(default_factory=dict)
+    node: str = "LossopsBackward"     # the autograd node's name
+    number: Optional[int] = None      # set by declare(): the C++ path's route number
+
+
+_ROUTES: list[tuple[str, EagerRoute, tuple]] = []
+_sent = 0  # how many of _ROUTES the loaded C++ module holds
+
+
+def declare(route: EagerRoute, kernel: str, parameters: tuple[str, ...]) -> EagerRoute:
+    """Numbers a family's route and works out where each of its kernel's parameters comes from."""
+    operands = LAYOUT_OPERANDS[route.layout]
+    if route.denominator not in DENOMINATORS:
+        raise ValueError(f"lossops: unknown eager-route denominator {route.denominator!r}")
+    scalars = {s.parameter: i for i, s in enumerate(route.scalars)}
+    sources = []
+    for name in parameters:
+        found = [source for source in (
+            ("filled_weight" if route.scalars[scalars[name]].fills_weight else "scalar", scalars[name], None)
+            if name in scalars else None,
+            ("tensor", operands.index(name), None) if name in operands and name not in scalars else None,
+            ("gradient", operands.index(route.gradients[name]), None) if name in route.gradients else None,
+            ("grad_scale", 0, None) if name == "grad_scale" else None,
+            ("per_item", 0, None) if name == "per_element" else None,
+            ("constant", 0, route.constants[name]) if name in route.constants else None) if source]
+        if len(found) != 1:
+            raise ValueError(f"lossops: eager route for kernel {kernel}: parameter {name} has {len(found)} sources")
+        sources.append((name, *found[0]))
+    stray = (set(scalars) | set(route.gradients) | set(route.constants)) - set(parameters)
+    if stray:
+        raise ValueError(f"lossops: eager route for kernel {kernel} names parameters it does not take: {sorted(stray)}")
+    route.number = len(_ROUTES)
+    _ROUTES.append((kernel, route, tuple(sources)))
+    return route
+
+
+def _send_routes(module: Any) -> None:
+    global _sent
+    for kernel, route, sources in _ROUTES[_sent:]:
+        scalars = [(s.kind, float(s.low), float(s.high), s.below_classes) for s in route.scalars]
+        number = module.declare_eager_route(kernel, route.layout, route.denominator, list(sources), scalars,
+                                            route.node)
+        assert number == route.number, (number, route.number)
+        _sent += 1
+
+
 def cpp_module(input, target, *others):
     """For a call that has not been through the Python checks yet: the C++ module when every tensor is a plain
     CPU tensor, neither torch.compile nor forward AD is active and the cpp backend would serve it, else None.
-    The C++ eager functions make the rest of applies()'s checks themselves (function and dispatch modes,
+    The C++ eager path makes the rest of applies()'s checks itself (function and dispatch modes,
     functorch, autocast: thread-local reads there) and return None when one is active; at a few microseconds
     a call, each Python layer counts."""
     if type(input) is not _Tensor or not input.is_cpu or type(target) is not _Tensor:
@@ -50,6 +142,9 @@ def cpp_module(input, target, *others):
     if _is_compiling() or _forward_ad._current_level >= 0 or _backend.get_backend() not in ("auto", "cpp"):
         return None
     try:
-        return _cpp.module()
+        module = _cpp.module()
     except ImportError:
         return None
+    if _sent < len(_ROUTES):
+        _send_routes(module)
+    return module

@@ -65,11 +65,26 @@ def _loss_like(t, o):
 
 
 def declare(name: str, options: type, kernel: _family.Kernel, kernel_options: Callable,
-            **declaration) -> _family.Family:
-    """Registers an elementwise family: kernel_options(tensors, options) -> its own kernel parameters by name."""
+            eager_gradients: tuple[str, ...] = ("input", "target"), **declaration) -> _family.Family:
+    """Registers an elementwise family: kernel_options(tensors, options) -> its own kernel parameters by name.
+    eager_gradients: the inputs whose gradients its kernel writes on the C++ eager path (eager()); () for none."""
     declaration.setdefault("sharding", _sharding.Sharding())  # every dimension an item dimension; mean over all
+    if eager_gradients:
+        declaration["eager_routes"] = (eager_route(kernel, eager_gradients),)
     return _family.register(_family.Family(name=name, inputs=INPUTS, options=options, kernel=kernel, run=_run,
                                            loss_like=_loss_like, kernel_options=kernel_options, **declaration))
+
+
+def eager_route(kernel: _family.Kernel, gradients: tuple[str, ...]) -> _eager.EagerRoute:
+    """An unweighted call on input and target of one shape and dtype: the mean over every element; the family's
+    own kernel parameters are the call's scalars."""
+    own = kernel.parameters[len(ELEMENTWISE_PARAMETERS):]
+    return _eager.EagerRoute(
+        "same_shape", "elements", scalars=tuple(_eager.Scalar(p) for p in own),
+        gradients={f"grad_{n}": n for n in gradients},
+        constants={"weight": None, "weight_layout": [1, 1], "aux": None, "aux_layout": [1, 1], "ignore_index": -100,
+                   **{f"grad_{n}": None for n in ("input", "target") if n not in gradients}},
+        node="LossopsElementwiseBackward")
 
 
 def broadcast_layout(operand: Optional[Tensor], shape: torch.Size,
@@ -93,16 +108,17 @@ def broadcast_layout(operand: Optional[Tensor], shape: torch.Size,
     return operand.expand(shape).reshape(numel).to(dtype).contiguous(), [1, numel]
 
 
-def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, options,
-          kernel_target_grad: bool = True) -> Optional[Tensor]:
+def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, options) -> Optional[Tensor]:
     """The C++ eager path (lossops/_eager.py) for a call with input and target of one shape and dtype, no weights
-    and the mean over all elements; None where it does not apply, and then the family's checks and custom op
-    run (they raise the errors, so this is tried first). options: the family's options record."""
+    and the mean over all elements (the family's eager route); None where it does not apply, and then the family's
+    checks and custom op run (they raise the errors, so this is tried first). options: the family's options
+    record."""
     if type(reduction) is not str or not (cpp := _eager.cpp_module(input, target)):
         return None
     extra = family.kernel_options(None, options)
-    params = [float(extra[p]) for p in family.kernel.parameters[len(ELEMENTWISE_PARAMETERS):]]
-    return cpp.eager_elementwise(family.kernel.name, input, target, params, reduction, kernel_target_grad)
+    (route,) = family.eager_routes
+    return cpp.eager_loss(route.number, reduction, input, target,
+                          *(extra[p] for p in family.kernel.parameters[len(ELEMENTWISE_PARAMETERS):]))
 
 
 def denominator_tensor(value, input: Tensor) -> Tensor:

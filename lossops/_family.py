@@ -119,6 +119,9 @@ class Family:
     gradient_in_backward: Callable = lambda backend, options: False
     state_like: Optional[Callable] = None
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
+    # The C++ eager path's routes for plain CPU calls (lossops._eager.EagerRoute): the public function calls
+    # cpp.eager_loss(route.number, ...) with them before its own checks.
+    eager_routes: tuple = ()
     op: Any = None
     option_fields: tuple = ()
     option_converters: tuple = ()
@@ -285,6 +288,8 @@ def register(family: Family) -> Family:
                   for n, need_grad in zip(names, ctx.needs_input_grad[first_input:first_input + n_in])]
         return (*result, *(None,) * (n_opt + len(differentiable) + 1))
 
+    for route in family.eager_routes:
+        _eager.declare(route, family.kernel.name, family.kernel.parameters)
     backward_parts = None
     if family.recompute is not None:
         backward_parts = _backward_op(family, names, differentiable, n_in, n_opt, split)

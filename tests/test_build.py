@@ -42,7 +42,7 @@ def test_every_isa_library_is_built_and_reports_its_capability():
 def test_a_library_without_the_kernel_table_is_refused():
     """A stale or foreign library is refused by name, never called with a guessed layout."""
     host = _cpp.module()
-    with pytest.raises(RuntimeError, match="lossops_kernel_table_v2"):
+    with pytest.raises(RuntimeError, match=r"lossops_kernel_table_v\d"):
         host.load_kernels(host.__file__)
     _cpp.module.cache_clear()  # load_kernels failed before switching: the serving library is unchanged
     assert _cpp.capability() in ("DEFAULT", "AVX2", "AVX512")

@@ -314,3 +314,62 @@ def test_ctc_loss_falls_back_for_lists_and_bad_lengths(monkeypatch):
         lossops.ctc_loss(lp, targets, torch.tensor([6, 5]), torch.tensor([2, 2]))
     with pytest.raises(IndexError, match="targets value 9"):
         lossops.ctc_loss(lp, torch.tensor([[1, 9], [3, 3]]), torch.tensor([5, 5]), torch.tensor([2, 2]))
+
+
+def test_every_route_gives_each_kernel_parameter_one_source():
+    """A family's eager route covers its kernel's registered parameters exactly: the C++ path calls the kernel by
+    those names, as the custom op does."""
+    from lossops import _cpp
+    from lossops._family import FAMILIES
+    routed = [(f, r) for f in FAMILIES.values() for r in f.eager_routes]
+    assert {f.name for f, _ in routed} >= {"cross_entropy", "softmax_focal_loss", "ctc_loss", "mse_loss", "l1_loss",
+                                           "smooth_l1_loss", "huber_loss", "binary_cross_entropy_with_logits",
+                                           "sigmoid_focal_loss"}
+    module = _cpp.module()
+    for family, route in routed:
+        names = [source[0] for kernel, r, sources in _eager._ROUTES if r is route for source in sources]
+        assert names == list(family.kernel.parameters)
+        assert sorted(names) == sorted(module.kernel_parameters(family.kernel.name))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(constants={}), "parameter lse_square_scale has 0 sources"),
+    (dict(constants={"lse_square_scale": 0.0, "softcap": None, "focal_gamma": None, "label_smoothing": 0.0}),
+     "parameter label_smoothing has 2 sources"),
+    (dict(constants={"lse_square_scale": 0.0, "softcap": None, "focal_gamma": None, "beta": 1.0}),
+     r"does not take: \['beta'\]"),
+    (dict(denominator="rows"), "unknown eager-route denominator"),
+])
+def test_a_route_that_drifts_from_its_kernel_is_refused(change, message):
+    from lossops.losses.cross_entropy import EAGER_ROUTE, KERNEL
+    import dataclasses
+    route = dataclasses.replace(EAGER_ROUTE, number=None, **change)
+    before = len(_eager._ROUTES)
+    with pytest.raises(ValueError, match=message):
+        _eager.declare(route, KERNEL.name, KERNEL.parameters)
+    assert len(_eager._ROUTES) == before
+
+
+def test_the_cpp_side_refuses_inconsistent_routes():
+    from lossops import _cpp
+    module = _cpp.module()
+    with pytest.raises(RuntimeError, match="unknown eager-route layout"):
+        module.declare_eager_route("cross_entropy", "rows", "elements", [], [], "x")
+    with pytest.raises(RuntimeError, match="kept-rows denominator needs class_rows"):
+        module.declare_eager_route("mse", "same_shape", "kept_rows", [], [], "x")
+    with pytest.raises(RuntimeError, match="takes 3 tensors and 2 scalars"):
+        from lossops.losses.cross_entropy import EAGER_ROUTE
+        lossops.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))  # sends the routes
+        module.eager_loss(EAGER_ROUTE.number, "mean", torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, t: lossops.cross_entropy(x, t, label_smoothing=1.5),
+    lambda x, t: lossops.cross_entropy(x, t, ignore_index=2 ** 70),
+    lambda x, t: lossops.softmax_focal_loss(x, t, gamma=float("inf")),
+    lambda x, t: lossops.softmax_focal_loss(x, t, alpha=-0.5),
+])
+def test_scalars_outside_a_route_take_the_python_checks(call):
+    x, t = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0])
+    with pytest.raises((ValueError, RuntimeError, TypeError, OverflowError)):
+        call(x, t)

@@ -28,6 +28,13 @@ KERNEL = _family.Kernel("cross_entropy", "cross_entropy",
                          "softcap", "focal_gamma", "grad_scale"))
 ROW_INPUTS = (_family.Input("input", differentiable=True), _family.Input("target"),
               _family.Input("weight", optional=True))
+# torch's options on class-index targets, for plain CPU calls (lossops._eager): the mean over the kept targets'
+# weights (their count without weights).
+EAGER_ROUTE = _eager.EagerRoute(
+    "class_rows", "kept_weight",
+    scalars=(_eager.Scalar("ignore_index", "int"), _eager.Scalar("label_smoothing", "real", 0.0, 1.0)),
+    gradients={"grad": "input"}, constants={"lse_square_scale": 0.0, "softcap": None, "focal_gamma": None},
+    node="LossopsCrossEntropyBackward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +80,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if (return_token_stats is False and not token_options.requested(temperature, token_weight, num_items_in_batch)
             and size_average is None and reduce is None and softcap is None and not inplace_backward
             and type(lse_square_scale) is float and lse_square_scale == 0 and type(reduction) is str
-            and type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63
-            and type(label_smoothing) in (float, int) and (cpp := _eager.cpp_module(input, target, weight))):
-        loss = cpp.eager_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+            and (cpp := _eager.cpp_module(input, target, weight))):
+        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, input, target, weight, ignore_index, label_smoothing)
         if loss is not None:
             return loss
     return CROSS_ENTROPY.full_path(input, target, weight, size_average, ignore_index, reduce, reduction,
@@ -526,6 +532,7 @@ CROSS_ENTROPY = declare_rows(
                                     label_smoothing=o.label_smoothing, lse_square_scale=o.lse_square_scale,
                                     softcap=o.softcap)),
     reference=reference_cross_entropy, function=cross_entropy, full_path=_full_cross_entropy, bad_inputs="classes",
+    eager_routes=(EAGER_ROUTE,),
     torch_fn=F.cross_entropy,
     sharding=_sharding.Sharding(rows_class_dim, whole=("weight",), denominator=_mean_denominator,
                                 parallel_classes=_vocab_parallel, local_sums=_mean_terms,

@@ -49,7 +49,8 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Lengths, target_
             and (cpp := _eager.cpp_module(log_probs, targets, input_lengths, target_lengths))):
         # One call into C++ (csrc/eager_path.cpp) for plain CPU tensors; None for anything it does not serve,
         # bad values included, which then take the path below and its messages.
-        loss = cpp.eager_ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
+        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, log_probs, targets, input_lengths, target_lengths, blank,
+                              zero_infinity)
         if loss is not None:
             return loss
     reduction = _checks.reduction(reduction)
@@ -232,11 +233,18 @@ def _torch_ctc_upcast(log_probs, *args, **kwargs):
     return F.ctc_loss(log_probs.float() if low else log_probs, *args, **kwargs)
 
 
+# For plain CPU calls with int64 length tensors (lossops._eager): the mean over each sequence's target length.
+EAGER_ROUTE = _eager.EagerRoute(
+    "sequences", "target_lengths",
+    scalars=(_eager.Scalar("blank", "int", below_classes=True), _eager.Scalar("zero_infinity", "flag")),
+    gradients={"grad": "log_probs"}, node="LossopsCtcLossBackward")
+
 CTC = _family.register(_family.Family(
     name="ctc_loss",
     inputs=(_family.Input("log_probs", differentiable=True), _family.Input("targets"), _family.Input("target_offsets"),
             _family.Input("input_lengths"), _family.Input("target_lengths")),
     options=CTCOptions, kernel=KERNEL, run=_run, loss_like=_loss_like, item_shape=lambda t, o: (1, -1, 1),
+    eager_routes=(EAGER_ROUTE,),
     reference=reference_ctc, function=ctc_loss, torch_fn=F.ctc_loss,
     cases=(_family.Case(_sequences, dict(reduction="mean"), F.ctc_loss,
                         bad=("target_out_of_range", dict(blank=6), dict(blank=-1))),

@@ -52,8 +52,8 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     reduction = _checks.reduction(reduction)
     alpha, gamma = _alpha(alpha), _gamma(gamma)
     if weight is None and avg_factor is None:
-        loss = _elementwise.eager(SIGMOID_FOCAL, inputs, targets, reduction,
-                                  SigmoidFocalOptions(alpha=alpha, gamma=gamma), kernel_target_grad=False)
+        options = SigmoidFocalOptions(alpha=alpha, gamma=gamma)
+        loss = _elementwise.eager(SIGMOID_FOCAL, inputs, targets, reduction, options)
         if loss is not None:
             return loss
     _checks.floating("inputs", inputs)
@@ -121,12 +121,13 @@ def softmax_focal_loss(input: Tensor, target: Tensor, alpha: Union[None, float, 
     the mean divides by the sum of the targets' alphas), so gamma=0 equals cross_entropy(weight=alpha).
     """
     tensor_alpha = isinstance(alpha, Tensor)
-    if (type(reduction) is str and type(ignore_index) is int and -2 ** 63 <= ignore_index < 2 ** 63
-            and type(gamma) in (float, int) and (alpha is None or tensor_alpha or type(alpha) in (float, int))
-            and (cpp := _eager.cpp_module(input, target, alpha if tensor_alpha else None))):
+    if type(reduction) is str and (cpp := _eager.cpp_module(input, target, alpha if tensor_alpha else None)):
         # As for cross_entropy: the C++ eager path returns None for anything it does not serve, errors included.
-        loss = cpp.eager_cross_entropy(input, target, alpha if tensor_alpha else None, ignore_index, reduction, 0.0,
-                                       float(gamma), None if alpha is None or tensor_alpha else float(alpha))
+        if alpha is None or tensor_alpha:
+            loss = cpp.eager_loss(EAGER_PER_CLASS_ALPHA.number, reduction, input, target, alpha, ignore_index, gamma)
+        else:
+            loss = cpp.eager_loss(EAGER_UNIFORM_ALPHA.number, reduction, input, target, None, ignore_index, gamma,
+                                  alpha)
         if loss is not None:
             return loss
     reduction = _checks.reduction(reduction)
@@ -280,6 +281,7 @@ def class_index(x: Tensor) -> Tensor:
 
 SIGMOID_FOCAL = _elementwise.declare(
     "sigmoid_focal_loss", SigmoidFocalOptions, SIGMOID_FOCAL_KERNEL, _focal_kernel_options,
+    eager_gradients=("input",),  # the targets' gradient comes from the reference
     function=sigmoid_focal_loss, bad_inputs="elementwise",
     cases=(_family.Case(_logits_and_binary, dict(reduction="mean"), bad=(dict(gamma=-0.5),)),),
     selfcheck=(dict(reduction="mean"), torchvision_sigmoid_focal_loss, _selfcheck_binary),
@@ -289,7 +291,7 @@ SIGMOID_FOCAL = _elementwise.declare(
                         targets=(_family.SpeedTarget((1000, 80), 2.0),
                                  _family.SpeedTarget((65536, 80), 5.0, dtype="float32", threads="all"))))
 SIGMOID_FOCAL_INDEX = _elementwise.declare(
-    "sigmoid_focal_loss_index", SigmoidFocalOptions, SIGMOID_FOCAL_KERNEL, _focal_kernel_options,
+    "sigmoid_focal_loss_index", SigmoidFocalOptions, SIGMOID_FOCAL_KERNEL, _focal_kernel_options, eager_gradients=(),
     function=sigmoid_focal_loss_index, sharding=_sharding.Sharding(lambda x: 1),  # target_index: (N,) of (N, C)
     cases=(_family.Case(_background_classes, dict(reduction="sum"), bad=("target_out_of_range",)),))
 def _softmax_focal_denominator(a: dict) -> Tensor:
@@ -299,9 +301,19 @@ def _softmax_focal_denominator(a: dict) -> Tensor:
                                            x.shape[rows_class_dim(x)], _checks.opmath_dtype(x.dtype))
 
 
+# For plain CPU calls (lossops._eager): alpha None or per class acts as cross_entropy's weight (the mean over the
+# kept targets' alphas, or their count); a float alpha weighs every class alike and the mean counts the kept targets.
+_FOCAL_SCALARS = (_eager.Scalar("ignore_index", "int"), _eager.Scalar("focal_gamma", "real", 0.0))
+_FOCAL_CONSTANTS = {"label_smoothing": 0.0, "lse_square_scale": 0.0, "softcap": None}
+EAGER_PER_CLASS_ALPHA = _eager.EagerRoute("class_rows", "kept_weight", _FOCAL_SCALARS, {"grad": "input"},
+                                          _FOCAL_CONSTANTS, node="LossopsSoftmaxFocalLossBackward")
+EAGER_UNIFORM_ALPHA = _eager.EagerRoute(
+    "class_rows", "kept_rows", _FOCAL_SCALARS + (_eager.Scalar("weight", "real", 0.0, fills_weight=True),),
+    {"grad": "input"}, _FOCAL_CONSTANTS, node="LossopsSoftmaxFocalLossBackward")
+
 SOFTMAX_FOCAL = declare_rows(
     "softmax_focal_loss", SoftmaxFocalOptions, _softmax_focal_kernel_options, reference=reference_softmax_focal,
-    function=softmax_focal_loss, bad_inputs="classes",
+    function=softmax_focal_loss, bad_inputs="classes", eager_routes=(EAGER_PER_CLASS_ALPHA, EAGER_UNIFORM_ALPHA),
     sharding=_sharding.Sharding(rows_class_dim, whole=("alpha",), denominator=_softmax_focal_denominator),
     cases=(_family.Case(_classes, dict(gamma=1.5), bad=("target_out_of_range", dict(gamma=-1.0))),),
     selfcheck=(dict(gamma=0.0), F.cross_entropy, _selfcheck_classes),
