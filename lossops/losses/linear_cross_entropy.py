@@ -13,6 +13,10 @@ reduction="none" cannot be pre-scaled (each row gets its own grad_output), so it
 losses and backward (the op lossops::linear_cross_entropy_backward) recomputes the chunks, scaling each
 row of dlogits by its grad_output before the contractions.
 
+return_token_stats=True takes the op lossops::linear_cross_entropy_with_token_stats, declared alike with the token
+statistics (lossops/losses/token_stats.py) as outputs after the loss: the same pass computes them on each chunk of
+logits before the loss kernel overwrites it.
+
 Low-precision inputs: grad_W and grad_b are accumulated across chunks in float32 and cast once at the end.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .token_stats import STATS_GRAD_KERNEL, STATS_KERNEL
 _CHUNKS_PER_PASS = 8
 _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
+_DIFFERENTIABLE = ("hidden", "weight", "bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +148,8 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
     if stats_sink is None:
         loss = LINEAR_CROSS_ENTROPY.apply(backend, tensors, options, wants)
     else:
-        loss, *rows = _with_stats_op(*(tensors[i.name] for i in LINEAR_CROSS_ENTROPY.inputs),
-                                     *(getattr(options, n) for n in LINEAR_CROSS_ENTROPY.option_names()),
-                                     *(wants[n] for n in ("hidden", "weight", "bias")), backend)
-        stats_sink.extend(rows[:4])
+        loss, *rows = LINEAR_CROSS_ENTROPY_WITH_TOKEN_STATS.apply(backend, tensors, options, wants)
+        stats_sink.extend(rows)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(_checks.output_dtype(hidden))
@@ -308,18 +311,27 @@ def _run(family, backend, t, o, grads, stats_out=None):
     acc = _checks.opmath_dtype(hidden.dtype)
     class_weight, denominator = mean_weights(t["target"], t["class_weight"], o.ignore_index, weight.shape[0],
                                              o.reduction, o.lse_square_scale, acc)
-    mask = [grads.get(n, False) and o.reduction != "none" for n in ("hidden", "weight", "bias")]
+    mask = [grads.get(n, False) and o.reduction != "none" for n in _DIFFERENTIABLE]
     row_loss, total, computed = _chunked_pass(hidden, weight, t["bias"], t["target"], class_weight, o.ignore_index,
                                               o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size, mask,
                                               backend, _reduce.gradient_scale(o.reduction, denominator),
                                               stats_out=stats_out)
     loss = _reduce.reduce(o.reduction, row_loss, total, denominator)
-    return loss, dict(zip(("hidden", "weight", "bias"), computed))
+    return loss, dict(zip(_DIFFERENTIABLE, computed))
 
 
-def _recompute(family, backend, t, o, grad_loss, needs, stats_grad=None):
+def _run_with_stats(family, backend, t, o, grads):
+    """_run, and the token statistics of every chunk's logits as the op's statistics outputs."""
+    hidden = t["hidden"]
+    stats = torch.empty((hidden.shape[0], 3), dtype=_checks.opmath_dtype(hidden.dtype), device=hidden.device)
+    argmax = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    loss, written = _run(family, backend, t, o, grads, stats_out=(stats, argmax))
+    return loss, written, (*(stats[:, k].clone() for k in range(3)), argmax)
+
+
+def _recompute(family, backend, t, o, grad_loss, needs, statistics_gradient=None):
     """reduction='none': the chunks again, each row of dlogits scaled by its grad_loss (None: no loss gradient),
-    plus the token statistics' gradient when stats_grad (logsumexp, coefficients) is given."""
+    plus the token statistics' gradient when statistics_gradient (logsumexp, coefficients) is given."""
     hidden = t["hidden"]
     acc = _checks.opmath_dtype(hidden.dtype)
     one = torch.ones((), dtype=acc, device=hidden.device)
@@ -328,122 +340,40 @@ def _recompute(family, backend, t, o, grad_loss, needs, stats_grad=None):
                                    o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size,
                                    [needs["hidden"], needs["weight"], needs["bias"]], backend, one,
                                    row_scale=None if grad_loss is None else grad_loss.to(hidden.dtype),
-                                   stats_grad=stats_grad, loss_gradient=grad_loss is not None)
-    return dict(zip(("hidden", "weight", "bias"), computed))
+                                   stats_grad=statistics_gradient, loss_gradient=grad_loss is not None)
+    return dict(zip(_DIFFERENTIABLE, computed))
+
+
+def _rows_like(t):
+    hidden = t["hidden"]
+    return hidden.new_empty((hidden.shape[0],), dtype=_checks.opmath_dtype(hidden.dtype))
 
 
 def _loss_like(t, o):
-    hidden = t["hidden"]
-    return hidden.new_empty((hidden.shape[0],) if o.reduction == "none" else (),
-                            dtype=_checks.opmath_dtype(hidden.dtype))
+    rows = _rows_like(t)
+    return rows if o.reduction == "none" else rows.new_empty(())
 
 
 def _hidden_and_vocab(dtype):
     return [torch.randn(6, 8, dtype=dtype), torch.randn(11, 8, dtype=dtype), torch.tensor([0, 10, -100, 3, 3, 7])]
 
 
-LINEAR_CROSS_ENTROPY = _family.register(_family.Family(
-    name="linear_cross_entropy",
+# What the loss's op and its return_token_stats=True form (the op lossops::linear_cross_entropy_with_token_stats)
+# share: the token statistics are four more outputs after the loss, filled by the same chunked pass; backward adds
+# their gradient through one more pass over the chunks (the logits are gone by then), or folds it into
+# reduction="none"'s recomputation.
+_OP_DECLARATION = dict(
     inputs=(_family.Input("hidden", differentiable=True), _family.Input("weight", differentiable=True),
             _family.Input("bias", optional=True, differentiable=True), _family.Input("target"),
             _family.Input("class_weight", optional=True)),
-    options=LinearCrossEntropyOptions, kernel=ROW_KERNEL, run=_run, recompute=_recompute, loss_like=_loss_like,
-    gradient_in_backward=lambda backend, options: options.reduction == "none", function=linear_cross_entropy,
-    sharding=SHARDING,
+    options=LinearCrossEntropyOptions, kernel=ROW_KERNEL, recompute=_recompute, loss_like=_loss_like,
+    gradient_in_backward=lambda backend, options: options.reduction == "none")
+
+LINEAR_CROSS_ENTROPY = _family.register(_family.Family(
+    name="linear_cross_entropy", run=_run, function=linear_cross_entropy, sharding=SHARDING,
     cases=(_family.Case(_hidden_and_vocab, dict(chunk_size=4), target=2,
-                        bad=("target_out_of_range", dict(chunk_size=0))),),
-))
+                        bad=("target_out_of_range", dict(chunk_size=0))),), **_OP_DECLARATION))
 
-
-# return_token_stats=True: the family's op with the token statistics as four more outputs (same schema otherwise),
-# filled by the same chunked pass. Backward adds their gradient through one more pass over the chunks (the logits
-# are gone by then), or folds it into reduction="none"'s recomputation.
-_DIFFERENTIABLE = ("hidden", "weight", "bias")
-_STATS_OUTPUTS = "Tensor logsumexp, Tensor target_logprob, Tensor entropy, Tensor argmax"
-_OP_SCHEMA = _family._schema(LINEAR_CROSS_ENTROPY)
-_N_TENSORS = len(LINEAR_CROSS_ENTROPY.inputs)
-_N_OPTIONS = len(LINEAR_CROSS_ENTROPY.option_names())
-# The same positional arguments as the family's op (the backward's needs_* flags stand where its grad_* are).
-_split = LINEAR_CROSS_ENTROPY.split_arguments
-
-
-@torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats", mutates_args=(),
-                         schema=_OP_SCHEMA.replace(") -> (Tensor loss, ", f") -> (Tensor loss, {_STATS_OUTPUTS}, "))
-def _with_stats_op(*args):
-    tensors, o, wants, backend = _split(args)
-    hidden = tensors["hidden"]
-    rows = hidden.shape[0]
-    stats = torch.empty((rows, 3), dtype=_checks.opmath_dtype(hidden.dtype), device=hidden.device)
-    argmax = torch.empty(rows, dtype=torch.int64, device=hidden.device)
-    loss, grads = _run(LINEAR_CROSS_ENTROPY, backend, tensors, o, wants, stats_out=(stats, argmax))
-    return (loss, *(stats[:, k].clone() for k in range(3)), argmax,
-            *(grads[n] if grads[n] is not None else hidden.new_empty((0,)) for n in _DIFFERENTIABLE))
-
-
-@_with_stats_op.register_fake
-def _(*args):
-    tensors, o, wants, _ = _split(args)
-    hidden = tensors["hidden"]
-    rows, acc = hidden.shape[0], _checks.opmath_dtype(hidden.dtype)
-    in_forward = o.reduction != "none"
-    return (_loss_like(tensors, o), *(hidden.new_empty((rows,), dtype=acc) for _ in range(3)),
-            hidden.new_empty((rows,), dtype=torch.int64),
-            *(tensors[n].new_empty(tensors[n].shape) if wants[n] and in_forward else hidden.new_empty((0,))
-              for n in _DIFFERENTIABLE))
-
-
-@torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats_backward", mutates_args=(), schema=(
-        "(Tensor? grad_loss, Tensor logsumexp, Tensor? coefficients, "
-        + _OP_SCHEMA[1:].split(") -> (")[0].replace("bool grad_", "bool needs_") + ") -> "
-        "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"))
-def _with_stats_backward(grad_loss, logsumexp, coefficients, *args):
-    tensors, o, needs, backend = _split(args)
-    stats_grad = None if coefficients is None else (logsumexp, coefficients)
-    grads = _recompute(LINEAR_CROSS_ENTROPY, backend, tensors, o, grad_loss, needs, stats_grad=stats_grad)
-    return tuple(grads[n] if grads[n] is not None else tensors["hidden"].new_empty((0,)) for n in _DIFFERENTIABLE)
-
-
-@_with_stats_backward.register_fake
-def _(grad_loss, logsumexp, coefficients, *args):
-    tensors, _, needs, _ = _split(args)
-    return tuple(tensors[n].new_empty(tensors[n].shape) if needs[n] and tensors[n] is not None
-                 else tensors["hidden"].new_empty((0,)) for n in _DIFFERENTIABLE)
-
-
-def _setup_with_stats(ctx, inputs, output):
-    _, o, _, _ = _split(inputs)
-    ctx.inputs = inputs
-    ctx.per_row = o.reduction == "none"
-    ctx.save_for_backward(*inputs[:_N_TENSORS], output[1], output[3], *output[5:])
-    ctx.mark_non_differentiable(output[4], *output[5:])
-    ctx.set_materialize_grads(False)
-
-
-def _backward_with_stats(ctx, grad_loss, grad_lse, grad_logprob, grad_entropy, *_unused):
-    saved = ctx.saved_tensors
-    tensor_inputs, (logsumexp, entropy), forward_grads = (saved[:_N_TENSORS], saved[_N_TENSORS:_N_TENSORS + 2],
-                                                          saved[_N_TENSORS + 2:])
-    needs = [ctx.needs_input_grad[LINEAR_CROSS_ENTROPY.inputs.index(i)]
-             for i in LINEAR_CROSS_ENTROPY.inputs if i.differentiable]
-    nones = (None,) * (len(ctx.inputs) - 3)
-    if not any(needs):
-        return (None,) * len(ctx.inputs)
-    _reduce.refuse_double_backward()
-    coef = token_stats.coefficients(grad_lse, grad_logprob, grad_entropy, entropy)
-    options = ctx.inputs[_N_TENSORS:_N_TENSORS + _N_OPTIONS]
-    backend = ctx.inputs[-1]
-    grads = [None, None, None]
-    if coef is not None or (ctx.per_row and grad_loss is not None):
-        recomputed = _with_stats_backward(grad_loss if ctx.per_row else None, logsumexp, coef, *tensor_inputs,
-                                          *options, *needs, backend)
-        grads = [g if need else None for g, need in zip(recomputed, needs)]
-    if not ctx.per_row and grad_loss is not None:
-        for k, (g, need) in enumerate(zip(forward_grads, needs)):
-            if need:
-                scaled = g * grad_loss.to(g.dtype)
-                grads[k] = scaled if grads[k] is None else grads[k] + scaled
-    hidden_grad, weight_grad, bias_grad = grads
-    return (hidden_grad, weight_grad, bias_grad, *nones)
-
-
-_with_stats_op.register_autograd(_backward_with_stats, setup_context=_setup_with_stats)
+LINEAR_CROSS_ENTROPY_WITH_TOKEN_STATS = _family.register(_family.Family(
+    name="linear_cross_entropy_with_token_stats", run=_run_with_stats, statistics=token_stats.statistics(_rows_like),
+    public=False, **_OP_DECLARATION))
