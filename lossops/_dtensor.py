@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _checks, distributed
-from ._family import FAMILIES, Family
+from ._family import OPS, Family
 from ._sharding import Sharding
 
 
@@ -80,7 +80,7 @@ def register_op_strategies() -> None:
         return
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.experimental import register_sharding
-    for family in FAMILIES.values():
+    for family in OPS.values():
         op = family.op._opoverload
         if op in _registered_ops:
             continue

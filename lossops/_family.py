@@ -8,8 +8,11 @@ A family module (lossops/<family>.py) writes, per public loss:
   - its public function (torch's signature and checks), which ends in `family.apply(...)`.
 `register(family)` then makes the custom op `lossops::<name>`: its schema comes from the inputs and the options'
 fields, its autograd rebuilds the options by name (never by position) and multiplies the gradients the kernel
-wrote in forward by grad_output (lossops._reduce). `FAMILIES` is what lossops' exports, lossops.nn, the
-compile / opcheck / bad-input / Triton-AOT / kernel-ABI tests, selfcheck and the benchmark iterate.
+wrote in forward by grad_output (lossops._reduce). An op may also return per-row `Statistics` after its loss (or
+instead of one), with incoming gradients of their own, which lossops::<name>_backward turns into input gradients.
+`FAMILIES` holds the public losses (`Family.public`): it is what lossops' exports, lossops.nn, the
+compile / opcheck / bad-input / Triton-AOT / kernel-ABI tests, selfcheck and the benchmark iterate. `OPS` holds
+every registered op, those the public functions call inside (the token statistics) too.
 Nothing here knows DTensors: once every family is registered, lossops (its __init__) makes each public function
 serve them too (lossops._dtensor.serve_dtensors), from the family's `sharding` record (lossops._sharding).
 """
@@ -34,6 +37,28 @@ class Input:
     name: str
     optional: bool = False       # Tensor? in the schema
     differentiable: bool = False  # the kernel writes its gradient in forward when asked
+    # differentiable through the op's statistics only: its gradient is always formed in backward, so the op takes no
+    # grad_ flag and returns no gradient for it
+    recomputed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """Per-row outputs an op returns after its loss, or instead of one: the `differentiable` ones, each with an
+    incoming gradient of its own, then the `other` ones (integers). Autograd keeps the `saved` ones; backward turns
+    the incoming gradients into gradient(incoming, saved) (dicts by name): the tensors named `gradient_names`, or
+    None when no statistic has a gradient. lossops::<name>_backward takes those tensors and hands them to the
+    family's recompute as statistics_gradient."""
+    differentiable: tuple[str, ...]
+    other: tuple[str, ...]
+    like: Callable  # (tensors, options) -> the outputs, empty, in order (the fake implementation)
+    saved: tuple[str, ...]
+    gradient: Callable
+    gradient_names: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.differentiable + self.other
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +118,9 @@ class Family:
     inputs: tuple[Input, ...]
     options: type                            # frozen dataclass; its fields follow the inputs in the schema
     kernel: Kernel
-    run: Callable                            # (family, backend, tensors, options, grads) -> (loss, {input: grad})
-    loss_like: Callable                      # (tensors, options) -> an empty tensor shaped like the op's loss
+    # (family, backend, tensors, options, grads) -> (loss, {input: grad}[, statistics][, state]); loss None without one
+    run: Callable
+    loss_like: Optional[Callable]            # (tensors, options) -> an empty tensor shaped like the loss (None: none)
     reference: Optional[Callable] = None     # plain PyTorch, the "reference" backend
     item_shape: Callable = lambda tensors, options: None  # how a per-item grad_output broadcasts on a gradient
     function: Optional[Callable] = None      # the public function (given in the declaration)
@@ -112,12 +138,17 @@ class Family:
     # Gradients formed in backward instead of written in forward, where gradient_in_backward(backend, options)
     # says so: where they cannot be formed in forward and scaled afterwards (a weight's gradient sums rows that
     # each have their own grad_output), or where a backend reads the input once more rather than write and scale
-    # a gradient. recompute(family, backend, tensors, options, grad_loss, needs[, state]) -> {input: gradient},
-    # run by the op lossops::<name>_backward from the inputs saved in forward and, for a family with a state_like,
-    # the state its run returned third: state_like(tensors, options) is an empty tensor shaped as that state.
+    # a gradient. recompute(family, backend, tensors, options, grad_loss, needs[, state][, statistics_gradient]) ->
+    # {input: gradient}, run by the op lossops::<name>_backward from the inputs saved in forward and, for a family
+    # with a state_like, the state its run returned last: state_like(tensors, options) is an empty tensor shaped as
+    # that state. With statistics, grad_loss is None where only they have gradients, and statistics_gradient is
+    # None where they have none.
     recompute: Optional[Callable] = None
     gradient_in_backward: Callable = lambda backend, options: False
     state_like: Optional[Callable] = None
+    statistics: Optional[Statistics] = None  # per-row outputs after the loss, differentiable in their own right
+    # False: an op that public functions call inside, in OPS only: no lossops.<name>, Module, tests' cases or benchmark
+    public: bool = True
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
     # The C++ eager path's routes for plain CPU calls (lossops._eager.EagerRoute): the public function calls
     # cpp.eager_loss(route.number, ...) with them before its own checks.
@@ -137,8 +168,9 @@ class Family:
         """dataclasses.replace for this family's options, in a form torch.compile traces."""
         return self.options(**{n: changes[n] if n in changes else getattr(options, n) for n in self.option_fields})
 
-    def apply(self, backend: str, tensors: dict, options, grads: dict) -> Tensor:
-        """Runs the op: tensors by input name, the options record, which differentiable inputs want a gradient."""
+    def apply(self, backend: str, tensors: dict, options, grads: dict):
+        """Runs the op: tensors by input name, the options record, which differentiable inputs want a gradient.
+        Returns the loss, or with statistics the tuple (loss, *statistics) (the statistics alone without a loss)."""
         args = [tensors.get(i.name) for i in self.inputs]
         # as the custom op's schema would convert them (numpy scalars, one-element tensors): the eager call below
         # passes them straight to the kernels
@@ -148,9 +180,15 @@ class Family:
         tensor_inputs = args[:len(self.inputs)]
         if _eager.applies(*tensor_inputs):
             if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensor_inputs)):
-                return self.eager_parts[0](*args)[0]  # nothing to differentiate: no autograd node at all
+                return self.results(self.eager_parts[0](*args))  # nothing to differentiate: no autograd node
             return LossopsEager.apply((self, args), *tensor_inputs)
-        return self.op(*args)[0]
+        return self.results(self.op(*args))
+
+    def results(self, outputs):
+        """What a call returns of the op's outputs (the rest are buffers for backward): see apply."""
+        if self.statistics is None:
+            return outputs[0]
+        return tuple(outputs[:(self.loss_like is not None) + len(self.statistics.names)])
 
 
 class LossopsEager(torch.autograd.Function):
@@ -167,15 +205,16 @@ class LossopsEager(torch.autograd.Function):
         outputs = impl(*args)
         setup_context(ctx, args, outputs, eager=True)
         ctx.family = family
-        return outputs[0]
+        return family.results(outputs)
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, *grads):
         _, _, backward, n_in = ctx.family.eager_parts
-        return (None, *backward(ctx, grad_loss, first_input=1)[:n_in])
+        return (None, *backward(ctx, *grads, first_input=1)[:n_in])
 
 
 FAMILIES: dict[str, Family] = {}
+OPS: dict[str, Family] = {}
 
 _SCHEMA_TYPES = {int: "int", float: "float", bool: "bool", str: "str", list[int]: "int[]", list[float]: "float[]",
                  Tensor: "Tensor"}
@@ -188,19 +227,47 @@ def _schema_type(annotation) -> str:
     return _SCHEMA_TYPES[annotation]
 
 
-def _schema(family: Family) -> str:
+def _tensor_and_option_parameters(family: Family) -> tuple[list[str], list[str]]:
     hints = typing.get_type_hints(family.options)
-    params = [f"Tensor{'?' if i.optional else ''} {i.name}" for i in family.inputs]
-    params += [f"{_schema_type(hints[n])} {n}" for n in family.option_names()]
+    return ([f"Tensor{'?' if i.optional else ''} {i.name}" for i in family.inputs],
+            [f"{_schema_type(hints[n])} {n}" for n in family.option_names()])
+
+
+def _schema(family: Family) -> str:
+    tensors, options = _tensor_and_option_parameters(family)
     grads = [i.name for i in family.inputs if i.differentiable]
-    params += [f"bool grad_{n}" for n in grads] + ["str backend"]
-    outputs = ", ".join(["Tensor loss"] + [f"Tensor grad_{n}" for n in grads] + ["Tensor state"] * has_state(family))
-    return f"({', '.join(params)}) -> ({outputs})"
+    params = tensors + options + [f"bool grad_{n}" for n in grads] + ["str backend"]
+    statistics = family.statistics.names if family.statistics is not None else ()
+    outputs = (["Tensor loss"] * has_loss(family) + [f"Tensor {n}" for n in statistics]
+               + [f"Tensor grad_{n}" for n in grads] + ["Tensor state"] * has_state(family))
+    return f"({', '.join(params)}) -> ({', '.join(outputs)})"
+
+
+def _backward_schema(family: Family) -> str:
+    """lossops::<name>_backward's: [grad_loss], the inputs, [the state], [the statistics' gradient], the options,
+    which gradients are needed, the backend."""
+    tensors, options = _tensor_and_option_parameters(family)
+    statistics = family.statistics
+    params = [f"Tensor{'' if statistics is None else '?'} grad_loss"] * has_loss(family) + tensors
+    params += ["Tensor state"] * has_state(family)
+    params += [f"Tensor? {n}" for n in (statistics.gradient_names if statistics is not None else ())]
+    params += options + [f"bool needs_{n}" for n in gradient_inputs(family)] + ["str backend"]
+    return f"({', '.join(params)}) -> ({', '.join(f'Tensor grad_{n}' for n in gradient_inputs(family))})"
 
 
 def has_state(family: Family) -> bool:
     """Whether the family's op has a state output (the values its backward reads besides the inputs)."""
     return family.state_like is not None
+
+
+def has_loss(family: Family) -> bool:
+    """Whether the family's op returns a loss (its first output), or statistics only."""
+    return family.loss_like is not None
+
+
+def gradient_inputs(family: Family) -> list[str]:
+    """The inputs the op's backward can return a gradient for."""
+    return [i.name for i in family.inputs if i.differentiable or i.recomputed]
 
 
 def _identity(value):
@@ -216,7 +283,10 @@ def _converter(annotation) -> Callable:
 
 
 def register(family: Family) -> Family:
-    """Makes the custom op lossops::<name> with its fake implementation and autograd, and records the family."""
+    """Makes the custom op lossops::<name> with its fake implementation and autograd, and records the family in OPS,
+    and in FAMILIES when it is a public loss."""
+    if family.name in OPS:
+        raise RuntimeError(f"lossops: a loss family named {family.name} is already registered")
     names = [i.name for i in family.inputs]
     family.option_fields = options = tuple(f.name for f in dataclasses.fields(family.options))
     hints = typing.get_type_hints(family.options)
@@ -230,101 +300,47 @@ def register(family: Family) -> Family:
         grads = dict(zip(differentiable, args[n_in + n_opt:n_in + n_opt + len(differentiable)]))
         return tensors, opts, grads, args[-1]
 
-    stateful = has_state(family)
+    family.split_arguments = split
     op, impl = _forward_op(family, names, differentiable, split)
-
-    def setup_context(ctx, inputs, output, eager=False):
-        tensors, opts, grads, backend = split(inputs)
-        ctx.recompute = family.gradient_in_backward(backend, opts)
-        ctx.eager = eager
-        if ctx.recompute:  # backward recomputes from the inputs and the state (lossops::<name>_backward)
-            ctx.save_for_backward(*(tensors[n] for n in names), *output[len(output) - stateful:])
-            ctx.arguments = inputs[n_in:]
-            ctx.set_materialize_grads(False)
-            if not eager:
-                ctx.mark_non_differentiable(*output[1:])
-            return
-        ctx.save_for_backward(*output[1:1 + len(differentiable)])
-        ctx.computed = grads
-        ctx.item_shape = family.item_shape(tensors, opts) if opts.reduction == "none" else None
-        if eager:  # the gradients are not outputs there
-            ctx.set_materialize_grads(False)
-        else:
-            _reduce.mark_gradient_outputs(ctx, *output[1:])
-
-    def backward(ctx, grad_loss, *_unused, first_input=0):
-        if ctx.recompute:
-            return recomputed_backward(ctx, grad_loss, first_input)
-        saved = dict(zip(differentiable, ctx.saved_tensors))
-        result = []
-        for index, name in enumerate(names):
-            if not ctx.needs_input_grad[first_input + index]:
-                result.append(None)
-                continue
-            if name not in saved:
-                raise RuntimeError(f"lossops: {family.name} computes no gradient with respect to {name} (torch "
-                                   "defines none, or the public function takes the reference path for it)")
-            if not ctx.computed[name]:
-                raise RuntimeError(f"lossops: lossops::{family.name} ran with grad_{name}=False; call "
-                                   f"lossops.{family.name} with grad mode enabled and {name} requiring grad")
-            result.append(_reduce.apply_grad_output(saved[name], grad_loss, ctx.item_shape))
-        return (*result, *(None,) * (n_opt + len(differentiable) + 1))
-
-    def recomputed_backward(ctx, grad_loss, first_input):
-        needs = [ctx.needs_input_grad[first_input + names.index(n)] for n in differentiable]
-        for index, name in enumerate(names):
-            if ctx.needs_input_grad[first_input + index] and name not in differentiable:
-                raise RuntimeError(f"lossops: {family.name} computes no gradient with respect to {name}")
-        if grad_loss is None:
-            return (None,) * (n_in + n_opt + len(differentiable) + 1)
-        _reduce.refuse_double_backward()
-        saved = ctx.saved_tensors
-        # A plain eager call runs the backward op's body directly, as LossopsEager runs the op's: same code, without
-        # the custom-op dispatch.
-        run = backward_parts[1] if ctx.eager else backward_parts[0]
-        recomputed = run(grad_loss, *saved, *ctx.arguments[:n_opt], *needs, ctx.arguments[-1])
-        grads = dict(zip(differentiable, (recomputed,) if isinstance(recomputed, Tensor) else recomputed))
-        result = [grads[n] if n in grads and need_grad else None
-                  for n, need_grad in zip(names, ctx.needs_input_grad[first_input:first_input + n_in])]
-        return (*result, *(None,) * (n_opt + len(differentiable) + 1))
-
     for route in family.eager_routes:
         _eager.declare(route, family.kernel.name, family.kernel.parameters)
-    backward_parts = None
-    if family.recompute is not None:
-        backward_parts = _backward_op(family, names, differentiable, n_in, n_opt, split)
+    backward_parts = _backward_op(family, split) if family.recompute is not None else None
+    setup_context, backward = _autograd(family, backward_parts)
     op.register_autograd(backward, setup_context=setup_context)
     family.eager_parts = (impl, setup_context, backward, n_in)
-    family.split_arguments = split
     family.op = op
-    if family.name in FAMILIES:
-        raise RuntimeError(f"lossops: a loss family named {family.name} is already registered")
-    FAMILIES[family.name] = family
+    OPS[family.name] = family
+    if family.public:
+        FAMILIES[family.name] = family
     return family
 
 
 def _forward_op(family: Family, names, differentiable, split):
-    """lossops::<name> with its fake implementation: (loss, the gradients written in forward, [the state its
-    backward reads]). Returns the op and its body."""
-    stateful = has_state(family)
+    """lossops::<name> with its fake implementation: ([loss], [statistics], the gradients written in forward,
+    [the state its backward reads]). Returns the op and its body."""
+    stateful, statistics = has_state(family), family.statistics
 
     def empty(like: Tensor) -> Tensor:
         return like.new_empty((0,))
 
     def impl(*args):
         tensors, opts, grads, backend = split(args)
-        loss, written, *state = family.run(family, backend, tensors, opts, grads)
+        loss, written, *rest = family.run(family, backend, tensors, opts, grads)
         first = tensors[names[0]]
-        state = (state[0] if state and state[0] is not None else empty(first),) if stateful else ()
-        return (loss, *(written.get(n) if written.get(n) is not None else empty(first) for n in differentiable),
-                *state)
+        values = tuple(rest.pop(0)) if statistics is not None else ()
+        state = (rest[0] if rest and rest[0] is not None else empty(first),) if stateful else ()
+        return ((loss,) * has_loss(family) + values
+                + tuple(written.get(n) if written.get(n) is not None else empty(first) for n in differentiable)
+                + state)
 
     def fake(*args):
         tensors, opts, grads, backend = split(args)
         first = tensors[names[0]]
         in_forward = not family.gradient_in_backward(backend, opts)
         state = ((empty(first) if in_forward else family.state_like(tensors, opts)),) if stateful else ()
-        return (family.loss_like(tensors, opts),
+        loss = (family.loss_like(tensors, opts),) if has_loss(family) else ()
+        values = tuple(statistics.like(tensors, opts)) if statistics is not None else ()
+        return (*loss, *values,
                 *(tensors[n].new_empty(tensors[n].shape) if grads[n] and in_forward else empty(first)
                   for n in differentiable), *state)
 
@@ -333,41 +349,133 @@ def _forward_op(family: Family, names, differentiable, split):
     return op, impl
 
 
-def _backward_op(family: Family, names, differentiable, n_in: int, n_opt: int, split):
-    """lossops::<name>_backward: the gradients recomputed from the inputs (and the forward's state). Returns the op
-    and its body."""
-    stateful = has_state(family)
-    params = _schema(family)[1:].split(") -> (")[0].split(", ")
-    params = [p for p in params if not p.startswith("bool grad_")]
-    params[n_in:n_in] = ["Tensor state"] * stateful
-    params = ["Tensor grad_loss"] + params
-    params[-1:-1] = [f"bool needs_{n}" for n in differentiable]
-    schema = f"({', '.join(params)}) -> ({', '.join(f'Tensor grad_{n}' for n in differentiable)})"
+def _autograd(family: Family, backward_parts):
+    """setup_context and backward of lossops::<name> (LossopsEager's too). The gradients written in forward are
+    multiplied by grad_output; lossops::<name>_backward forms the others from the saved inputs (and state): all of
+    them where gradient_in_backward(backend, options), and the statistics' wherever one has an incoming gradient."""
+    names = [i.name for i in family.inputs]
+    written = [i.name for i in family.inputs if i.differentiable]
+    gradients = gradient_inputs(family)
+    statistics = family.statistics
+    n_in, n_opt, n_loss, stateful = len(names), len(family.option_fields), int(has_loss(family)), has_state(family)
+    n_statistics = len(statistics.names) if statistics is not None else 0
+    n_differentiable = len(statistics.differentiable) if statistics is not None else 0
+    n_tail = n_opt + len(written) + 1  # the op's non-tensor arguments, which get no gradient
+    split = family.split_arguments
+
+    def setup_context(ctx, inputs, output, eager=False):
+        tensors, opts, grads, backend = split(inputs)
+        ctx.recompute = family.gradient_in_backward(backend, opts)
+        ctx.eager = eager
+        ctx.set_materialize_grads(False)
+        values = output[n_loss:n_loss + n_statistics]
+        if not eager:  # LossopsEager returns the loss and the statistics only
+            ctx.mark_non_differentiable(*values[n_differentiable:], *output[n_loss + n_statistics:])
+        kept_inputs = []
+        if ctx.recompute or statistics is not None:  # lossops::<name>_backward reads them
+            kept_inputs = [*(tensors[n] for n in names), *output[len(output) - stateful:]]
+            ctx.arguments = inputs[n_in:]
+        kept_values = [values[statistics.names.index(n)] for n in statistics.saved] if statistics is not None else []
+        written_grads = []
+        if not ctx.recompute:
+            written_grads = output[n_loss + n_statistics:n_loss + n_statistics + len(written)]
+            ctx.computed = grads
+            ctx.item_shape = family.item_shape(tensors, opts) if written and opts.reduction == "none" else None
+        ctx.save_for_backward(*kept_inputs, *kept_values, *written_grads)
+        ctx.kept = (len(kept_inputs), len(kept_values))
+
+    def backward(ctx, *output_grads, first_input=0):
+        needed = ctx.needs_input_grad[first_input:first_input + n_in]
+        for name, need in zip(names, needed):
+            if need and name not in gradients:
+                raise RuntimeError(f"lossops: {family.name} computes no gradient with respect to {name} (torch "
+                                   "defines none, or the public function takes the reference path for it)")
+        grad_loss = output_grads[0] if n_loss else None
+        saved = ctx.saved_tensors
+        n_inputs, n_values = ctx.kept
+        result = {}
+        if not ctx.recompute and grad_loss is not None:
+            result = scaled_gradients(ctx, grad_loss, saved[n_inputs + n_values:], needed)
+        statistics_gradient = None
+        if statistics is not None:
+            incoming = dict(zip(statistics.differentiable, output_grads[n_loss:]))
+            kept = dict(zip(statistics.saved, saved[n_inputs:n_inputs + n_values]))
+            statistics_gradient = statistics.gradient(incoming, kept)
+        if statistics_gradient is not None or (ctx.recompute and grad_loss is not None):
+            _reduce.refuse_double_backward()
+            recomputed = recomputed_gradients(ctx, grad_loss if ctx.recompute else None, saved[:n_inputs],
+                                              statistics_gradient, needed)
+            for name, gradient in recomputed.items():
+                result[name] = gradient if result.get(name) is None else result[name] + gradient
+        return (*(result.get(n) if need else None for n, need in zip(names, needed)), *(None,) * n_tail)
+
+    def scaled_gradients(ctx, grad_loss, written_grads, needed) -> dict:
+        result = {}
+        for name, gradient in zip(written, written_grads):
+            if not needed[names.index(name)]:
+                continue
+            if not ctx.computed[name]:
+                raise RuntimeError(f"lossops: lossops::{family.name} ran with grad_{name}=False; call "
+                                   f"lossops.{family.name} with grad mode enabled and {name} requiring grad")
+            result[name] = _reduce.apply_grad_output(gradient, grad_loss, ctx.item_shape)
+        return result
+
+    def recomputed_gradients(ctx, grad_loss, inputs_and_state, statistics_gradient, needed) -> dict:
+        needs = [needed[names.index(n)] for n in gradients]
+        if statistics is not None and statistics_gradient is None:
+            statistics_gradient = (None,) * len(statistics.gradient_names)
+        # A plain eager call runs the backward op's body directly, as LossopsEager runs the op's: same code, without
+        # the custom-op dispatch.
+        run = backward_parts[1] if ctx.eager else backward_parts[0]
+        recomputed = run(*(grad_loss,) * n_loss, *inputs_and_state, *(statistics_gradient or ()),
+                         *ctx.arguments[:n_opt], *needs, ctx.arguments[-1])
+        recomputed = (recomputed,) if isinstance(recomputed, Tensor) else recomputed
+        return {n: g for n, g, need in zip(gradients, recomputed, needs) if need}
+
+    return setup_context, backward
+
+
+def _backward_op(family: Family, split):
+    """lossops::<name>_backward: the gradients recomputed from the inputs (and the forward's state, and the
+    statistics' gradient). Returns the op and its body."""
+    names = [i.name for i in family.inputs]
+    gradients = gradient_inputs(family)
+    n_in, n_opt, n_loss, stateful = len(names), len(family.option_fields), int(has_loss(family)), has_state(family)
+    statistics = family.statistics
+    n_statistics = len(statistics.gradient_names) if statistics is not None else 0
+    n_written = sum(i.differentiable for i in family.inputs)
 
     def arguments(args):
-        inputs, state = list(args[1:n_in + 1]), args[n_in + 1:n_in + 1 + stateful]
-        options = list(args[n_in + 1 + stateful:n_in + 1 + stateful + n_opt])
-        tensors, opts, _, _ = split(inputs + options + [False] * len(differentiable) + [args[-1]])
-        needs = dict(zip(differentiable, args[n_in + 1 + stateful + n_opt:-1]))
-        return args[0], tensors, opts, needs, args[-1], {"state": state[0]} if stateful else {}
+        """(grad_loss, tensors, options, needs, backend, recompute's keyword arguments) from the op's arguments."""
+        inputs, rest = list(args[n_loss:n_loss + n_in]), args[n_loss + n_in:]
+        state, statistics_gradient, rest = rest[:stateful], rest[stateful:stateful + n_statistics], \
+            rest[stateful + n_statistics:]
+        tensors, opts, _, _ = split(inputs + list(rest[:n_opt]) + [False] * n_written + [args[-1]])
+        needs = dict(zip(gradients, rest[n_opt:-1]))
+        keywords = {"state": state[0]} if stateful else {}
+        if statistics is not None:
+            keywords["statistics_gradient"] = (None if any(t is None for t in statistics_gradient)
+                                               else tuple(statistics_gradient))
+        return args[0] if n_loss else None, tensors, opts, needs, args[-1], keywords
 
     def impl(*args):
-        grad_loss, tensors, opts, needs, backend, state = arguments(args)
-        grads = family.recompute(family, backend, tensors, opts, grad_loss, needs, **state)
+        grad_loss, tensors, opts, needs, backend, keywords = arguments(args)
+        grads = family.recompute(family, backend, tensors, opts, grad_loss, needs, **keywords)
         first = tensors[names[0]]
-        return single(grads.get(n) if grads.get(n) is not None else first.new_empty((0,)) for n in differentiable)
+        return single(grads.get(n) if grads.get(n) is not None else first.new_empty((0,)) for n in gradients)
 
     def fake(*args):
         _, tensors, _, needs, _, _ = arguments(args)
         first = tensors[names[0]]
         return single(tensors[n].new_empty(tensors[n].shape) if needs[n] and tensors[n] is not None
-                      else first.new_empty((0,)) for n in differentiable)
+                      else first.new_empty((0,)) for n in gradients)
 
-    def single(gradients):  # a schema with one result returns a tensor, not a tuple
-        gradients = tuple(gradients)
-        return gradients[0] if len(gradients) == 1 else gradients
+    def single(values):  # a schema with one result returns a tensor, not a tuple
+        values = tuple(values)
+        return values[0] if len(values) == 1 else values
 
-    op = torch.library.custom_op(f"lossops::{family.name}_backward", impl, mutates_args=(), schema=schema)
+    op = torch.library.custom_op(f"lossops::{family.name}_backward", impl, mutates_args=(),
+                                 schema=_backward_schema(family))
     op.register_fake(fake)
     return op, impl
 

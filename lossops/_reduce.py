@@ -77,14 +77,6 @@ def _graph_kept() -> bool:
         return True
 
 
-def mark_gradient_outputs(ctx, *outputs) -> None:
-    """For setup_context: outputs that carry the gradients written in forward are buffers for backward, not
-    results to differentiate. Without set_materialize_grads(False) autograd would also fill an input-sized
-    tensor of zeros as each one's (unused) incoming gradient on every backward."""
-    ctx.mark_non_differentiable(*outputs)
-    ctx.set_materialize_grads(False)
-
-
 def refuse_double_backward() -> None:
     """For backward functions: with create_graph=True the result would silently have no second derivative."""
     if torch.is_grad_enabled():

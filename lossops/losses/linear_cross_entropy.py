@@ -13,6 +13,10 @@ reduction="none" cannot be pre-scaled (each row gets its own grad_output), so it
 losses and backward (the op lossops::linear_cross_entropy_backward) recomputes the chunks, scaling each
 row of dlogits by its grad_output before the contractions.
 
+return_token_stats=True takes the op lossops::linear_cross_entropy_with_token_stats, declared alike with the token
+statistics (lossops/losses/token_stats.py) as outputs after the loss: the same pass computes them on each chunk of
+logits before the loss kernel overwrites it.
+
 Low-precision inputs: grad_W and grad_b are accumulated across chunks in float32 and cast once at the end.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .token_stats import STATS_GRAD_KERNEL, STATS_KERNEL
 _CHUNKS_PER_PASS = 8
 _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
+_DIFFERENTIABLE = ("hidden", "weight", "bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +148,8 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
     if stats_sink is None:
         loss = LINEAR_CROSS_ENTROPY.apply(backend, tensors, options, wants)
     else:
-        loss, *rows = _with_stats_op(*(tensors[i.name] for i in LINEAR_CROSS_ENTROPY.inputs),
-                                     *(getattr(options, n) for n in LINEAR_CROSS_ENTROPY.option_names()),
-                                     *(wants[n] for n in ("hidden", "weight", "bias")), backend)
-        stats_sink.extend(rows[:4])
+        loss, *rows = LINEAR_CROSS_ENTROPY_WITH_TOKEN_STATS.apply(backend, tensors, options, wants)
+        stats_sink.extend(rows)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(_checks.output_dtype(hidden))
@@ -225,225 +228,206 @@ def _check_arguments(input: Tensor, linear_weight: Tensor, target: Tensor, linea
         raise ValueError(f"lossops: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                  class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float, lse_square_scale: float,
-                  softcap: Optional[float], chunk_size: int, grad_mask: list[bool], backend: str, grad_scale: Tensor,
-                  row_scale: Optional[Tensor] = None, stats_out: Optional[tuple[Tensor, Tensor]] = None,
-                  stats_grad: Optional[tuple[Tensor, Tensor]] = None,
-                  loss_gradient: bool = True) -> tuple[Tensor, Tensor, list[Optional[Tensor]]]:
-    """One pass over the token chunks: (per-row loss, summed loss, [grad_hidden, grad_weight, grad_bias]).
+class _Chunks:
+    """The fused pass's token chunks: each chunk's logits, hidden[chunk] @ weight.T + bias, computed into one
+    buffer that every chunk reuses, so at most chunk_size x V logits exist at a time."""
 
-    Gradients are computed for the True entries of grad_mask, the kernel scaling them by grad_scale (a
-    0-d tensor) and, when row_scale is given, each row of dlogits by its entry before the contractions.
-    stats_out: (stats (N, 3), argmax (N,)) receive each chunk's token statistics, read before the loss kernel
-    overwrites the chunk. stats_grad: (logsumexp, coefficients) of the statistics' gradient (token_stats), added
-    to dlogits; with loss_gradient=False dlogits is that gradient alone and the loss is not computed.
-    """
-    num_rows, vocab = hidden.shape[0], weight.shape[0]
-    acc = _checks.opmath_dtype(hidden.dtype)
-    want_h, want_w, want_b = grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None
-    need_dlogits = want_h or want_w or want_b
-    # grad_W and grad_b are sums over chunks: accumulated in at least float32, cast once at the end.
-    grad_h = _backend.empty_gradient(hidden) if want_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
-    vocab_block = min(vocab, max(1, chunk_size * vocab // max(hidden.shape[1], 1)))
+    def __init__(self, backend: str, t: dict, o: LinearCrossEntropyOptions):
+        self.backend, self.options = backend, o
+        self.hidden, self.weight, self.bias, self.target = t["hidden"], t["weight"], t["bias"], t["target"]
 
-    row_loss = torch.empty(num_rows, dtype=acc, device=hidden.device)
-    total = torch.zeros((), dtype=acc, device=hidden.device)
-    buffer = hidden.new_empty((min(chunk_size, num_rows), vocab))  # one logits buffer, reused by every chunk
-    stats_buffer = torch.empty_like(buffer) if stats_grad is not None and need_dlogits else None
-    for start in range(0, num_rows, chunk_size):
-        stop = min(start + chunk_size, num_rows)
-        h, logits = hidden[start:stop], buffer[:stop - start]
-        if bias is None:
-            torch.mm(h, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, h, weight.t(), out=logits)
-        logits3 = logits.unsqueeze(-1)
-        rows_target = target[start:stop]
-        if stats_out is not None:
-            stats_out[0][start:stop], stats_out[1][start:stop] = STATS_KERNEL(
-                backend, input=logits3, target=rows_target, ignore_index=ignore_index, softcap=softcap)
-        stats_dlogits = None
-        if stats_buffer is not None:
-            stats_dlogits = stats_buffer[:stop - start]
-            STATS_GRAD_KERNEL(backend, input=logits3, target=rows_target, grad=stats_dlogits.unsqueeze(-1),
-                              lse=stats_grad[0][start:stop], coefficients=stats_grad[1][start:stop],
-                              ignore_index=ignore_index, softcap=softcap)
-        if loss_gradient:
-            loss, _lse, chunk_total = ROW_KERNEL(
-                backend, input=logits3, target=rows_target, weight=class_weight,
-                grad=logits3 if need_dlogits else None,
-                ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                softcap=softcap, focal_gamma=None, grad_scale=grad_scale)
-            row_loss[start:stop] = loss
-            total += chunk_total
-        if not need_dlogits:
-            continue
-        dlogits = logits if loss_gradient else stats_dlogits
-        if loss_gradient and row_scale is not None:
-            dlogits.mul_(row_scale[start:stop, None])
-        if loss_gradient and stats_dlogits is not None:
-            dlogits += stats_dlogits
-        if want_h:
-            torch.mm(dlogits, weight, out=grad_h[start:stop])
-        if want_b:
-            grad_b += dlogits.sum(0, dtype=acc)
-        if want_w and grad_w.dtype == dlogits.dtype:
-            grad_w.addmm_(dlogits.t(), h)
-        elif want_w:
+    def __iter__(self):
+        """(start, stop, hidden[start:stop], the chunk's logits) per chunk; the logits are overwritten by the next."""
+        num_rows, size = self.hidden.shape[0], self.options.chunk_size
+        buffer = self.hidden.new_empty((min(size, num_rows), self.weight.shape[0]))
+        for start in range(0, num_rows, size):
+            stop = min(start + size, num_rows)
+            h, logits = self.hidden[start:stop], buffer[:stop - start]
+            if self.bias is None:
+                torch.mm(h, self.weight.t(), out=logits)
+            else:
+                torch.addmm(self.bias, h, self.weight.t(), out=logits)
+            yield start, stop, h, logits
+
+    def loss_kernel(self, start: int, stop: int, logits: Tensor, class_weight: Optional[Tensor],
+                    grad_scale: Tensor, write_gradient: bool):
+        """The cross-entropy kernel on one chunk: (per-row loss, summed loss), d(loss)/d(logits) written over the
+        logits (scaled by grad_scale, a 0-d tensor) when write_gradient."""
+        o, logits3 = self.options, logits.unsqueeze(-1)
+        loss, _lse, total = ROW_KERNEL(self.backend, input=logits3, target=self.target[start:stop], weight=class_weight,
+                                       grad=logits3 if write_gradient else None, ignore_index=o.ignore_index,
+                                       label_smoothing=o.label_smoothing, lse_square_scale=o.lse_square_scale,
+                                       softcap=o.softcap, focal_gamma=None, grad_scale=grad_scale)
+        return loss, total
+
+    def statistics_kernel(self, start: int, stop: int, logits: Tensor, out: tuple[Tensor, Tensor]) -> None:
+        """The chunk's token statistics into out = (stats (N, 3), argmax (N,)), before the loss kernel overwrites it."""
+        out[0][start:stop], out[1][start:stop] = STATS_KERNEL(
+            self.backend, input=logits.unsqueeze(-1), target=self.target[start:stop],
+            ignore_index=self.options.ignore_index, softcap=self.options.softcap)
+
+    def statistics_gradient_kernel(self, start: int, stop: int, logits: Tensor, statistics_gradient: tuple,
+                                   grad: Tensor) -> None:
+        """The token statistics' gradient with respect to the chunk's logits into grad; statistics_gradient is
+        (logsumexp, coefficients) over all rows (lossops/losses/token_stats.py)."""
+        logsumexp, coefficients = statistics_gradient
+        STATS_GRAD_KERNEL(self.backend, input=logits.unsqueeze(-1), target=self.target[start:stop],
+                          grad=grad.unsqueeze(-1), lse=logsumexp[start:stop], coefficients=coefficients[start:stop],
+                          ignore_index=self.options.ignore_index, softcap=self.options.softcap)
+
+
+class _Gradients:
+    """grad_hidden chunk by chunk, grad_weight and grad_bias summed over the chunks from each chunk's d(loss)/d(logits)
+    (in at least float32, cast once at the end)."""
+
+    def __init__(self, chunks: _Chunks, wanted: dict):
+        hidden, weight, bias = chunks.hidden, chunks.weight, chunks.bias
+        acc, vocab = _checks.opmath_dtype(hidden.dtype), weight.shape[0]
+        self.weight = weight
+        self.grad_hidden = _backend.empty_gradient(hidden) if wanted["hidden"] else None
+        self.grad_weight_sum = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wanted["weight"] else None
+        wants_bias = wanted["bias"] and bias is not None
+        self.grad_bias_sum = torch.zeros(vocab, dtype=acc, device=weight.device) if wants_bias else None
+        self.vocab_block = min(vocab, max(1, chunks.options.chunk_size * vocab // max(hidden.shape[1], 1)))
+
+    def wanted(self) -> bool:
+        return self.grad_hidden is not None or self.grad_weight_sum is not None or self.grad_bias_sum is not None
+
+    def add(self, start: int, stop: int, h: Tensor, dlogits: Tensor) -> None:
+        if self.grad_hidden is not None:
+            torch.mm(dlogits, self.weight, out=self.grad_hidden[start:stop])
+        if self.grad_bias_sum is not None:
+            self.grad_bias_sum += dlogits.sum(0, dtype=self.grad_bias_sum.dtype)
+        if self.grad_weight_sum is not None and self.grad_weight_sum.dtype == dlogits.dtype:
+            self.grad_weight_sum.addmm_(dlogits.t(), h)
+        elif self.grad_weight_sum is not None:
             # No mixed-dtype addmm on CPU: bounded vocabulary blocks of the product, each added in float32.
-            for v0 in range(0, vocab, vocab_block):
-                grad_w[v0:v0 + vocab_block] += dlogits[:, v0:v0 + vocab_block].t() @ h
-    grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-             None if grad_b is None else grad_b.to(weight.dtype)]
-    return row_loss, total, grads
+            block = self.vocab_block
+            for v0 in range(0, self.weight.shape[0], block):
+                self.grad_weight_sum[v0:v0 + block] += dlogits[:, v0:v0 + block].t() @ h
+
+    def result(self) -> dict:
+        return {"hidden": self.grad_hidden, "weight": self._cast(self.grad_weight_sum),
+                "bias": self._cast(self.grad_bias_sum)}
+
+    def _cast(self, summed: Optional[Tensor]) -> Optional[Tensor]:
+        return None if summed is None else summed.to(self.weight.dtype)
 
 
-def _run(family, backend, t, o, grads, stats_out=None):
-    """The op's body: the mean's denominator over all rows, then one pass over the chunks. reduction='none'
-    forms no gradient here (each row has its own grad_output): _recompute does, in backward."""
+def _forward_pass(chunks: _Chunks, class_weight: Optional[Tensor], grad_scale: Tensor, gradients: _Gradients,
+                  statistics_out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """The loss over every chunk: (per-row loss, summed loss); the wanted gradients formed from each chunk's
+    d(loss)/d(logits), scaled by grad_scale; the token statistics into statistics_out when given."""
+    hidden = chunks.hidden
+    acc = _checks.opmath_dtype(hidden.dtype)
+    row_loss = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    for start, stop, h, logits in chunks:
+        if statistics_out is not None:
+            chunks.statistics_kernel(start, stop, logits, statistics_out)
+        row_loss[start:stop], chunk_total = chunks.loss_kernel(start, stop, logits, class_weight, grad_scale,
+                                                               gradients.wanted())
+        total += chunk_total
+        if gradients.wanted():
+            gradients.add(start, stop, h, logits)
+    return row_loss, total
+
+
+def _backward_pass(chunks: _Chunks, class_weight: Optional[Tensor], gradients: _Gradients,
+                   grad_loss: Optional[Tensor], statistics_gradient: Optional[tuple[Tensor, Tensor]]) -> None:
+    """The wanted gradients from the chunks again: each row of d(loss)/d(logits) scaled by its grad_loss (None: no
+    loss gradient), plus the token statistics' gradient when statistics_gradient (logsumexp, coefficients)."""
+    if not gradients.wanted():
+        return
+    hidden = chunks.hidden
+    one = torch.ones((), dtype=_checks.opmath_dtype(hidden.dtype), device=hidden.device)
+    row_scale = None if grad_loss is None else grad_loss.to(hidden.dtype)
+    statistics_buffer = None
+    if statistics_gradient is not None:
+        statistics_buffer = hidden.new_empty((min(chunks.options.chunk_size, hidden.shape[0]), chunks.weight.shape[0]))
+    for start, stop, h, logits in chunks:
+        statistics_dlogits = None
+        if statistics_buffer is not None:  # read from the logits before the loss kernel overwrites them
+            statistics_dlogits = statistics_buffer[:stop - start]
+            chunks.statistics_gradient_kernel(start, stop, logits, statistics_gradient, statistics_dlogits)
+        if row_scale is None:
+            gradients.add(start, stop, h, statistics_dlogits)
+            continue
+        chunks.loss_kernel(start, stop, logits, class_weight, one, write_gradient=True)
+        logits.mul_(row_scale[start:stop, None])
+        if statistics_dlogits is not None:
+            logits += statistics_dlogits
+        gradients.add(start, stop, h, logits)
+
+
+def _forward(backend, t, o, grads, statistics_out=None):
+    """The mean's denominator over all rows, then one pass over the chunks. reduction='none' forms no gradient
+    here (each row has its own grad_output): _recompute does, in backward."""
     hidden, weight = t["hidden"], t["weight"]
     acc = _checks.opmath_dtype(hidden.dtype)
     class_weight, denominator = mean_weights(t["target"], t["class_weight"], o.ignore_index, weight.shape[0],
                                              o.reduction, o.lse_square_scale, acc)
-    mask = [grads.get(n, False) and o.reduction != "none" for n in ("hidden", "weight", "bias")]
-    row_loss, total, computed = _chunked_pass(hidden, weight, t["bias"], t["target"], class_weight, o.ignore_index,
-                                              o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size, mask,
-                                              backend, _reduce.gradient_scale(o.reduction, denominator),
-                                              stats_out=stats_out)
-    loss = _reduce.reduce(o.reduction, row_loss, total, denominator)
-    return loss, dict(zip(("hidden", "weight", "bias"), computed))
+    chunks = _Chunks(backend, t, o)
+    gradients = _Gradients(chunks, {n: grads.get(n, False) and o.reduction != "none" for n in _DIFFERENTIABLE})
+    row_loss, total = _forward_pass(chunks, class_weight, _reduce.gradient_scale(o.reduction, denominator), gradients,
+                                    statistics_out)
+    return _reduce.reduce(o.reduction, row_loss, total, denominator), gradients.result()
 
 
-def _recompute(family, backend, t, o, grad_loss, needs, stats_grad=None):
-    """reduction='none': the chunks again, each row of dlogits scaled by its grad_loss (None: no loss gradient),
-    plus the token statistics' gradient when stats_grad (logsumexp, coefficients) is given."""
+def _run(family, backend, t, o, grads):
+    return _forward(backend, t, o, grads)
+
+
+def _run_with_stats(family, backend, t, o, grads):
+    """_run, and the token statistics of every chunk's logits as the op's statistics outputs."""
     hidden = t["hidden"]
-    acc = _checks.opmath_dtype(hidden.dtype)
-    one = torch.ones((), dtype=acc, device=hidden.device)
+    stats = torch.empty((hidden.shape[0], 3), dtype=_checks.opmath_dtype(hidden.dtype), device=hidden.device)
+    argmax = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    loss, written = _forward(backend, t, o, grads, statistics_out=(stats, argmax))
+    return loss, written, (*(stats[:, k].clone() for k in range(3)), argmax)
+
+
+def _recompute(family, backend, t, o, grad_loss, needs, statistics_gradient=None):
+    """reduction='none': the chunks again, each row of dlogits scaled by its grad_loss (None: no loss gradient),
+    plus the token statistics' gradient when statistics_gradient (logsumexp, coefficients) is given."""
+    acc = _checks.opmath_dtype(t["hidden"].dtype)
     class_weight = None if t["class_weight"] is None else t["class_weight"].to(acc).contiguous()
-    _, _, computed = _chunked_pass(hidden, t["weight"], t["bias"], t["target"], class_weight, o.ignore_index,
-                                   o.label_smoothing, o.lse_square_scale, o.softcap, o.chunk_size,
-                                   [needs["hidden"], needs["weight"], needs["bias"]], backend, one,
-                                   row_scale=None if grad_loss is None else grad_loss.to(hidden.dtype),
-                                   stats_grad=stats_grad, loss_gradient=grad_loss is not None)
-    return dict(zip(("hidden", "weight", "bias"), computed))
+    chunks = _Chunks(backend, t, o)
+    gradients = _Gradients(chunks, needs)
+    _backward_pass(chunks, class_weight, gradients, grad_loss, statistics_gradient)
+    return gradients.result()
+
+
+def _rows_like(t):
+    hidden = t["hidden"]
+    return hidden.new_empty((hidden.shape[0],), dtype=_checks.opmath_dtype(hidden.dtype))
 
 
 def _loss_like(t, o):
-    hidden = t["hidden"]
-    return hidden.new_empty((hidden.shape[0],) if o.reduction == "none" else (),
-                            dtype=_checks.opmath_dtype(hidden.dtype))
+    rows = _rows_like(t)
+    return rows if o.reduction == "none" else rows.new_empty(())
 
 
 def _hidden_and_vocab(dtype):
     return [torch.randn(6, 8, dtype=dtype), torch.randn(11, 8, dtype=dtype), torch.tensor([0, 10, -100, 3, 3, 7])]
 
 
-LINEAR_CROSS_ENTROPY = _family.register(_family.Family(
-    name="linear_cross_entropy",
+# What the loss's op and its return_token_stats=True form (the op lossops::linear_cross_entropy_with_token_stats)
+# share: the token statistics are four more outputs after the loss, filled by the same chunked pass; backward adds
+# their gradient through one more pass over the chunks (the logits are gone by then), or folds it into
+# reduction="none"'s recomputation.
+_OP_DECLARATION = dict(
     inputs=(_family.Input("hidden", differentiable=True), _family.Input("weight", differentiable=True),
             _family.Input("bias", optional=True, differentiable=True), _family.Input("target"),
             _family.Input("class_weight", optional=True)),
-    options=LinearCrossEntropyOptions, kernel=ROW_KERNEL, run=_run, recompute=_recompute, loss_like=_loss_like,
-    gradient_in_backward=lambda backend, options: options.reduction == "none", function=linear_cross_entropy,
-    sharding=SHARDING,
+    options=LinearCrossEntropyOptions, kernel=ROW_KERNEL, recompute=_recompute, loss_like=_loss_like,
+    gradient_in_backward=lambda backend, options: options.reduction == "none")
+
+LINEAR_CROSS_ENTROPY = _family.register(_family.Family(
+    name="linear_cross_entropy", run=_run, function=linear_cross_entropy, sharding=SHARDING,
     cases=(_family.Case(_hidden_and_vocab, dict(chunk_size=4), target=2,
-                        bad=("target_out_of_range", dict(chunk_size=0))),),
-))
+                        bad=("target_out_of_range", dict(chunk_size=0))),), **_OP_DECLARATION))
 
-
-# return_token_stats=True: the family's op with the token statistics as four more outputs (same schema otherwise),
-# filled by the same chunked pass. Backward adds their gradient through one more pass over the chunks (the logits
-# are gone by then), or folds it into reduction="none"'s recomputation.
-_DIFFERENTIABLE = ("hidden", "weight", "bias")
-_STATS_OUTPUTS = "Tensor logsumexp, Tensor target_logprob, Tensor entropy, Tensor argmax"
-_OP_SCHEMA = _family._schema(LINEAR_CROSS_ENTROPY)
-_N_TENSORS = len(LINEAR_CROSS_ENTROPY.inputs)
-_N_OPTIONS = len(LINEAR_CROSS_ENTROPY.option_names())
-# The same positional arguments as the family's op (the backward's needs_* flags stand where its grad_* are).
-_split = LINEAR_CROSS_ENTROPY.split_arguments
-
-
-@torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats", mutates_args=(),
-                         schema=_OP_SCHEMA.replace(") -> (Tensor loss, ", f") -> (Tensor loss, {_STATS_OUTPUTS}, "))
-def _with_stats_op(*args):
-    tensors, o, wants, backend = _split(args)
-    hidden = tensors["hidden"]
-    rows = hidden.shape[0]
-    stats = torch.empty((rows, 3), dtype=_checks.opmath_dtype(hidden.dtype), device=hidden.device)
-    argmax = torch.empty(rows, dtype=torch.int64, device=hidden.device)
-    loss, grads = _run(LINEAR_CROSS_ENTROPY, backend, tensors, o, wants, stats_out=(stats, argmax))
-    return (loss, *(stats[:, k].clone() for k in range(3)), argmax,
-            *(grads[n] if grads[n] is not None else hidden.new_empty((0,)) for n in _DIFFERENTIABLE))
-
-
-@_with_stats_op.register_fake
-def _(*args):
-    tensors, o, wants, _ = _split(args)
-    hidden = tensors["hidden"]
-    rows, acc = hidden.shape[0], _checks.opmath_dtype(hidden.dtype)
-    in_forward = o.reduction != "none"
-    return (_loss_like(tensors, o), *(hidden.new_empty((rows,), dtype=acc) for _ in range(3)),
-            hidden.new_empty((rows,), dtype=torch.int64),
-            *(tensors[n].new_empty(tensors[n].shape) if wants[n] and in_forward else hidden.new_empty((0,))
-              for n in _DIFFERENTIABLE))
-
-
-@torch.library.custom_op("lossops::linear_cross_entropy_with_token_stats_backward", mutates_args=(), schema=(
-        "(Tensor? grad_loss, Tensor logsumexp, Tensor? coefficients, "
-        + _OP_SCHEMA[1:].split(") -> (")[0].replace("bool grad_", "bool needs_") + ") -> "
-        "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"))
-def _with_stats_backward(grad_loss, logsumexp, coefficients, *args):
-    tensors, o, needs, backend = _split(args)
-    stats_grad = None if coefficients is None else (logsumexp, coefficients)
-    grads = _recompute(LINEAR_CROSS_ENTROPY, backend, tensors, o, grad_loss, needs, stats_grad=stats_grad)
-    return tuple(grads[n] if grads[n] is not None else tensors["hidden"].new_empty((0,)) for n in _DIFFERENTIABLE)
-
-
-@_with_stats_backward.register_fake
-def _(grad_loss, logsumexp, coefficients, *args):
-    tensors, _, needs, _ = _split(args)
-    return tuple(tensors[n].new_empty(tensors[n].shape) if needs[n] and tensors[n] is not None
-                 else tensors["hidden"].new_empty((0,)) for n in _DIFFERENTIABLE)
-
-
-def _setup_with_stats(ctx, inputs, output):
-    _, o, _, _ = _split(inputs)
-    ctx.inputs = inputs
-    ctx.per_row = o.reduction == "none"
-    ctx.save_for_backward(*inputs[:_N_TENSORS], output[1], output[3], *output[5:])
-    ctx.mark_non_differentiable(output[4], *output[5:])
-    ctx.set_materialize_grads(False)
-
-
-def _backward_with_stats(ctx, grad_loss, grad_lse, grad_logprob, grad_entropy, *_unused):
-    saved = ctx.saved_tensors
-    tensor_inputs, (logsumexp, entropy), forward_grads = (saved[:_N_TENSORS], saved[_N_TENSORS:_N_TENSORS + 2],
-                                                          saved[_N_TENSORS + 2:])
-    needs = [ctx.needs_input_grad[LINEAR_CROSS_ENTROPY.inputs.index(i)]
-             for i in LINEAR_CROSS_ENTROPY.inputs if i.differentiable]
-    nones = (None,) * (len(ctx.inputs) - 3)
-    if not any(needs):
-        return (None,) * len(ctx.inputs)
-    _reduce.refuse_double_backward()
-    coef = token_stats.coefficients(grad_lse, grad_logprob, grad_entropy, entropy)
-    options = ctx.inputs[_N_TENSORS:_N_TENSORS + _N_OPTIONS]
-    backend = ctx.inputs[-1]
-    grads = [None, None, None]
-    if coef is not None or (ctx.per_row and grad_loss is not None):
-        recomputed = _with_stats_backward(grad_loss if ctx.per_row else None, logsumexp, coef, *tensor_inputs,
-                                          *options, *needs, backend)
-        grads = [g if need else None for g, need in zip(recomputed, needs)]
-    if not ctx.per_row and grad_loss is not None:
-        for k, (g, need) in enumerate(zip(forward_grads, needs)):
-            if need:
-                scaled = g * grad_loss.to(g.dtype)
-                grads[k] = scaled if grads[k] is None else grads[k] + scaled
-    hidden_grad, weight_grad, bias_grad = grads
-    return (hidden_grad, weight_grad, bias_grad, *nones)
-
-
-_with_stats_op.register_autograd(_backward_with_stats, setup_context=_setup_with_stats)
+LINEAR_CROSS_ENTROPY_WITH_TOKEN_STATS = _family.register(_family.Family(
+    name="linear_cross_entropy_with_token_stats", run=_run_with_stats, statistics=token_stats.statistics(_rows_like),
+    public=False, **_OP_DECLARATION))

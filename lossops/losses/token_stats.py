@@ -19,12 +19,13 @@ inside its fused pass, before the loss kernel overwrites the chunk.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import dataclasses
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks, _family, _reduce
+from .. import _backend, _checks, _family
 
 STATS_KERNEL = _family.Kernel("cross_entropy_token_stats", "token_stats",
                               ("input", "target", "ignore_index", "softcap"))
@@ -68,56 +69,61 @@ def coefficients(grad_lse: Optional[Tensor], grad_logprob: Optional[Tensor], gra
     return torch.stack((g_lse - g_lp - g_h * entropy, -g_h, g_lp), dim=1).contiguous()
 
 
-@torch.library.custom_op("lossops::token_stats", mutates_args=(), schema=(
-        "(Tensor input, Tensor target, int ignore_index, float? softcap, str backend) "
-        "-> (Tensor logsumexp, Tensor target_logprob, Tensor entropy, Tensor argmax)"))
+def _gradient_of_statistics(incoming: dict, saved: dict) -> Optional[tuple[Tensor, Tensor]]:
+    """(logsumexp, coefficients): what the statistics' gradient kernel reads, None when no statistic has a gradient."""
+    coef = coefficients(incoming["logsumexp"], incoming["target_logprob"], incoming["entropy"], saved["entropy"])
+    return None if coef is None else (saved["logsumexp"], coef)
+
+
+def statistics(row_like: Callable[[dict], Tensor]) -> _family.Statistics:
+    """The statistics as an op's outputs, one element per row; row_like(tensors): an empty float tensor shaped so."""
+    def like(tensors, options):
+        row = row_like(tensors)
+        return (*(row.new_empty(row.shape) for _ in range(3)), row.new_empty(row.shape, dtype=torch.int64))
+
+    return _family.Statistics(differentiable=("logsumexp", "target_logprob", "entropy"), other=("argmax",),
+                              like=like, saved=("logsumexp", "entropy"), gradient=_gradient_of_statistics,
+                              gradient_names=("logsumexp", "coefficients"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStatsOptions:
+    ignore_index: int = -100
+    softcap: Optional[float] = None
+
+
+def _run(family, backend, t, o, grads):
+    stats, argmax = STATS_KERNEL(backend, input=t["input"], target=t["target"], ignore_index=o.ignore_index,
+                                 softcap=o.softcap)
+    return None, {}, (stats[:, 0].clone(), stats[:, 1].clone(), stats[:, 2].clone(), argmax)
+
+
+def _recompute(family, backend, t, o, grad_loss, needs, statistics_gradient):
+    if not needs["input"] or statistics_gradient is None:
+        return {}
+    logsumexp, row_coefficients = statistics_gradient
+    grad = _backend.empty_gradient(t["input"])  # on CPU: huge pages, the gradient cache (fresh pages cost more)
+    STATS_GRAD_KERNEL(backend, input=t["input"], target=t["target"], grad=grad, lse=logsumexp,
+                      coefficients=row_coefficients, ignore_index=o.ignore_index, softcap=o.softcap)
+    return {"input": grad}
+
+
+def _rows_like(t):
+    input = t["input"]
+    return input.new_empty((input.shape[0] * input.shape[2],), dtype=_checks.opmath_dtype(input.dtype))
+
+
+# The op lossops::token_stats: the statistics of a (outer, C, inner) view of logits, beside a loss computed by
+# another op; lossops.cross_entropy calls it through rows_stats.
+TOKEN_STATS = _family.register(_family.Family(
+    name="token_stats", inputs=(_family.Input("input", recomputed=True), _family.Input("target")),
+    options=TokenStatsOptions, kernel=STATS_KERNEL, run=_run, loss_like=None, recompute=_recompute,
+    statistics=statistics(_rows_like), public=False))
+
+
 def rows_stats(input: Tensor, target: Tensor, ignore_index: int, softcap: Optional[float], backend: str):
     """(logsumexp, target_logprob, entropy, argmax) per row of a (outer, C, inner) view, differentiable."""
-    stats, argmax = STATS_KERNEL(backend, input=input, target=target, ignore_index=ignore_index, softcap=softcap)
-    return stats[:, 0].clone(), stats[:, 1].clone(), stats[:, 2].clone(), argmax
-
-
-@rows_stats.register_fake
-def _(input, target, ignore_index, softcap, backend):
-    rows = input.shape[0] * input.shape[2]
-    acc = _checks.opmath_dtype(input.dtype)
-    return (*(input.new_empty((rows,), dtype=acc) for _ in range(3)), input.new_empty((rows,), dtype=torch.int64))
-
-
-@torch.library.custom_op("lossops::token_stats_backward", mutates_args=(), schema=(
-        "(Tensor input, Tensor target, Tensor logsumexp, Tensor coefficients, int ignore_index, float? softcap, "
-        "str backend) -> Tensor"))
-def _token_stats_backward(input, target, logsumexp, coefficients, ignore_index, softcap, backend):
-    grad = _backend.empty_gradient(input)  # on CPU: huge pages, the gradient cache (faulting in fresh pages costs more)
-    STATS_GRAD_KERNEL(backend, input=input, target=target, grad=grad, lse=logsumexp, coefficients=coefficients,
-                      ignore_index=ignore_index, softcap=softcap)
-    return grad
-
-
-@_token_stats_backward.register_fake
-def _(input, target, logsumexp, coefficients, ignore_index, softcap, backend):
-    return input.new_empty(input.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    input, target, ignore_index, softcap, backend = inputs
-    logsumexp, _, entropy, argmax = output
-    ctx.save_for_backward(input, target, logsumexp, entropy)
-    ctx.arguments = (ignore_index, softcap, backend)
-    ctx.mark_non_differentiable(argmax)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_lse, grad_logprob, grad_entropy, _grad_argmax):
-    input, target, logsumexp, entropy = ctx.saved_tensors
-    coef = coefficients(grad_lse, grad_logprob, grad_entropy, entropy)
-    if coef is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
-    _reduce.refuse_double_backward()
-    return _token_stats_backward(input, target, logsumexp, coef, *ctx.arguments), None, None, None, None
-
-
-rows_stats.register_autograd(_backward, setup_context=_setup_context)
+    return TOKEN_STATS.apply(backend, {"input": input, "target": target}, TokenStatsOptions(ignore_index, softcap), {})
 
 
 def finish(loss: Tensor, target: Tensor, ignore_index: int, lse_square_scale: float, logsumexp: Tensor,
