@@ -87,7 +87,7 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
 enum class Layout { kClassRows, kSameShape, kSequences };
-enum class DenominatorRule { kElements, kKeptRows, kKeptWeight, kTargetLengths };
+enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
 enum class Source { kTensor, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
 
@@ -358,6 +358,7 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
                                                   {"sequences", Layout::kSequences}});
   route.denominator = named<DenominatorRule>("denominator", denominator,
                                              {{"elements", DenominatorRule::kElements},
+                                              {"batch", DenominatorRule::kBatch},
                                               {"kept_rows", DenominatorRule::kKeptRows},
                                               {"kept_weight", DenominatorRule::kKeptWeight},
                                               {"target_lengths", DenominatorRule::kTargetLengths}});
@@ -534,6 +535,10 @@ py::object eager_loss(int64_t route_number, const std::string& reduction_name, c
   switch (route.denominator) {
     case DenominatorRule::kElements:
       mean = denominator_of(static_cast<double>(call.tensors[0]->numel()), acc, call.reduction);
+      break;
+    case DenominatorRule::kBatch:
+      if (call.tensors[0]->dim() == 0) return py::none();
+      mean = denominator_of(static_cast<double>(call.tensors[0]->size(0)), acc, call.reduction);
       break;
     case DenominatorRule::kKeptRows:
     case DenominatorRule::kKeptWeight: {

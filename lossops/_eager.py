@@ -48,7 +48,7 @@ LAYOUT_OPERANDS = {
     "sequences": ("log_probs", "targets", "input_lengths", "target_lengths", "target_offsets"),  # CTC
 }
 CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "sequences": 4}
-DENOMINATORS = ("elements", "kept_rows", "kept_weight", "target_lengths")
+DENOMINATORS = ("elements", "batch", "kept_rows", "kept_weight", "target_lengths")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +69,10 @@ class EagerRoute:
 
       layout: which call tensors and kernel views (LAYOUT_OPERANDS), the loss's item shape and how a per-item
         grad_output broadcasts against the gradients;
-      denominator: the mean's: "elements" (every element), "kept_rows" (rows whose target is not ignore_index),
-        "kept_weight" (their class weights' sum in index order, their count without weights), "target_lengths"
-        (each sequence's loss over its target length, then over the batch);
+      denominator: the mean's: "elements" (every element), "batch" (the first dimension's size), "kept_rows"
+        (rows whose target is not ignore_index), "kept_weight" (their class weights' sum in index order, their
+        count without weights), "target_lengths" (each sequence's loss over its target length, then over the
+        batch);
       scalars: the call's scalar arguments (Scalar), in call order;
       gradients: kernel parameter -> the call tensor whose gradient it writes (a call tensor that requires grad
         without one takes the custom op);

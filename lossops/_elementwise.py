@@ -65,22 +65,25 @@ def _loss_like(t, o):
 
 
 def declare(name: str, options: type, kernel: _family.Kernel, kernel_options: Callable,
-            eager_gradients: tuple[str, ...] = ("input", "target"), **declaration) -> _family.Family:
+            eager_gradients: tuple[str, ...] = ("input", "target"), extra_eager_routes: tuple = (),
+            **declaration) -> _family.Family:
     """Registers an elementwise family: kernel_options(tensors, options) -> its own kernel parameters by name.
-    eager_gradients: the inputs whose gradients its kernel writes on the C++ eager path (eager()); () for none."""
+    eager_gradients: the inputs whose gradients its kernel writes on the C++ eager path (eager()); () for none.
+    extra_eager_routes: the family's other routes (eager_route with another denominator), which it calls itself."""
     declaration.setdefault("sharding", _sharding.Sharding())  # every dimension an item dimension; mean over all
     if eager_gradients:
-        declaration["eager_routes"] = (eager_route(kernel, eager_gradients),)
+        declaration["eager_routes"] = (eager_route(kernel, eager_gradients),) + tuple(extra_eager_routes)
     return _family.register(_family.Family(name=name, inputs=INPUTS, options=options, kernel=kernel, run=_run,
                                            loss_like=_loss_like, kernel_options=kernel_options, **declaration))
 
 
-def eager_route(kernel: _family.Kernel, gradients: tuple[str, ...]) -> _eager.EagerRoute:
-    """An unweighted call on input and target of one shape and dtype: the mean over every element; the family's
-    own kernel parameters are the call's scalars."""
+def eager_route(kernel: _family.Kernel, gradients: tuple[str, ...], denominator: str = "elements"
+                ) -> _eager.EagerRoute:
+    """An unweighted call on input and target of one shape and dtype: the mean over every element (or over the
+    first dimension's size: denominator="batch"); the family's own kernel parameters are the call's scalars."""
     own = kernel.parameters[len(ELEMENTWISE_PARAMETERS):]
     return _eager.EagerRoute(
-        "same_shape", "elements", scalars=tuple(_eager.Scalar(p) for p in own),
+        "same_shape", denominator, scalars=tuple(_eager.Scalar(p) for p in own),
         gradients={f"grad_{n}": n for n in gradients},
         constants={"weight": None, "weight_layout": [1, 1], "aux": None, "aux_layout": [1, 1], "ignore_index": -100,
                    **{f"grad_{n}": None for n in ("input", "target") if n not in gradients}},
@@ -116,8 +119,7 @@ def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, opti
     if type(reduction) is not str or not (cpp := _eager.cpp_module(input, target)):
         return None
     extra = family.kernel_options(None, options)
-    (route,) = family.eager_routes
-    return cpp.eager_loss(route.number, reduction, input, target,
+    return cpp.eager_loss(family.eager_routes[0].number, reduction, input, target,
                           *(extra[p] for p in family.kernel.parameters[len(ELEMENTWISE_PARAMETERS):]))
 
 

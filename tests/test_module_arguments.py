@@ -68,6 +68,10 @@ ROWS = {
     ]),
     "L1Loss": (elementwise_call, REDUCTIONS),
     "MSELoss": (elementwise_call, REDUCTIONS),
+    "KLDivLoss": (elementwise_call, REDUCTIONS + [
+        dict(reduction="batchmean"), dict(log_target=True), dict(log_target=1), dict(log_target=None),
+        dict(log_target="a"), dict(reduction="batchmean", size_average=False),
+    ]),
 }
 
 
