@@ -7,8 +7,15 @@
 # The in-place modules (lossops/_C*.so, lossops/_kernels_*.so) are never touched: the sanitized package is assembled under
 # $LOSSOPS_SANITIZE_DIR (default build/sanitize) and put first on the path. The tests run with
 # -k "$LOSSOPS_SANITIZE_K" (default "cpp": the parametrisations on the C++ backend) over the files chosen below;
-# extra arguments go to pytest.
+# extra arguments go to pytest. --build-only builds and stops; --no-build tests the build already there
+# (scripts/test.sh builds while the main suite runs, at the lowest priority, then tests).
 set -euo pipefail
+build=1
+run_tests=1
+case "${1:-}" in
+  --build-only) run_tests=0; shift ;;
+  --no-build) build=0; shift ;;
+esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${LOSSOPS_SANITIZE_DIR:-$ROOT/build/sanitize}"
 PKG="$OUT/pkg"
@@ -18,11 +25,15 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then
   . "$ROOT/.venv/bin/activate"
 fi
 
-echo "sanitize: building csrc/ with ASan+UBSan into $OUT"
-mkdir -p "$OUT"
-(cd "$ROOT" && SANITIZE=1 MAX_JOBS="${MAX_JOBS:-2}" \
-  python setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" >"$OUT/build.log" 2>&1) || {
-  cat "$OUT/build.log"; echo "sanitize: build failed"; exit 1; }
+if [ "$build" = 1 ]; then
+  echo "sanitize: building csrc/ with ASan+UBSan into $OUT"
+  mkdir -p "$OUT"
+  (cd "$ROOT" && SANITIZE=1 MAX_JOBS="${MAX_JOBS:-2}" \
+    python setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" >"$OUT/build.log" 2>&1) || {
+    cat "$OUT/build.log"; echo "sanitize: build failed"; exit 1; }
+  echo "sanitize: built"
+fi
+[ "$run_tests" = 1 ] || exit 0
 
 python - "$ROOT" "$OUT/lib" "$PKG" <<'EOF'
 import pathlib, shutil, sys

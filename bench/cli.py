@@ -12,7 +12,7 @@ import lossops
 
 from . import grid, report
 from .cases import DTYPES, FAMILIES, FLOORS, Shape, implementations, ours_name
-from .measure import PeakMemory
+from .measure import MIN_SAMPLE_S, PeakMemory
 from .runner import Settings, run_case
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "that are named)")
     parser.add_argument("--impl", action="append", help="only these implementations (repeatable; names as in the "
                         "table, e.g. eager, compile, lossops-cpp; the floors always run)")
-    parser.add_argument("--repeats", type=int, help="timed calls per phase (default 10, --quick 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved samples per phase (default 10, --grid 7, --quick 3)")
     parser.add_argument("--warmup", type=int, help="discarded calls before timing (default 3, --quick 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
@@ -155,7 +155,9 @@ def main(argv=None) -> int:
 
     recs = report.records(rows, stamp)
     settings_line = (f"Timer: {'CUDA events' if args.device.type == 'cuda' else 'time.perf_counter_ns'}; "
-                     f"{args.warmup} warm-up + {args.repeats} timed calls per phase; median and IQR in ms."
+                     f"{args.warmup} warm-up calls, then {args.repeats} samples per phase, interleaved (one sample of "
+                     f"each implementation in turn; on the CPU a sample is a batch of calls at least "
+                     f"{MIN_SAMPLE_S * 1e3:g} ms long); median and IQR per call in ms."
                      + ("" if args.device.type == "cuda" else
                         f" lossops gradient cache: {'on' if lossops.gradient_cache_enabled() else 'off'} (each "
                         "call after the first reuses the gradient buffer the previous one freed, as in a training "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .cases import DTYPES, FAMILIES, Family, _arguments
+from .measure import MIN_SAMPLE_S, time_interleaved
 from .report import Stamp
 
 # Each family declares its grid shapes and speed targets (lossops._family.Bench, GridShapes).
@@ -26,9 +26,6 @@ QUICK_SHAPES = {name: FAMILIES[name].grid_quick_shapes for name in GRID_SHAPES}
 TARGETS = {(name, tuple(t.shape), t.dtype, t.threads): t.speedup
            for name, family in FAMILIES.items() for t in family.targets}
 MODES = ("fwd+bwd", "no_grad fwd")
-# A sample is at least this long: tiny calls are timed in batches, so the timer's own cost does not count.
-MIN_SAMPLE_S = 2e-3
-MAX_CALLS_PER_SAMPLE = 2000
 
 
 def target_for(op: str, shape: tuple, dtype: str, threads: str, mode: str) -> float:
@@ -78,27 +75,15 @@ class Cell:
         return "SLOWER than eager" if s < 1.0 else f"target {self.target:g}x missed"
 
 
-def _calls_per_sample(fn) -> int:
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    return int(min(MAX_CALLS_PER_SAMPLE, max(1, MIN_SAMPLE_S / once)))
+def interleaved_medians(fns: dict, repeats: int, warmup: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Median seconds per call of each function, sampled in turn so that drift and noise hit all alike (the
+    timing `python -m bench` uses too: bench.measure.time_interleaved)."""
+    calls = {name: (_no_setup, lambda _, fn=fn: fn()) for name, fn in fns.items()}
+    return {name: stats.median_ms / 1e3 for name, stats in time_interleaved(device, calls, warmup, repeats).items()}
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict:
-    """Median seconds per call of each function, sampled in turn so that drift and noise hit all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    batch = {name: _calls_per_sample(fn) for name, fn in fns.items()}
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(batch[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / batch[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+def _no_setup():
+    return None
 
 
 def _callables(family: Family, device: torch.device, x: torch.Tensor, target: torch.Tensor, mode: str):
@@ -159,7 +144,7 @@ def run_grid(args, note) -> list[Cell]:
                 torch.set_num_threads(threads)
                 times = {}
                 if fns:
-                    times = {k: v * 1e3 for k, v in interleaved_medians(fns, args.repeats, args.warmup).items()}
+                    times = {k: v * 1e3 for k, v in interleaved_medians(fns, args.repeats, args.warmup, device).items()}
                 cells.append(Cell(op, dtype_name, shape, mode, threads, setting, times,
                                   target_for(op, shape, dtype_name, setting, mode), error))
         del x, target

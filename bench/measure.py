@@ -74,6 +74,71 @@ def time_call(device: torch.device, setup: Callable[[], Any], run: Callable[[Any
     return summarize(samples)
 
 
+# On the CPU a sample is at least this long: a tiny call is timed in a batch of calls (bench/grid.py does the same),
+# so neither the timer's own cost nor one preempted call decides a sample.
+MIN_SAMPLE_S = 2e-3
+MAX_CALLS_PER_SAMPLE = 2000
+
+
+def time_interleaved(device: torch.device, calls: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]],
+                     warmup: int, repeats: int) -> dict[str, Stats]:
+    """Median and IQR per call of each `name -> (setup, run)`, sampled in turn as the grid does: one sample of
+    every implementation, then the next round, so that drift and noise on a shared machine hit them alike
+    instead of whichever ran during a busy second. `warmup` discarded calls of each first.
+
+    CUDA: a sample is one call, timed with events. CPU: a sample is a batch of calls at least MIN_SAMPLE_S long
+    (one call when a call is that long already); the batch's setups run untimed before the clock starts. Within a
+    batch each call's result is dropped as soon as it returns, as in a training loop (so a tiny call's freeing is
+    timed with it; a call of MIN_SAMPLE_S or more is a batch of one, whose result is freed after the clock stops).
+    """
+    cuda = device.type == "cuda"
+    with _no_gc():
+        batch = {}
+        for name, (setup, run) in calls.items():
+            for _ in range(warmup):
+                out = run(setup())
+                del out
+            state = setup()
+            begin = time.perf_counter()
+            out = run(state)
+            once = max(time.perf_counter() - begin, 1e-7)
+            del out, state
+            batch[name] = 1 if cuda else int(min(MAX_CALLS_PER_SAMPLE, max(1, MIN_SAMPLE_S / once)))
+        samples = {name: [] for name in calls}
+        for _ in range(repeats):
+            for name, (setup, run) in calls.items():
+                samples[name].append(_sample(cuda, setup, run, batch[name]))
+    return {name: summarize(values) for name, values in samples.items()}
+
+
+def _sample(cuda: bool, setup, run, calls: int) -> float:
+    """Milliseconds per call of one sample of `calls` calls."""
+    if cuda:
+        state = setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = run(state)
+        end.record()
+        end.synchronize()
+        del out, state
+        return start.elapsed_time(end)
+    if calls == 1:
+        state = setup()
+        begin = time.perf_counter_ns()
+        out = run(state)
+        elapsed = time.perf_counter_ns() - begin
+        del out, state
+        return elapsed / 1e6
+    states = [setup() for _ in range(calls)]
+    begin = time.perf_counter_ns()
+    for state in states:
+        run(state)
+    elapsed = time.perf_counter_ns() - begin
+    del states
+    return elapsed / 1e6 / calls
+
+
 _KIB = 1024
 
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .cases import FLOORS, Family, Impl, Shape
-from .measure import PeakMemory, Stats, time_call
+from .measure import PeakMemory, Stats, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -61,24 +61,18 @@ def _forward_done(impl: Impl, fresh: Callable, target: torch.Tensor):
     return setup
 
 
-def measure_impl(impl: Impl, x: torch.Tensor, target: torch.Tensor, reference_loss: float, settings: Settings,
-                 row: Row) -> Row:
+def prepare_impl(impl: Impl, x: torch.Tensor, target: torch.Tensor, reference_loss: float, row: Row):
+    """Compiles (warm) and checks the loss; returns the three phases' (setup, run) pairs, timed by run_case."""
     fresh = _fresh_input(impl, x)
     if impl.warm is not None:
         impl.warm(x, target)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        # Compilation happened in warm(); a recompile now would bill compile time, so it is an error.
+    with torch._dynamo.config.patch(error_on_recompile=True):  # warm() compiled; a recompile now is an error
         row.loss = float(impl.loss(fresh(), target).detach().float())
-        if not _close(row.loss, reference_loss, x.dtype):
-            row.error = f"loss {row.loss:.6g} differs from eager float32's {reference_loss:.6g}"
-        timed = dict(warmup=settings.warmup, repeats=settings.repeats)
-        row.fwd = time_call(settings.device, fresh, lambda inp: impl.loss(inp, target), **timed)
-        row.bwd = time_call(settings.device, _forward_done(impl, fresh, target), lambda s: _gradient(s[1], s[0]),
-                            **timed)
-        fwdbwd = lambda inp: _gradient(impl.loss(inp, target), inp)  # noqa: E731
-        row.fwdbwd = time_call(settings.device, fresh, fwdbwd, **timed)
-        row.peak_bytes = settings.memory.measure(fresh, fwdbwd)
-    return row
+    if not _close(row.loss, reference_loss, x.dtype):
+        row.error = f"loss {row.loss:.6g} differs from eager float32's {reference_loss:.6g}"
+    return {"fwd": (fresh, lambda inp: impl.loss(inp, target)),
+            "bwd": (_forward_done(impl, fresh, target), lambda s: _gradient(s[1], s[0])),
+            "fwdbwd": (fresh, lambda inp: _gradient(impl.loss(inp, target), inp))}
 
 
 def _close(value: float, reference: float, dtype: torch.dtype) -> bool:
@@ -91,32 +85,63 @@ def _float32_loss(family: Family, x: torch.Tensor, target: torch.Tensor) -> floa
         return float(family.eager(x.detach().float(), *rest, **family.kwargs))
 
 
-def measure_floor(name: str, x: torch.Tensor, settings: Settings, row: Row) -> Row:
+def _floor_call(name: str, x: torch.Tensor):
     logits = x.detach()
     buffer = torch.zeros_like(logits)  # zeros, not empty: its pages are resident before timing starts
-    run = lambda inp: FLOORS[name](inp, buffer)  # noqa: E731
-    row.fwdbwd = time_call(settings.device, lambda: logits, run, warmup=settings.warmup, repeats=settings.repeats)
-    row.peak_bytes = settings.memory.measure(lambda: logits, run)
-    return row
+    return (lambda: logits), (lambda inp: FLOORS[name](inp, buffer))
 
 
 def run_case(family: Family, shape: Shape, dtype: torch.dtype, impls: list[Impl], settings: Settings,
              step: Callable[[str], None]) -> list[Row]:
-    """Every implementation and both floors on one case; a failing implementation becomes an error row."""
+    """Every implementation and both floors on one case; a failing implementation becomes an error row.
+
+    Each phase is timed interleaved, as the grid does (bench.measure.time_interleaved): one sample of every
+    implementation (and, for fwd+bwd, of each floor) in turn, medians and IQR over `settings.repeats` rounds.
+    """
     torch.manual_seed(0)
     x, target = family.inputs(shape, dtype, settings.device)
     dtype_name = str(dtype).removeprefix("torch.")
     reference_loss = _float32_loss(family, x, target)
-    rows = []
+    rows, phases = [], {}
     for impl in impls:
         step(impl.name)
         row = Row(family.name, dtype_name, shape, impl.name, floor=impl.floor)
+        rows.append(row)
         try:
-            rows.append(measure_impl(impl, x, target, reference_loss, settings, row))
+            phases[impl.name] = (row, prepare_impl(impl, x, target, reference_loss, row))
         except Exception as error:  # noqa: BLE001 - one broken implementation must not end the run
-            row.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            rows.append(row)
+            row.error = _error(error)
+    floors = {}
     for name in FLOORS:
         step(f"floor {name}")
-        rows.append(measure_floor(name, x, settings, Row(family.name, dtype_name, shape, f"floor {name}")))
+        floors[f"floor {name}"] = (Row(family.name, dtype_name, shape, f"floor {name}"), _floor_call(name, x))
+    rows += [row for row, _ in floors.values()]
+    timed = dict(warmup=settings.warmup, repeats=settings.repeats)
+    # torch.compile happened in prepare_impl (warm); a recompile while timing would bill compile time: an error.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for phase in ("fwd", "bwd", "fwdbwd"):
+            calls = {name: calls[phase] for name, (row, calls) in phases.items() if not row.error.startswith("!")}
+            if phase == "fwdbwd":
+                calls.update({name: call for name, (row, call) in floors.items()})
+            try:
+                stats = time_interleaved(settings.device, calls, **timed)
+            except Exception:  # noqa: BLE001 - find the implementation that fails alone, time the others
+                stats = {}
+                for name, call in calls.items():
+                    try:
+                        stats.update(time_interleaved(settings.device, {name: call}, **timed))
+                    except Exception as error:  # noqa: BLE001
+                        (phases[name][0] if name in phases else floors[name][0]).error = "!" + _error(error)
+            for name, value in stats.items():
+                setattr(phases[name][0] if name in phases else floors[name][0], phase, value)
+        for name, (row, calls) in [*phases.items(), *floors.items()]:
+            if not row.error.startswith("!"):
+                setup, run = calls["fwdbwd"] if name in phases else calls
+                row.peak_bytes = settings.memory.measure(setup, run)
+    for row in rows:
+        row.error = row.error.removeprefix("!")
     return rows
+
+
+def _error(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
