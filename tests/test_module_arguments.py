@@ -24,6 +24,10 @@ def elementwise_call():
     return torch.randn(N, C, requires_grad=True), torch.rand(N, C)
 
 
+def probability_call():
+    return torch.rand(N, C, requires_grad=True), torch.rand(N, C)
+
+
 def _tensor(*shape, dtype=torch.float32):
     return torch.ones(shape, dtype=dtype)
 
@@ -65,6 +69,12 @@ ROWS = {
         dict(delta=np.float32(0.5)), dict(delta=np.int64(2)), dict(delta=np.float64(0.5)),
         dict(delta=-1.0), dict(delta=0.0), dict(delta=0), dict(delta=-2), dict(delta=float("nan")),
         dict(delta=float("inf")), dict(delta=True),
+    ]),
+    "BCELoss": (probability_call, REDUCTIONS + [
+        *(dict(weight=w) for w in BUFFER_MISUSE),
+        dict(weight=_tensor(C + 1)), dict(weight=_tensor(C, dtype=torch.complex64)),
+        dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
+        dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(N, 1)), dict(weight=_tensor(2, N, C)),
     ]),
     "L1Loss": (elementwise_call, REDUCTIONS),
     "MSELoss": (elementwise_call, REDUCTIONS),
