@@ -81,6 +81,12 @@ ROWS = {
         dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
                                  np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))
     ]),
+    "PoissonNLLLoss": (elementwise_call, REDUCTIONS + [
+        *(dict(log_input=v) for v in ("a", None, 1, 2, 0.5, np.bool_(True), torch.tensor(True))),
+        *(dict(full=v) for v in ("a", None, 1, 0.5, np.bool_(False), torch.tensor(True))),
+        *(dict(eps=v) for v in ("a", None, 1, -1.0, float("nan"), [1e-3], torch.tensor(1e-3),
+                                torch.tensor([1e-3, 1.0]), np.float64(1e-3), True)),
+    ]),
     "L1Loss": (elementwise_call, REDUCTIONS),
     "MSELoss": (elementwise_call, REDUCTIONS),
 }
