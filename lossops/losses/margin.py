@@ -10,6 +10,7 @@ function (the reference): integer inputs, whose dtype rules are torch's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ def _declare(name, options, kind, torch_fn, kwargs=None):
         lambda _tensors, o: {"kind": kind, "margin": float(getattr(o, "margin", 0.0))},
         eager_gradients=("input",), bad_inputs="elementwise", torch_fn=torch_fn,
         cases=(_family.Case(_signs, kwargs, torch_fn),),
-        selfcheck=(kwargs, lambda x, t, **k: torch_fn(x, t, **k), _selfcheck_signs),
+        selfcheck=(kwargs, functools.partial(torch_fn, **kwargs), _selfcheck_signs),
         bench=_family.Bench(torch_fn, _sign_target, ((256, 1000), (4096, 1024), (4096, 4096)), columns="columns",
                             grid_shapes=G.TINY + G.MID + G.ELEMENTWISE_LARGE, grid_quick_shapes=G.TINY))
 

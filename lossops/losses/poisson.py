@@ -10,6 +10,7 @@ csrc/poisson.cpp, triton_kernels/poisson.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -54,7 +55,7 @@ POISSON_NLL_LOSS = _elementwise.declare(
     cases=(_family.Case(_log_rates_and_counts, {}, F.poisson_nll_loss),
            # rates, not log-rates: a model's output reaches them through exp
            _family.Case(_rates_and_values, dict(log_input=False, full=True), F.poisson_nll_loss, link=torch.exp)),
-    selfcheck=(dict(full=True), lambda x, t, **k: F.poisson_nll_loss(x, t, **k), _selfcheck_inputs),
+    selfcheck=(dict(full=True), functools.partial(F.poisson_nll_loss, full=True), _selfcheck_inputs),
     bench=_family.Bench(F.poisson_nll_loss, _count_target, ((256, 1000), (4096, 1024), (4096, 4096)),
                         columns="columns", grid_shapes=G.TINY + G.MID + G.ELEMENTWISE_LARGE,
                         grid_quick_shapes=G.TINY))
