@@ -81,7 +81,8 @@ def _close(value: float, reference: float, dtype: torch.dtype) -> bool:
 
 def _float32_loss(family: Family, x: torch.Tensor, target: torch.Tensor) -> float:
     with torch.no_grad():
-        rest = target if isinstance(target, tuple) else (target.float() if target.is_floating_point() else target,)
+        rest = target if isinstance(target, tuple) else (target,)
+        rest = tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in rest)
         return float(family.eager(x.detach().float(), *rest, **family.kwargs))
 
 

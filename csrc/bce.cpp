@@ -1,6 +1,13 @@
+// Binary cross-entropy on probabilities, torch's definition: L = w * ((t - 1) max(log(1 - x), -100) - t max(log x, -100));
+// dL/dx = w * (x - t) / max(x (1 - x), 1e-12) and dL/dt = w * (log(1 - x) - log x), as torch's backward formulas
+// (unclamped: infinite at x = 0 and 1, as torch's). Values outside [0, 1] raise torch's error, naming the value.
+//
 // BCE with logits, torch's definition: L = w * ((1 - t) x + lw * softplus(-x)), lw = 1 + (pos_weight - 1) t.
 // dL/dx = w * (lw * sigmoid(x) - pos_weight * t) = w * ((1 - t) sigmoid(x) - pos_weight * t * sigmoid(-x));  dL/dt = w * (-x + (pos_weight - 1) * softplus(-x)).
 #include "elementwise.h"
+
+#include <atomic>
+#include <utility>
 
 namespace lossops {
 namespace {
@@ -27,7 +34,55 @@ struct BceWithLogits {
   }
 };
 
+template <typename acc_t>
+struct BinaryCrossEntropy {
+  using Vec = at::vec::Vectorized<acc_t>;
+  explicit BinaryCrossEntropy(const std::vector<double>&) {}
+
+  void operator()(const Vec& x, const Vec& t, const Vec&, Vec& loss, Vec& gx, Vec& gt) const {
+    const Vec one(acc_t(1)), floor(acc_t(-100));
+    const Vec log_p = x.log(), log_q = x.neg().log1p();
+    loss = (t - one) * at::vec::maximum(log_q, floor) - t * at::vec::maximum(log_p, floor);
+    gx = (x - t) / at::vec::maximum((one - x) * x, Vec(acc_t(1e-12)));
+    gt = log_q - log_p;
+  }
+};
+
+// The first value outside [0, 1] (NaN included) raises; a pass that only compares, before the logs.
+template <typename scalar_t>
+void check_probabilities(const at::Tensor& values, const char* name) {
+  const scalar_t* p = values.const_data_ptr<scalar_t>();
+  std::atomic<bool> valid{true};
+  at::parallel_for(0, values.numel(), kReduceChunk, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) {
+      const auto v = static_cast<opmath_t<scalar_t>>(p[i]);
+      ok &= (v >= 0) & (v <= 1);
+    }
+    if (!ok) valid = false;
+  });
+  if (valid) return;
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    const auto v = static_cast<opmath_t<scalar_t>>(p[i]);
+    TORCH_CHECK(v >= 0 && v <= 1, "all elements of ", name, " should be between 0 and 1 (lossops: got ", v,
+                " at flat index ", i, ")");
+  }
+}
+
 }  // namespace
+
+// params {}; no aux operand.
+std::vector<at::Tensor> binary_cross_entropy_forward(const ElementwiseArgs& args) {
+  for (const auto& [values, name] : {std::pair{&args.input, "input"}, std::pair{&args.target, "target"}}) {
+    TORCH_CHECK(values->is_contiguous(), "lossops: binary_cross_entropy expects a contiguous ", name);
+    LOSSOPS_DISPATCH_FLOATING(values->scalar_type(), "lossops_bce_check", [&] {
+      check_probabilities<scalar_t>(*values, name);
+    });
+  }
+  return elementwise_forward<BinaryCrossEntropy>(args);
+}
+
+LOSSOPS_REGISTER_ELEMENTWISE("binary_cross_entropy", binary_cross_entropy_forward);
 
 // params {}; aux = pos_weight.
 std::vector<at::Tensor> bce_with_logits_forward(const ElementwiseArgs& args) {

@@ -65,13 +65,15 @@ class Statistics:
 class Case:
     """One call for the shared tests: make(dtype) -> positional arguments (the first is what a model produces),
     keyword arguments, torch's own function where one has this signature, and bad arguments that must raise:
-    dicts of keyword overrides, or "target_out_of_range" (a target value no class has); and where the target
-    sits among the arguments."""
+    dicts of keyword overrides, or "target_out_of_range" (a target value no class has); where the target
+    sits among the arguments; and what turns a model's output into the first argument where not every value is
+    valid there (torch.sigmoid for probabilities)."""
     make: Callable[[torch.dtype], list]
     kwargs: dict = dataclasses.field(default_factory=dict)
     torch_fn: Optional[Callable] = None
     bad: tuple = ()
     target: int = 1
+    link: Optional[Callable] = None
 
 
 @dataclasses.dataclass(frozen=True)

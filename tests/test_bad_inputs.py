@@ -10,7 +10,9 @@ marked `ours_only` with the reason.
 
 Ops: every loss family that declares `bad_inputs` (its kind of inputs, below) joins the table. Families without a
 torch counterpart (the focal losses) have as oracle lossops' plain-PyTorch reference backend in float64,
-itself checked against a transcription of torchvision's formula in their own tests.
+itself checked against a transcription of torchvision's formula in their own tests. An op whose input is not any
+real number (binary_cross_entropy's probabilities) sees a floating input through its declared case's link
+(torch.sigmoid), on both sides: +-Inf and +-1e4 then reach it as exact 0 and 1.
 """
 from __future__ import annotations
 
@@ -37,19 +39,24 @@ class Op:
     name: str
     kind: str  # "classes": (N, C, ...) logits and class targets; "elementwise": input and target alike
     torch_fn: Optional[Callable]  # None: the reference backend in float64 is the oracle
+    link: Optional[Callable] = None  # applied to a floating input first (lossops._family.Case.link)
 
-    def ours(self, *args, **kwargs):
-        return getattr(lossops, self.name)(*args, **kwargs)
+    def linked(self, input):
+        return input if self.link is None or not input.is_floating_point() else self.link(input)
 
-    def oracle(self, *args, **kwargs):
+    def ours(self, input, *args, **kwargs):
+        return getattr(lossops, self.name)(self.linked(input), *args, **kwargs)
+
+    def oracle(self, input, *args, **kwargs):
         if self.torch_fn is not None:
-            return self.torch_fn(*args, **kwargs)
+            return self.torch_fn(self.linked(input), *args, **kwargs)
         with lossops.backend("reference"):
-            return self.ours(*args, **kwargs)
+            return self.ours(input, *args, **kwargs)
 
 
 # Every loss family that declares its kind of inputs for this table.
-ALL_OPS = tuple(Op(name, family.bad_inputs, family.torch_fn) for name, family in FAMILIES.items() if family.bad_inputs)
+ALL_OPS = tuple(Op(name, family.bad_inputs, family.torch_fn, family.cases[0].link if family.cases else None)
+                for name, family in FAMILIES.items() if family.bad_inputs)
 OPS = ALL_OPS
 
 
@@ -142,7 +149,10 @@ def _nonfinite(op: Op, reduction: str) -> Call:
     target = torch.rand(3, 4)
     if op.name not in PROBABILITY_TARGETS:  # regression targets are values: NaN/Inf ones propagate too
         target[2, :3] = torch.tensor(NONFINITE)
-    return elementwise_call(nonfinite_elements(), target, reduction=reduction)
+    x = nonfinite_elements()
+    if op.link is not None:  # a NaN probability is an error there (case probability_input_nan)
+        x = torch.nan_to_num(x.detach(), nan=0.0).requires_grad_()
+    return elementwise_call(x, target, reduction=reduction)
 
 
 def _empty(op: Op, reduction: str) -> Call:
@@ -190,7 +200,13 @@ def _weight_call(op: Op, weight: torch.Tensor, name="weight") -> Call:
 
 
 REDUCTIONS = ("none", "mean", "sum")
-PROBABILITY_TARGETS = ("binary_cross_entropy_with_logits", "sigmoid_focal_loss")
+PROBABILITY_TARGETS = ("binary_cross_entropy_with_logits", "sigmoid_focal_loss", "binary_cross_entropy")
+# Where lossops computes a stable form on purpose and torch's formula overflows to inf, and its gradient to NaN
+# (docs/differences-from-torch.md): on non-finite inputs the oracle is the reference backend, which computes the
+# same form and is checked against torch on finite values.
+STABLE_FORMS = ("soft_margin_loss",)
+# torch refuses a target that requires grad there (the others differentiate it, or give it no gradient)
+TARGET_NOT_DIFFERENTIABLE = ("soft_margin_loss",)
 LAYOUTS = ("transposed", "sliced", "expanded", "channels_last")
 CLASS_WEIGHT = {"cross_entropy": "weight", "softmax_focal_loss": "alpha"}
 
@@ -248,6 +264,18 @@ CASES = (
     Case("weight_not_broadcastable", lambda op: _weight_call(op, torch.ones(C + 1)),
          ("binary_cross_entropy_with_logits",), ("weight", str(C + 1))),
     Case("weight_broadcast_row", lambda op: _weight_call(op, torch.rand(C)), ("binary_cross_entropy_with_logits",)),
+    # probabilities: torch checks every value of input and target (a NaN one too)
+    Case("probability_input_nan", lambda op: elementwise_call(torch.tensor([[0.5, float("nan")]]).requires_grad_(),
+                                                              torch.rand(1, 2)),
+         ("binary_cross_entropy",), ("input",), RuntimeError),
+    Case("probability_target_above_1", lambda op: elementwise_call(target=torch.rand(N, C) + 0.5),
+         ("binary_cross_entropy",), ("target",), RuntimeError),
+    Case("probability_target_nan", lambda op: elementwise_call(target=torch.full((N, C), float("nan"))),
+         ("binary_cross_entropy",), ("target",), RuntimeError),
+    Case("probability_weight_broadcast_column", lambda op: _weight_call(op, torch.rand(N, 1)),
+         ("binary_cross_entropy",)),
+    Case("probability_weight_not_broadcastable", lambda op: _weight_call(op, torch.ones(C + 1)),
+         ("binary_cross_entropy",), ("weight", str(C + 1))),
     # ---- every op
     Case("input_int64", lambda op: with_input(op, torch.randint(0, 3, (N, C))), "any", ("input", "int64"),
          some_ops_accept=True),  # smooth_l1, l1 and mse take integer inputs
@@ -302,7 +330,10 @@ CASES = (
                                                                CLASS_WEIGHT[op.name]),
          ("cross_entropy",), ("weight",)),
     Case("target_requires_grad", lambda op: elementwise_call(target=torch.rand(N, C, requires_grad=True)),
-         "elementwise"),
+         tuple(op.name for op in ALL_OPS if op.kind == "elementwise" and op.name not in TARGET_NOT_DIFFERENTIABLE)),
+    Case("target_requires_grad_not_differentiable",
+         lambda op: elementwise_call(target=torch.rand(N, C, requires_grad=True)), TARGET_NOT_DIFFERENTIABLE,
+         ("target",), RuntimeError),
     Case("weights_require_grad", lambda op: elementwise_call(weight=torch.rand(C, requires_grad=True),
                                                              pos_weight=torch.rand(C, requires_grad=True)),
          ("binary_cross_entropy_with_logits",), ("weight",)),  # torch 2.13: not differentiable w.r.t. weight
@@ -354,7 +385,10 @@ def test_behaves_like_torch(op, case, backend):
         assert_names_it(ours.error, case.mentions, op)
         return
 
-    theirs = run(call.bind(op.oracle), fresh(call.tensors))
+    oracle = op.oracle
+    if op.name in STABLE_FORMS and case.id.startswith("nonfinite"):
+        oracle = dataclasses.replace(op, torch_fn=None).oracle
+    theirs = run(call.bind(oracle), fresh(call.tensors))
     if theirs.error is not None:
         assert ours.error is not None, f"torch raised {theirs.error!r}; lossops returned {ours.out}"
         assert isinstance(ours.error, case.exc), repr(ours.error)
@@ -366,7 +400,7 @@ def test_behaves_like_torch(op, case, backend):
     assert not case.mentions or case.some_ops_accept, "torch accepted a call the table expects it to reject"
 
     # Values against the same oracle in float64, so that only lossops' rounding is measured.
-    truth = run(call.bind(op.oracle), fresh(call.tensors, torch.float64))
+    truth = run(call.bind(oracle), fresh(call.tensors, torch.float64))
     assert ours.out.dtype == theirs.out.dtype and ours.out.shape == theirs.out.shape
     assert ours.warned == theirs.warned, f"torch warned: {theirs.warned}, lossops warned: {ours.warned}"
     assert_close(ours.out.double(), truth.out, rtol=2e-5, atol=2e-6, equal_nan=True)

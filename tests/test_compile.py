@@ -51,9 +51,13 @@ class Op:
     torch_fn: Optional[Callable] = None  # torch's own function with the same signature, when there is one
     bad: tuple = ()  # op-specific bad arguments, besides an unknown reduction and a target of the wrong shape
     target: int = 1  # position of the target among the inputs
+    link: Optional[Callable] = None  # the model's output -> the first argument (torch.sigmoid for probabilities)
 
     def __call__(self, *args, **kwargs):
         return getattr(lossops, self.name)(*args, **(self.kwargs if not kwargs else kwargs))
+
+    def linked(self, output):
+        return output if self.link is None else self.link(output)
 
     @property
     def id(self):
@@ -68,7 +72,8 @@ def _bad(spec):
 
 
 # Every registered loss family's declared cases.
-OPS = [Op(name, case.make, case.kwargs, case.torch_fn, bad=tuple(map(_bad, case.bad)), target=case.target)
+OPS = [Op(name, case.make, case.kwargs, case.torch_fn, bad=tuple(map(_bad, case.bad)), target=case.target,
+          link=case.link)
        for name, family in FAMILIES.items() for case in family.cases]
 OP_PARAMS = [pytest.param(op, id=op.id) for op in OPS]
 BAD_PARAMS = [pytest.param(op, bad, id=f"{op.id}-{bad.__name__}")
@@ -112,7 +117,7 @@ def _loss_and_grads(fn, model, inputs):
 
 
 def _through_model(op):
-    return lambda model, x, *rest: op(model(x), *rest)
+    return lambda model, x, *rest: op(op.linked(model(x)), *rest)
 
 
 @pytest.mark.parametrize("op", OP_PARAMS)
@@ -149,7 +154,7 @@ def test_inductor_all_ops_in_one_graph():
         for op, model, inputs in zip(OPS, models, all_inputs):
             args = flat_inputs[start:start + len(inputs)]
             start += len(inputs)
-            losses.append(op(model(args[0]), *args[1:]).sum())
+            losses.append(op(op.linked(model(args[0])), *args[1:]).sum())
         return torch.stack(losses)
 
     def run(fn, all_inputs):
@@ -220,8 +225,9 @@ def test_autocast_bf16(op):
     def step(model, x, *rest):
         produced["logits"] = model(x)
         produced["logits"].retain_grad()
+        first = op.linked(produced["logits"])
         with seen:
-            return op(produced["logits"], *rest)
+            return op(first, *rest)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads = _loss_and_grads(step, model, inputs)
@@ -233,7 +239,7 @@ def test_autocast_bf16(op):
         return
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected_loss, expected_grads = _loss_and_grads(
-            lambda model, x, *rest: op.torch_fn(model(x), *rest, **op.kwargs), model, inputs)
+            lambda model, x, *rest: op.torch_fn(op.linked(model(x)), *rest, **op.kwargs), model, inputs)
     assert loss.dtype == expected_loss.dtype
     assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
     assert_close(grads, expected_grads, rtol=2e-2, atol=2e-3)

@@ -24,6 +24,10 @@ def elementwise_call():
     return torch.randn(N, C, requires_grad=True), torch.rand(N, C)
 
 
+def probability_call():
+    return torch.rand(N, C, requires_grad=True), torch.rand(N, C)
+
+
 def _tensor(*shape, dtype=torch.float32):
     return torch.ones(shape, dtype=dtype)
 
@@ -65,6 +69,23 @@ ROWS = {
         dict(delta=np.float32(0.5)), dict(delta=np.int64(2)), dict(delta=np.float64(0.5)),
         dict(delta=-1.0), dict(delta=0.0), dict(delta=0), dict(delta=-2), dict(delta=float("nan")),
         dict(delta=float("inf")), dict(delta=True),
+    ]),
+    "BCELoss": (probability_call, REDUCTIONS + [
+        *(dict(weight=w) for w in BUFFER_MISUSE),
+        dict(weight=_tensor(C + 1)), dict(weight=_tensor(C, dtype=torch.complex64)),
+        dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
+        dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(N, 1)), dict(weight=_tensor(2, N, C)),
+    ]),
+    "SoftMarginLoss": (elementwise_call, REDUCTIONS),
+    "HingeEmbeddingLoss": (elementwise_call, REDUCTIONS + [
+        dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
+                                 np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))
+    ]),
+    "PoissonNLLLoss": (elementwise_call, REDUCTIONS + [
+        *(dict(log_input=v) for v in ("a", None, 1, 2, 0.5, np.bool_(True), torch.tensor(True))),
+        *(dict(full=v) for v in ("a", None, 1, 0.5, np.bool_(False), torch.tensor(True))),
+        *(dict(eps=v) for v in ("a", None, 1, -1.0, float("nan"), [1e-3], torch.tensor(1e-3),
+                                torch.tensor([1e-3, 1.0]), np.float64(1e-3), True)),
     ]),
     "L1Loss": (elementwise_call, REDUCTIONS),
     "MSELoss": (elementwise_call, REDUCTIONS),

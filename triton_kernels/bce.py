@@ -1,7 +1,9 @@
-"""BCE-with-logits for the Triton backend; same contract and formulas as csrc/bce.cpp (aux = pos_weight)."""
+"""BCE-with-logits (aux = pos_weight) and BCE on probabilities for the Triton backend; same contract and formulas
+as csrc/bce.cpp."""
 import triton
 import triton.language as tl
 
+from .common import log1p
 from .elementwise import family_calls as elementwise_calls, kernel_function, logistic
 
 
@@ -21,5 +23,22 @@ def _bce_with_logits(x, t, pos_weight, p0, p1):
 
 bce_with_logits = kernel_function(_bce_with_logits)
 
+
+@triton.jit
+def _binary_cross_entropy(x, t, a, p0, p1):
+    # torch's definition and conventions, as csrc/bce.cpp: each log clamped at -100, x (1 - x) at 1e-12 (a float64
+    # constant in float64: a float literal would be float32's nearest value), the target's gradient unclamped.
+    log_p = tl.log(x)
+    log_q = log1p(-x)
+    loss = (t - 1.0) * tl.maximum(log_q, -100.0) - t * tl.maximum(log_p, -100.0)
+    gx = (x - t) / tl.maximum((1.0 - x) * x, tl.full(x.shape, 1e-12, x.dtype))
+    return loss, gx, log_q - log_p
+
+
+# input and target are checked to be probabilities in the same pass, as csrc/bce.cpp checks them
+binary_cross_entropy = kernel_function(_binary_cross_entropy, probabilities=True)
+
+
 def aot_calls():
-    return elementwise_calls(bce_with_logits, has_aux=True, grad_target=True)
+    return (elementwise_calls(bce_with_logits, has_aux=True, grad_target=True)
+            + elementwise_calls(binary_cross_entropy, grad_target=True))

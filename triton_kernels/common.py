@@ -61,7 +61,8 @@ _DEVICE_MESSAGE = ("lossops: a class index in target is out of bounds (lossops.s
                    "an IndexError naming it)")
 
 
-def _immediate(flag) -> bool:
+def immediate_checks(flag) -> bool:
+    """Whether the "immediate" target-check mode reads a kernel's flag on the host (lossops.set_target_checks)."""
     return _backend.target_checks() == "immediate" and not (
         flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
@@ -73,7 +74,7 @@ def raise_if_flagged(flag, out_of_bounds):
     Where reading the flag costs a host sync (device memory) the check is a device-side assertion instead, as in
     torch's CUDA losses: nothing waits for it and it can be captured in a CUDA graph. The "immediate" target-check
     mode (lossops.set_target_checks) reads it anyway, outside a capture, for an IndexError naming the value."""
-    if not (_checks.host_readable(flag) or _immediate(flag)):
+    if not (_checks.host_readable(flag) or immediate_checks(flag)):
         torch._assert_async(flag == 0, _DEVICE_MESSAGE)
         return
     value = int(flag[0])
@@ -86,7 +87,7 @@ def assert_targets_valid(flag, out_of_bounds):
     out_of_bounds(position) builds the exception to raise. Checked as raise_if_flagged checks its flag: a device-side
     assertion where reading it would synchronise, an exception naming the value where it does not (or in the
     "immediate" target-check mode, outside a CUDA graph capture)."""
-    if not (_checks.host_readable(flag) or _immediate(flag)):
+    if not (_checks.host_readable(flag) or immediate_checks(flag)):
         torch._assert_async(flag[0], _DEVICE_MESSAGE)
         return
     if int(flag[0]) == 0:

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from . import aot
-from .common import acc_dtype, float_options, launch_config, log1p, raise_if_flagged
+from .. import _checks
+from .common import acc_dtype, float_options, immediate_checks, launch_config, log1p, raise_if_flagged
 
 INT32_MAX = (1 << 31) - 1
 # Elementwise work needs no large tiles: 4 warps streaming 1024 elements keep loads coalesced and 128 bits wide,
@@ -39,7 +40,7 @@ def elementwise_kernel(
     n, C, ignore_index, w_inner, w_period, a_inner, a_period,
     LOSS_FN: tl.constexpr, INDEX_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_AUX: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GX: tl.constexpr, WRITE_GT: tl.constexpr, ACC: tl.constexpr,
-    INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
+    INDEX_64: tl.constexpr, CHECK_UNIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Offsets, and the divisions that broadcast the operands, are 32-bit when every offset of the launch fits:
     # 64-bit division is a long software sequence per element that alone filled the registers.
@@ -59,6 +60,10 @@ def elementwise_kernel(
         t = tl.where(y == offs % C, 1.0, 0.0).to(ACC)
     else:
         t = tl.load(T + offs, mask=mask, other=0.0).to(ACC)
+    if CHECK_UNIT:
+        # probabilities: a value outside [0, 1] (NaN included) flags its operand, 1 input, 2 target
+        tl.store(BAD + offs * 0, tl.full([BLOCK], 1, tl.int64), mask=mask & ((x < 0) | (x > 1) | (x != x)))
+        tl.store(BAD + offs * 0, tl.full([BLOCK], 2, tl.int64), mask=mask & ((t < 0) | (t > 1) | (t != t)))
     a = tl.full([BLOCK], 1.0, ACC)
     if HAS_AUX:
         a = tl.load(A + (offs // a_inner) % a_period, mask=mask, other=1.0).to(ACC)
@@ -83,9 +88,10 @@ ELEMENTWISE_PARAMETERS = ("input", "target", "weight", "weight_layout", "aux", "
 MAX_FAMILY_PARAMETERS = 2
 
 
-def kernel_function(loss_fn, parameters=()):
+def kernel_function(loss_fn, parameters=(), probabilities=False):
     """The family's kernel entry point: keyword arguments ELEMENTWISE_PARAMETERS, then the family's own
-    `parameters` (passed to loss_fn as p0, p1 in this order), as the C++ kernel registers them."""
+    `parameters` (passed to loss_fn as p0, p1 in this order), as the C++ kernel registers them. probabilities:
+    input and target must lie in [0, 1], as torch's binary_cross_entropy checks them (checked in the same pass)."""
     parameters = tuple(parameters)
     if len(parameters) > MAX_FAMILY_PARAMETERS:
         raise ValueError(f"lossops: {loss_fn.__name__} declares {len(parameters)} parameters {parameters}; "
@@ -106,7 +112,8 @@ def kernel_function(loss_fn, parameters=()):
         cfg = launch_config(n, MAX_ELEMENTWISE_BLOCK, acc)
         blocks = triton.cdiv(n, cfg["BLOCK"])
         partial = torch.empty(blocks, dtype=acc, device=input.device)
-        bad = torch.zeros(1, dtype=torch.int64, device=input.device) if index_target else partial  # unread: no target
+        flagged = index_target or probabilities
+        bad = torch.zeros(1, dtype=torch.int64, device=input.device) if flagged else partial  # unread: nothing flags
         params_t = float_options(tuple(params + [0.0] * (MAX_FAMILY_PARAMETERS - len(params))), acc, input.device)
         elementwise_kernel[(blocks,)](
             input, target, partial if weight is None else weight, partial if aux is None else aux, loss,
@@ -115,7 +122,9 @@ def kernel_function(loss_fn, parameters=()):
             n, input.shape[-1] if index_target else 1, ignore_index, *weight_layout, *aux_layout,
             LOSS_FN=loss_fn, INDEX_TARGET=index_target, HAS_WEIGHT=weight is not None, HAS_AUX=aux is not None,
             WRITE_LOSS=per_element, WRITE_GX=grad_input is not None, WRITE_GT=grad_target is not None,
-            ACC=acc_dtype(input.dtype), INDEX_64=blocks * cfg["BLOCK"] > INT32_MAX, **cfg)
+            ACC=acc_dtype(input.dtype), INDEX_64=blocks * cfg["BLOCK"] > INT32_MAX, CHECK_UNIT=probabilities, **cfg)
+        if probabilities:
+            _raise_if_not_probabilities(bad, input, target)
         if index_target:
             C = input.shape[-1]
             raise_if_flagged(bad, lambda value: IndexError(
@@ -129,6 +138,23 @@ def kernel_function(loss_fn, parameters=()):
     return run
 
 
+
+
+def _raise_if_not_probabilities(flag, input, target):
+    """flag[0]: 0, or which operand (1 input, 2 target) holds a value outside [0, 1]. Read where that costs no sync
+    (then the error names the first such value, found again on this error path only), a device-side assertion
+    otherwise, as raise_if_flagged does for class indices."""
+    if not (_checks.host_readable(flag) or immediate_checks(flag)):
+        torch._assert_async(flag == 0, "lossops: all elements of input and target should be between 0 and 1")
+        return
+    code = int(flag[0])
+    if code == 0:
+        return
+    name, values = (("input", input), ("target", target))[code - 1]
+    flat = values.reshape(-1)
+    index = int(((flat < 0) | (flat > 1) | flat.isnan()).nonzero()[0])
+    raise RuntimeError(f"all elements of {name} should be between 0 and 1 (lossops: got {flat[index].item()} at "
+                       f"flat index {index})")
 
 
 def family_calls(host, index_target=False, has_aux=False, grad_target=False):
