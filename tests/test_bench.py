@@ -72,10 +72,13 @@ def test_peak_memory_sees_pages_malloc_had_cached():
         pytest.skip(memory.method)
     # Freeing a 16 MiB mmap raises glibc's mmap threshold, so the 4 MiB block comes from the heap and stays
     # resident after it is freed: without trimming, the measured allocation below would reuse it and read 0.
-    torch.ones(16 * MiB // 4)
-    torch.ones(4 * MiB // 4)
-    fresh = memory.measure(lambda: None, lambda _: torch.ones(4 * MiB // 4))
-    assert 3.9 * MiB <= fresh <= 5 * MiB
+    # The smallest of three: a process-wide figure also counts whatever else the process allocated meanwhile.
+    fresh = []
+    for _ in range(3):
+        torch.ones(16 * MiB // 4)
+        torch.ones(4 * MiB // 4)
+        fresh.append(memory.measure(lambda: None, lambda _: torch.ones(4 * MiB // 4)))
+    assert 3.9 * MiB <= min(fresh) <= 5 * MiB
     buffer = torch.zeros(4 * MiB // 4)
     assert memory.measure(lambda: buffer, lambda b: b.fill_(1)) < 1 * MiB
 
