@@ -43,7 +43,8 @@ struct BinaryCrossEntropy {
     const Vec one(acc_t(1)), floor(acc_t(-100));
     const Vec log_p = x.log(), log_q = x.neg().log1p();
     loss = (t - one) * at::vec::maximum(log_q, floor) - t * at::vec::maximum(log_p, floor);
-    gx = (x - t) / at::vec::maximum((one - x) * x, Vec(acc_t(1e-12)));
+    // torch's EPSILON is the float 1e-12 (9.99999996e-13), in every dtype
+    gx = (x - t) / at::vec::maximum((one - x) * x, Vec(static_cast<acc_t>(1e-12f)));
     gt = log_q - log_p;
   }
 };

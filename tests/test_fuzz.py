@@ -24,6 +24,7 @@ A p - c cancelling for p -> 1 with z-loss (csrc/softmax_rows.h).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -128,6 +129,10 @@ def class_problems(draw, op: Op, max_classes: int, max_elements: int, dtypes=DTY
 def elementwise_problems(draw, ops, max_elements: int, dtypes=DTYPES):
     """(op, input, target, options) for an elementwise loss."""
     op = draw(st.sampled_from(ops))
+    if op.name == "binary_cross_entropy":
+        # float16: the input gradient is written in forward before grad_output scales it, and 1 / (x (1 - x))
+        # passes float16's range first where torch's grad * (x - t) / ... does not (docs/differences-from-torch.md)
+        dtypes = tuple(d for d in dtypes if d != torch.float16)
     dtype = draw(st.sampled_from(dtypes))
     if max_elements > 40_000 and draw(st.booleans()):  # long enough for several reduction chunks
         shape = (draw(st.integers(40_000, max_elements)),)
@@ -138,7 +143,13 @@ def elementwise_problems(draw, ops, max_elements: int, dtypes=DTYPES):
     x = values(draw, shape, dtype)
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
     options = {"reduction": draw(st.sampled_from(("none", "mean", "sum")))}
-    if op.name in ("binary_cross_entropy_with_logits", "sigmoid_focal_loss"):
+    if op.name == "soft_margin_loss":
+        # torch's log1p(exp(-y x)) overflows to inf past exp's range where lossops' softplus stays finite
+        # (docs/differences-from-torch.md): ±1 targets, as torch documents, and inputs within that range
+        limit = 0.9 * math.log(torch.finfo(dtype).max)
+        x = torch.where(torch.isfinite(x), x.clamp(-limit, limit), x)
+        target = (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(dtype)
+    elif op.name in ("binary_cross_entropy_with_logits", "sigmoid_focal_loss", "binary_cross_entropy"):
         target = torch.rand(shape, generator=gen, dtype=torch.float64)
         if draw(st.booleans()):
             target = target.round()

@@ -6,6 +6,9 @@ import triton.language as tl
 from .common import log1p
 from .elementwise import family_calls as elementwise_calls, kernel_function, logistic
 
+# torch's EPSILON for the input gradient's denominator: the float 1e-12, in every dtype
+FLOAT_EPSILON = tl.constexpr(9.999999960041972e-13)
+
 
 @triton.jit
 def _bce_with_logits(x, t, pos_weight, p0, p1):
@@ -31,7 +34,7 @@ def _binary_cross_entropy(x, t, a, p0, p1):
     log_p = tl.log(x)
     log_q = log1p(-x)
     loss = (t - 1.0) * tl.maximum(log_q, -100.0) - t * tl.maximum(log_p, -100.0)
-    gx = (x - t) / tl.maximum((1.0 - x) * x, tl.full(x.shape, 1e-12, x.dtype))
+    gx = (x - t) / tl.maximum((1.0 - x) * x, tl.full(x.shape, FLOAT_EPSILON, x.dtype))
     return loss, gx, log_q - log_p
 
 
