@@ -54,21 +54,7 @@ def time_call(device: torch.device, setup: Callable[[], Any], run: Callable[[Any
     samples = []
     with _no_gc():
         for i in range(warmup + repeats):
-            state = setup()
-            if cuda:
-                # Events time the GPU work itself, not Python's launch latency.
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                out = run(state)
-                end.record()
-                end.synchronize()
-                elapsed = start.elapsed_time(end)
-            else:
-                begin = time.perf_counter_ns()
-                out = run(state)
-                elapsed = (time.perf_counter_ns() - begin) / 1e6
-            del out, state
+            elapsed = _sample(cuda, setup, run, 1)
             if i >= warmup:
                 samples.append(elapsed)
     return summarize(samples)
@@ -113,7 +99,7 @@ def time_interleaved(device: torch.device, calls: dict[str, tuple[Callable[[], A
 
 def _sample(cuda: bool, setup, run, calls: int) -> float:
     """Milliseconds per call of one sample of `calls` calls."""
-    if cuda:
+    if cuda:  # events time the GPU work itself, not Python's launch latency
         state = setup()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
