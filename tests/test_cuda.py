@@ -127,6 +127,37 @@ def test_forward_backward_captured_in_a_cuda_graph(name, case):
     assert not torch.equal(loss, eager_loss)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_last_program_reduction_over_many_programs(reduction):
+    """Cross-entropy's forward is one launch whose last program reduces every row (triton_kernels/common.py,
+    last_program): with tens of thousands of programs in flight at once, every row's value must reach it. Repeated
+    calls reuse the stream's counter, a second stream has its own, and a captured graph replays with its own."""
+    torch.manual_seed(0)
+    x = torch.randn(40000, 37, device=CUDA, dtype=torch.float64)
+    y = torch.randint(0, 37, (40000,), device=CUDA)
+    y[::7] = -100
+    w = torch.rand(37, device=CUDA, dtype=torch.float64) + 0.5
+    expected = torch.nn.functional.cross_entropy(x, y, w, reduction=reduction)
+    for _ in range(3):
+        torch.testing.assert_close(lossops.cross_entropy(x, y, w, reduction=reduction), expected)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = lossops.cross_entropy(x, y, w, reduction=reduction)
+        on_main_inputs = lossops.cross_entropy(x * 2, y, w, reduction=reduction)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(on_side, expected)
+    torch.testing.assert_close(on_main_inputs, torch.nn.functional.cross_entropy(x * 2, y, w, reduction=reduction))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lossops.cross_entropy(x, y, w, reduction=reduction)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, expected)
+    torch.testing.assert_close(lossops.cross_entropy(x, y, w, reduction=reduction), expected)
+
+
 def test_compiled_training_step_with_reduce_overhead():
     """Forward compiled with CUDA graphs (AOTAutograd graphs the backward too); the step's backward and optimizer
     outside, as a training loop has them."""

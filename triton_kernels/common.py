@@ -94,6 +94,41 @@ def assert_targets_valid(flag, out_of_bounds):
         raise out_of_bounds(int(flag[1]))
 
 
+_TICKETS: dict = {}
+
+
+def finishing_tickets(device) -> torch.Tensor:
+    """The one-element int32 counter a kernel's programs take tickets from (last_program) to let the last one of
+    them finish the launch's work (a reduction over what the others wrote) in the same launch. The last program
+    sets it back to 0, so one zeroed counter serves every launch on a stream, in stream order; launches on other
+    streams could overlap, so each stream has its own. Inside a CUDA-graph capture a fresh zeroed counter is made
+    in the graph's memory, so every replay starts from 0 whatever ran before."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, None)
+    tickets = _TICKETS.get(key)
+    if tickets is None:
+        tickets = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return tickets
+
+
+@triton.jit
+def last_program(TICKETS, programs):
+    """Whether this program is the launch's last to get here (see finishing_tickets): every store this program made
+    before the call is visible to that one. The barrier orders every thread's stores before the ticket, whose
+    acquire-release atomic publishes them at GPU scope; the last program reads the others' results with L1-bypassing
+    loads (.cg) after it, and resets the counter."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKETS, 1, sem="acq_rel", scope="gpu")
+    last = ticket == programs - 1
+    if last:
+        tl.atomic_xchg(TICKETS, 0, sem="relaxed", scope="gpu")
+    return last
+
+
 # Elements a program of scale_gradient_kernel scales.
 SCALE_BLOCK = 2048
 

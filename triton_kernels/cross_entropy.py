@@ -15,15 +15,14 @@ through a flag that the host checks without reading it (triton_kernels/common.py
 the logits in forward, a device-side "any target invalid" tensor computed before the launch makes every program
 skip its gradient stores, so a bad batch raises with the logits intact and without a host read before the kernel.
 """
-import itertools
 
 import torch
 import triton
 import triton.language as tl
 
 from . import aot
-from .common import (acc_dtype, assert_targets_valid, expm1, float_options, launch_config, pow_nonneg,
-                     raise_if_flagged, softcap, strided)
+from .common import (acc_dtype, assert_targets_valid, expm1, finishing_tickets, float_options, last_program,
+                     launch_config, pow_nonneg, raise_if_flagged, softcap, strided)
 
 # What the row kernel does after its statistics (the constexpr MODE).
 LOSS_ONLY, WRITE_GRADIENT, SAVE_STATE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -33,7 +32,7 @@ _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # (class-index targets) or the sum of its target weights (probability targets); the mean's denominator follows
 # the rows.
 STATE_WIDTH = 3
-FINISH_BLOCK = 1024
+FINISH_BLOCK = tl.constexpr(1024)
 
 
 @triton.jit
@@ -196,11 +195,11 @@ def cross_entropy_kernel(
     T, stride_to, stride_tc, stride_ti,
     W, WSUM,
     G, stride_go, stride_gc, stride_gi,
-    LOSS, LSE, STATE, BAD, HOLD, SCALE,
+    LOSS, LSE, STATE, BAD, HOLD, SCALE, OUT, FLAG, TICKETS,
     PARAMS, inner, C, rows, ignore_index,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
     FOCAL: tl.constexpr, MODE: tl.constexpr, WEIGHTED_MEAN: tl.constexpr, HOLD_ON_BAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    FINISH: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     X, G, outer_idx, inner_idx = _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner)
@@ -254,9 +253,13 @@ def cross_entropy_kernel(
             tl.store(STATE + row * 3 + 2, tl.where(valid, w_y, 0.0))
         else:
             tl.store(STATE + row * 3 + 2, tl.where(valid, 1.0, 0.0).to(ACC))
-        # The mean's denominator after the rows: the finishing kernel writes it for a mean; every byte of the
+        # The mean's denominator after the rows: the finishing program writes it for a mean; every byte of the
         # state is defined whatever the reduction.
         tl.store(STATE + rows * 3, tl.zeros((), ACC), mask=row == 0)
+        if FINISH:
+            if last_program(TICKETS, rows):
+                _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET, REDUCTION, ACC,
+                             FINISH_BLOCK)
     if MODE == WRITE_GRADIENT:
         scale = tl.load(SCALE).to(ACC)
         if not PROB_TARGET:
@@ -270,12 +273,12 @@ def cross_entropy_kernel(
 
 
 @triton.jit
-def cross_entropy_finish_kernel(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index,
-                                PROB_TARGET: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr,
-                                BLOCK: tl.constexpr):
-    """One program over the rows, in a fixed order (the same sum on every run): the reduced loss, the mean's
-    denominator after the rows' state, and FLAG = [1 if every class-index target is valid else 0, the first
-    invalid one's row]."""
+def _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET: tl.constexpr,
+                 REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The row kernel's last program, over every row's results in a fixed order (the same sum on every run): the
+    reduced loss, the mean's denominator after the rows' state, and FLAG = [1 if every class-index target is valid
+    else 0, the first invalid one's row]. What other programs wrote is read past L1 (.cg), which may hold lines
+    from before their stores."""
     total = tl.zeros((), ACC)
     denominator = tl.zeros((), ACC)
     first_bad = tl.full((), rows, tl.int64)
@@ -283,12 +286,13 @@ def cross_entropy_finish_kernel(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index
         r = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = r < rows
         if REDUCTION != 0:
-            total += tl.sum(tl.load(LOSS + r, mask=mask, other=0.0).to(ACC), axis=0)
+            total += tl.sum(tl.load(LOSS + r, mask=mask, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
         if REDUCTION == 2:
             if PROB_TARGET:  # torch divides probability-target losses by the number of rows
                 denominator += tl.sum(tl.where(mask, 1.0, 0.0).to(ACC), axis=0)
             else:
-                denominator += tl.sum(tl.load(STATE + r * 3 + 2, mask=mask, other=0.0).to(ACC), axis=0)
+                denominator += tl.sum(tl.load(STATE + r * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg").to(ACC),
+                                      axis=0)
         if not PROB_TARGET:
             y = tl.load(T + r, mask=mask, other=ignore_index)
             bad = mask & (y != ignore_index) & ((y < 0) | (y >= C))
@@ -410,9 +414,9 @@ def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing,
     cross_entropy_kernel[(rows,)](
         logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
         launch.weight_sum(weight, flag), g, *strides3(g), row_loss, row_lse, row_loss, flag, hold,
-        grad_scale.to(logits3.device), launch.params, inner, C, rows, ignore_index,
+        grad_scale.to(logits3.device), row_loss, flag, flag, launch.params, inner, C, rows, ignore_index,
         MODE=WRITE_GRADIENT if grad is not None else LOSS_ONLY, WEIGHTED_MEAN=False, HOLD_ON_BAD=hold_on_bad,
-        **launch.flags)
+        FINISH=False, REDUCTION=0, **launch.flags)
     if not launch.prob_target:
         raise_if_flagged(flag, lambda value: out_of_bounds(value, C, ignore_index))
     return row_loss, row_lse, row_loss.sum()
@@ -444,30 +448,20 @@ def cross_entropy_forward(*, input, target, weight, ignore_index, label_smoothin
         state.zero_()
         row_loss.zero_()
         return _reduce_empty(row_loss, reduction), state
+    loss = row_loss if reduction == "none" else torch.empty((), dtype=launch.acc, device=logits3.device)
+    # The last program reduces the rows (a loss over probability targets without a reduction has nothing to finish).
+    finish = not (launch.prob_target and reduction == "none")
+    flag = torch.empty(2, dtype=torch.int64, device=logits3.device) if not launch.prob_target else None
     cross_entropy_kernel[(rows,)](
         logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
         launch.weight_sum(weight, row_loss), logits3, 0, 0, 0, row_loss, row_loss, state, row_loss, row_loss,
-        row_loss, launch.params, inner, C, rows, ignore_index,
-        MODE=SAVE_STATE, WEIGHTED_MEAN=weighted_mean and weight is not None, HOLD_ON_BAD=False, **launch.flags)
-    loss = row_loss if reduction == "none" else torch.empty((), dtype=launch.acc, device=logits3.device)
-    flag = cross_entropy_finish(row_loss=row_loss, state=state, target=target, loss=loss, classes=C,
-                                ignore_index=ignore_index, reduction=reduction)
+        row_loss, loss, flag if flag is not None else row_loss,
+        finishing_tickets(logits3.device) if finish else row_loss, launch.params, inner, C, rows, ignore_index,
+        MODE=SAVE_STATE, WEIGHTED_MEAN=weighted_mean and weight is not None, HOLD_ON_BAD=False, FINISH=finish,
+        REDUCTION=_REDUCTIONS[reduction], **launch.flags)
     if flag is not None:
         assert_targets_valid(flag, lambda row: out_of_bounds(int(target[row]), C, ignore_index))
     return loss, state
-
-
-def cross_entropy_finish(*, row_loss, state, target, loss, classes, ignore_index, reduction):
-    """Launches the finishing kernel (see its docstring); returns the target flag (None for probability targets)."""
-    prob_target = target.is_floating_point()
-    flag = None if prob_target else torch.empty(2, dtype=torch.int64, device=row_loss.device)
-    if prob_target and reduction == "none":
-        return None
-    cross_entropy_finish_kernel[(1,)](
-        row_loss, state, target, loss, flag if flag is not None else target, row_loss.shape[0], classes, ignore_index,
-        PROB_TARGET=prob_target, REDUCTION=_REDUCTIONS[reduction], ACC=acc_dtype(row_loss.dtype),
-        BLOCK=FINISH_BLOCK, num_warps=8)
-    return flag
 
 
 def _reduce_empty(row_loss, reduction):
@@ -528,7 +522,8 @@ def aot_logits(dtype, classes, layout, wide):
     return aot.meta(2, classes, inner, dtype=dtype, order=(0, 2, 1) if layout == "transposed" else None)
 
 
-def _aot_cross_entropy(dtype, classes, layout, wide, target, weight, smoothing, softcap, focal, grad):
+def _aot_cross_entropy(dtype, classes, layout, wide, target, weight, smoothing, softcap, focal, grad,
+                       reduction="mean"):
     logits3 = aot_logits(dtype, classes, layout, wide)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     outer, C, inner = logits3.shape
@@ -536,7 +531,7 @@ def _aot_cross_entropy(dtype, classes, layout, wide, target, weight, smoothing, 
     common = dict(input=logits3, target=labels, weight=aot.meta(C, dtype=acc) if weight else None, ignore_index=-100,
                   label_smoothing=smoothing, lse_square_scale=1e-4, softcap=softcap, focal_gamma=focal)
     if grad == "saved state":
-        return cross_entropy_forward, dict(common, reduction="mean", weighted_mean=True)
+        return cross_entropy_forward, dict(common, reduction=reduction, weighted_mean=True)
     if grad.startswith("backward"):
         reduction = grad.split()[1]
         return cross_entropy_backward, dict(
@@ -546,15 +541,6 @@ def _aot_cross_entropy(dtype, classes, layout, wide, target, weight, smoothing, 
     gradient = {"none": None, "separate": torch.empty(logits3.shape, dtype=dtype, device="meta"),
                 "in place": logits3}[grad]
     return cross_entropy, dict(common, grad=gradient, grad_scale=aot.meta(dtype=acc))
-
-
-def _aot_finish(dtype, target, reduction, wide):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    rows = _WIDE + 16 if wide else 4096
-    labels = aot.meta(rows, dtype=torch.int64) if target == "index" else aot.meta(rows, 8, dtype=dtype)
-    return cross_entropy_finish, dict(row_loss=aot.meta(rows, dtype=acc), state=aot.meta(rows * 3 + 1, dtype=acc),
-                                      target=labels, loss=aot.meta(dtype=acc), classes=32000, ignore_index=-100,
-                                      reduction=reduction)
 
 
 def _focal_alone(case):
@@ -571,8 +557,9 @@ def aot_calls():
     heaviest = dict(target="index", weight=True, smoothing=0.1, softcap=30.0, focal=None, grad="in place")
     cases = aot.covering({**shape, **options}, _focal_alone, heaviest, ("dtype", "layout"))
     calls = [_aot_cross_entropy(**case) for case in cases]
-    calls += [_aot_finish(dtype, target, reduction, wide)
-              for dtype, target, reduction, wide in itertools.product((torch.float32, torch.float64), ("index", "prob"),
-                                                                      ("none", "sum", "mean"), (False, True))
-              if not (target == "prob" and reduction == "none")]  # nothing to finish there
+    # The forward's last program finishes each reduction its own way (a probability-target loss per row has nothing
+    # to finish): every one of them, with the row options that add most to the finish's live values.
+    calls += [_aot_cross_entropy(dtype, 32000, "last", wide, target, True, 0.0, None, None, "saved state", reduction)
+              for dtype in AOT_DTYPES for target in ("index", "prob") for reduction in ("none", "sum", "mean")
+              for wide in (False, True) if not (target == "prob" and reduction == "none")]
     return calls
