@@ -184,9 +184,13 @@ def assert_like_torch(ours, same, truth, what, nonfinite_from_truth=False, floor
     relative to max(|truth|, floor)."""
     assert ours.dtype == same.dtype and ours.shape == same.shape, (what, ours.dtype, same.dtype)
     pattern = truth.to(ours.dtype) if nonfinite_from_truth else same
-    nonfinite = ~torch.isfinite(pattern)
+    # Where torch's own dtype overflows an intermediate (inf - inf: NaN) the float64 truth, rounded once to the
+    # dtype, may be +-inf or finite: that correctly rounded value is never worse than torch's, so it is accepted.
+    rounded = truth.to(ours.dtype)
+    correctly_rounded = (ours == rounded) | (ours.isnan() & rounded.isnan())
+    finite = torch.isfinite(pattern)
+    nonfinite = ~finite & ~(torch.isfinite(truth) & correctly_rounded)
     torch.testing.assert_close(ours[nonfinite], pattern[nonfinite], equal_nan=True, msg=what)
-    finite = ~nonfinite
     assert torch.isfinite(ours[finite]).all(), f"{what}: lossops non-finite where the oracle is finite"
     comparable = finite & torch.isfinite(truth)
     baseline = torch.where(torch.isfinite(same), same, truth.to(same.dtype))[comparable]
@@ -290,11 +294,29 @@ if ELEMENTWISE_OPS:
         _fuzz_elementwise(backend, budget, max_elements)
 
 
+def _kl_div_as_documented(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
+    """torch's kl_div with the one difference docs/differences-from-torch.md states: a class the target gives no
+    mass (probability 0, or log-probability -inf) contributes 0 whatever the input holds there, where torch forms
+    0 * log 0 and 0 * inf products (NaN when the input is infinite there, or the log-target -inf)."""
+    absent = target == (float("-inf") if log_target else 0)
+    terms = torch.where(absent, 0, torch.nn.functional.kl_div(input, target, reduction="none", log_target=log_target))
+    if reduction == "none":
+        return terms
+    if reduction == "batchmean":
+        return terms.sum() / (input.shape[0] if input.dim() else 1)
+    return terms.sum() if reduction == "sum" else terms.mean()
+
+
+# Oracles for the ops whose documented semantics differ from torch's on some inputs.
+DOCUMENTED_ORACLES = {"kl_div": _kl_div_as_documented}
+
+
 def _fuzz_elementwise(backend, budget, max_elements):
     @examples(budget)
     @given(problem=elementwise_problems(ELEMENTWISE_OPS, max_elements))
     def fuzz(problem):
         op, x, target, options = problem
         note(f"{op.name} {tuple(x.shape)} {x.dtype} {options}")
-        compare(_with_backend(backend, op.ours), op.oracle, x, target, options, torch_has_op=op.torch_fn is not None)
+        compare(_with_backend(backend, op.ours), DOCUMENTED_ORACLES.get(op.name, op.oracle), x, target, options,
+                torch_has_op=op.torch_fn is not None)
     fuzz()
