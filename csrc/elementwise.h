@@ -143,37 +143,49 @@ void run_dense(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector
   acc_t* l_ptr = a.per_element ? loss_out.mutable_data_ptr<acc_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(a.grad_scale);
 
+  double* const sums_out = chunk_sums.data();
   at::parallel_for(0, static_cast<int64_t>(chunk_sums.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    const Loss<acc_t> loss_local = loss_fn;  // in registers: see run()
-    auto chunk_loop = [&](auto with_gradient) {
-      // One step of kStep elements, its losses added into `sums` (kept in registers: indexed by constants only).
-      auto step = [&](int64_t i, int64_t count, Vec* sums) __attribute__((always_inline)) {
+    // Everything the steps read, as values of this frame: a vector store goes through a may-alias type, so a value
+    // reached through a reference (the enclosing frame's, or this lambda's captures) would be reloaded from memory
+    // after every store, and the vectors of a step spilled around it.
+    const Loss<acc_t> loss_local = loss_fn;
+    const scalar_t* const x_local = x_ptr;
+    const scalar_t* const t_local = t_ptr;
+    const acc_t* const t_acc_local = t_acc_ptr;
+    scalar_t* const gx_local = gx_ptr;
+    scalar_t* const gt_local = gt_ptr;
+    acc_t* const l_local = l_ptr;
+    const Vec scale_vec(scale);
+    const int64_t n_local = n;
+    auto chunk_loop = [=](auto with_gradient) {
+      // One step of kStep elements (count of them valid), its losses added into `sums`.
+      auto step = [=](int64_t i, int64_t count, Vec* sums) __attribute__((always_inline)) {
         Vec x[K], t[K], l[K], gx[K], gt[K];
-        D::load(x_ptr + i, count, x);
-        if (t_acc_ptr) D::load_acc(t_acc_ptr + i, count, t);
-        else D::load(t_ptr + i, count, t);
+        D::load(x_local + i, count, x);
+        if (t_acc_local) D::load_acc(t_acc_local + i, count, t);
+        else D::load(t_local + i, count, t);
         for (int k = 0; k < K; ++k) {
           loss_local(x[k], t[k], Vec(acc_t(1)), l[k], gx[k], gt[k]);
           const int64_t lanes = std::clamp<int64_t>(count - k * W, 0, W);
           // lanes past the end hold zeros, whose loss need not be 0 (BCE): kept out of the sum
           sums[k] = sums[k] + (lanes == W ? l[k] : Vec::set(Vec(acc_t(0)), l[k], lanes));
-          if (l_ptr && lanes == W) l[k].store(l_ptr + i + k * W);
-          else if (l_ptr && lanes > 0) l[k].store(l_ptr + i + k * W, lanes);
+          if (l_local && lanes == W) l[k].store(l_local + i + k * W);
+          else if (l_local && lanes > 0) l[k].store(l_local + i + k * W, lanes);
           if constexpr (decltype(with_gradient)::value) {
-            gx[k] = gx[k] * Vec(scale);
-            gt[k] = gt[k] * Vec(scale);
+            gx[k] = gx[k] * scale_vec;
+            gt[k] = gt[k] * scale_vec;
           }
         }
         if constexpr (decltype(with_gradient)::value) {
-          if (gx_ptr) D::store(gx_ptr + i, gx, count);
-          if (gt_ptr) D::store(gt_ptr + i, gt, count);
+          if (gx_local) D::store(gx_local + i, gx, count);
+          if (gt_local) D::store(gt_local + i, gt, count);
         }
       };
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         // two independent sets of accumulators, alternating step by step, so additions overlap
         Vec even[K], odd[K];
         for (int k = 0; k < K; ++k) even[k] = odd[k] = Vec(acc_t(0));
-        const int64_t stop = std::min(n, (chunk + 1) * kReduceChunk);
+        const int64_t stop = std::min(n_local, (chunk + 1) * kReduceChunk);
         int64_t i = chunk * kReduceChunk;
         for (; i + 2 * D::kStep <= stop; i += 2 * D::kStep) {
           step(i, D::kStep, even);
@@ -182,11 +194,11 @@ void run_dense(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector
         for (; i < stop; i += D::kStep) step(i, std::min(D::kStep, stop - i), even);
         Vec total = even[0] + odd[0];
         for (int k = 1; k < K; ++k) total = total + (even[k] + odd[k]);
-        chunk_sums[chunk] = static_cast<double>(
+        sums_out[chunk] = static_cast<double>(
             at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, total));
       }
     };
-    if (gx_ptr || gt_ptr) chunk_loop(std::true_type{});
+    if (gx_local || gt_local) chunk_loop(std::true_type{});
     else chunk_loop(std::false_type{});
   });
 }
