@@ -75,6 +75,39 @@ def leaf_copies(tensors, dtype=None):
     return out
 
 
+def assert_float64_gradients_match(fn, inputs: list[torch.Tensor], backend: str, gradchecked: str = "cpp",
+                                   seed: int = 2):
+    """fn's float64 outputs and analytic gradients on `backend` equal those on `gradchecked`, a backend whose
+    float64 gradcheck of the same call on the same inputs stands elsewhere: equal to rounding, they are right too.
+
+    fn returns one tensor or a tuple of them. The gradients compared are those of each output alone (as gradcheck
+    takes them, the other outputs' gradients undefined) and of all outputs at once, each under a random upstream
+    gradient (non-uniform: reduction='none' backward bugs show there, and not with ones)."""
+    import lossops
+
+    def run(name):
+        leaves = leaf_copies(inputs)
+        wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        with lossops.backend(name):
+            outputs = fn(*leaves)
+            outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+            gen = torch.Generator().manual_seed(seed)
+            upstream = [(torch.randint(-32, 33, out.shape, generator=gen) / 8).to(out.dtype) for out in outputs]
+            grads = [torch.autograd.grad(out, wrt, up, retain_graph=True, allow_unused=True)
+                     for out, up in zip(outputs, upstream)]
+            grads.append(torch.autograd.grad(outputs, wrt, upstream, allow_unused=True))
+        return [out.detach() for out in outputs], grads
+
+    assert all(t.dtype == torch.float64 for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point())
+    (outputs, grads), (expected_outputs, expected_grads) = run(backend), run(gradchecked)
+    torch.testing.assert_close(outputs, expected_outputs, rtol=1e-10, atol=1e-12)
+    for which, (got, expected) in enumerate(zip(grads, expected_grads)):
+        assert [g is None for g in got] == [e is None for e in expected], which
+        assert any(g is not None for g in expected), which
+        torch.testing.assert_close([g for g in got if g is not None], [e for e in expected if e is not None],
+                                   rtol=1e-10, atol=1e-12, msg=lambda m: f"gradient {which}: {m}")
+
+
 def lowp_error_no_worse(ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor, what: str, slack_ulps=1.0):
     """Our low-precision result is at least as close to the float64 truth as torch's own same-dtype result,
     up to `slack_ulps` units of the dtype's epsilon relative to the truth's scale (both round the final

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 import lossops
+from _cases import assert_float64_gradients_match
 
 D64 = torch.float64
 
@@ -112,20 +113,43 @@ def test_bf16_token_weights_no_worse_than_torch():
     assert (ours - exact).abs() <= (theirs.double() - exact).abs() + 2 ** -8 * exact.abs()
 
 
-@pytest.mark.parametrize("backend_name", ["cpp", "triton", "reference"])
-@pytest.mark.parametrize("kwargs", [dict(temperature=0.8, softcap=2.0, lse_square_scale=0.1, class_weight=True),
-                                    dict(label_smoothing=0.1, class_weight=True),
-                                    dict(num_items_in_batch=9, class_weight=True),
-                                    dict(reduction="none", temperature=2.0)],
-                         ids=["temperature-softcap-z-loss", "smoothing", "num_items_in_batch", "none"])
-def test_gradcheck(backend_name, kwargs):
+GRADCHECK_CASES = [dict(temperature=0.8, softcap=2.0, lse_square_scale=0.1, class_weight=True),
+                   dict(label_smoothing=0.1, class_weight=True),
+                   dict(num_items_in_batch=9, class_weight=True),
+                   dict(reduction="none", temperature=2.0)]
+GRADCHECK_IDS = ["temperature-softcap-z-loss", "smoothing", "num_items_in_batch", "none"]
+
+
+def _gradcheck_call(kwargs, rows=7):
+    """The loss as a function of the logits and the token weights, and those two inputs (float64 leaves)."""
     x, t, tw, w = batch(seed=7)
-    x.requires_grad_(True)
-    tw.requires_grad_(True)
+    x, t, tw = x[:rows].requires_grad_(True), t[:rows], tw[:rows].requires_grad_(True)
     kwargs = dict(kwargs)
     weight = w if kwargs.pop("class_weight", False) else None
+    return (lambda a, b: lossops.cross_entropy(a, t, weight, token_weight=b, **kwargs)), [x, tw]
+
+
+# Not on triton here: numerical differentiation runs an interpreted launch per input element. Its float64 gradients
+# on these cases must equal the gradchecked C++ ones (test_triton_gradients_are_the_gradchecked_cpp_ones), and it is
+# gradchecked on its own on fewer rows (test_gradcheck_triton).
+@pytest.mark.parametrize("backend_name", ["cpp", "reference"])
+@pytest.mark.parametrize("kwargs", GRADCHECK_CASES, ids=GRADCHECK_IDS)
+def test_gradcheck(backend_name, kwargs):
+    fn, inputs = _gradcheck_call(kwargs)
     with lossops.backend(backend_name):
-        assert gradcheck(lambda a, b: lossops.cross_entropy(a, t, weight, token_weight=b, **kwargs), (x, tw))
+        assert gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("kwargs", GRADCHECK_CASES, ids=GRADCHECK_IDS)
+def test_triton_gradients_are_the_gradchecked_cpp_ones(kwargs):
+    fn, inputs = _gradcheck_call(kwargs)
+    assert_float64_gradients_match(fn, inputs, "triton")
+
+
+def test_gradcheck_triton():
+    fn, inputs = _gradcheck_call(GRADCHECK_CASES[0], rows=3)  # the third row's target is ignored
+    with lossops.backend("triton"):
+        assert gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.6, softcap=4.0), dict(lse_square_scale=0.1)],
@@ -148,17 +172,37 @@ def test_linear_cross_entropy(backend, options):
     torch.testing.assert_close(got, truth(logits, t, reduction="sum", **options) / 5)
 
 
-@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
-def test_linear_cross_entropy_gradcheck(backend_name):
+def _linear_gradcheck_call(tokens=5, features=4, vocab=7):
+    """The loss as a function of the hidden states, head weight, bias and token weights, and those inputs."""
     g = torch.Generator().manual_seed(9)
-    h = torch.randn(5, 4, dtype=D64, generator=g, requires_grad=True)
-    lw = torch.randn(7, 4, dtype=D64, generator=g, requires_grad=True)
-    bias = torch.randn(7, dtype=D64, generator=g, requires_grad=True)
-    tw = torch.rand(5, dtype=D64, generator=g, requires_grad=True)
-    t = torch.tensor([0, 6, -100, 3, 3])
+    h = torch.randn(tokens, features, dtype=D64, generator=g, requires_grad=True)
+    lw = torch.randn(vocab, features, dtype=D64, generator=g, requires_grad=True)
+    bias = torch.randn(vocab, dtype=D64, generator=g, requires_grad=True)
+    tw = torch.rand(tokens, dtype=D64, generator=g, requires_grad=True)
+    t = torch.tensor([0, vocab - 1, -100, 3, 3][:tokens])
+
+    def f(a, b, c, d):
+        return lossops.linear_cross_entropy(a, b, t, linear_bias=c, token_weight=d, temperature=1.7, softcap=3.0,
+                                            chunk_size=2)
+    return f, [h, lw, bias, tw]
+
+
+@pytest.mark.parametrize("backend_name", ["cpp"])
+def test_linear_cross_entropy_gradcheck(backend_name):
+    fn, inputs = _linear_gradcheck_call()
     with lossops.backend(backend_name):
-        assert gradcheck(lambda a, b, c, d: lossops.linear_cross_entropy(
-            a, b, t, linear_bias=c, token_weight=d, temperature=1.7, softcap=3.0, chunk_size=2), (h, lw, bias, tw))
+        assert gradcheck(fn, inputs)
+
+
+def test_triton_linear_cross_entropy_gradients_are_the_gradchecked_cpp_ones():
+    fn, inputs = _linear_gradcheck_call()
+    assert_float64_gradients_match(fn, inputs, "triton")
+
+
+def test_linear_cross_entropy_gradcheck_triton():
+    fn, inputs = _linear_gradcheck_call(tokens=3, features=2, vocab=4)  # two chunks, the third row ignored
+    with lossops.backend("triton"):
+        assert gradcheck(fn, inputs)
 
 
 def test_module_takes_token_weight_per_call():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 import lossops
+from _cases import assert_float64_gradients_match
 from lossops.losses.token_stats import LossWithTokenStats
 
 D64 = torch.float64
@@ -93,28 +94,76 @@ def _differentiable(result):
     return (result.loss, *(getattr(result, n) for n in FLOAT_FIELDS))
 
 
+def _gradcheck_batch(options, shape=(5, 6, 2)):
+    x, t = batch(shape)
+    t.view(-1)[[1, 4]] = options.get("ignore_index", -100)
+    return x.requires_grad_(), t
+
+
+def _cross_entropy_outputs(t, reduction, options):
+    return lambda x: _differentiable(lossops.cross_entropy(x, t, reduction=reduction, return_token_stats=True,
+                                                           **options))
+
+
+# Not on triton here: numerical differentiation runs an interpreted launch per input element. Its float64 gradients
+# on these cases must equal the gradchecked C++ ones (test_triton_gradients_*), and it is gradchecked on its own on
+# a smaller batch (test_gradcheck_*_triton).
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("options", OPTION_SETS[1:], ids=lambda o: "-".join(o))
+@pytest.mark.parametrize("backend", ["cpp", "reference"], indirect=True)
 def test_gradcheck_cross_entropy(backend, reduction, options):
-    x, t = batch((5, 6, 2))
-    t.view(-1)[[1, 4]] = options.get("ignore_index", -100)
-    x.requires_grad_()
-    assert gradcheck(lambda x: _differentiable(lossops.cross_entropy(x, t, reduction=reduction, return_token_stats=True,
-                                                                     **options)), (x,))
+    x, t = _gradcheck_batch(options)
+    assert gradcheck(_cross_entropy_outputs(t, reduction, options), (x,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", OPTION_SETS[1:], ids=lambda o: "-".join(o))
+def test_triton_gradients_are_the_gradchecked_cpp_ones_cross_entropy(reduction, options):
+    x, t = _gradcheck_batch(options)
+    assert_float64_gradients_match(_cross_entropy_outputs(t, reduction, options), [x], "triton")
+
+
+def test_gradcheck_cross_entropy_triton():
+    options = OPTION_SETS[-1]
+    x, t = _gradcheck_batch(options, shape=(3, 4, 2))
+    with lossops.backend("triton"):
+        assert gradcheck(_cross_entropy_outputs(t, "none", options), (x,))
+
+
+def _linear_gradcheck_inputs(tokens=7, features=4, vocab=9):
+    g = torch.Generator().manual_seed(3)
+    h, w, b = (torch.randn(s, dtype=D64, generator=g).requires_grad_()
+               for s in ((tokens, features), (vocab, features), (vocab,)))
+    t = torch.randint(0, vocab, (tokens,), generator=g)
+    t[2] = -100
+    return (h, w, b), t
+
+
+def _linear_cross_entropy_outputs(t, reduction, chunk_size=3):
+    def f(h, w, b):
+        return _differentiable(lossops.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction,
+                                                            chunk_size=chunk_size, softcap=3.0, temperature=1.3,
+                                                            lse_square_scale=0.1, return_token_stats=True))
+    return f
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", ["cpp", "reference"], indirect=True)
 def test_gradcheck_linear_cross_entropy(backend, reduction):
-    g = torch.Generator().manual_seed(3)
-    h, w, b = (torch.randn(s, dtype=D64, generator=g).requires_grad_() for s in ((7, 4), (9, 4), (9,)))
-    t = torch.randint(0, 9, (7,), generator=g)
-    t[2] = -100
+    inputs, t = _linear_gradcheck_inputs()
+    assert gradcheck(_linear_cross_entropy_outputs(t, reduction), inputs)
 
-    def f(h, w, b):
-        return _differentiable(lossops.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction, chunk_size=3,
-                                                            softcap=3.0, temperature=1.3, lse_square_scale=0.1,
-                                                            return_token_stats=True))
-    assert gradcheck(f, (h, w, b))
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triton_gradients_are_the_gradchecked_cpp_ones_linear_cross_entropy(reduction):
+    inputs, t = _linear_gradcheck_inputs()
+    assert_float64_gradients_match(_linear_cross_entropy_outputs(t, reduction), list(inputs), "triton")
+
+
+def test_gradcheck_linear_cross_entropy_triton():
+    inputs, t = _linear_gradcheck_inputs(tokens=3, features=2, vocab=4)
+    with lossops.backend("triton"):  # two chunks of rows
+        assert gradcheck(_linear_cross_entropy_outputs(t, "none", chunk_size=2), inputs)
 
 
 @pytest.mark.parametrize("output", ["entropy", "target_logprob", "logsumexp", "loss_and_entropy"])
