@@ -224,9 +224,11 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
   const acc_t scale = static_cast<acc_t>(a.grad_scale);
 
   at::parallel_for(0, static_cast<int64_t>(chunk_sums.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    // A local copy the compiler keeps in registers: through the captured reference its parameters would be
-    // reloaded for every vector (stores to the float buffers may alias them), and the forward pass would wait on them.
+    // Values of this frame, which the compiler keeps in registers: through a captured reference they would be
+    // reloaded for every vector (a vector store goes through a may-alias type), and the pass would wait on them.
     const Loss<acc_t> loss_local = loss_fn;
+    const bool write_gt = gt_ptr != nullptr;
+    const Vec scale_vec(scale);
     std::vector<acc_t> buffers(7 * kBlock);
     acc_t *xbuf = buffers.data(), *tbuf = xbuf + kBlock, *wbuf = tbuf + kBlock, *abuf = wbuf + kBlock,
           *lbuf = abuf + kBlock, *gxbuf = lbuf + kBlock, *gtbuf = gxbuf + kBlock;
@@ -244,14 +246,14 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
         const acc_t* ab = aux ? aux.block(b0, nb, abuf) : nullptr;
         // Without a gradient to write, the functor's gradient arithmetic is dead code the compiler drops, so
         // a forward under no_grad pays for the loss alone.
-        auto block = [&](auto with_gradient) {
+        auto block = [=](auto with_gradient) {
           for (int64_t i = 0; i < nb; i += Vec::size()) {
             const int count = static_cast<int>(std::min<int64_t>(Vec::size(), nb - i));
             const Vec x = Vec::loadu(xb + i, count), t = Vec::loadu(tb + i, count);
             const Vec av = ab ? Vec::loadu(ab + i, count) : Vec(acc_t(1));
             Vec l, gx, gt;
             loss_local(x, t, av, l, gx, gt);
-            Vec gscale(scale);
+            Vec gscale = scale_vec;
             if (wb) {
               const Vec w = Vec::loadu(wb + i, count);
               l = l * w;
@@ -260,7 +262,7 @@ void run(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<doubl
             l.store(lbuf + i, count);
             if constexpr (decltype(with_gradient)::value) {
               (gx * gscale).store(gxbuf + i, count);
-              if (gt_ptr) (gt * gscale).store(gtbuf + i, count);
+              if (write_gt) (gt * gscale).store(gtbuf + i, count);
             }
           }
         };
