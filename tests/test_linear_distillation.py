@@ -84,6 +84,14 @@ def test_bfloat16_weight_gradient_no_worse_than_torch():
         assert (o.double() - e).abs().max() <= 1.5 * (t.double() - e).abs().max() + 1e-3 * e.abs().max()
 
 
+def test_the_teacher_is_a_constant_even_when_it_requires_grad(backend):
+    student, teacher, target = _inputs()
+    teacher = [t.requires_grad_() for t in teacher]
+    loss = _call(student, teacher, target, chunk_size=4)
+    assert all(g is None for g in torch.autograd.grad(loss, [*student, *teacher], allow_unused=True)[3:])
+    torch.testing.assert_close(loss, _truth(student, [t.detach() for t in teacher], target))
+
+
 def test_module_matches_the_function():
     student, teacher, target = _inputs()
     module = lossops.nn.LinearDistillationLoss(divergence="reverse_kl", chunk_size=5)

@@ -42,7 +42,8 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     chunks of tokens: neither model's (tokens, vocab) logits is ever formed.
 
     student_input (..., D_s), student_weight (V, D_s); teacher_input (..., D_t) with the same leading shape,
-    teacher_weight (V, D_t); biases (V,). Gradients: the student's input, weight and bias. chunk_size: tokens per
+    teacher_weight (V, D_t); biases (V,). Gradients: the student's input, weight and bias; the teacher's tensors are
+    constants (detached: no gradient even where they require grad). chunk_size: tokens per
     chunk (default: both chunks' logits together within 1/8 of the tokens' logits, capped near 256 MiB, at
     least 128 tokens). Keywords as distillation_loss.
     """
@@ -56,6 +57,10 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
             for t in (student_input, student_weight, teacher_input, teacher_weight, student_bias, teacher_bias))
     _check_linear("student", student_input, student_weight, student_bias)
     _check_linear("teacher", teacher_input, teacher_weight, teacher_bias)
+    # The teacher is a constant here: its parameters usually require grad (a model's do unless frozen), and a
+    # gradient for them would need both models' full logits.
+    teacher_input, teacher_weight = teacher_input.detach(), teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     if teacher_input.shape[:-1] != student_input.shape[:-1]:
         raise ValueError(f"lossops: teacher_input must have the tokens of student_input "
                          f"{tuple(student_input.shape[:-1])} (its leading dimensions), got "
