@@ -94,11 +94,11 @@ struct DistillationRows {
   bool hard_apart;   // the cross-entropy's softmax differs from the student's softened one (temperature != 1)
 };
 
-// One thread's block buffers.
+// One thread's block buffers (a block is at most a row: small rows need no kBlock-sized buffers).
 template <typename acc_t>
 struct PairScratch {
   std::vector<acc_t> student, teacher, raw, grad;
-  PairScratch() : student(kBlock), teacher(kBlock), raw(kBlock), grad(kBlock) {}
+  explicit PairScratch(int64_t n) : student(n), teacher(n), raw(n), grad(n) {}
 };
 
 // A block of one model's logits in the opmath type: raw (read where it lies when it already is contiguous opmath
@@ -213,7 +213,7 @@ void distillation_row(const DistillationRows<scalar_t>& p, PairScratch<opmath_t<
 template <typename scalar_t, int64_t kind>
 void distillation_rows(const DistillationRows<scalar_t>& p) {
   at::parallel_for(0, p.rows, row_grain(2 * p.V), [&](int64_t begin, int64_t end) {
-    PairScratch<opmath_t<scalar_t>> s;
+    PairScratch<opmath_t<scalar_t>> s(std::min(kBlock, p.V));
     for (int64_t r = begin; r < end; ++r) distillation_row<scalar_t, kind>(p, s, r);
   });
 }

@@ -165,7 +165,8 @@ def distillation_kernel(S, stride_s, T, stride_t, Y, G, stride_g, LOSS, FLAG, SC
                                                         BLOCK)
         loss, rs = _terms(ls, lt, ps, pt, beta, DIVERGENCE)
         divergence += tl.sum(tl.where(mask, loss, 0.0), axis=0)
-        row_sum += tl.sum(tl.where(mask, rs, 0.0), axis=0)
+        if WRITE_GRADIENT and DIVERGENCE != FORWARD_KL:  # only the gradient reads the row sum
+            row_sum += tl.sum(tl.where(mask, rs, 0.0), axis=0)
         if WRITE_GRADIENT and DIVERGENCE == FORWARD_KL:
             _write_gradient(S_row, T_row, G_row, start, C, y, keep, ms, lss, mt, lst, mh, lsh, inv_t, beta, row_sum,
                             divergence, soft_coef, hard_coef, DIVERGENCE, HARD, SCALED, ACC, BLOCK)

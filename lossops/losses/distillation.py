@@ -154,10 +154,18 @@ def kernel_arguments(options: DistillationOptions) -> dict:
 
 def _run(family, backend, t, o, grads):
     student, teacher, target = t["student_logits"], t["teacher_logits"], t["target"]
-    denominator = token_count(target, student.shape[0], o.ignore_index, student)
+    if backend == "cpp":
+        # Host numbers: reading a CPU count costs no sync, and on small inputs the tensor ops around the kernel (the
+        # count's, the scale's and its guard's) cost more than the kernel itself.
+        denominator = student.shape[0] if target is None else int((target != o.ignore_index).sum())
+        scale = (1.0 / denominator if denominator else 0.0) if o.reduction == "mean" else 1.0
+    else:
+        denominator = token_count(target, student.shape[0], o.ignore_index, student)
+        scale = _reduce.gradient_scale(o.reduction, denominator)
     grad = _backend.empty_gradient(student) if grads["student_logits"] else None
-    row_loss, total = KERNEL(backend, student=student, teacher=teacher, target=target, grad=grad,
-                             grad_scale=_reduce.gradient_scale(o.reduction, denominator), **kernel_arguments(o))
+    row_loss, total = KERNEL(backend, student=student, teacher=teacher, target=target, grad=grad, grad_scale=scale,
+                             **kernel_arguments(o))
+    # a mean over no kept token is 0 / 0: NaN, with the zero gradients the zero scale wrote
     return _reduce.reduce(o.reduction, row_loss, total, denominator), {"student_logits": grad}
 
 
