@@ -76,8 +76,10 @@ def hidden_states(model, tokens):
 def fused_step_loss(student, teacher, tokens, args):
     with torch.no_grad():
         teacher_hidden = hidden_states(teacher, tokens)
+    # the teacher's weight detached: a teacher tensor that requires grad would take the unfused formula
     return lossops.linear_distillation_loss(
-        hidden_states(student, tokens), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, tokens[:, 1:],
+        hidden_states(student, tokens), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight.detach(),
+        tokens[:, 1:],
         divergence=args.divergence, beta=args.beta, temperature=args.temperature, hard_weight=args.hard_weight)
 
 

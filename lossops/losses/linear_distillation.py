@@ -8,7 +8,7 @@ student's buffer, and that buffer is contracted at once into grad_input[chunk], 
 denominator is counted over all tokens first, so every chunk's gradient carries the same 1/denominator and backward
 only multiplies the three gradients by grad_output. reduction="none" (one grad_output per token) forms no gradient
 in forward: backward recomputes the chunks and scales each row of d(loss)/d(logits) before the contractions.
-The teacher receives no gradient (its input, weight and bias are treated as constants).
+A teacher that requires grad takes the unfused formula (its gradients need both models' logits).
 """
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     chunks of tokens: neither model's (tokens, vocab) logits is ever formed.
 
     student_input (..., D_s), student_weight (V, D_s); teacher_input (..., D_t) with the same leading shape,
-    teacher_weight (V, D_t); biases (V,). Gradients: the student's input, weight and bias; the teacher's tensors are
-    constants (detached: no gradient even where they require grad). chunk_size: tokens per
+    teacher_weight (V, D_t); biases (V,). Gradients: the student's input, weight and bias. A teacher tensor that
+    requires grad (a model's parameters do unless frozen) takes the unfused formula, which forms both models' logits
+    and gives the teacher's gradients too: detach or freeze the teacher to keep the fused path. chunk_size: tokens per
     chunk (default: both chunks' logits together within 1/8 of the tokens' logits, capped near 256 MiB, at
     least 128 tokens). Keywords as distillation_loss.
     """
@@ -57,10 +58,6 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
             for t in (student_input, student_weight, teacher_input, teacher_weight, student_bias, teacher_bias))
     _check_linear("student", student_input, student_weight, student_bias)
     _check_linear("teacher", teacher_input, teacher_weight, teacher_bias)
-    # The teacher is a constant here: its parameters usually require grad (a model's do unless frozen), and a
-    # gradient for them would need both models' full logits.
-    teacher_input, teacher_weight = teacher_input.detach(), teacher_weight.detach()
-    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     if teacher_input.shape[:-1] != student_input.shape[:-1]:
         raise ValueError(f"lossops: teacher_input must have the tokens of student_input "
                          f"{tuple(student_input.shape[:-1])} (its leading dimensions), got "
@@ -79,7 +76,9 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
         raise ValueError(f"lossops: chunk_size must be a positive int or None, got {chunk_size!r}")
 
     backend = _backend.resolve(student_input.device)
-    if backend == "reference":
+    teacher_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (teacher_input, teacher_weight, teacher_bias))
+    if backend == "reference" or teacher_grad:  # the teacher's gradients come from the unfused formula
         return reference_distillation_loss(F.linear(student_input, student_weight, student_bias),
                                            F.linear(teacher_input, teacher_weight, teacher_bias), target, options)
     features = student_input.shape[-1]
