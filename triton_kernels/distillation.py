@@ -155,7 +155,9 @@ def distillation_kernel(S, stride_s, T, stride_t, Y, G, stride_g, LOSS, FLAG, SC
     if HARD:
         cross_entropy = -((tl.load(S_row + tl.where(keep, y, 0)).to(ACC) - mh) - lsh)
 
-    divergence = tl.zeros((), ACC)
+    # The divergence as per-lane partial sums, reduced once after the loop (a reduction per block made ptxas spill
+    # the loss-only variants); the row sum, which only the gradient variants form, per block.
+    divergence_lanes = tl.zeros((BLOCK,), ACC)
     row_sum = tl.zeros((), ACC)
     scale = tl.load(SCALE).to(ACC)
     soft_coef = scale * soft_weight * inv_t
@@ -164,12 +166,13 @@ def distillation_kernel(S, stride_s, T, stride_t, Y, G, stride_g, LOSS, FLAG, SC
         _, mask, _, ls, lt, ps, pt = _log_probabilities(S_row, T_row, start, C, ms, lss, mt, lst, inv_t, SCALED, ACC,
                                                         BLOCK)
         loss, rs = _terms(ls, lt, ps, pt, beta, DIVERGENCE)
-        divergence += tl.sum(tl.where(mask, loss, 0.0), axis=0)
+        divergence_lanes += tl.where(mask, loss, 0.0)
         if WRITE_GRADIENT and DIVERGENCE != FORWARD_KL:  # only the gradient reads the row sum
             row_sum += tl.sum(tl.where(mask, rs, 0.0), axis=0)
-        if WRITE_GRADIENT and DIVERGENCE == FORWARD_KL:
-            _write_gradient(S_row, T_row, G_row, start, C, y, keep, ms, lss, mt, lst, mh, lsh, inv_t, beta, row_sum,
-                            divergence, soft_coef, hard_coef, DIVERGENCE, HARD, SCALED, ACC, BLOCK)
+        if WRITE_GRADIENT and DIVERGENCE == FORWARD_KL:  # needs no row sum: written while the block is loaded
+            _write_gradient(S_row, T_row, G_row, start, C, y, keep, ms, lss, mt, lst, mh, lsh, inv_t, beta, 0.0, 0.0,
+                            soft_coef, hard_coef, DIVERGENCE, HARD, SCALED, ACC, BLOCK)
+    divergence = tl.sum(divergence_lanes, axis=0)
     loss = soft_weight * divergence + hard_weight * cross_entropy
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     if WRITE_GRADIENT and DIVERGENCE != FORWARD_KL:
