@@ -1,5 +1,5 @@
-"""The training examples, each run at a tiny size: examples/train_amp.py, examples/compare_losses.py and
-examples/train_hf_causal_lm.py."""
+"""The training examples, each run at a tiny size: examples/train_amp.py, examples/compare_losses.py,
+examples/train_hf_causal_lm.py and examples/distill_causal_lm.py."""
 import importlib.util
 import io
 import json
@@ -14,12 +14,15 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import _common  # noqa: E402
 import compare_losses  # noqa: E402
+import distill_causal_lm  # noqa: E402
 import train_amp  # noqa: E402
 import train_hf_causal_lm  # noqa: E402
 
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 TINY_AMP = "--steps 60 --hidden 32 --samples 2000 --batch-size 64 --quiet".split()
 TINY_COMPARE = "--epochs 3 --limit 400 --width 8 --quiet".split()
+TINY_DISTILL = ("--vocab 300 --teacher-hidden 32 --student-hidden 16 --heads 2 --seq 16 --batch-size 2 "
+                "--teacher-steps 3 --steps 4 --quiet").split()
 TINY_HF = "--steps 4 --hidden 32 --layers 1 --heads 2 --vocab 2000 --seq 32 --batch-size 2 --quiet".split()
 
 
@@ -138,3 +141,14 @@ def test_hf_causal_lm_patched_run_has_the_same_losses_in_less_memory(capsys):
     logits_bytes = 2 * 32 * 2000 * 4
     assert patched.peak_bytes + logits_bytes < unpatched.peak_bytes
     assert "| peak tensor memory, fwd+bwd (MiB)" in out and f"{patched.losses[-1]:.4f}" in out
+
+
+def test_distillation_example_fused_and_unfused_agree(capsys):
+    out = distill_causal_lm.main(TINY_DISTILL + ["--divergence", "jsd"])
+    fused, unfused = out["results"]["fused (lossops)"], out["results"]["unfused (torch)"]
+    assert all(math.isfinite(v) for v in fused["losses"] + out["teacher_losses"])
+    # the same student, batches and loss: the same losses to float32 rounding, step after step
+    for a, b in zip(fused["losses"], unfused["losses"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "median ms/step" in printed and "fused (lossops)" in printed and "unfused (torch)" in printed

@@ -198,8 +198,15 @@ SHARDING = _sharding.Sharding(lambda input: input.dim() - 1, whole=("linear_weig
 
 
 def default_chunk_size(num_rows: int, vocab: int, itemsize: int) -> int:
-    rows = -(-num_rows // _CHUNKS_PER_PASS)
-    cap = max(_CHUNK_BYTES // max(vocab * itemsize, 1), _MIN_CHUNK_ROWS)
+    return chunk_rows(num_rows, vocab, itemsize)
+
+
+def chunk_rows(num_rows: int, vocab: int, itemsize: int, logits_buffers: int = 1) -> int:
+    """Token rows per chunk of a fused linear loss holding `logits_buffers` chunks of logits at once (the
+    distillation holds the student's and the teacher's): together at most 1/_CHUNKS_PER_PASS of the rows' logits
+    and about _CHUNK_BYTES, but never fewer than _MIN_CHUNK_ROWS rows."""
+    rows = -(-num_rows // (_CHUNKS_PER_PASS * logits_buffers))
+    cap = max(_CHUNK_BYTES // max(vocab * itemsize * logits_buffers, 1), _MIN_CHUNK_ROWS)
     return max(1, min(rows, cap))
 
 

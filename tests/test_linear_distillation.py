@@ -1,0 +1,159 @@
+"""linear_distillation_loss against distillation_loss's torch formula on F.linear logits: values and the student's
+input, weight and bias gradients on every backend, chunking (uneven last chunk, one chunk, chunks of one token),
+reduction="none" with per-token upstream gradients, gradcheck, bad arguments, and its peak memory."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lossops
+from lossops.losses.linear_cross_entropy import chunk_rows
+from test_distillation import torch_formula
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "tvd", "jsd"]
+
+
+def _inputs(tokens=(2, 7), ds=5, dt=9, vocab=37, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    student = [rand(*tokens, ds).requires_grad_(), rand(vocab, ds, scale=0.5).requires_grad_(),
+               rand(vocab).requires_grad_()]
+    teacher = [rand(*tokens, dt), rand(vocab, dt, scale=0.5), rand(vocab)]
+    target = torch.randint(0, vocab, tokens, generator=gen)
+    target.view(-1)[::4] = -100
+    return student, teacher, target
+
+
+def _call(student, teacher, target, **kwargs):
+    return lossops.linear_distillation_loss(student[0], student[1], teacher[0], teacher[1], target,
+                                            student_bias=student[2], teacher_bias=teacher[2], **kwargs)
+
+
+def _truth(student, teacher, target, **kwargs):
+    kwargs.pop("chunk_size", None)
+    return torch_formula(F.linear(*student), F.linear(*teacher), target, **kwargs)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("options", [dict(chunk_size=3), dict(chunk_size=1, temperature=2.0, hard_weight=0.5),
+                                     dict(chunk_size=100, reduction="sum"),
+                                     dict(chunk_size=4, reduction="none", hard_weight=1.0, beta=0.3)], ids=str)
+def test_matches_the_unfused_formula(backend, divergence, options):
+    student, teacher, target = _inputs()
+    loss = _call(student, teacher, target, divergence=divergence, **options)
+    ref = _truth(student, teacher, target, divergence=divergence, **options)
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    g = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3)) + 0.5
+    for ours, theirs in zip(torch.autograd.grad(loss, student, g), torch.autograd.grad(ref, student, g)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+
+
+def test_without_bias_or_target_and_default_chunks(backend):
+    student, teacher, _ = _inputs(tokens=(300,))
+    loss = lossops.linear_distillation_loss(student[0], student[1], teacher[0], teacher[1], divergence="jsd")
+    ref = torch_formula(F.linear(student[0], student[1]), F.linear(teacher[0], teacher[1]), divergence="jsd")
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for ours, theirs in zip(torch.autograd.grad(loss, student[:2]), torch.autograd.grad(ref, student[:2])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradcheck(backend, divergence):
+    student, teacher, target = _inputs(tokens=(5,), ds=3, dt=4, vocab=6)
+
+    def fn(h, w, b):
+        return lossops.linear_distillation_loss(h, w, teacher[0], teacher[1], target, student_bias=b,
+                                                teacher_bias=teacher[2], divergence=divergence, temperature=1.5,
+                                                hard_weight=0.4, chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, tuple(student), fast_mode=backend == "triton")
+
+
+def test_bfloat16_weight_gradient_no_worse_than_torch():
+    student, teacher, target = _inputs(tokens=(256,), ds=16, dt=16, vocab=64)
+    exact = torch.autograd.grad(_truth(student, teacher, target, reduction="sum"), student)
+    low = [t.detach().bfloat16().requires_grad_() for t in student]
+    low_teacher = [t.bfloat16() for t in teacher]
+    ours = torch.autograd.grad(_call(low, low_teacher, target, reduction="sum", chunk_size=16), low)
+    torchs = torch.autograd.grad(_truth(low, low_teacher, target, reduction="sum"), low)
+    for e, o, t in zip(exact, ours, torchs):
+        assert o.dtype == torch.bfloat16
+        assert (o.double() - e).abs().max() <= 1.5 * (t.double() - e).abs().max() + 1e-3 * e.abs().max()
+
+
+def test_a_teacher_that_requires_grad_gets_its_gradients(backend):
+    student, teacher, target = _inputs()
+    teacher = [t.requires_grad_() for t in teacher]
+    loss = _call(student, teacher, target, chunk_size=4, divergence="jsd", hard_weight=0.5)
+    ref = _truth(student, teacher, target, divergence="jsd", hard_weight=0.5)
+    leaves = [*student, *teacher]
+    for ours, theirs in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ref, leaves)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+
+
+def test_module_matches_the_function():
+    student, teacher, target = _inputs()
+    module = lossops.nn.LinearDistillationLoss(divergence="reverse_kl", chunk_size=5)
+    torch.testing.assert_close(module(student[0], student[1], teacher[0], teacher[1], target),
+                               lossops.linear_distillation_loss(student[0], student[1], teacher[0], teacher[1], target,
+                                                                divergence="reverse_kl", chunk_size=5))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(teacher_input=lambda t: t[:1]), ValueError, "teacher_input"),
+    (dict(teacher_weight=lambda t: t[:-1]), ValueError, "teacher_weight"),
+    (dict(student_weight=lambda t: t[:, :-1]), ValueError, "student_weight"),
+    (dict(target=lambda t: t[:, :-1]), ValueError, "target"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(beta=-1.0), ValueError, "beta"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(divergence="js"), ValueError, "divergence"),
+    (dict(target=None, hard_weight=1.0), ValueError, "hard_weight"),
+])
+def test_bad_arguments(change, error, match):
+    student, teacher, target = _inputs()
+    arguments = dict(student_input=student[0], student_weight=student[1], teacher_input=teacher[0],
+                     teacher_weight=teacher[1], target=target)
+    for name, value in change.items():
+        arguments[name] = value(arguments[name]) if callable(value) else value
+    with pytest.raises(error, match=match):
+        lossops.linear_distillation_loss(**arguments)
+
+
+def test_default_chunks_hold_an_eighth_of_the_logits():
+    assert chunk_rows(2048, 32768, 4, logits_buffers=2) * 2 * 32768 * 4 <= 2048 * 32768 * 4 // 8
+    assert chunk_rows(5, 32000, 4, logits_buffers=2) == 1
+
+
+def test_peak_memory_beyond_the_student_gradients_is_a_quarter_of_the_logits():
+    """N=2048, D=256, V=32768, float32, as process RSS (bench.measure.PeakMemory): the chunks' logits, the teacher's
+    included, and everything else the op allocates beyond the student's three gradients."""
+    from bench.measure import PeakMemory
+    memory = PeakMemory(torch.device("cpu"))
+    if not memory.available:
+        pytest.skip(memory.method)
+    n, d, v = 2048, 256, 32768
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=gen).requires_grad_()
+    weight = (torch.randn(v, d, generator=gen) / 16).requires_grad_()
+    teacher_hidden, teacher_weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / 16
+    target = torch.randint(0, v, (n,), generator=gen)
+
+    def setup():
+        hidden.grad = weight.grad = None
+        return None
+
+    def run(_):
+        with lossops.backend("cpp"):
+            lossops.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, target,
+                                             hard_weight=0.5).backward()
+        return hidden.grad, weight.grad
+
+    run(setup())  # the process's one-time allocations (thread pools, BLAS buffers) outside the measurement
+    peak = min(memory.measure(setup, run) for _ in range(3))
+    gradients = (n * d + v * d) * 4
+    logits = n * v * 4
+    assert peak - gradients <= logits // 4, (peak, gradients, logits)
