@@ -24,21 +24,28 @@ FLOAT64_BLOCK_DIVISOR = 4
 MAX_WARPS = 16
 
 
-def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.float32, gather: bool = False) -> dict:
+def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.float32, gather: bool = False,
+                  operands: int = 1) -> dict:
     """Block size and warp count for a loop over n elements accumulated in `acc`: the one place this policy lives
     (docs/triton-kernels.md has the registers and occupancy of every variant it produces).
 
     gather: the elements are strided (a class-dim-1 layout), so each one is loaded or stored through its own 64-bit
     address instead of one vector per thread: half the block, or the addresses alone fill the registers (in float64,
-    where value and address take two registers each, half the values per thread as well)."""
+    where value and address take two registers each, half the values per thread as well).
+
+    operands: how many rows of n elements each step reads together (a student's and a teacher's logits): each one's
+    per-element values are live at once, so a 32-bit tile and its values per thread shrink by that factor (a
+    float64 tile is a quarter of one already)."""
     double = acc == torch.float64
     if double:
         max_block //= FLOAT64_BLOCK_DIVISOR
+    else:
+        max_block //= operands
     if gather:
         max_block //= 2
     block = min(triton.next_power_of_2(max(int(n), 1)), max_block)
     block = max(block, 16)
-    per_thread = VALUES_PER_THREAD // (2 if double else 1) // (2 if double and gather else 1)
+    per_thread = VALUES_PER_THREAD // (2 if double else operands) // (2 if double and gather else 1)
     num_warps = min(max(block // (32 * per_thread), 4), MAX_WARPS)
     return {"BLOCK": block, "num_warps": num_warps}
 

@@ -201,7 +201,7 @@ def distillation(*, student, teacher, target, grad, divergence, beta, temperatur
         student, student.stride(0), teacher, teacher.stride(0), target if target is not None else flag, g,
         g.stride(0), row_loss, flag, grad_scale.to(student.device), params, C, ignore_index,
         DIVERGENCE=divergence, HAS_TARGET=target is not None, HARD=hard_weight != 0, SCALED=temperature != 1,
-        WRITE_GRADIENT=grad is not None, ACC=acc_dtype(student.dtype), **launch_config(C, acc=acc))
+        WRITE_GRADIENT=grad is not None, ACC=acc_dtype(student.dtype), **launch_config(C, acc=acc, operands=2))
     if target is not None:
         raise_if_flagged(flag, lambda value: out_of_bounds(value, C, ignore_index))
     return row_loss, row_loss.sum()
