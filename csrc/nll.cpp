@@ -1,0 +1,109 @@
+// Negative log-likelihood over class rows, as torch's nll_loss defines it: the input holds log-probabilities,
+// row r with class-index target y (not ignore_index) has loss -w[y] x[r, y], and its gradient is -w[y] at the
+// target's class and 0 at every other one (an ignored row: loss 0, gradient 0). Only the target's element of a row
+// is read; the gradient is written whole (zeros, then the one value a row), so its cost is the gradient's size.
+#include <cstring>
+
+#include "common.h"
+#include "kernel_abi.h"
+#include "softmax_rows.h"  // check_class_indices
+
+namespace lossops {
+namespace {
+
+// Zeros for stream_block: a gradient far larger than the caches is zeroed with non-temporal stores, which skip
+// reading each line before overwriting it.
+template <typename acc_t>
+const acc_t* nll_zero_source() {
+  static const std::vector<acc_t> zeros(kBlock, acc_t(0));
+  return zeros.data();
+}
+
+template <typename scalar_t>
+void nll_zero_region(scalar_t* g, int64_t n, bool stream) {
+  if (!stream) {
+    std::memset(static_cast<void*>(g), 0, static_cast<size_t>(n) * sizeof(scalar_t));
+    return;
+  }
+  const opmath_t<scalar_t>* zeros = nll_zero_source<opmath_t<scalar_t>>();
+  for (int64_t i = 0; i < n; i += kBlock) stream_block<scalar_t>(zeros, g + i, std::min(kBlock, n - i));
+}
+
+// input: (outer, C, inner) with any strides; target: int64, outer * inner; weight: (C,) in the accumulation dtype or
+// undefined; grad: contiguous (outer, C, inner) or undefined. Targets are checked before this runs.
+template <typename scalar_t>
+void nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& weight, at::Tensor* grad,
+              opmath_t<scalar_t> scale, int64_t ignore_index, opmath_t<scalar_t>* loss) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t outer = input.size(0), C = input.size(1), inner = input.size(2);
+  const int64_t stride_outer = input.stride(0), stride_class = input.stride(1), stride_inner = input.stride(2);
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* g = grad != nullptr ? grad->mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t region = C * inner;  // one outer index's gradient elements
+  const bool stream = g != nullptr && gradient_pages_resident(g);
+  at::parallel_for(0, outer, row_grain(region), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      scalar_t* g_region = g != nullptr ? g + o * region : nullptr;
+      if (g_region != nullptr) nll_zero_region(g_region, region, stream);
+      if (stream) finish_streaming();  // the zeros land before the target values written over them
+      for (int64_t i = 0; i < inner; ++i) {
+        const int64_t r = o * inner + i;
+        const int64_t y = target[r];
+        if (y == ignore_index) {
+          loss[r] = acc_t(0);
+          continue;
+        }
+        const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
+        loss[r] = -w_y * static_cast<acc_t>(x[o * stride_outer + y * stride_class + i * stride_inner]);
+        if (g_region != nullptr) g_region[y * inner + i] = static_cast<scalar_t>(-w_y * scale);
+      }
+    }
+  });
+}
+
+// Returns {per-row loss, sum of the per-row losses} in the input's accumulation dtype; writes the gradient, scaled
+// by grad_scale, into `grad` when given.
+std::vector<at::Tensor> nll_loss_kernel(const KernelArgs& a) {
+  const at::Tensor input = a.tensor("input");
+  const at::Tensor target = a.tensor("target");
+  const std::optional<at::Tensor> weight = a.optional_tensor("weight");
+  const std::optional<at::Tensor> grad = a.optional_tensor("grad");
+  const int64_t ignore_index = a.integer("ignore_index");
+  const double grad_scale = a.scale("grad_scale");
+  TORCH_CHECK(input.dim() == 3, "lossops: nll_loss kernel expects a (outer, C, inner) view, got ", input.sizes());
+  const int64_t C = input.size(1);
+  const int64_t rows = input.size(0) * input.size(2);
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == rows,
+              "lossops: nll_loss target must be a contiguous int64 tensor of ", rows, " elements");
+  check_class_indices(target.const_data_ptr<int64_t>(), rows, C, ignore_index);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+  TORCH_CHECK(!w.defined() || w.numel() == C, "lossops: nll_loss weight must have ", C, " elements, got ", w.numel());
+  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
+  TORCH_CHECK(!g.defined() || (g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type() &&
+                               g.is_contiguous()),
+              "lossops: nll_loss gradient buffer must be contiguous with the input's shape and dtype");
+  at::Tensor row_loss = new_cpu_tensor({rows}, acc_type);
+  double total = 0.0;
+  LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_nll_loss", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    acc_t* l = row_loss.mutable_data_ptr<acc_t>();
+    if (rows > 0 && C > 0) {
+      nll_rows<scalar_t>(input, target.const_data_ptr<int64_t>(), w, g.defined() ? &g : nullptr,
+                         static_cast<acc_t>(grad_scale), ignore_index, l);
+    } else if (rows > 0) {  // no classes: every target was ignore_index (checked above)
+      std::fill(l, l + rows, acc_t(0));
+    }
+    // Fixed-order double sum: identical bits for any thread count.
+    total = deterministic_sum(rows, [l](int64_t b, int64_t e) { return sum_in_double(l + b, e - b); });
+  });
+  return {row_loss, cpu_scalar(total, acc_type)};
+}
+
+}  // namespace
+
+LOSSOPS_REGISTER_KERNEL("nll_loss", nll_loss_kernel, "input", "target", "weight", "grad", "ignore_index",
+                        "grad_scale");
+
+}  // namespace lossops
