@@ -73,6 +73,24 @@ def test_reduced_precision_no_worse_than_torch(backend, dtype, weighted):
         check_lowp(ours, truth, [x.requires_grad_()], dtype, "nll_loss")
 
 
+@pytest.mark.parametrize("shape", [(64, 8192), (2, 7, 256, 256)], ids=["wide_rows", "class_planes"])
+def test_gradients_into_kept_buffers_match_torch(shape):
+    """From the second call on, a gradient of 1 MiB or more lands in the buffer the previous call freed, whose pages
+    are resident: the C++ kernel then writes it with non-temporal stores (zeros and the row's value over them for
+    wide rows; whole class planes for a class dimension ahead of the positions)."""
+    with lossops.backend("cpp"):
+        for call in range(3):
+            x = torch.randn(shape).requires_grad_()
+            t = torch.randint(0, shape[1], shape[:1] + shape[2:])
+            t.view(-1)[::5] = 3
+            weight = torch.rand(shape[1])
+            ours = forward_backward(lambda x: lossops.nll_loss(x, t, weight, ignore_index=3), [x], seed=call)
+            theirs = forward_backward(lambda x: F.nll_loss(x, t, weight, ignore_index=3), leaf_copies([x]), seed=call)
+            assert_close(ours, theirs)
+            del ours  # the gradient's buffer goes back to the cache for the next call
+            assert lossops.gradient_cache_bytes() >= x.numel() * x.element_size()
+
+
 def test_one_row_input_takes_a_0d_or_one_element_target(backend):
     """torch's forward takes both; its backward fails on the one-element target (a size mismatch), so the 0-d
     target's gradient is the oracle for both."""

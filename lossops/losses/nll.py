@@ -43,6 +43,12 @@ def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, siz
         loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, input, target, weight, ignore_index)
         if loss is not None:
             return loss
+    return NLL_LOSS.full_path(input, target, weight, size_average, ignore_index, reduce, reduction)
+
+
+def _full_nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                   ignore_index: int = -100, reduce=None, reduction: str = "mean") -> Tensor:
+    """nll_loss past its C++ eager path: every check, backend and input kind."""
     reduction = _checks.reduction(reduction, size_average, reduce)
     ignore_index = _checks.integer("ignore_index", ignore_index)
     _checks.tensor("input", input)
@@ -129,7 +135,8 @@ def _selfcheck_inputs(dtype):
 
 NLL_LOSS = _family.register(_family.Family(
     name="nll_loss", inputs=ROW_INPUTS, options=NLLOptions, kernel=KERNEL, run=_run, loss_like=_rows_loss_like,
-    item_shape=_rows_item_shape, reference=reference_nll_loss, function=nll_loss, bad_inputs="classes",
+    item_shape=_rows_item_shape, reference=reference_nll_loss, function=nll_loss, full_path=_full_nll_loss,
+    bad_inputs="classes",
     eager_routes=(EAGER_ROUTE,), torch_fn=torch_nll_loss,
     cases=(_family.Case(_log_probabilities, {}, torch_nll_loss, bad=("target_out_of_range",)),
            _family.Case(_log_probabilities_4d_weighted, dict(reduction="none", ignore_index=1), torch_nll_loss)),
