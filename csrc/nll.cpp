@@ -33,7 +33,7 @@ void nll_zero_region(scalar_t* g, int64_t n, bool stream) {
 // written over the zeros reads back one line in 64 or fewer.
 constexpr int64_t kNllStreamRowBytes = 4096;
 // Each row reads one element, a cache line and often a page of its own: the element this many rows on is asked for
-// before a row's own is used, so the misses overlap (waiting for each in turn took three times torch's loop).
+// before a row's own is used, so the misses overlap instead of being waited for one at a time.
 constexpr int64_t kNllPrefetchRows = 16;
 
 // The class-dim-1 gradient of one outer index, (C, inner), written in one pass of whole lines: class c's row is
@@ -59,10 +59,12 @@ void nll_class_planes(const int64_t* target, const opmath_t<scalar_t>* w, opmath
 }
 
 // input: (outer, C, inner) with any strides; target: int64, outer * inner; weight: (C,) in the accumulation dtype or
-// undefined; grad: contiguous (outer, C, inner) or undefined. Targets are checked before this runs.
+// undefined; grad: contiguous (outer, C, inner) or undefined; loss: the per-row losses' destination, or null. Targets
+// are checked before this runs. Returns the losses' sum, formed in fixed blocks of rows added in order: the same bits
+// for any thread count.
 template <typename scalar_t>
-void nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& weight, at::Tensor* grad,
-              opmath_t<scalar_t> scale, int64_t ignore_index, opmath_t<scalar_t>* loss) {
+double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& weight, at::Tensor* grad,
+                opmath_t<scalar_t> scale, int64_t ignore_index, opmath_t<scalar_t>* loss) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t outer = input.size(0), C = input.size(1), inner = input.size(2);
   const int64_t stride_outer = input.stride(0), stride_class = input.stride(1), stride_inner = input.stride(2);
@@ -73,21 +75,26 @@ void nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& 
   const bool resident = g != nullptr && gradient_pages_resident(g);
   // Outer indices a block: its gradient is written while the block's rows are in cache.
   const int64_t block = row_grain(region);
-  // One row's loss and, where g_row is given, its gradient's one nonzero value (over zeros written before).
+  // One row's loss (stored where per-row losses are asked for: a store that waits on the row's read holds back the
+  // reads after it) and, where g_row is given, its gradient's one nonzero value (over zeros written before).
   auto row = [=](int64_t r, int64_t x_offset, scalar_t* g_row, int64_t ahead, int64_t ahead_offset) {
     if (ahead >= 0 && target[ahead] != ignore_index) __builtin_prefetch(x + ahead_offset + target[ahead] * stride_class);
     const int64_t y = target[r];
-    if (y == ignore_index) {
-      loss[r] = acc_t(0);
-      return;
+    acc_t value = acc_t(0);
+    if (y != ignore_index) {
+      const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
+      value = -w_y * static_cast<acc_t>(x[x_offset + y * stride_class]);
+      if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-w_y * scale);
     }
-    const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
-    loss[r] = -w_y * static_cast<acc_t>(x[x_offset + y * stride_class]);
-    if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-w_y * scale);
+    if (loss != nullptr) loss[r] = value;
+    return value;
   };
-  at::parallel_for(0, outer, block, [=](int64_t begin, int64_t end) {
-    for (int64_t b0 = begin; b0 < end; b0 += block) {
-      const int64_t b1 = std::min(end, b0 + block);
+  const int64_t blocks = (outer + block - 1) / block;
+  std::vector<double> block_sums(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    for (int64_t k = first_block; k < end_block; ++k) {
+      const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
+      double sum = 0.0;
       if (inner == 1) {
         const bool stream = resident && C * static_cast<int64_t>(sizeof(scalar_t)) >= kNllStreamRowBytes;
         if (g != nullptr) {
@@ -95,9 +102,10 @@ void nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& 
           if (stream) finish_streaming();  // the zeros land before the target values written over them
         }
         for (int64_t o = b0; o < b1; ++o) {
-          const int64_t ahead = o + kNllPrefetchRows < end ? o + kNllPrefetchRows : -1;
-          row(o, o * stride_outer, g != nullptr ? g + o * region : nullptr, ahead, ahead * stride_outer);
+          const int64_t ahead = o + kNllPrefetchRows < outer ? o + kNllPrefetchRows : -1;
+          sum += row(o, o * stride_outer, g != nullptr ? g + o * region : nullptr, ahead, ahead * stride_outer);
         }
+        block_sums[k] = sum;
         continue;
       }
       for (int64_t o = b0; o < b1; ++o) {
@@ -105,17 +113,21 @@ void nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& 
           nll_class_planes<scalar_t>(target + o * inner, w, scale, C, inner, ignore_index, resident, g + o * region);
         for (int64_t i = 0; i < inner; ++i) {
           const int64_t ahead = i + kNllPrefetchRows < inner ? o * inner + i + kNllPrefetchRows : -1;
-          row(o * inner + i, o * stride_outer + i * stride_inner, nullptr, ahead,
-              o * stride_outer + (i + kNllPrefetchRows) * stride_inner);
+          sum += row(o * inner + i, o * stride_outer + i * stride_inner, nullptr, ahead,
+                     o * stride_outer + (i + kNllPrefetchRows) * stride_inner);
         }
       }
+      block_sums[k] = sum;
     }
     if (resident) finish_streaming();
   });
+  double total = 0.0;
+  for (double block_sum : block_sums) total += block_sum;
+  return total;
 }
 
-// Returns {per-row loss, sum of the per-row losses} in the input's accumulation dtype; writes the gradient, scaled
-// by grad_scale, into `grad` when given.
+// Returns {per-row loss (empty unless per_element), sum of the per-row losses} in the input's accumulation dtype;
+// writes the gradient, scaled by grad_scale, into `grad` when given.
 std::vector<at::Tensor> nll_loss_kernel(const KernelArgs& a) {
   const at::Tensor input = a.tensor("input");
   const at::Tensor target = a.tensor("target");
@@ -136,26 +148,25 @@ std::vector<at::Tensor> nll_loss_kernel(const KernelArgs& a) {
   TORCH_CHECK(!g.defined() || (g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type() &&
                                g.is_contiguous()),
               "lossops: nll_loss gradient buffer must be contiguous with the input's shape and dtype");
-  at::Tensor row_loss = new_cpu_tensor({rows}, acc_type);
+  const bool per_element = a.flag("per_element");
+  at::Tensor row_loss = new_cpu_tensor({per_element ? rows : 0}, acc_type);
   double total = 0.0;
-  LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_nll_loss", [&] {
-    using acc_t = opmath_t<scalar_t>;
-    acc_t* l = row_loss.mutable_data_ptr<acc_t>();
-    if (rows > 0 && C > 0) {
-      nll_rows<scalar_t>(input, target.const_data_ptr<int64_t>(), w, g.defined() ? &g : nullptr,
-                         static_cast<acc_t>(grad_scale), ignore_index, l);
-    } else if (rows > 0) {  // no classes: every target was ignore_index (checked above)
-      std::fill(l, l + rows, acc_t(0));
-    }
-    // Fixed-order double sum: identical bits for any thread count.
-    total = deterministic_sum(rows, [l](int64_t b, int64_t e) { return sum_in_double(l + b, e - b); });
-  });
+  if (rows > 0 && C > 0) {
+    LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_nll_loss", [&] {
+      using acc_t = opmath_t<scalar_t>;
+      total = nll_rows<scalar_t>(input, target.const_data_ptr<int64_t>(), w, g.defined() ? &g : nullptr,
+                                 static_cast<acc_t>(grad_scale), ignore_index,
+                                 per_element ? row_loss.mutable_data_ptr<acc_t>() : nullptr);
+    });
+  } else if (per_element) {  // no classes: every target was ignore_index (checked above)
+    row_loss.zero_();
+  }
   return {row_loss, cpu_scalar(total, acc_type)};
 }
 
 }  // namespace
 
 LOSSOPS_REGISTER_KERNEL("nll_loss", nll_loss_kernel, "input", "target", "weight", "grad", "ignore_index",
-                        "grad_scale");
+                        "grad_scale", "per_element");
 
 }  // namespace lossops

@@ -35,8 +35,9 @@ def nll_loss_kernel(X, stride_xo, stride_xc, stride_xi, T, W, G, stride_go, stri
             tl.store(G + strided(cols, stride_gc), g.to(G.dtype.element_ty), mask=cols < C)
 
 
-def nll_loss(*, input, target, weight, grad, ignore_index, grad_scale):
-    """Same contract as the C++ kernel nll_loss: returns (row_loss, loss_sum) in the accumulation dtype."""
+def nll_loss(*, input, target, weight, grad, ignore_index, grad_scale, per_element):
+    """Same contract as the C++ kernel nll_loss: returns (row_loss, loss_sum) in the accumulation dtype; the per-row
+    losses whether or not per_element asks for them (each program stores its own)."""
     outer, C, inner = input.shape
     rows = outer * inner
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -70,5 +71,5 @@ def aot_calls():
             input=logits3, target=aot.meta(outer * inner, dtype=torch.int64),
             weight=aot.meta(C, dtype=acc) if weight else None,
             grad=torch.empty(logits3.shape, dtype=dtype, device="meta") if grad else None, ignore_index=-100,
-            grad_scale=aot.meta(dtype=acc))))
+            grad_scale=aot.meta(dtype=acc), per_element=False)))
     return calls

@@ -21,7 +21,8 @@ from .. import _backend, _checks, _eager, _family, _reduce
 from .._family import GridShapes as G
 from .cross_entropy import ROW_INPUTS, _rows_item_shape, _rows_loss_like, class_index, row_softmax_loss
 
-KERNEL = _family.Kernel("nll_loss", "nll", ("input", "target", "weight", "grad", "ignore_index", "grad_scale"))
+KERNEL = _family.Kernel("nll_loss", "nll", ("input", "target", "weight", "grad", "ignore_index", "grad_scale",
+                                           "per_element"))
 # torch's options, for plain CPU calls (lossops._eager): the mean over the kept targets' weights.
 EAGER_ROUTE = _eager.EagerRoute("class_rows", "kept_weight", scalars=(_eager.Scalar("ignore_index", "int"),),
                                 gradients={"grad": "input"}, node="LossopsNllLossBackward")
@@ -103,7 +104,8 @@ def _run(family, backend, t, o, grads):
     weight = None if t["weight"] is None else t["weight"].to(acc).contiguous()
     grad = _backend.empty_gradient(logits3) if grads["input"] else None
     row_loss, total = KERNEL(backend, input=logits3, target=target, weight=weight, grad=grad,
-                             ignore_index=o.ignore_index, grad_scale=_reduce.gradient_scale(o.reduction, denominator))
+                             ignore_index=o.ignore_index, grad_scale=_reduce.gradient_scale(o.reduction, denominator),
+                             per_element=o.reduction == "none")
     return _reduce.reduce(o.reduction, row_loss, total, denominator), {"input": grad}
 
 
