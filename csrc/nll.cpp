@@ -1,0 +1,172 @@
+// Negative log-likelihood over class rows, as torch's nll_loss defines it: the input holds log-probabilities,
+// row r with class-index target y (not ignore_index) has loss -w[y] x[r, y], and its gradient is -w[y] at the
+// target's class and 0 at every other one (an ignored row: loss 0, gradient 0). Only the target's element of a row
+// is read; the gradient is written whole (zeros, then the one value a row), so its cost is the gradient's size.
+#include <cstring>
+
+#include "common.h"
+#include "kernel_abi.h"
+#include "softmax_rows.h"  // check_class_indices
+
+namespace lossops {
+namespace {
+
+// Zeros for stream_block: a gradient far larger than the caches is zeroed with non-temporal stores, which skip
+// reading each line before overwriting it.
+template <typename acc_t>
+const acc_t* nll_zero_source() {
+  static const std::vector<acc_t> zeros(kBlock, acc_t(0));
+  return zeros.data();
+}
+
+template <typename scalar_t>
+void nll_zero_region(scalar_t* g, int64_t n, bool stream) {
+  if (!stream) {
+    std::memset(static_cast<void*>(g), 0, static_cast<size_t>(n) * sizeof(scalar_t));
+    return;
+  }
+  const opmath_t<scalar_t>* zeros = nll_zero_source<opmath_t<scalar_t>>();
+  for (int64_t i = 0; i < n; i += kBlock) stream_block<scalar_t>(zeros, g + i, std::min(kBlock, n - i));
+}
+
+// Rows of at least this many bytes have their gradient zeroed with non-temporal stores: the one value a row then
+// written over the zeros reads back one line in 64 or fewer.
+constexpr int64_t kNllStreamRowBytes = 4096;
+// Each row reads one element, a cache line and often a page of its own: the element this many rows on is asked for
+// before a row's own is used, so the misses overlap instead of being waited for one at a time.
+constexpr int64_t kNllPrefetchRows = 16;
+
+// The class-dim-1 gradient of one outer index, (C, inner), written in one pass of whole lines: class c's row is
+// value_c where the target is c, 0 elsewhere (no zeros first and values over them, which reads each line twice when
+// the targets touch most lines, as segmentation maps do).
+template <typename scalar_t>
+void nll_class_planes(const int64_t* target, const opmath_t<scalar_t>* w, opmath_t<scalar_t> scale, int64_t C,
+                      int64_t inner, int64_t ignore_index, bool stream, scalar_t* g) {
+  using acc_t = opmath_t<scalar_t>;
+  acc_t values[kBlock];
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t value = c == ignore_index ? acc_t(0) : -(w != nullptr ? w[c] : acc_t(1)) * scale;
+    for (int64_t i = 0; i < inner; i += kBlock) {
+      const int64_t n = std::min(kBlock, inner - i);
+      for (int64_t j = 0; j < n; ++j) values[j] = target[i + j] == c ? value : acc_t(0);
+      if (stream) {
+        stream_block<scalar_t>(values, g + c * inner + i, n);
+      } else {
+        write_block<scalar_t>(values, g + c * inner + i, 1, n);
+      }
+    }
+  }
+}
+
+// input: (outer, C, inner) with any strides; target: int64, outer * inner; weight: (C,) in the accumulation dtype or
+// undefined; grad: contiguous (outer, C, inner) or undefined; loss: the per-row losses' destination, or null. Targets
+// are checked before this runs. Returns the losses' sum, formed in fixed blocks of rows added in order: the same bits
+// for any thread count.
+template <typename scalar_t>
+double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& weight, at::Tensor* grad,
+                opmath_t<scalar_t> scale, int64_t ignore_index, opmath_t<scalar_t>* loss) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t outer = input.size(0), C = input.size(1), inner = input.size(2);
+  const int64_t stride_outer = input.stride(0), stride_class = input.stride(1), stride_inner = input.stride(2);
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* g = grad != nullptr ? grad->mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t region = C * inner;  // one outer index's gradient elements
+  const bool resident = g != nullptr && gradient_pages_resident(g);
+  // Outer indices a block: its gradient is written while the block's rows are in cache.
+  const int64_t block = row_grain(region);
+  // One row's loss (stored where per-row losses are asked for: a store that waits on the row's read holds back the
+  // reads after it) and, where g_row is given, its gradient's one nonzero value (over zeros written before).
+  auto row = [=](int64_t r, int64_t x_offset, scalar_t* g_row, int64_t ahead, int64_t ahead_offset) {
+    if (ahead >= 0 && target[ahead] != ignore_index) __builtin_prefetch(x + ahead_offset + target[ahead] * stride_class);
+    const int64_t y = target[r];
+    acc_t value = acc_t(0);
+    if (y != ignore_index) {
+      const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
+      value = -w_y * static_cast<acc_t>(x[x_offset + y * stride_class]);
+      if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-w_y * scale);
+    }
+    if (loss != nullptr) loss[r] = value;
+    return value;
+  };
+  const int64_t blocks = (outer + block - 1) / block;
+  std::vector<double> block_sums(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    for (int64_t k = first_block; k < end_block; ++k) {
+      const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
+      double sum = 0.0;
+      if (inner == 1) {
+        const bool stream = resident && C * static_cast<int64_t>(sizeof(scalar_t)) >= kNllStreamRowBytes;
+        if (g != nullptr) {
+          nll_zero_region(g + b0 * region, (b1 - b0) * region, stream);
+          if (stream) finish_streaming();  // the zeros land before the target values written over them
+        }
+        for (int64_t o = b0; o < b1; ++o) {
+          const int64_t ahead = o + kNllPrefetchRows < outer ? o + kNllPrefetchRows : -1;
+          sum += row(o, o * stride_outer, g != nullptr ? g + o * region : nullptr, ahead, ahead * stride_outer);
+        }
+        block_sums[k] = sum;
+        continue;
+      }
+      for (int64_t o = b0; o < b1; ++o) {
+        if (g != nullptr)
+          nll_class_planes<scalar_t>(target + o * inner, w, scale, C, inner, ignore_index, resident, g + o * region);
+        for (int64_t i = 0; i < inner; ++i) {
+          const int64_t ahead = i + kNllPrefetchRows < inner ? o * inner + i + kNllPrefetchRows : -1;
+          sum += row(o * inner + i, o * stride_outer + i * stride_inner, nullptr, ahead,
+                     o * stride_outer + (i + kNllPrefetchRows) * stride_inner);
+        }
+      }
+      block_sums[k] = sum;
+    }
+    if (resident) finish_streaming();
+  });
+  double total = 0.0;
+  for (double block_sum : block_sums) total += block_sum;
+  return total;
+}
+
+// Returns {per-row loss (empty unless per_element), sum of the per-row losses} in the input's accumulation dtype;
+// writes the gradient, scaled by grad_scale, into `grad` when given.
+std::vector<at::Tensor> nll_loss_kernel(const KernelArgs& a) {
+  const at::Tensor input = a.tensor("input");
+  const at::Tensor target = a.tensor("target");
+  const std::optional<at::Tensor> weight = a.optional_tensor("weight");
+  const std::optional<at::Tensor> grad = a.optional_tensor("grad");
+  const int64_t ignore_index = a.integer("ignore_index");
+  const double grad_scale = a.scale("grad_scale");
+  TORCH_CHECK(input.dim() == 3, "lossops: nll_loss kernel expects a (outer, C, inner) view, got ", input.sizes());
+  const int64_t C = input.size(1);
+  const int64_t rows = input.size(0) * input.size(2);
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == rows,
+              "lossops: nll_loss target must be a contiguous int64 tensor of ", rows, " elements");
+  check_class_indices(target.const_data_ptr<int64_t>(), rows, C, ignore_index);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+  TORCH_CHECK(!w.defined() || w.numel() == C, "lossops: nll_loss weight must have ", C, " elements, got ", w.numel());
+  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
+  TORCH_CHECK(!g.defined() || (g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type() &&
+                               g.is_contiguous()),
+              "lossops: nll_loss gradient buffer must be contiguous with the input's shape and dtype");
+  const bool per_element = a.flag("per_element");
+  at::Tensor row_loss = new_cpu_tensor({per_element ? rows : 0}, acc_type);
+  double total = 0.0;
+  if (rows > 0 && C > 0) {
+    LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_nll_loss", [&] {
+      using acc_t = opmath_t<scalar_t>;
+      total = nll_rows<scalar_t>(input, target.const_data_ptr<int64_t>(), w, g.defined() ? &g : nullptr,
+                                 static_cast<acc_t>(grad_scale), ignore_index,
+                                 per_element ? row_loss.mutable_data_ptr<acc_t>() : nullptr);
+    });
+  } else if (per_element) {  // no classes: every target was ignore_index (checked above)
+    row_loss.zero_();
+  }
+  return {row_loss, cpu_scalar(total, acc_type)};
+}
+
+}  // namespace
+
+LOSSOPS_REGISTER_KERNEL("nll_loss", nll_loss_kernel, "input", "target", "weight", "grad", "ignore_index",
+                        "grad_scale", "per_element");
+
+}  // namespace lossops
