@@ -204,27 +204,31 @@ def cross_entropy_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     X, G, outer_idx, inner_idx = _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner)
-    # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32. Those only the
-    # row's coefficients use are loaded after the first loop, so they hold no registers across it.
-    eps = tl.load(PARAMS + 0).to(ACC)
+    # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32. Those the first
+    # loop does not use are loaded after it, so they hold no registers across it: every value live across that loop
+    # and used only after it is one that ptxas may spill when it picks a lower register count.
     cap = tl.load(PARAMS + 2).to(ACC)
-    smooth = eps / C
-
+    eps = 0.0
+    smooth = 0.0
     valid = True
     y = 0
     if not PROB_TARGET:
-        y, valid, out_of_range = _class_target(T, row, C, ignore_index)
-        if MODE != SAVE_STATE:  # the finishing kernel finds invalid targets on that route
-            tl.store(BAD, tl.load(T + row), mask=out_of_range)
+        _, valid, _ = _class_target(T, row, C, ignore_index)
     else:
         T += outer_idx * stride_to + inner_idx * stride_ti
+        eps = tl.load(PARAMS + 0).to(ACC)
+        smooth = eps / C
     # Columns read: none for an ignored (or invalid) target, whose loss and gradient are zeros whatever its logits.
     read = tl.where(valid, C, 0)
     m, log_sum, dot, q_sum = _row_statistics(X, stride_xc, T, stride_tc, W, read, C, eps, smooth, cap, PROB_TARGET,
                                              HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, BLOCK)
     if not PROB_TARGET:
-        # Read again rather than kept: predicates live across the loop above are what ptxas spills first.
-        y, valid, _ = _class_target(T, row, C, ignore_index)
+        # Read again rather than kept, for the same reason.
+        y, valid, out_of_range = _class_target(T, row, C, ignore_index)
+        if MODE != SAVE_STATE:  # the finishing kernel finds invalid targets on that route
+            tl.store(BAD, tl.load(T + row), mask=out_of_range)
+        eps = tl.load(PARAMS + 0).to(ACC)
+        smooth = eps / C
     lse = m + log_sum
     z = tl.load(PARAMS + 1).to(ACC)
     focal_gamma = tl.load(PARAMS + 3).to(ACC)
@@ -242,10 +246,14 @@ def cross_entropy_kernel(
         coef += z_coef
         loss = tl.where(valid, loss, 0.0)
         lse = tl.where(valid, lse, 0.0)
-    tl.store(LOSS + row, loss)
-    if MODE != SAVE_STATE:
+    # With a gradient to write, the row's loss and lse are stored after that loop (below): a store here needs its
+    # one-thread predicate, which ptxas then forms before the first loop (whose reductions share part of it) and
+    # keeps, or spills, across both.
+    if MODE == LOSS_ONLY:
+        tl.store(LOSS + row, loss)
         tl.store(LSE + row, lse)
-    else:
+    if MODE == SAVE_STATE:
+        tl.store(LOSS + row, loss)
         tl.store(STATE + row * 3 + 0, tl.where(valid, m, 0.0))
         tl.store(STATE + row * 3 + 1, tl.where(valid, log_sum, 0.0))
         if PROB_TARGET:
@@ -267,6 +275,8 @@ def cross_entropy_kernel(
         _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef * scale,
                             onehot_coef * scale, scale, w_y_smooth, read, written, C, eps, smooth, cap,
                             PROB_TARGET, HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, BLOCK)
+        tl.store(LOSS + row, loss)
+        tl.store(LSE + row, lse)
 
 
 @triton.jit
