@@ -21,16 +21,21 @@ MAX_BLOCK = 8192
 # registers each: half as many per thread, in a quarter of the tile.
 VALUES_PER_THREAD = 16
 FLOAT64_BLOCK_DIVISOR = 4
+MIN_WARPS = 4
 MAX_WARPS = 16
 
 
-def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.float32, gather: bool = False) -> dict:
+def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.float32, gather: bool = False,
+                  rows: bool = False) -> dict:
     """Block size and warp count for a loop over n elements accumulated in `acc`: the one place this policy lives
     (docs/triton-kernels.md has the registers and occupancy of every variant it produces).
 
     gather: the elements are strided (a class-dim-1 layout), so each one is loaded or stored through its own 64-bit
     address instead of one vector per thread: half the block, or the addresses alone fill the registers (in float64,
-    where value and address take two registers each, half the values per thread as well)."""
+    where value and address take two registers each, half the values per thread as well).
+    rows: the n elements are one row of a row kernel, which also gets ROWS, the rows a program takes (a power of
+    two): rows shorter than the smallest program's tile (MIN_WARPS warps of full threads) are taken several per
+    program, so that a small class count is neither a program per few bytes nor a block of idle threads."""
     double = acc == torch.float64
     if double:
         max_block //= FLOAT64_BLOCK_DIVISOR
@@ -39,8 +44,13 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
     block = min(triton.next_power_of_2(max(int(n), 1)), max_block)
     block = max(block, 16)
     per_thread = VALUES_PER_THREAD // (2 if double else 1) // (2 if double and gather else 1)
-    num_warps = min(max(block // (32 * per_thread), 4), MAX_WARPS)
-    return {"BLOCK": block, "num_warps": num_warps}
+    config = {"BLOCK": block}
+    tile = block
+    if rows:
+        config["ROWS"] = max(1, MIN_WARPS * 32 * per_thread // block)
+        tile = block * config["ROWS"]
+    config["num_warps"] = min(max(tile // (32 * per_thread), MIN_WARPS), MAX_WARPS)
+    return config
 
 
 def acc_dtype(torch_dtype):
