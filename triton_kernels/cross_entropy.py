@@ -257,14 +257,10 @@ def cross_entropy_kernel(
         coef += z_coef
         loss = tl.where(valid, loss, 0.0)
         lse = tl.where(valid, lse, 0.0)
-    # With a gradient to write, the rows' loss and lse are stored after that loop (below): a store here needs its
-    # one-thread predicate, which ptxas then forms before the first loop (whose reductions share part of it) and
-    # keeps, or spills, across both.
-    if MODE == LOSS_ONLY:
-        tl.store(LOSS + row, loss, mask=live)
+    tl.store(LOSS + row, loss, mask=live)
+    if MODE != SAVE_STATE:
         tl.store(LSE + row, lse, mask=live)
-    if MODE == SAVE_STATE:
-        tl.store(LOSS + row, loss, mask=live)
+    else:
         tl.store(STATE + row * 3 + 0, tl.where(valid, m, 0.0), mask=live)
         tl.store(STATE + row * 3 + 1, tl.where(valid, log_sum, 0.0), mask=live)
         if PROB_TARGET:
@@ -286,8 +282,6 @@ def cross_entropy_kernel(
         _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef * scale,
                             onehot_coef * scale, scale, w_y_smooth, read, written, C, eps, smooth, cap,
                             PROB_TARGET, HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, BLOCK)
-        tl.store(LOSS + row, loss, mask=live)
-        tl.store(LSE + row, lse, mask=live)
 
 
 @triton.jit
