@@ -1,8 +1,9 @@
 """Cross-entropy / softmax focal loss for the Triton backend; same interface as csrc/cross_entropy.cpp, plus the
 route that forms the gradient in backward.
 
-Each program takes one row. Its first loop over the classes keeps an online max / sum-exp (plus the target terms);
-what follows depends on the route:
+Each program takes ROWS rows (one, or several when a row is shorter than a program's smallest tile: launch_config)
+as a (ROWS, BLOCK) tile. Its first loop over the classes keeps each row's online max / sum-exp (plus the target
+terms); what follows depends on the route:
   - `cross_entropy` (the kernel ABI both backends share; linear cross-entropy's chunks and in-place backward): a
     second loop writes the gradient, scale * (A * softmax - q) * softcap', in forward while the row is hot in L2.
   - `cross_entropy_forward` / `cross_entropy_backward` (the family's route on this backend): forward reads each row
