@@ -22,6 +22,10 @@ MAX_BLOCK = 8192
 VALUES_PER_THREAD = 16
 FLOAT64_BLOCK_DIVISOR = 4
 MIN_WARPS = 4
+# A program of several rows holds this fraction of those values per thread: each row also carries its own statistics
+# and coefficients (a dozen values, with their logs and exps), and at the full 16 a 128-row tile took up to 240
+# registers.
+ROW_TILE_DIVISOR = 4
 MAX_WARPS = 16
 
 
@@ -34,8 +38,9 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
     address instead of one vector per thread: half the block, or the addresses alone fill the registers (in float64,
     where value and address take two registers each, half the values per thread as well).
     rows: the n elements are one row of a row kernel, which also gets ROWS, the rows a program takes (a power of
-    two): rows shorter than the smallest program's tile (MIN_WARPS warps of full threads) are taken several per
-    program, so that a small class count is neither a program per few bytes nor a block of idle threads."""
+    two): rows shorter than the smallest program's tile (MIN_WARPS warps, ROW_TILE_DIVISOR times fewer values per
+    thread) are taken several per program, so that a small class count is neither a program per few bytes nor a
+    block of idle threads."""
     double = acc == torch.float64
     if double:
         max_block //= FLOAT64_BLOCK_DIVISOR
@@ -47,7 +52,7 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
     config = {"BLOCK": block}
     tile = block
     if rows:
-        config["ROWS"] = max(1, MIN_WARPS * 32 * per_thread // block)
+        config["ROWS"] = max(1, MIN_WARPS * 32 * per_thread // ROW_TILE_DIVISOR // block)
         tile = block * config["ROWS"]
     config["num_warps"] = min(max(tile // (32 * per_thread), MIN_WARPS), MAX_WARPS)
     return config
