@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import pkgutil
+import re
 
 import pytest
 from filelock import FileLock
@@ -37,12 +38,18 @@ import lossops.triton_kernels as package
 from lossops.triton_kernels import aot
 
 def narrow_stride_products(ptx, variant):
-    # A 32-bit multiply that reads a stride argument: its product is an address offset that can wrap.
+    # A 32-bit multiply that reads a stride argument (or a copy of one): its product is an address offset that can
+    # wrap. Also returns how many stride arguments the PTX loads, so that a PTX this no longer parses fails.
     names = [n for n, t in variant.signature.items() if t != "constexpr"]
-    strides = {m.group(1) for m in re.finditer(r"ld\.param\.\w+\s+(%\w+), \[\w+_param_(\d+)\]", ptx)
-               if int(m.group(2)) < len(names) and names[int(m.group(2))].startswith("stride")}
-    return [line.strip() for line in ptx.splitlines()
-            if re.match(r"\s*(mul|mad)\.lo\.[su]32\b", line) and set(re.findall(r"%\w+", line)[1:]) & strides]
+    loaded = {m.group(1) for m in re.finditer(r"ld\.param\.\w+\s+(%\w+), \[\w+_param_(\d+)\]", ptx)
+              if int(m.group(2)) < len(names) and names[int(m.group(2))].startswith("stride")}
+    strides = set(loaded)
+    for m in re.finditer(r"(?:mov|cvt)\.[\w.]+\s+(%\w+), (%\w+);", ptx):
+        if m.group(2) in strides:
+            strides.add(m.group(1))
+    narrow = [line.strip() for line in ptx.splitlines()
+              if re.match(r"\s*(mul|mad)\.lo\.[su]32\b", line) and set(re.findall(r"%\w+", line)[1:]) & strides]
+    return narrow, len(loaded)
 
 def compile_one(job):
     module, index, variant, cc = JOBS[job]
@@ -51,8 +58,12 @@ def compile_one(job):
     try:
         compiled = variant.compile(cc)
         ptx = compiled.asm["ptx"]
+        narrow, stride_loads = narrow_stride_products(ptx, variant)
         record.update(target_ok=f".target sm_{cc}" in ptx, entry_ok=f".entry {variant.kernel.__name__}" in ptx,
-                      narrow=narrow_stride_products(ptx, variant), **aot.resources(compiled, cc))
+                      narrow=narrow, stride_loads=stride_loads,
+                      stride_arguments=sum(name.startswith("stride") and kind != "constexpr"
+                                           for name, kind in variant.signature.items()),
+                      **aot.resources(compiled, cc))
     except Exception:
         record["error"] = traceback.format_exc()[-3000:]
     return record
@@ -126,6 +137,11 @@ def test_variants_cover_the_launch_policy(compiled):
     assert any(f"'BLOCK': {widest['BLOCK']}" in v and f"num_warps={widest['num_warps']}" in v for v in ce)
     assert any("i64" in v for v in ce) and any("i64" not in v for v in ce)
     assert any("'stride_xc': 1" in v for v in ce) and any("'stride_xc': 1" not in v for v in ce)
+    # Small class counts take several rows per program, large ones one, in the forward and the backward kernel.
+    for kernel in ("cross_entropy_kernel", "cross_entropy_backward_kernel"):
+        rows = {re.search(r"'ROWS': (\d+)", r["variant"]).group(1) for r in records
+                if r["kernel"] == kernel and r["cc"] == 90}
+        assert "1" in rows and rows - {"1"}, (kernel, rows)
 
 
 def test_no_32bit_offset_products(compiled):
@@ -134,6 +150,16 @@ def test_no_32bit_offset_products(compiled):
     _, records = compiled
     bad = [f"{_name(r)}: {r['narrow'][:3]}" for r in records if r.get("narrow")]
     assert not bad, "32-bit products of a stride:\n" + "\n".join(bad)
+
+
+def test_offset_audit_reads_every_variant(compiled):
+    """The 32-bit product audit above ran on the PTX of every variant: each one that takes stride arguments loads
+    some of them where the audit looks (a PTX it no longer parses would otherwise pass it silently)."""
+    _, records = compiled
+    audited = [r for r in records if "error" not in r and r["stride_arguments"]]
+    assert audited, "no variant with stride arguments"
+    unread = [_name(r) for r in audited if not r["stride_loads"]]
+    assert not unread, "no stride argument found in the PTX of:\n" + "\n".join(unread)
 
 
 def _table(records):

@@ -87,3 +87,94 @@ def test_softmax_focal_multi_block():
     truth = _loss_and_grad(focal, x.to(D64), t)
     for got, expected in zip(ours, truth):
         torch.testing.assert_close(got.to(D64), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- several rows per program ---------------------------------------------------------------------------------------
+
+def _one_row_per_program(monkeypatch):
+    """Makes the cross-entropy row kernels launch one row per program, as they did before ROWS existed."""
+    from lossops.triton_kernels import cross_entropy as ce
+
+    def single_rows(*args, **kwargs):
+        config = launch_config(*args, **kwargs)
+        if "ROWS" in config:
+            config["ROWS"] = 1
+        return config
+    monkeypatch.setattr(ce, "launch_config", single_rows)
+
+
+def _row_kernel_outputs(x, target, weight, **options):
+    """Every output of the three row-kernel routes: the forward with a separate and an in-place gradient, and the
+    family route's forward and backward (saved state included)."""
+    from lossops.triton_kernels import cross_entropy as ce
+    acc = D64 if x.dtype == D64 else torch.float32
+    common = dict(target=target, weight=weight, ignore_index=-100, **options)
+    grad = torch.empty_like(x)
+    outputs = list(ce.cross_entropy(input=x, grad=grad, grad_scale=torch.tensor(0.75, dtype=acc), **common))
+    in_place = x.clone()
+    outputs += ce.cross_entropy(input=in_place, grad=in_place, grad_scale=torch.tensor(0.75, dtype=acc), **common)
+    loss, state = ce.cross_entropy_forward(input=x, reduction="mean", weighted_mean=True, **common)
+    route_grad = torch.empty_like(x)
+    ce.cross_entropy_backward(input=x, grad=route_grad, state=state, grad_loss=torch.tensor(1.25, dtype=acc),
+                              reduction="mean", **common)
+    return outputs + [grad, in_place, loss, state, route_grad]
+
+
+def _row_case(case, classes):
+    dtype = D64 if case == "float64" else torch.float32
+    acc = D64 if dtype == D64 else torch.float32
+    rows_per_program = launch_config(classes, acc=acc, gather=case == "class-dim-1", rows=True)["ROWS"]
+    # Two programs, the second partly filled.
+    shape = (2, classes, 2 * rows_per_program // 3 + 1) if case == "class-dim-1" else (rows_per_program + 3, classes, 1)
+    x, target = _batch(shape, dtype, seed=classes)
+    target = target.reshape(-1)
+    weight = None
+    options = dict(label_smoothing=0.0, lse_square_scale=0.0, softcap=None, focal_gamma=None)
+    if case == "index-options":
+        weight = torch.linspace(0.5, 2.0, classes, dtype=acc)
+        options.update(label_smoothing=0.1, lse_square_scale=1e-3, softcap=3.0)
+    elif case == "focal":
+        weight = torch.linspace(0.5, 2.0, classes, dtype=acc)
+        options.update(focal_gamma=2.0)
+    elif case == "probabilities":
+        target = torch.rand(shape, dtype=D64, generator=torch.Generator().manual_seed(1)).softmax(1).to(dtype)
+        options.update(label_smoothing=0.1, softcap=3.0)
+    return rows_per_program, x, target, weight, options
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+@pytest.mark.parametrize("case", ["index", "index-options", "focal", "probabilities", "class-dim-1", "float64"])
+def test_several_rows_per_program_match_one_row_per_program(monkeypatch, classes, case):
+    """A small class count takes several rows per program (launch_config's ROWS), the last program partly filled;
+    every output is the same, to the bit, as with one row per program."""
+    rows_per_program, x, target, weight, options = _row_case(case, classes)
+    assert rows_per_program > 1
+    several = _row_kernel_outputs(x, target, weight, **options)
+    _one_row_per_program(monkeypatch)
+    single = _row_kernel_outputs(x, target, weight, **options)
+    assert len(several) == len(single)
+    for a, b in zip(several, single):
+        assert a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def test_several_rows_per_program_flag_an_invalid_target(monkeypatch):
+    """An out-of-range target in a program's block of rows raises the same error as with one row per program, and
+    the in-place gradient leaves the logits as they were."""
+    _, x, target, weight, options = _row_case("index", 10)
+    target[5] = 13
+
+    def error_and_logits():
+        logits = x.clone()
+        with pytest.raises(IndexError) as error:
+            _row_kernel_outputs(logits, target, weight, **options)
+        from lossops.triton_kernels import cross_entropy as ce
+        with pytest.raises(IndexError):
+            ce.cross_entropy(input=logits, grad=logits, grad_scale=torch.tensor(1.0), target=target, weight=weight,
+                             ignore_index=-100, **options)
+        assert torch.equal(logits, x)
+        return str(error.value)
+
+    several = error_and_logits()
+    assert "13" in several
+    _one_row_per_program(monkeypatch)
+    assert error_and_logits() == several

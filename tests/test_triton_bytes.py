@@ -46,10 +46,20 @@ def traffic(**tensors):
 
 
 ROWS, CLASSES = 6, 2 * launch_config(10 ** 6)["BLOCK"] + 100  # several blocks per row, the last partly masked
+# A class count whose rows a program takes several at a time (launch_config's ROWS), here more than there are: the
+# rows past the last move nothing.
+SMALL_CLASSES = 10
+ROW_KERNEL_CLASSES = pytest.mark.parametrize("classes", [CLASSES, SMALL_CLASSES],
+                                             ids=["several-blocks", "several-rows"])
 
 
-def _logits(dtype=torch.bfloat16):
-    return torch.randn(ROWS, CLASSES, 1).to(dtype)
+def test_the_class_counts_take_the_paths_they_name():
+    assert launch_config(CLASSES, rows=True)["ROWS"] == 1 and CLASSES > 2 * launch_config(CLASSES)["BLOCK"]
+    assert launch_config(SMALL_CLASSES, rows=True)["ROWS"] > ROWS
+
+
+def _logits(dtype=torch.bfloat16, classes=CLASSES):
+    return torch.randn(ROWS, classes, 1).to(dtype)
 
 
 def _ce_arguments(logits, target, grad):
@@ -57,37 +67,40 @@ def _ce_arguments(logits, target, grad):
                 lse_square_scale=0.0, softcap=None, focal_gamma=None, grad_scale=torch.ones(()))
 
 
+@ROW_KERNEL_CLASSES
 @pytest.mark.parametrize("ignored", [0, 2])
-def test_cross_entropy_forward_with_gradient(ignored):
+def test_cross_entropy_forward_with_gradient(ignored, classes):
     """Two reads of each kept row (online logsumexp, then the gradient) plus its target's logit, one gradient write
     per row; an ignored row is not read and gets zeros."""
-    logits = _logits()
-    target = torch.randint(0, CLASSES, (ROWS,))
+    logits = _logits(classes=classes)
+    target = torch.randint(0, classes, (ROWS,))
     target[:ignored] = -100
     grad = torch.empty_like(logits)
     with traffic(logits=logits, grad=grad) as moved:
         ce.cross_entropy(**_ce_arguments(logits, target, grad))
-    row = CLASSES * logits.element_size()
+    row = classes * logits.element_size()
     kept = ROWS - ignored
     assert moved["logits"] == {"read": kept * (2 * row + logits.element_size()), "written": 0}
     assert moved["grad"] == {"read": 0, "written": ROWS * row}
 
 
-def test_cross_entropy_forward_only_reads_once():
-    logits = _logits()
-    target = torch.randint(0, CLASSES, (ROWS,))
+@ROW_KERNEL_CLASSES
+def test_cross_entropy_forward_only_reads_once(classes):
+    logits = _logits(classes=classes)
+    target = torch.randint(0, classes, (ROWS,))
     with traffic(logits=logits) as moved:
         ce.cross_entropy(**_ce_arguments(logits, target, None))
-    assert moved["logits"] == {"read": ROWS * (CLASSES + 1) * logits.element_size(), "written": 0}
+    assert moved["logits"] == {"read": ROWS * (classes + 1) * logits.element_size(), "written": 0}
 
 
+@ROW_KERNEL_CLASSES
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cross_entropy_family_route_reads_twice_and_writes_once(reduction):
+def test_cross_entropy_family_route_reads_twice_and_writes_once(reduction, classes):
     """The family's route on this backend: forward reads each kept row once, backward reads it once more and writes
     the gradient once with grad_output applied, so forward+backward moves the logits three times (plus one target
     logit per kept row in each direction); an ignored row is read by neither and gets zeros."""
-    logits = _logits()
-    target = torch.randint(0, CLASSES, (ROWS,))
+    logits = _logits(classes=classes)
+    target = torch.randint(0, classes, (ROWS,))
     target[:2] = -100
     options = dict(ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0, softcap=None, focal_gamma=None,
                    reduction=reduction)
@@ -98,7 +111,7 @@ def test_cross_entropy_family_route_reads_twice_and_writes_once(reduction):
         forward = {name: dict(counts) for name, counts in moved.items()}
         ce.cross_entropy_backward(input=logits, target=target, weight=None, grad=grad, state=state,
                                   grad_loss=grad_loss, **options)
-    row = CLASSES * logits.element_size()
+    row = classes * logits.element_size()
     kept = ROWS - 2
     assert forward["logits"] == {"read": kept * (row + logits.element_size()), "written": 0}
     assert forward["grad"] == {"read": 0, "written": 0}

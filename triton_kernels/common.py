@@ -21,11 +21,16 @@ MAX_BLOCK = 8192
 # registers each: half as many per thread, in a quarter of the tile.
 VALUES_PER_THREAD = 16
 FLOAT64_BLOCK_DIVISOR = 4
+MIN_WARPS = 4
+# A program of several rows holds this fraction of those values per thread: each row also carries its own statistics
+# and coefficients (a dozen values, with their logs and exps), and at the full 16 a 128-row tile took up to 240
+# registers.
+ROW_TILE_DIVISOR = 4
 MAX_WARPS = 16
 
 
 def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.float32, gather: bool = False,
-                  operands: int = 1) -> dict:
+                  operands: int = 1, rows: bool = False) -> dict:
     """Block size and warp count for a loop over n elements accumulated in `acc`: the one place this policy lives
     (docs/triton-kernels.md has the registers and occupancy of every variant it produces).
 
@@ -35,7 +40,12 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
 
     operands: how many rows of n elements each step reads together (a student's and a teacher's logits): each one's
     per-element values are live at once, so a 32-bit tile and its values per thread shrink by that factor (a
-    float64 tile is a quarter of one already)."""
+    float64 tile is a quarter of one already).
+
+    rows: the n elements are one row of a row kernel, which also gets ROWS, the rows a program takes (a power of
+    two): rows shorter than the smallest program's tile (MIN_WARPS warps, ROW_TILE_DIVISOR times fewer values per
+    thread) are taken several per program, so that a small class count is neither a program per few bytes nor a
+    block of idle threads."""
     double = acc == torch.float64
     if double:
         max_block //= FLOAT64_BLOCK_DIVISOR
@@ -46,8 +56,13 @@ def launch_config(n: int, max_block: int = MAX_BLOCK, acc: torch.dtype = torch.f
     block = min(triton.next_power_of_2(max(int(n), 1)), max_block)
     block = max(block, 16)
     per_thread = VALUES_PER_THREAD // (2 if double else operands) // (2 if double and gather else 1)
-    num_warps = min(max(block // (32 * per_thread), 4), MAX_WARPS)
-    return {"BLOCK": block, "num_warps": num_warps}
+    config = {"BLOCK": block}
+    tile = block
+    if rows:
+        config["ROWS"] = max(1, MIN_WARPS * 32 * per_thread // ROW_TILE_DIVISOR // block)
+        tile = block * config["ROWS"]
+    config["num_warps"] = min(max(tile // (32 * per_thread), MIN_WARPS), MAX_WARPS)
+    return config
 
 
 def acc_dtype(torch_dtype):

@@ -1,8 +1,9 @@
 """Cross-entropy / softmax focal loss for the Triton backend; same interface as csrc/cross_entropy.cpp, plus the
 route that forms the gradient in backward.
 
-Each program takes one row. Its first loop over the classes keeps an online max / sum-exp (plus the target terms);
-what follows depends on the route:
+Each program takes ROWS rows (one, or several when a row is shorter than a program's smallest tile: launch_config)
+as a (ROWS, BLOCK) tile. Its first loop over the classes keeps each row's online max / sum-exp (plus the target
+terms); what follows depends on the route:
   - `cross_entropy` (the kernel ABI both backends share; linear cross-entropy's chunks and in-place backward): a
     second loop writes the gradient, scale * (A * softmax - q) * softcap', in forward while the row is hot in L2.
   - `cross_entropy_forward` / `cross_entropy_backward` (the family's route on this backend): forward reads each row
@@ -45,17 +46,25 @@ def load_logits(ptrs, mask, SOFTCAP: tl.constexpr, cap, ACC: tl.constexpr):
 
 
 @triton.jit
-def online_logsumexp(m, s, x):
-    """One block of the running (max, sum of exp(x - max)); a row of -inf so far shifts by 0, not NaN."""
-    new_m = tl.maximum(m, tl.max(x, axis=0))
+def online_logsumexp(m, s, x, KEEP_DIMS: tl.constexpr = False):
+    """One block of the running (max, sum of exp(x - max)) over x's last axis; a row of -inf so far shifts by 0, not
+    NaN. KEEP_DIMS: m and s keep that axis (length 1), as a block of rows' statistics do."""
+    new_m = tl.maximum(m, tl.max(x, axis=-1, keep_dims=KEEP_DIMS))
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-    return new_m, s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=0)
+    return new_m, s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=-1, keep_dims=KEEP_DIMS)
+
+
+@triton.jit
+def _program_rows(ROWS: tl.constexpr):
+    """The rows this program takes, as a (ROWS, 1) column of 64-bit indices: each per-row value below has that shape,
+    and a block of classes is (ROWS, BLOCK)."""
+    return tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)[:, None]
 
 
 @triton.jit
 def _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner):
-    """Row `row` of an (outer, C, inner) view: the logits' and the gradient's row pointers and its (outer, inner)
-    position (64-bit, as row is)."""
+    """Rows `row` of an (outer, C, inner) view: the logits' and the gradient's row pointers and their (outer, inner)
+    positions (64-bit, as row is)."""
     outer_idx = row // inner
     inner_idx = row % inner
     return (X + outer_idx * stride_xo + inner_idx * stride_xi, G + outer_idx * stride_go + inner_idx * stride_gi,
@@ -63,12 +72,13 @@ def _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner):
 
 
 @triton.jit
-def _class_target(T, row, C, ignore_index):
-    """A row's class-index target: (the class, 0 where not valid; kept and in range; kept but out of range)."""
-    y = tl.load(T + row)
+def _class_target(T, row, live, C, ignore_index):
+    """Rows' class-index targets: (the class, 0 where not valid; kept and in range; kept but out of range). A row
+    past the last (not live) reads as ignored."""
+    y = tl.load(T + row, mask=live, other=ignore_index)
     in_range = (y >= 0) & (y < C)
     kept = y != ignore_index
-    return tl.where(kept & in_range, y, 0), kept & in_range, kept & (not in_range)
+    return tl.where(kept & in_range, y, 0), kept & in_range, kept & ~in_range
 
 
 @triton.jit
@@ -83,29 +93,30 @@ def _probability_weights(T, stride_tc, W, cols, mask, eps, smooth, HAS_WEIGHT: t
 @triton.jit
 def _row_statistics(X, stride_xc, T, stride_tc, W, read, C, eps, smooth, cap,
                     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
-                    SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over a row's first `read` classes: (max, log sum exp(x - max), sum q_c x_c or sum w_c x_c, sum q_c)."""
+                    SOFTCAP: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over the rows' first `read` classes: (max, log sum exp(x - max), sum q_c x_c or sum w_c x_c,
+    sum q_c), each (ROWS, 1)."""
     # Loop-carried values start in ACC: a Python float is an fp32 constant, and the compiler refuses a loop
     # variable whose type changes (fp32 -> fp64) between iterations.
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    dot = tl.zeros((), ACC)  # sum q_c x_c (probability targets) or sum w_c x_c (smoothing)
-    q_sum = tl.zeros((), ACC)
+    m = tl.full((ROWS, 1), float("-inf"), ACC)
+    s = tl.zeros((ROWS, 1), ACC)
+    dot = tl.zeros((ROWS, 1), ACC)  # sum q_c x_c (probability targets) or sum w_c x_c (smoothing)
+    q_sum = tl.zeros((ROWS, 1), ACC)
     for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = start + tl.arange(0, BLOCK)[None, :]
         mask = cols < read
         x = load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
-        m, s = online_logsumexp(m, s, x)
+        m, s = online_logsumexp(m, s, x, True)
         x0 = tl.where(mask, x, 0.0)  # -inf * 0 would be NaN
         if PROB_TARGET:
             q = _probability_weights(T, stride_tc, W, cols, mask, eps, smooth, HAS_WEIGHT, ACC)
-            q_sum += tl.sum(q, axis=0)
-            dot += tl.sum(q * x0, axis=0)
+            q_sum += tl.sum(q, axis=1, keep_dims=True)
+            dot += tl.sum(q * x0, axis=1, keep_dims=True)
         elif SMOOTHING:
             if HAS_WEIGHT:
-                dot += tl.sum(x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC), axis=0)
+                dot += tl.sum(x0 * tl.load(W + cols, mask=mask, other=0.0).to(ACC), axis=1, keep_dims=True)
             else:
-                dot += tl.sum(x0, axis=0)
+                dot += tl.sum(x0, axis=1, keep_dims=True)
     # Log-probabilities are formed as (x - max) - log_sum, never x - lse: lse rounds to max's ulp.
     return m, tl.log(s), dot, q_sum
 
@@ -164,10 +175,10 @@ def _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_s
                         target_scale, w_y_smooth, read, written, C, eps, smooth, cap,
                         PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
                         SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Stores softcap' * (coef * p - target_scale * (the target's share)) over the row: zeros past `read`, nothing
+    """Stores softcap' * (coef * p - target_scale * (the target's share)) over the rows: zeros past `read`, nothing
     past `written`. coef and onehot_coef come scaled; target_scale is what scaled them."""
     for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = start + tl.arange(0, BLOCK)[None, :]
         mask = cols < read
         x = load_logits(X + strided(cols, stride_xc), mask, SOFTCAP, cap, ACC)
         g = coef * tl.exp((x - m) - log_sum)
@@ -199,31 +210,36 @@ def cross_entropy_kernel(
     PARAMS, inner, C, rows, ignore_index,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
     FOCAL: tl.constexpr, MODE: tl.constexpr, WEIGHTED_MEAN: tl.constexpr, HOLD_ON_BAD: tl.constexpr,
-    FINISH: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    FINISH: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = _program_rows(ROWS)
+    live = row < rows
     X, G, outer_idx, inner_idx = _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner)
-    # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32. Those only the
-    # row's coefficients use are loaded after the first loop, so they hold no registers across it.
-    eps = tl.load(PARAMS + 0).to(ACC)
+    # Float options arrive as a tensor in the accumulation dtype: scalar kernel arguments are fp32. Those the first
+    # loop does not use are loaded after it, so they hold no registers across it: every value live across that loop
+    # and used only after it is one that ptxas may spill when it picks a lower register count.
     cap = tl.load(PARAMS + 2).to(ACC)
-    smooth = eps / C
-
-    valid = True
+    eps = 0.0
+    smooth = 0.0
+    valid = live
     y = 0
     if not PROB_TARGET:
-        y, valid, out_of_range = _class_target(T, row, C, ignore_index)
-        if MODE != SAVE_STATE:  # the finishing kernel finds invalid targets on that route
-            tl.store(BAD, tl.load(T + row), mask=out_of_range)
+        _, valid, _ = _class_target(T, row, live, C, ignore_index)
     else:
         T += outer_idx * stride_to + inner_idx * stride_ti
+        eps = tl.load(PARAMS + 0).to(ACC)
+        smooth = eps / C
     # Columns read: none for an ignored (or invalid) target, whose loss and gradient are zeros whatever its logits.
     read = tl.where(valid, C, 0)
     m, log_sum, dot, q_sum = _row_statistics(X, stride_xc, T, stride_tc, W, read, C, eps, smooth, cap, PROB_TARGET,
-                                             HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, BLOCK)
+                                             HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, ROWS, BLOCK)
     if not PROB_TARGET:
-        # Read again rather than kept: predicates live across the loop above are what ptxas spills first.
-        y, valid, _ = _class_target(T, row, C, ignore_index)
+        # Read again rather than kept, for the same reason.
+        y, valid, out_of_range = _class_target(T, row, live, C, ignore_index)
+        if MODE != SAVE_STATE:  # the finishing program finds invalid targets on that route
+            tl.store(BAD + row * 0, tl.load(T + row, mask=out_of_range), mask=out_of_range)
+        eps = tl.load(PARAMS + 0).to(ACC)
+        smooth = eps / C
     lse = m + log_sum
     z = tl.load(PARAMS + 1).to(ACC)
     focal_gamma = tl.load(PARAMS + 3).to(ACC)
@@ -241,32 +257,32 @@ def cross_entropy_kernel(
         coef += z_coef
         loss = tl.where(valid, loss, 0.0)
         lse = tl.where(valid, lse, 0.0)
-    tl.store(LOSS + row, loss)
+    tl.store(LOSS + row, loss, mask=live)
     if MODE != SAVE_STATE:
-        tl.store(LSE + row, lse)
+        tl.store(LSE + row, lse, mask=live)
     else:
-        tl.store(STATE + row * 3 + 0, tl.where(valid, m, 0.0))
-        tl.store(STATE + row * 3 + 1, tl.where(valid, log_sum, 0.0))
+        tl.store(STATE + row * 3 + 0, tl.where(valid, m, 0.0), mask=live)
+        tl.store(STATE + row * 3 + 1, tl.where(valid, log_sum, 0.0), mask=live)
         if PROB_TARGET:
-            tl.store(STATE + row * 3 + 2, q_sum)
+            tl.store(STATE + row * 3 + 2, q_sum, mask=live)
         elif WEIGHTED_MEAN:
-            tl.store(STATE + row * 3 + 2, tl.where(valid, w_y, 0.0))
+            tl.store(STATE + row * 3 + 2, tl.where(valid, w_y, 0.0), mask=live)
         else:
-            tl.store(STATE + row * 3 + 2, tl.where(valid, 1.0, 0.0).to(ACC))
+            tl.store(STATE + row * 3 + 2, tl.where(valid, 1.0, 0.0).to(ACC), mask=live)
         # The mean's denominator after the rows: the finishing program writes it for a mean; every byte of the
         # state is defined whatever the reduction.
-        tl.store(STATE + rows * 3, tl.zeros((), ACC), mask=row == 0)
+        tl.store(STATE + rows * 3 + row * 0, tl.zeros((ROWS, 1), ACC), mask=row == 0)
         if FINISH:
-            if last_program(TICKETS, rows):
+            if last_program(TICKETS, tl.cdiv(rows, ROWS)):
                 _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET, REDUCTION, ACC,
                              FINISH_BLOCK)
     if MODE == WRITE_GRADIENT:
         scale = tl.load(SCALE).to(ACC)
         if not PROB_TARGET:
             scale = tl.where(valid, scale, 0.0)
-        written = C  # columns this program stores: none while HOLD says a target is invalid
+        written = tl.where(live, C, 0)  # columns stored per row: none while HOLD says a target is invalid
         if HOLD_ON_BAD:
-            written = tl.where(tl.load(HOLD) == 0, C, 0)
+            written = tl.where(tl.load(HOLD) == 0, written, 0)
         _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef * scale,
                             onehot_coef * scale, scale, w_y_smooth, read, written, C, eps, smooth, cap,
                             PROB_TARGET, HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC, BLOCK)
@@ -317,21 +333,22 @@ def cross_entropy_backward_kernel(
     G, stride_go, stride_gc, stride_gi,
     STATE, GRAD_LOSS, PARAMS, inner, C, rows, ignore_index,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
-    FOCAL: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    FOCAL: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The gradient of the loss cross_entropy_forward returned, from the row state it saved: one read of the row,
     grad_output (one value, or one per row for reduction "none") and the mean's 1/denominator applied here."""
-    row = tl.program_id(0).to(tl.int64)
+    row = _program_rows(ROWS)
+    live = row < rows
     X, G, outer_idx, inner_idx = _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner)
     eps = tl.load(PARAMS + 0).to(ACC)
     z = tl.load(PARAMS + 1).to(ACC)
     cap = tl.load(PARAMS + 2).to(ACC)
     focal_gamma = tl.load(PARAMS + 3).to(ACC)
     smooth = eps / C
-    m = tl.load(STATE + row * 3 + 0).to(ACC)
-    log_sum = tl.load(STATE + row * 3 + 1).to(ACC)
+    m = tl.load(STATE + row * 3 + 0, mask=live, other=0.0).to(ACC)
+    log_sum = tl.load(STATE + row * 3 + 1, mask=live, other=0.0).to(ACC)
     if REDUCTION == 0:
-        scale = tl.load(GRAD_LOSS + row).to(ACC)
+        scale = tl.load(GRAD_LOSS + row, mask=live, other=0.0).to(ACC)
     else:
         scale = tl.load(GRAD_LOSS).to(ACC)
     if REDUCTION == 2:
@@ -339,15 +356,15 @@ def cross_entropy_backward_kernel(
         scale = tl.where(denominator == 0, 0.0, scale / tl.where(denominator == 0, 1.0, denominator))
 
     y = -1
-    read = C
+    read = tl.where(live, C, 0)
     logp = 0.0
     onehot_coef = 0.0
     w_y_smooth = 0.0
     if PROB_TARGET:
         T += outer_idx * stride_to + inner_idx * stride_ti
-        coef = scale * (tl.load(STATE + row * 3 + 2).to(ACC) + 2.0 * z * (m + log_sum))
+        coef = scale * (tl.load(STATE + row * 3 + 2, mask=live, other=0.0).to(ACC) + 2.0 * z * (m + log_sum))
     else:
-        y, valid, _ = _class_target(T, row, C, ignore_index)
+        y, valid, _ = _class_target(T, row, live, C, ignore_index)
         read = tl.where(valid, C, 0)
         scale = tl.where(valid, scale, 0.0)
         _, coef, z_coef, onehot_coef, logp, w_y_smooth, _ = _index_target_terms(
@@ -356,8 +373,8 @@ def cross_entropy_backward_kernel(
         coef = (coef + z_coef) * scale
         onehot_coef = onehot_coef * scale
     _write_row_gradient(X, stride_xc, T, stride_tc, W, G, stride_gc, y, m, log_sum, logp, coef, onehot_coef, scale,
-                        w_y_smooth, read, C, C, eps, smooth, cap, PROB_TARGET, HAS_WEIGHT, SMOOTHING, SOFTCAP, ACC,
-                        BLOCK)
+                        w_y_smooth, read, tl.where(live, C, 0), C, eps, smooth, cap, PROB_TARGET, HAS_WEIGHT,
+                        SMOOTHING, SOFTCAP, ACC, BLOCK)
 
 
 def strides3(t):
@@ -380,7 +397,10 @@ class _RowLaunch:
                                      float(max(focal_gamma, 0.0))), self.acc, logits3.device)
         self.flags = dict(PROB_TARGET=self.prob_target, HAS_WEIGHT=weight is not None, SMOOTHING=self.smoothing,
                           SOFTCAP=softcap > 0, FOCAL=focal_gamma >= 0, ACC=acc_dtype(logits3.dtype),
-                          **launch_config(logits3.shape[1], acc=self.acc, gather=gather))
+                          **launch_config(logits3.shape[1], acc=self.acc, gather=gather, rows=True))
+
+    def grid(self, rows):
+        return (triton.cdiv(rows, self.flags["ROWS"]),)
 
     def weight_sum(self, weight, placeholder):
         return weight.sum() if (weight is not None and self.smoothing) else placeholder  # placeholder: unread
@@ -411,7 +431,7 @@ def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing,
     hold = flag
     if hold_on_bad:
         hold = ((target != ignore_index) & ((target < 0) | (target >= C))).any().to(torch.int32).reshape(1)
-    cross_entropy_kernel[(rows,)](
+    cross_entropy_kernel[launch.grid(rows)](
         logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
         launch.weight_sum(weight, flag), g, *strides3(g), row_loss, row_lse, row_loss, flag, hold,
         grad_scale.to(logits3.device), row_loss, flag, flag, launch.params, inner, C, rows, ignore_index,
@@ -452,7 +472,7 @@ def cross_entropy_forward(*, input, target, weight, ignore_index, label_smoothin
     # The last program reduces the rows (a loss over probability targets without a reduction has nothing to finish).
     finish = not (launch.prob_target and reduction == "none")
     flag = torch.empty(2, dtype=torch.int64, device=logits3.device) if not launch.prob_target else None
-    cross_entropy_kernel[(rows,)](
+    cross_entropy_kernel[launch.grid(rows)](
         logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else row_loss,
         launch.weight_sum(weight, row_loss), logits3, 0, 0, 0, row_loss, row_loss, state, row_loss, row_loss,
         row_loss, loss, flag if flag is not None else row_loss,
@@ -483,7 +503,7 @@ def cross_entropy_backward(*, input, target, weight, grad, state, grad_loss, ign
         return grad
     launch = _RowLaunch(logits3, target, weight, grad, label_smoothing, lse_square_scale, softcap, focal_gamma)
     grad_loss = grad_loss.reshape(-1).contiguous() if reduction == "none" else grad_loss.reshape(())
-    cross_entropy_backward_kernel[(rows,)](
+    cross_entropy_backward_kernel[launch.grid(rows)](
         logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else state,
         launch.weight_sum(weight, state), grad, *strides3(grad), state, grad_loss, launch.params, inner, C, rows,
         ignore_index, REDUCTION=_REDUCTIONS[reduction], **launch.flags)

@@ -15,6 +15,9 @@ from .. import _checks
 from . import aot
 from .common import MAX_BLOCK, acc_dtype, launch_config, strided
 
+# The label block's warps are sized as for a block this many label rows long (see _blocks).
+LABEL_ROWS = 2
+
 @triton.jit
 def _log_add3(a, b, c):
     m = tl.maximum(a, tl.maximum(b, c))
@@ -57,7 +60,9 @@ def ctc_kernel(
         e = tl.load(row_base + t * stride_t + label * stride_c, mask=valid, other=neg).to(ACC)
         tl.store(alpha_base + t * BLOCK_L + s, tl.where(valid, _log_add3(a0, a1, a2) + e, neg))
     tl.debug_barrier()
-    last = tl.load(alpha_base + (Tn - 1) * BLOCK_L + s, mask=valid & ((s * 0 + Tn) > 0), other=neg)
+    # Row 0 is always written, so no input length needs a mask here (Tn = 0 is decided below): a mask that the
+    # first row's load also uses would be kept live across the loop.
+    last = tl.load(alpha_base + tl.maximum(Tn - 1, 0) * BLOCK_L + s, mask=valid, other=neg)
     final = tl.where((s == L - 1) | (s == L - 2), last, neg)
     top = tl.max(final, axis=0)
     shift = tl.where(top == neg, 0.0, top)
@@ -105,12 +110,15 @@ def _blocks(C: int, S: int, acc: torch.dtype, gather: bool) -> dict:
     """The label block (the longest extended label sequence) and the (classes x labels) posterior tile, sized by
     launch_config like every other block: a longer label block leaves fewer classes per tile, down to one.
     gather: classes are strided in log_probs (each read through its own address). The label block's rows (alpha,
-    beta, labels, transitions) stay live beside the tile, which therefore gets half the largest block."""
+    beta, labels, transitions) stay live beside the tile, which therefore gets half the largest block; and the warps
+    are at least those of a block of two label rows, so that a long label block (in float64, where each value takes
+    two registers) does not put all its rows on a few threads."""
     block_l = max(16, triton.next_power_of_2(2 * S + 1))
     policy = dict(max_block=MAX_BLOCK // 2, acc=acc, gather=gather)
     tile = launch_config(block_l * max(C, 1), **policy)
     block_c = max(1, min(triton.next_power_of_2(max(C, 1)), tile["BLOCK"] // block_l))
-    warps = launch_config(block_l * block_c, **policy)["num_warps"]
+    warps = max(launch_config(block_l * block_c, **policy)["num_warps"],
+                launch_config(LABEL_ROWS * block_l, acc=acc)["num_warps"])
     return dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
 
 

@@ -67,19 +67,25 @@ def elementwise_kernel(
     a = tl.full([BLOCK], 1.0, ACC)
     if HAS_AUX:
         a = tl.load(A + (offs // a_inner) % a_period, mask=mask, other=1.0).to(ACC)
-    loss, gx, gt = LOSS_FN(x, t, a, tl.load(PARAMS + 0).to(ACC), tl.load(PARAMS + 1).to(ACC))
+    # The weight's broadcast index (a division and a remainder, software sequences where 64-bit) is formed before
+    # the family's math, whose float64 divisions call a slow path that needs the registers.
+    w = 1.0
     if HAS_WEIGHT:
         w = tl.load(W + (offs // w_inner) % w_period, mask=mask, other=0.0).to(ACC)
+    loss, gx, gt = LOSS_FN(x, t, a, tl.load(PARAMS + 0).to(ACC), tl.load(PARAMS + 1).to(ACC))
+    if HAS_WEIGHT:
         loss = loss * w
         scale = scale * w
     loss = tl.where(keep, loss, 0.0)
-    tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
+    # The per-element stores come before the block's sum: what they store would otherwise stay live across the
+    # reduction's shuffles and barrier, beside its partial sums.
     if WRITE_LOSS:
         tl.store(LOSS + offs, loss, mask=mask)
     if WRITE_GX:
         tl.store(GX + offs, tl.where(keep, gx * scale, 0.0).to(GX.dtype.element_ty), mask=mask)
     if WRITE_GT:
         tl.store(GT + offs, tl.where(keep, gt * scale, 0.0).to(GT.dtype.element_ty), mask=mask)
+    tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
 
 
 ELEMENTWISE_PARAMETERS = ("input", "target", "weight", "weight_layout", "aux", "aux_layout", "ignore_index",
