@@ -20,7 +20,7 @@ def nll_loss_kernel(X, stride_xo, stride_xc, stride_xi, T, W, G, stride_go, stri
                     ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     X, G, _, _ = _row_pointers(X, stride_xo, stride_xi, G, stride_go, stride_gi, row, inner)
-    y, valid, out_of_range = _class_target(T, row, C, ignore_index)
+    y, valid, out_of_range = _class_target(T, row, True, C, ignore_index)
     tl.store(BAD, tl.load(T + row), mask=out_of_range)
     w_y = 1.0
     if HAS_WEIGHT:
