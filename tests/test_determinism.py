@@ -43,7 +43,7 @@ def class_problem(op, shape, probabilities=False, weight=False, **options):
         target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
         target[::7] = -100
     if weight:
-        options["weight" if op.name == "cross_entropy" else "alpha"] = torch.rand(shape[1], generator=gen)
+        options["alpha" if op.name == "softmax_focal_loss" else "weight"] = torch.rand(shape[1], generator=gen)
     if op.name != "cross_entropy":
         options.pop("label_smoothing", None)
     return x, target, options

@@ -76,6 +76,13 @@ ROWS = {
         dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
         dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(N, 1)), dict(weight=_tensor(2, N, C)),
     ]),
+    "NLLLoss": (class_call, REDUCTIONS + [
+        *(dict(weight=w) for w in BUFFER_MISUSE),
+        dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
+        dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(C + 1)), dict(weight=_tensor(1, C)),
+        dict(ignore_index=1.5), dict(ignore_index="a"), dict(ignore_index=None), dict(ignore_index=True),
+        dict(ignore_index=2 ** 70), dict(ignore_index=torch.tensor(1)), dict(ignore_index=np.int64(2)),
+    ]),
     "SoftMarginLoss": (elementwise_call, REDUCTIONS),
     "HingeEmbeddingLoss": (elementwise_call, REDUCTIONS + [
         dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),

@@ -62,7 +62,7 @@ def _full_nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor] = Non
     if weight is not None:
         _checks.tensor("weight", weight)
         classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-        if weight.numel() != classes:
+        if weight.dim() != 1 or weight.numel() != classes:
             raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but "
                                f"got weight tensor of shape: {list(weight.shape)}")
         # torch's kernel takes one dtype for both; under autocast torch runs the loss in float32, casting both
