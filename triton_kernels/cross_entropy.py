@@ -7,10 +7,10 @@ terms); what follows depends on the route:
   - `cross_entropy` (the kernel ABI both backends share; linear cross-entropy's chunks and in-place backward): a
     second loop writes the gradient, scale * (A * softmax - q) * softcap', in forward while the row is hot in L2.
   - `cross_entropy_forward` / `cross_entropy_backward` (the family's route on this backend): forward reads each row
-    once and keeps its (max, log sum-exp, target term); a one-program finishing kernel reduces the row losses in a
-    fixed order, sums the mean's denominator and finds the first invalid target; backward reads the row once more
-    and writes the gradient with grad_output and the mean's 1/denominator loaded on the device. Three reads or
-    writes of N x C in all, no host value and no torch op between the launches.
+    once and keeps its (max, log sum-exp, target term); the launch's last program (common.last_program) reduces the
+    row losses in a fixed order, sums the mean's denominator and finds the first invalid target; backward reads the
+    row once more and writes the gradient with grad_output and the mean's 1/denominator loaded on the device. Three
+    reads or writes of N x C in all, one launch each way, no host value and no torch op between them.
 Offsets are int64 (rows * classes may exceed 2^31); out-of-range targets are masked (never read) and reported
 through a flag that the host checks without reading it (triton_kernels/common.py). When the gradient overwrites
 the logits in forward, a device-side "any target invalid" tensor computed before the launch makes every program
