@@ -119,4 +119,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A loss for plain CPU tensors in one call through a declared eager route (loss with its autograd node), or "
         "None where the route does not serve the call: eager_loss(route, reduction, *tensors, *scalars)",
         py::arg("route"), py::arg("reduction"));
+  m.def("eager_loss_in_place", &lossops::eager_loss_in_place,
+        "eager_loss with inplace_backward=True: backward writes the input's gradient over the input, or None",
+        py::arg("route"), py::arg("reduction"));
 }

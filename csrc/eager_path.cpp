@@ -20,6 +20,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -439,10 +440,12 @@ bool read_call(const EagerRoute& route, const py::args& arguments, EagerCall& ca
 }
 
 // The kernel's arguments in the route's parameter order, with the gradient buffers it writes (by call tensor); the
-// grad_scale slot is left empty for the denominator (its index in *grad_scale_at). false where a filled weight
-// meets a weight tensor.
+// grad_scale slot is left empty for the denominator (its index in *grad_scale_at). in_place: no buffer for the
+// first call tensor's gradient, whose slot (its index in *in_place_at) stays empty for backward. false where a
+// filled weight meets a weight tensor.
 bool kernel_values(const EagerRoute& route, const EagerCall& call, std::vector<c10::IValue>& values,
-                   Gradients& gradients, std::optional<size_t>& grad_scale_at) {
+                   Gradients& gradients, std::optional<size_t>& grad_scale_at, bool in_place,
+                   std::optional<size_t>& in_place_at) {
   const Prepared& p = call.prepared;
   const at::Tensor& first = *call.tensors[0];
   values.reserve(route.parameters.size());
@@ -452,6 +455,11 @@ bool kernel_values(const EagerRoute& route, const EagerCall& call, std::vector<c
         values.emplace_back(p.operands[s.index].defined() ? c10::IValue(p.operands[s.index]) : c10::IValue());
         break;
       case Source::kGradient:
+        if (in_place && s.index == 0) {
+          in_place_at = values.size();
+          values.emplace_back();
+          break;
+        }
         if (call.needs_grad[s.index])
           gradients[s.index] = empty_gradient(p.operands[s.index].sizes(), p.operands[s.index].scalar_type());
         values.emplace_back(call.needs_grad[s.index] ? c10::IValue(gradients[s.index]) : c10::IValue());
@@ -505,10 +513,104 @@ py::object with_gradients(at::Tensor loss, const EagerRoute& route, EagerCall& c
   return py::cast(loss);
 }
 
-}  // namespace
+// inplace_backward=True: forward only read the logits (the kernel without a gradient buffer); this node runs the
+// kernel once more in backward with the logits' own storage as the gradient buffer, grad_output folded into its
+// scale. The kernel reads each row before it writes it, and rows that fit the exponential cache are read from
+// memory once, so backward costs one read and one write of the logits. Recomputing with the same kernel keeps the
+// out-of-place gradient's bits. Until backward the logits are untouched; a change to them before it fails the
+// version check (a retained graph's second backward too), and a node that saved them fails its own afterwards.
+struct InPlaceLossBackward : torch::autograd::Node {
+  const EagerRoute* route = nullptr;
+  std::vector<c10::IValue> values;  // the kernel's arguments; the gradient and grad_scale slots are set in backward
+  size_t gradient_at = 0, grad_scale_at = 0;
+  at::Tensor input, logits;         // the call's logits, and the kernel's view of their storage
+  uint32_t version = 0;
+  double gradient_scale = 1.0;      // the reduction's (1 / denominator for a mean)
+  at::ScalarType acc = at::kFloat;
+  std::vector<int64_t> item_shape;  // reduction="none": how grad_output broadcasts against the logits' rows
+  bool consumed = false, released = false;
+  std::string node_name;
 
-// Anything the route does not serve, invalid arguments included, returns None (the Python path then raises).
-py::object eager_loss(int64_t route_number, const std::string& reduction_name, const py::args& arguments) {
+  std::string name() const override { return node_name; }
+
+  void release_variables() override {
+    values.clear();
+    input.reset();
+    logits.reset();
+    released = true;
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    check_not_released(released);
+    TORCH_CHECK(!consumed, "lossops: inplace_backward=True wrote the first backward's gradient over the logits, so a "
+                "second backward through this loss (retain_graph=True) has nothing to recompute from; use "
+                "inplace_backward=False");
+    torch::autograd::variable_list out(1);
+    const at::Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) return out;
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "lossops: double backward (create_graph=True through a lossops loss) is not supported");
+    TORCH_CHECK(input._version() == version, "one of the variables needed for gradient computation has been "
+                "modified by an inplace operation: [", input.toString(), " ", input.sizes(), "] is at version ",
+                input._version(), "; expected version ", version, " instead (lossops: inplace_backward=True reads "
+                "the logits in backward)");
+    consumed = true;
+    double scale = gradient_scale;
+    if (item_shape.empty()) {  // one upstream value, in the scale's type as the Python path multiplies them
+      const double g = grad_output.item<double>();
+      scale = acc == at::kDouble ? scale * g : static_cast<double>(static_cast<float>(scale) * static_cast<float>(g));
+    }
+    values[gradient_at] = logits;
+    values[grad_scale_at] = scale;
+    const KernelEntry& entry = route->kernel_entry();
+    entry.function(KernelArgs(entry.name.c_str(), route->names, std::move(values)));
+    values.clear();
+    if (!item_shape.empty()) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      logits.mul_(grad_output.reshape(item_shape));
+    }
+    // Nodes that saved the logits and run after this one now fail their version check.
+    input.unsafeGetTensorImpl()->bump_version();
+    out[0] = input.detach();
+    return out;
+  }
+};
+
+// The in-place route serves a non-leaf, non-overlapping first call tensor whose kernel view is its own storage,
+// alone in needing a gradient; anything else takes the Python path, which refuses or serves it.
+bool serves_in_place(const EagerCall& call) {
+  const at::Tensor& input = *call.tensors[0];
+  for (size_t i = 1; i < kMaxCallTensors; ++i) {
+    if (call.needs_grad[i]) return false;
+  }
+  const at::Tensor& view = call.prepared.operands[0];
+  return !input.is_leaf() && at::has_internal_overlap(input) == at::MemOverlap::No &&
+         view.storage().is_alias_of(input.storage());
+}
+
+py::object with_in_place_gradient(at::Tensor loss, const EagerRoute& route, EagerCall& call,
+                                  std::vector<c10::IValue>&& values, size_t gradient_at, size_t grad_scale_at,
+                                  double gradient_scale) {
+  auto node = make_node<InPlaceLossBackward>();
+  const at::Tensor& input = *call.tensors[0];
+  node->route = &route;
+  node->values = std::move(values);
+  node->gradient_at = gradient_at;
+  node->grad_scale_at = grad_scale_at;
+  node->input = input;
+  node->logits = call.prepared.operands[0];
+  node->version = input._version();
+  node->gradient_scale = gradient_scale;
+  node->acc = at::toOpMathType(input.scalar_type());
+  if (call.reduction == Reduction::kNone) node->item_shape.assign(call.prepared.item_shape.begin(), call.prepared.item_shape.end());
+  node->node_name = route.node_name;
+  node->set_next_edges(torch::autograd::collect_next_edges(input));
+  torch::autograd::set_history(loss, node);
+  return py::cast(loss);
+}
+
+py::object route_call(int64_t route_number, const std::string& reduction_name, const py::args& arguments,
+                      bool in_place) {
   TORCH_CHECK(route_number >= 0 && static_cast<size_t>(route_number) < routes().size(),
               "lossops: no eager route ", route_number);
   const EagerRoute& route = routes()[route_number];
@@ -523,10 +625,13 @@ py::object eager_loss(int64_t route_number, const std::string& reduction_name, c
   // loss gets its own node.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (!read_call(route, arguments, call)) return py::none();
+  in_place = in_place && call.needs_grad[0];  // nothing to write without a gradient: the plain route
+  if (in_place && !serves_in_place(call)) return py::none();
   std::vector<c10::IValue> values;
   Gradients gradients;
-  std::optional<size_t> grad_scale_at;
-  if (!kernel_values(route, call, values, gradients, grad_scale_at)) return py::none();
+  std::optional<size_t> grad_scale_at, in_place_at;
+  if (!kernel_values(route, call, values, gradients, grad_scale_at, in_place, in_place_at)) return py::none();
+  if (in_place && !(in_place_at && grad_scale_at)) return py::none();
 
   const Prepared& p = call.prepared;
   const auto acc = at::toOpMathType(call.tensors[0]->scalar_type());
@@ -553,10 +658,29 @@ py::object eager_loss(int64_t route_number, const std::string& reduction_name, c
   if (grad_scale_at) values[*grad_scale_at] = mean ? c10::IValue(mean->gradient_scale) : c10::IValue(scale);
 
   const KernelEntry& entry = route.kernel_entry();
+  if (in_place) {
+    if (!mean) return py::none();
+    // The kernel takes its arguments by value: backward's copy keeps them (tensors are shared, not copied).
+    std::vector<c10::IValue> kept = values;
+    const std::vector<at::Tensor> result = entry.function(KernelArgs(entry.name.c_str(), route.names, std::move(values)));
+    return with_in_place_gradient(route_loss(result, call, mean, scale), route, call, std::move(kept), *in_place_at,
+                                  *grad_scale_at, mean->gradient_scale);
+  }
   const std::vector<at::Tensor> result = entry.function(KernelArgs(entry.name.c_str(), route.names, std::move(values)));
   at::Tensor loss = route_loss(result, call, mean, scale);
   if (std::none_of(call.needs_grad.begin(), call.needs_grad.end(), [](bool b) { return b; })) return py::cast(loss);
   return with_gradients(std::move(loss), route, call, gradients);
+}
+
+}  // namespace
+
+// Anything the route does not serve, invalid arguments included, returns None (the Python path then raises).
+py::object eager_loss(int64_t route_number, const std::string& reduction_name, const py::args& arguments) {
+  return route_call(route_number, reduction_name, arguments, false);
+}
+
+py::object eager_loss_in_place(int64_t route_number, const std::string& reduction_name, const py::args& arguments) {
+  return route_call(route_number, reduction_name, arguments, true);
 }
 
 }  // namespace lossops

@@ -24,4 +24,7 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
 // One call of a declared route: the loss with its autograd node, or None where the route does not serve the call.
 py::object eager_loss(int64_t route, const std::string& reduction, const py::args& arguments);
 
+// The same with inplace_backward=True: backward writes the first call tensor's gradient over its storage.
+py::object eager_loss_in_place(int64_t route, const std::string& reduction, const py::args& arguments);
+
 }  // namespace lossops

@@ -96,6 +96,14 @@ auto make_node() {
   return NodeMaker<decltype(torch::autograd::Edge::function)>::template make<T>();
 }
 
+// A node whose saved values went with an earlier backward that did not retain the graph: torch's own message.
+inline void check_not_released(bool released) {
+  TORCH_CHECK(!released, "Trying to backward through the graph a second time (or directly access saved tensors "
+              "after they have already been freed). Saved intermediate values of the graph are freed when you call "
+              ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
+              "a second time or if you need to access saved tensors after calling backward.");
+}
+
 struct FusedLossBackward : torch::autograd::Node {
   std::vector<WrittenGradient> gradients;  // one per next edge
   std::vector<int64_t> item_shape;         // reduction="none": how grad_output broadcasts against the gradients
@@ -111,10 +119,7 @@ struct FusedLossBackward : torch::autograd::Node {
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    TORCH_CHECK(!released, "Trying to backward through the graph a second time (or directly access saved tensors "
-                "after they have already been freed). Saved intermediate values of the graph are freed when you call "
-                ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
-                "a second time or if you need to access saved tensors after calling backward.");
+    check_not_released(released);
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "lossops: double backward (create_graph=True through a lossops loss) is not supported");
     torch::autograd::variable_list out(gradients.size());

@@ -149,6 +149,66 @@ def test_elementwise_matches_custom_op(monkeypatch, dtype, name, reduction, targ
                              grad_output, taken=kernel_target_grad or not target_grad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"weighted": True, "ignore_index": 2, "label_smoothing": 0.1}])
+def test_in_place_cross_entropy_matches_custom_op(monkeypatch, dtype, shape, reduction, options):
+    """inplace_backward=True on the eager path: the custom op's loss and gradient bit for bit (grad_output != 1),
+    the logits untouched until backward and holding the gradient after it."""
+    gen = torch.Generator().manual_seed(1)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    target_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    weight = torch.rand(C, generator=gen).to(dtype) if options.get("weighted") else None
+    x0 = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    target = torch.randint(0, C, target_shape, generator=gen)
+    kwargs = dict(reduction=reduction, ignore_index=options.get("ignore_index", -100),
+                  label_smoothing=options.get("label_smoothing", 0.0), inplace_backward=True)
+    grad_output = (torch.rand(target_shape, generator=gen) if reduction == "none" else torch.tensor(0.75)).to(dtype)
+
+    def step():
+        base = x0.clone().requires_grad_()
+        logits = base * 1  # a non-leaf the gradient may overwrite
+        loss = lossops.cross_entropy(logits, target, weight, **kwargs)
+        assert torch.equal(logits.detach(), x0)
+        (grad,) = torch.autograd.grad(loss, base, grad_output)
+        return loss.grad_fn.name(), loss, grad, logits.detach()
+
+    name, loss, grad, after = step()
+    assert name == CE_NODE
+    with custom_op_only(monkeypatch):
+        ref_name, ref_loss, ref_grad, ref_after = step()
+    assert ref_name != CE_NODE
+    for ours, ref in ((loss, ref_loss), (grad, ref_grad), (after, ref_after)):
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(after, grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_in_place_eager_path_errors_and_fallbacks():
+    target = torch.tensor([0, 4, 1])
+    logits = torch.randn(3, 5, requires_grad=True) * 1
+    loss = lossops.cross_entropy(logits, target, inplace_backward=True)
+    assert loss.grad_fn.name() == CE_NODE
+    logits.detach().add_(1)  # the logits change before backward: the version check says so
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = lossops.cross_entropy(torch.randn(3, 5, requires_grad=True) * 1, target, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through this loss"):
+        loss.backward()
+    loss = lossops.cross_entropy(torch.randn(3, 5, requires_grad=True) * 1, target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        loss.backward(create_graph=True)
+    with pytest.raises(RuntimeError, match="leaf"):  # refused by the Python checks, which the C++ path leaves it to
+        lossops.cross_entropy(torch.randn(3, 5, requires_grad=True), target, inplace_backward=True)
+    # A class slice is not dense: the Python route serves it.
+    wide = torch.randn(3, 8, requires_grad=True) * 1
+    assert lossops.cross_entropy(wide[:, :5], target, inplace_backward=True).grad_fn.name() != CE_NODE
+    with torch.no_grad():  # nothing to write: the plain route
+        assert lossops.cross_entropy(torch.randn(3, 5), target, inplace_backward=True).grad_fn is None
+
+
 def test_scaled_grad_output_and_retain_graph_match_custom_op(monkeypatch):
     x0 = torch.randn(16, 7)
     target = torch.randint(0, 7, (16,))
