@@ -206,7 +206,11 @@ def _worker(rank, world_size, init_file, backend):
         world = init_device_mesh("cpu", (world_size,))
         pair = dist.new_group([0, 1])
         _check_all(world, backend)
-        if rank < 2:
+        # The smaller meshes test the DTensor layer, the same for both backends: the C++ run covers them (under
+        # the interpreter each Triton call costs about a millisecond).
+        if backend == "triton":
+            pass
+        elif rank < 2:
             _check_all(DeviceMesh.from_group(pair, "cpu"), backend)
         else:
             # A 1-rank mesh on the rank outside the pair, meanwhile: its rank on that mesh (0) is not its global

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import lossops
 from lossops import _eager
-from _cases import backend_cases, forward_backward, grid, leaf_copies, pairwise
+from _cases import assert_float64_gradients_match, backend_cases, forward_backward, grid, leaf_copies, pairwise
 from _elementwise_cases import check_lowp
 
 TORCH_NLL_LOSS = F.nll_loss
@@ -40,7 +40,10 @@ def test_float64_matches_torch_and_gradcheck(backend, case):
     kwargs = dict(weight=weight, ignore_index=case["ignore_index"], reduction=case["reduction"])
     fn = lambda x: lossops.nll_loss(x, t, **kwargs)  # noqa: E731
     assert_close(forward_backward(fn, [x]), forward_backward(lambda x: F.nll_loss(x, t, **kwargs), leaf_copies([x])))
-    assert torch.autograd.gradcheck(fn, (x,))
+    if backend == "triton":  # the interpreter's gradcheck costs minutes: equal to the gradchecked C++ gradients
+        assert_float64_gradients_match(fn, [x], "triton")
+    else:
+        assert torch.autograd.gradcheck(fn, (x,))
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
