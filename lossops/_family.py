@@ -147,6 +147,10 @@ class Family:
     # None where they have none.
     recompute: Optional[Callable] = None
     gradient_in_backward: Callable = lambda backend, options: False
+    # The input whose gradient the loss may write over that input's own storage (inplace_backward=True; see
+    # InPlaceGradient): run is called without its gradient, and recompute(..., state, out=<its kernel view>)
+    # writes the gradient there in backward, whether or not the backend forms gradients in backward otherwise.
+    overwritable: Optional[str] = None
     state_like: Optional[Callable] = None
     statistics: Optional[Statistics] = None  # per-row outputs after the loss, differentiable in their own right
     # False: an op that public functions call inside, in OPS only: no lossops.<name>, Module, tests' cases or benchmark
@@ -213,6 +217,54 @@ class LossopsEager(torch.autograd.Function):
     def backward(ctx, *grads):
         _, _, backward, n_in = ctx.family.eager_parts
         return (None, *backward(ctx, *grads, first_input=1)[:n_in])
+
+
+class InPlaceGradient(torch.autograd.Function):
+    """A family's loss whose backward writes the gradient with respect to its `overwritable` input over that input's
+    storage: one input-sized buffer in all.
+
+    Forward only reads the input, so reads between the loss and backward (an accuracy metric, another loss term)
+    see it unchanged. Backward writes into the kernel's view of the input (tensors[name]: a view of its storage
+    wherever one exists; where the family's layout had to copy, into that copy) and bumps the input's version: a
+    node that saved the input and runs after this one fails its version check instead of reading the gradient, a
+    change to the input before backward fails this node's, and so does a second backward through it
+    (retain_graph=True), which would have nothing left to recompute from.
+    """
+
+    @staticmethod
+    def forward(ctx, input, family, backend, tensors, options):
+        name = family.overwritable
+        loss, _, *rest = family.run(family, backend, tensors, options, {name: False})
+        ctx.names = tuple(tensors)
+        ctx.save_for_backward(input, *tensors.values(), rest[0] if rest else None)
+        ctx.family, ctx.backend, ctx.options = family, backend, options
+        ctx.consumed = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        family = ctx.family
+        if ctx.consumed:
+            raise RuntimeError(f"lossops: inplace_backward=True wrote the first backward's gradient over the "
+                               f"{family.overwritable}, so a second backward through this loss (retain_graph=True) "
+                               f"has nothing to recompute from; use inplace_backward=False")
+        if grad_loss is None:
+            return (None,) * 5
+        _reduce.refuse_double_backward()
+        input, *values, state = ctx.saved_tensors
+        ctx.consumed = True
+        tensors = dict(zip(ctx.names, values))
+        view = tensors[family.overwritable]
+        family.recompute(family, ctx.backend, tensors, ctx.options, grad_loss, {family.overwritable: True}, state,
+                         out=view)
+        torch.autograd.graph.increment_version(input)
+        return view.reshape(input.shape), None, None, None, None
+
+
+def in_place_loss(family: Family, input: Tensor, backend: str, tensors: dict, options) -> Tensor:
+    """The loss of family.apply, with the gradient with respect to `input` (its overwritable input, whose kernel view
+    is tensors[family.overwritable]) written over input's storage in backward: InPlaceGradient."""
+    return InPlaceGradient.apply(input, family, backend, tensors, options)
 
 
 FAMILIES: dict[str, Family] = {}

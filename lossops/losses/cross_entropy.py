@@ -207,7 +207,9 @@ def row_softmax_loss(family: _family.Family, input: Tensor, target: Tensor, weig
 
     tensors = {"input": logits3, "target": target_k, "weight": weight}
     if inplace_backward and needs_grad and not torch.compiler.is_compiling():
-        loss = _InplaceRowSoftmaxLoss.apply(input, family, tensors, options, backend)
+        # The gradient lands in logits3: a view of the input's storage wherever class_rows could make one (contiguous
+        # or class-sliced logits); where it had to copy, in that copy, still correct, with one buffer more.
+        loss = _family.in_place_loss(family, input, backend, tensors, options)
     else:
         loss = family.apply(backend, tensors, options, {"input": needs_grad})
     if options.reduction == "none":
@@ -315,15 +317,25 @@ def _rows_run(family, backend, t, o, grads):
     return softmax_rows(backend, t["input"], t["target"], weight, grad, **arguments), {"input": grad}
 
 
-def _rows_gradient(family, backend, t, o, grad_loss, needs, state, grad=None):
-    """The gradient of the loss _rows_run returned on a backend that forms it in backward, from the row state, into
-    `grad` when given (inplace_backward: the logits themselves)."""
+def _rows_gradient(family, backend, t, o, grad_loss, needs, state, out=None):
+    """The gradient of the loss _rows_run returned, into `out` when given (inplace_backward: the logits themselves):
+    from the row state on a backend that forms it in backward, else (no state: a backend that writes it in forward)
+    from the row kernel run again, which reads each row before writing it, with grad_output in its scale."""
     if not needs["input"]:
         return {}
     weight, arguments = family.kernel_options(t, o)
+    if state is None:
+        logits3 = t["input"]
+        grad = _backend.empty_gradient(logits3) if out is None else out
+        per_row = arguments["reduction"] == "none"
+        softmax_rows(backend, logits3, t["target"], weight, grad, **arguments,
+                     grad_output=None if per_row else grad_loss)
+        if per_row:  # one upstream value per row: applied after the kernel, in the same buffer
+            grad.mul_(grad_loss.reshape(_rows_item_shape(t, o)))
+        return {"input": grad}
     arguments = _gradient_in_backward_arguments(t["input"], t["target"], weight, arguments)
     del arguments["weighted_mean"]
-    grad = _backend.empty_gradient(t["input"]) if grad is None else grad
+    grad = _backend.empty_gradient(t["input"]) if out is None else out
     _backend.kernel(backend, "cross_entropy", "cross_entropy_backward")(
         input=t["input"], target=t["target"], grad=grad, state=state, grad_loss=grad_loss, **arguments)
     return {"input": grad}
@@ -373,7 +385,7 @@ def declare_rows(name: str, options: type, kernel_options, **declaration) -> _fa
                                            run=_rows_run, loss_like=_rows_loss_like, item_shape=_rows_item_shape,
                                            kernel_options=kernel_options, recompute=_rows_gradient,
                                            gradient_in_backward=_triton_backward, state_like=_rows_state_like,
-                                           **declaration))
+                                           overwritable="input", **declaration))
 
 
 def _triton_backward(backend: str, options) -> bool:
@@ -381,58 +393,6 @@ def _triton_backward(backend: str, options) -> bool:
     # grad_output applied (triton_kernels/cross_entropy.py); the C++ route writes it in forward, while the row is
     # in cache, and scales it in place.
     return backend == "triton"
-
-
-class _InplaceRowSoftmaxLoss(torch.autograd.Function):
-    """inplace_backward=True: forward only reads the logits; backward writes the gradient over them.
-
-    One N x C buffer in total, and nothing reads a half-overwritten tensor: reads between the loss and backward
-    (an accuracy metric, another loss term) see the logits. A node that saved the logits and runs its backward
-    after ours fails its version check instead of using the gradient, and so does a second backward through
-    this loss (retain_graph=True): the logits it would need are gone.
-    """
-
-    @staticmethod
-    def forward(ctx, input, family, tensors, options, backend):
-        if family.gradient_in_backward(backend, options):  # backward reads the saved row state, not the logits twice
-            loss, _, state = _rows_run(family, backend, tensors, options, {"input": False})
-        else:
-            weight, arguments = family.kernel_options(tensors, options)
-            loss, state = softmax_rows(backend, tensors["input"], tensors["target"], weight, None, **arguments), None
-        ctx.save_for_backward(input, tensors["target"], tensors["weight"], state)
-        ctx.family, ctx.options, ctx.backend = family, options, backend
-        ctx.logits3_shape = tensors["input"].shape
-        ctx.consumed = False
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.consumed:
-            raise RuntimeError("lossops: inplace_backward=True wrote the first backward's gradient over the logits, "
-                               "so a second backward through this loss (retain_graph=True) has nothing to recompute "
-                               "from; use inplace_backward=False")
-        if grad_loss is None:
-            return (None,) * 5
-        _reduce.refuse_double_backward()
-        input, target, class_weight, state = ctx.saved_tensors
-        ctx.consumed = True
-        # reshape views the logits' own storage whenever it can (contiguous or class-sliced logits); where it
-        # has to copy, the gradient lands in that copy: still correct, one buffer more.
-        logits3 = input.reshape(ctx.logits3_shape)
-        tensors = {"input": logits3, "target": target, "weight": class_weight}
-        if state is not None:
-            _rows_gradient(ctx.family, ctx.backend, tensors, ctx.options, grad_loss, {"input": True}, state,
-                           grad=logits3)
-        else:
-            weight, arguments = ctx.family.kernel_options(tensors, ctx.options)
-            per_row = arguments["reduction"] == "none"
-            softmax_rows(ctx.backend, logits3, target, weight, logits3, **arguments,
-                         grad_output=None if per_row else grad_loss)
-            if per_row:  # one upstream value per row: applied after the kernel, in the same buffer
-                logits3.mul_(grad_loss.reshape(ctx.logits3_shape[0], 1, ctx.logits3_shape[2]))
-        # Nodes that saved the logits and have not run yet now fail their version check.
-        torch.autograd.graph.increment_version(input)
-        return logits3.reshape(input.shape), None, None, None, None
 
 
 def reference_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
