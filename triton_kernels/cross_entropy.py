@@ -33,6 +33,7 @@ _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # (class-index targets) or the sum of its target weights (probability targets); the mean's denominator follows
 # the rows.
 STATE_WIDTH = 3
+_STATE_WIDTH = tl.constexpr(STATE_WIDTH)  # the same, inside kernels
 FINISH_BLOCK = tl.constexpr(1024)
 
 
@@ -275,7 +276,7 @@ def cross_entropy_kernel(
         if FINISH:
             if last_program(TICKETS, tl.cdiv(rows, ROWS)):
                 _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET, REDUCTION, ACC,
-                             FINISH_BLOCK)
+                             _STATE_WIDTH, FINISH_BLOCK)
     if MODE == WRITE_GRADIENT:
         scale = tl.load(SCALE).to(ACC)
         if not PROB_TARGET:
@@ -290,11 +291,11 @@ def cross_entropy_kernel(
 
 @triton.jit
 def _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET: tl.constexpr,
-                 REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """The row kernel's last program, over every row's results in a fixed order (the same sum on every run): the
-    reduced loss, the mean's denominator after the rows' state, and FLAG = [1 if every class-index target is valid
-    else 0, the first invalid one's row]. What other programs wrote is read past L1 (.cg), which may hold lines
-    from before their stores."""
+                 REDUCTION: tl.constexpr, ACC: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """A row kernel's last program, over every row's results in a fixed order (the same sum on every run): the
+    reduced loss, the mean's denominator after the rows' state (WIDTH values a row, the last of them the row's share
+    of the denominator), and FLAG = [1 if every class-index target is valid else 0, the first invalid one's row].
+    What other programs wrote is read past L1 (.cg), which may hold lines from before their stores."""
     total = tl.zeros((), ACC)
     denominator = tl.zeros((), ACC)
     first_bad = tl.full((), rows, tl.int64)
@@ -307,8 +308,8 @@ def _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET: 
             if PROB_TARGET:  # torch divides probability-target losses by the number of rows
                 denominator += tl.sum(tl.where(mask, 1.0, 0.0).to(ACC), axis=0)
             else:
-                denominator += tl.sum(tl.load(STATE + r * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg").to(ACC),
-                                      axis=0)
+                denominator += tl.sum(tl.load(STATE + r * WIDTH + WIDTH - 1, mask=mask, other=0.0,
+                                              cache_modifier=".cg").to(ACC), axis=0)
         if not PROB_TARGET:
             y = tl.load(T + r, mask=mask, other=ignore_index)
             bad = mask & (y != ignore_index) & ((y < 0) | (y >= C))
@@ -319,7 +320,7 @@ def _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET: 
         # A mean over nothing (every target ignored, or every kept weight 0) is NaN, its gradient 0 (lossops._reduce).
         empty = denominator == 0
         tl.store(OUT, tl.where(empty, float("nan"), total / tl.where(empty, 1.0, denominator)))
-        tl.store(STATE + rows * 3, denominator)
+        tl.store(STATE + rows * WIDTH, denominator)
     if not PROB_TARGET:
         tl.store(FLAG, (first_bad == rows).to(tl.int64))
         tl.store(FLAG + 1, first_bad)

@@ -97,9 +97,21 @@ def _class_target(input: Tensor, target: Tensor) -> Tensor:
     return target
 
 
+def _gradient_in_backward(backend: str, options) -> bool:
+    # The Triton route writes the gradient in backward from the targets alone (the log-probabilities are never read
+    # again), grad_output and the mean's denominator applied on the device; the C++ route writes it in forward.
+    return backend == "triton"
+
+
 def _run(family, backend, t, o, grads):
     logits3, target = t["input"], t["target"]
     acc = _checks.opmath_dtype(logits3.dtype)
+    if _gradient_in_backward(backend, o):
+        weight = None if t["weight"] is None else t["weight"].to(acc).contiguous()
+        loss, state = _backend.kernel(backend, "nll", "nll_loss_forward")(
+            input=logits3, target=target, weight=weight, ignore_index=o.ignore_index, reduction=o.reduction,
+            weighted_mean=True)
+        return loss, {"input": None}, state
     denominator = _reduce.class_index_denominator(target, t["weight"], o.ignore_index, logits3.shape[1], acc)
     weight = None if t["weight"] is None else t["weight"].to(acc).contiguous()
     grad = _backend.empty_gradient(logits3) if grads["input"] else None
@@ -107,6 +119,24 @@ def _run(family, backend, t, o, grads):
                              ignore_index=o.ignore_index, grad_scale=_reduce.gradient_scale(o.reduction, denominator),
                              per_element=o.reduction == "none")
     return _reduce.reduce(o.reduction, row_loss, total, denominator), {"input": grad}
+
+
+def _gradient(family, backend, t, o, grad_loss, needs, state, out=None):
+    """The gradient of the loss _run returned on a backend that forms it in backward, into `out` when given."""
+    if not needs["input"]:
+        return {}
+    logits3 = t["input"]
+    weight = None if t["weight"] is None else t["weight"].to(_checks.opmath_dtype(logits3.dtype)).contiguous()
+    grad = _backend.empty_gradient(logits3) if out is None else out
+    _backend.kernel(backend, "nll", "nll_loss_backward")(
+        input=logits3, target=t["target"], weight=weight, grad=grad, state=state, grad_loss=grad_loss,
+        ignore_index=o.ignore_index, reduction=o.reduction)
+    return {"input": grad}
+
+
+def _state_like(t, o):
+    logits3 = t["input"]
+    return logits3.new_empty((logits3.shape[0] * logits3.shape[2] + 1,), dtype=_checks.opmath_dtype(logits3.dtype))
 
 
 def reference_nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], options: NLLOptions) -> Tensor:
@@ -138,6 +168,7 @@ def _selfcheck_inputs(dtype):
 NLL_LOSS = _family.register(_family.Family(
     name="nll_loss", inputs=ROW_INPUTS, options=NLLOptions, kernel=KERNEL, run=_run, loss_like=_rows_loss_like,
     item_shape=_rows_item_shape, reference=reference_nll_loss, function=nll_loss, full_path=_full_nll_loss,
+    recompute=_gradient, gradient_in_backward=_gradient_in_backward, state_like=_state_like,
     bad_inputs="classes",
     eager_routes=(EAGER_ROUTE,), torch_fn=torch_nll_loss,
     cases=(_family.Case(_log_probabilities, {}, torch_nll_loss, bad=("target_out_of_range",)),
