@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks, _eager, _family, _reduce
+from .. import _backend, _checks, _eager, _family, _reduce, _sharding
 from .._family import GridShapes as G
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "tvd", "jsd")
@@ -176,6 +176,19 @@ def token_count(target: Optional[Tensor], rows: int, ignore_index: int, like: Te
     return (target != ignore_index).sum().to(dtype)
 
 
+def kept_tokens(student: Tensor, target: Optional[Tensor], ignore_index: int) -> Tensor:
+    """The mean's denominator for one rank's tokens of classes-last logits (or hidden states) on a DTensor mesh."""
+    tokens = student.numel() // max(student.shape[-1], 1) if student.dim() else 1
+    return token_count(None if target is None else target.reshape(-1), tokens, ignore_index, student)
+
+
+def token_sharding(first: str, whole: tuple[str, ...] = (), class_dim_name: str = "class") -> _sharding.Sharding:
+    """Sharded on the tokens (any leading dimension of `first`, classes or features last); the mean divides by the
+    kept tokens of every rank. The last dimension is refused: no vocabulary-parallel distillation is written."""
+    return _sharding.Sharding(lambda x: x.dim() - 1, whole=whole, class_dim_name=class_dim_name,
+                              denominator=lambda a: kept_tokens(a[first], a["target"], a["ignore_index"]))
+
+
 def kernel_arguments(options: DistillationOptions) -> dict:
     """The kernel's option parameters (both backends)."""
     return dict(divergence=divergence_code(options), beta=options.beta, temperature=options.temperature,
@@ -320,7 +333,7 @@ DISTILLATION = _family.register(_family.Family(
     options=DistillationOptions, kernel=KERNEL, run=_run, loss_like=_loss_like,
     item_shape=lambda t, o: (t["student_logits"].shape[0], 1), reference=reference_distillation_loss,
     function=distillation_loss, full_path=_full_distillation_loss, torch_fn=torch_distillation_loss,
-    eager_routes=(EAGER_ROUTE,),
+    eager_routes=(EAGER_ROUTE,), sharding=token_sharding("student_logits"),
     # No torch_fn in the cases: under autocast torch's formula runs log_softmax in bf16, a worse answer than the
     # kernels' float32 one (tests/test_distillation.py holds both to a float64 truth instead).
     cases=(_family.Case(_student_teacher_target, dict(temperature=2.0, hard_weight=0.5),

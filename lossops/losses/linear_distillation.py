@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, _family, _reduce
 from .distillation import (KERNEL, DistillationOptions, check_options, kernel_arguments, reference_distillation_loss,
-                           token_count, token_targets)
+                           token_count, token_sharding, token_targets)
 from .linear_cross_entropy import _Chunks, _Gradients, chunk_rows
 
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
@@ -193,6 +193,8 @@ LINEAR_DISTILLATION = _family.register(_family.Family(
     options=LinearDistillationOptions, kernel=KERNEL, run=_run, recompute=_recompute, loss_like=_loss_like,
     gradient_in_backward=lambda backend, options: options.reduction == "none",
     function=linear_distillation_loss,
+    sharding=token_sharding("student_input", whole=("student_weight", "student_bias", "teacher_weight", "teacher_bias"),
+                            class_dim_name="feature"),
     cases=(_family.Case(_students_and_teachers, dict(chunk_size=4, temperature=2.0, hard_weight=0.5), target=4,
                         bad=(dict(chunk_size=0), dict(beta=2.0))),
            _family.Case(_students_and_teachers, dict(divergence="jsd", reduction="none", chunk_size=4), target=4))))
