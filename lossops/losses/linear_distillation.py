@@ -24,6 +24,10 @@ from .distillation import (KERNEL, DistillationOptions, check_options, kernel_ar
                            token_count, token_sharding, token_targets)
 from .linear_cross_entropy import _Chunks, _Gradients, chunk_rows
 
+# Both models' chunks of logits (and everything else the op holds beyond the student's gradients) within a quarter
+# of one float32 tokens x vocab logits tensor (linear_cross_entropy.chunk_rows).
+LOGITS_BUDGET = 1 / 4
+
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
 
 
@@ -45,8 +49,8 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     teacher_weight (V, D_t); biases (V,). Gradients: the student's input, weight and bias. A teacher tensor that
     requires grad (a model's parameters do unless frozen) takes the unfused formula, which forms both models' logits
     and gives the teacher's gradients too: detach or freeze the teacher to keep the fused path. chunk_size: tokens per
-    chunk (default: both chunks' logits together within 1/8 of the tokens' logits, capped near 256 MiB, at
-    least 128 tokens). Keywords as distillation_loss.
+    chunk (default: both chunks' logits and what else the op holds within 1/4 of the tokens' float32 logits, capped
+    near 256 MiB, at least 128 tokens). Keywords as distillation_loss.
     """
     options = check_options(divergence, beta, temperature, ignore_index, reduction, hard_weight, soft_weight,
                             target is not None)
@@ -84,7 +88,8 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     features = student_input.shape[-1]
     hidden = student_input.reshape(-1, features)
     tokens, vocab = hidden.shape[0], student_weight.shape[0]
-    rows = chunk_size if chunk_size is not None else chunk_rows(tokens, vocab, hidden.element_size(), logits_buffers=2)
+    rows = chunk_size if chunk_size is not None else chunk_rows(tokens, vocab, hidden.element_size(), LOGITS_BUDGET,
+                                                                logits_buffers=2)
     wants = {name: torch.is_grad_enabled() and t is not None and t.requires_grad
              for name, t in (("hidden", student_input), ("weight", student_weight), ("bias", student_bias))}
     tensors = {"hidden": hidden, "weight": student_weight, "bias": student_bias,
