@@ -152,7 +152,7 @@ def test_bfloat16_accumulates_across_chunks_in_float32():
 
 
 def test_never_allocates_full_logits():
-    n, d, v = 512, 8, 256
+    n, d, v = 1024, 8, 4096
     hidden, weight, bias, target, _ = make_inputs({}, n=n, d=d, v=v, dtype=torch.float32)
     logits_bytes = n * v * 4
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -172,7 +172,8 @@ def test_default_chunk_size_bounds_chunk_logits():
         chunk_bytes = default_chunk_size(rows, vocab, itemsize) * vocab * itemsize * (1 + (itemsize < 4))
         assert chunk_bytes + 64 * rows <= rows * vocab * 4 // 8
     assert default_chunk_size(4096, 32000, 4) == 456  # 9 even chunks
-    assert default_chunk_size(5, 32000, 4) == 1
+    assert default_chunk_size(5, 32000, 4) == 5  # small logits: one chunk
+    assert default_chunk_size(64, 128, 4) == 64
     # Huge logits: capped near 256 MiB per chunk, but never below 128 rows.
     assert default_chunk_size(65536, 128256, 4) * 128256 * 4 <= 256 << 20
     assert default_chunk_size(65536, 10 ** 7, 4) == 128

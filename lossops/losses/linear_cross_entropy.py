@@ -39,11 +39,13 @@ from .token_stats import STATS_GRAD_KERNEL, STATS_KERNEL
 # holds at once, and _TOKEN_BYTES a token for its per-token values (losses, targets, statistics), within a fraction
 # of one float32 N x V logits tensor (LOGITS_BUDGET here; the distillation, which holds two models' chunks, has its
 # own). Once the logits are huge the chunks hold about _CHUNK_BYTES, but never fewer than _MIN_CHUNK_ROWS rows
-# (smaller matmuls lose too much speed: each chunk's product re-reads the whole weight).
+# (smaller matmuls lose too much speed: each chunk's product re-reads the whole weight); small logits are not split
+# below _MIN_CHUNK_BYTES, where each chunk's calls would cost more than the memory saved is worth.
 LOGITS_BUDGET = 1 / 8
 _TOKEN_BYTES = 64
 _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
+_MIN_CHUNK_BYTES = 1 << 20
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
 
 
@@ -209,10 +211,11 @@ def chunk_rows(num_rows: int, vocab: int, itemsize: int, budget: float, logits_b
     num_rows x vocab logits tensor holds _TOKEN_BYTES a token and every chunk-sized buffer the op has at once: its
     `logits_buffers` chunks of logits (the distillation holds the student's and the teacher's) and, for logits of
     less than 4 bytes, _Gradients' product block of the same size. Huge logits: about _CHUNK_BYTES of chunks, but at
-    least _MIN_CHUNK_ROWS rows. The rows are spread evenly over the chunks that many rows need."""
+    least _MIN_CHUNK_ROWS rows; small logits: chunks of at least _MIN_CHUNK_BYTES. The rows are spread evenly over
+    the chunks that many rows need."""
     per_row = max(vocab * itemsize * (logits_buffers + (itemsize < 4)), 1)
     within_budget = int((budget * num_rows * vocab * 4 - _TOKEN_BYTES * num_rows) // per_row)
-    most = max(1, min(within_budget, max(_CHUNK_BYTES // per_row, _MIN_CHUNK_ROWS)))
+    most = max(1, min(within_budget, max(_CHUNK_BYTES // per_row, _MIN_CHUNK_ROWS)), _MIN_CHUNK_BYTES // per_row)
     chunks = -(-num_rows // most)
     return max(1, -(-num_rows // max(chunks, 1)))
 
