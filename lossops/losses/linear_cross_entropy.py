@@ -71,10 +71,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     its batch_chunk_size sets the chunk size (lossops' own policy otherwise; its other fields concern torch's
     implementation), and the fused path serves every call, options or not. Extras as lossops.cross_entropy:
     lse_square_scale, softcap; chunk_size: rows of tokens per chunk (default: the chunk of logits and what else the
-    op holds within 1/8 of the rows' float32 logits, capped near 256 MiB, at least 128 rows). A (V, d1, ..., dK,
-    D) weight or probability targets take the reference path (F.linear, then cross_entropy), with the same
-    semantics. temperature, token_weight (the target's shape) and
-    num_items_in_batch as lossops.cross_entropy; the temperature divides the hidden states and bias (not the
+    op holds within 1/8 of the rows' float32 logits; chunks near 256 MiB but of at least 128 rows once the logits are
+    huge; under 1 MiB of logits, one chunk). A (V, d1, ..., dK, D) weight or probability targets take the
+    reference path (F.linear, then cross_entropy), with the same semantics. temperature, token_weight (the target's
+    shape) and num_items_in_batch as lossops.cross_entropy; the temperature divides the hidden states and bias (not the
     N x V logits) before the fused pass. return_token_stats=True returns a LossWithTokenStats as
     lossops.cross_entropy does, its statistics computed on each chunk of logits inside the fused pass.
     """
