@@ -387,7 +387,8 @@ def test_distillation_calls_it_does_not_serve_take_the_full_path():
     assert lossops.distillation_loss(s, t, y).grad_fn.name() == DISTILLATION_NODE
     # bad arguments raise from the Python checks, with their messages
     for kwargs, match in ((dict(beta=1.5), "beta"), (dict(temperature=0.0), "temperature"),
-                          (dict(divergence="kl"), "divergence"), (dict(hard_weight=-1.0), "hard_weight"),
+                          (dict(divergence="kl"), "divergence"), (dict(divergence=["jsd"]), "divergence"),
+                          (dict(hard_weight=-1.0), "hard_weight"),
                           (dict(soft_weight=float("inf")), "soft_weight"), (dict(reduction="avg"), "reduction")):
         with pytest.raises(ValueError, match=match):
             lossops.distillation_loss(s, t, y, **kwargs)

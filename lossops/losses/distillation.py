@@ -66,7 +66,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     """
     # The C++ eager path first (docs/eager-path.md): it returns None for anything it does not serve, bad arguments
     # included, and the full path's checks then raise. A hard term without a target is left to those checks.
-    if ((code := _CODES.get(divergence)) is not None and type(reduction) is str
+    if (type(divergence) is str and (code := _CODES.get(divergence)) is not None and type(reduction) is str
             and (target is not None or (type(hard_weight) in (float, int) and hard_weight == 0))
             and (cpp := _eager.cpp_module(student_logits, teacher_logits, target))):
         if code == _JSD and type(beta) in (float, int) and beta in (0, 1):
