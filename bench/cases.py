@@ -35,6 +35,8 @@ class Family:
     grid_shapes: tuple = ()  # --grid's shapes, and its --quick ones
     grid_quick_shapes: tuple = ()
     targets: tuple = ()  # lossops._family.SpeedTarget
+    floor: Optional[Callable] = None  # lossops._family.Bench.floor
+    floor_name: str = "floor"
 
     @property
     def ours(self) -> Optional[Callable]:
@@ -51,7 +53,8 @@ class Family:
 # Every loss family that declares a benchmark (lossops._family.Bench).
 FAMILIES: dict[str, Family] = {
     name: Family(name, b.eager, b.make_target, tuple(b.shapes), tuple(b.quick_shapes), dict(b.kwargs), b.columns,
-                 b.inplace_variant, b.make_inputs, tuple(b.grid_shapes), tuple(b.grid_quick_shapes), tuple(b.targets))
+                 b.inplace_variant, b.make_inputs, tuple(b.grid_shapes), tuple(b.grid_quick_shapes), tuple(b.targets),
+                 b.floor, b.floor_name)
     for name, declared in LOSS_FAMILIES.items() if (b := declared.bench) is not None
 }
 
@@ -86,6 +89,20 @@ def _arguments(target) -> tuple:
     return target if isinstance(target, tuple) else (target,)
 
 
+def differentiable(x: torch.Tensor, target) -> tuple:
+    """What forward+backward differentiates: x and every other argument that requires grad (a fused linear loss's
+    weight), as a training step would."""
+    return (x, *(t for t in _arguments(target) if isinstance(t, torch.Tensor) and t.requires_grad))
+
+
+def floor_call(family: Family, x: torch.Tensor, target, gradients: bool) -> Optional[Callable]:
+    """The family's floor (Bench.floor) for these inputs, or None."""
+    if family.floor is None:
+        return None
+    return family.floor(x.detach(), *(t.detach() if isinstance(t, torch.Tensor) else t for t in _arguments(target)),
+                        gradients=gradients)
+
+
 def implementations(family: Family, device: torch.device) -> list[Impl]:
     def eager(x, target):
         return family.eager(x, *_arguments(target), **family.kwargs)
@@ -98,7 +115,7 @@ def implementations(family: Family, device: torch.device) -> list[Impl]:
         with lossops.backend(backend):
             return family.ours(x, *_arguments(target), **family.kwargs, **extra)
 
-    impls.append(Impl(ours_name(device), ours))
+    impls.append(Impl(ours_name(device), ours, floor=family.floor_name if family.floor is not None else "clone"))
     if family.inplace_variant:
         impls.append(Impl(ours_name(device) + " inplace", lambda x, t: ours(x, t, inplace_backward=True),
                           overwrites_input=True, floor="copy_"))

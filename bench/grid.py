@@ -10,11 +10,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
 
-from .cases import DTYPES, FAMILIES, Family, _arguments
+from .cases import DTYPES, FAMILIES, Family, _arguments, differentiable, floor_call
 from .measure import MIN_SAMPLE_S, time_interleaved
 from .report import Stamp
 
@@ -25,17 +26,26 @@ QUICK_SHAPES = {name: FAMILIES[name].grid_quick_shapes for name in GRID_SHAPES}
 # forward+backward, beyond "at least eager's speed".
 TARGETS = {(name, tuple(t.shape), t.dtype, t.threads): t.speedup
            for name, family in FAMILIES.items() for t in family.targets}
+# the same keys -> the most lossops may take as a multiple of the family's floor (Bench.floor), forward+backward
+FLOOR_TARGETS = {(name, tuple(t.shape), t.dtype, t.threads): t.within_floor
+                 for name, family in FAMILIES.items() for t in family.targets if t.within_floor is not None}
 MODES = ("fwd+bwd", "no_grad fwd")
+
+
+def _matching(targets: dict, op: str, shape: tuple, dtype: str, threads: str) -> list:
+    return [bound for (t_op, t_shape, t_dtype, t_threads), bound in targets.items()
+            if (t_op, t_shape) == (op, shape) and t_dtype in (None, dtype) and t_threads in (None, threads)]
 
 
 def target_for(op: str, shape: tuple, dtype: str, threads: str, mode: str) -> float:
     if mode != "fwd+bwd":
         return 1.0
-    best = 1.0
-    for (t_op, t_shape, t_dtype, t_threads), bound in TARGETS.items():
-        if (t_op, t_shape) == (op, shape) and t_dtype in (None, dtype) and t_threads in (None, threads):
-            best = max(best, bound)
-    return best
+    return max([1.0, *_matching(TARGETS, op, shape, dtype, threads)])
+
+
+def floor_bound_for(op: str, shape: tuple, dtype: str, threads: str, mode: str):
+    bounds = _matching(FLOOR_TARGETS, op, shape, dtype, threads) if mode == "fwd+bwd" else []
+    return min(bounds) if bounds else None
 
 
 def class_target(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +64,12 @@ class Cell:
     times_ms: dict  # implementation -> median ms
     target: float
     error: str = ""
+    floor_bound: Optional[float] = None  # at most this many times times_ms["floor"]
+
+    @property
+    def of_floor(self):
+        ours, floor = self.ours, self.times_ms.get("floor")
+        return None if not ours or not floor else ours / floor
 
     @property
     def ours(self):
@@ -70,9 +86,13 @@ class Cell:
         s = self.speedup("eager")
         if s is None:
             return "n/a"
-        if s >= self.target:
-            return "ok" if self.target <= 1.0 else "target met"
-        return "SLOWER than eager" if s < 1.0 else f"target {self.target:g}x missed"
+        if s < 1.0:
+            return "SLOWER than eager"
+        if s < self.target:
+            return f"target {self.target:g}x missed"
+        if self.floor_bound is not None and (self.of_floor is None or self.of_floor > self.floor_bound):
+            return f"{self.floor_bound:g}x floor missed"
+        return "ok" if self.target <= 1.0 and self.floor_bound is None else "target met"
 
 
 def interleaved_medians(fns: dict, repeats: int, warmup: int, device: torch.device = torch.device("cpu")) -> dict:
@@ -97,14 +117,17 @@ def _callables(family: Family, device: torch.device, x: torch.Tensor, target: to
 
     if mode == "fwd+bwd":
         def wrap(loss):
-            return lambda: torch.autograd.grad(loss(x, target), x)
+            return lambda: torch.autograd.grad(loss(x, target), differentiable(x, target))
     else:
         def wrap(loss):
             def run():
                 with torch.no_grad():
                     return loss(x, target)
             return run
-    return {"eager": wrap(eager), "compile": wrap(compiled), "lossops": wrap(ours)}
+    fns = {"eager": wrap(eager), "compile": wrap(compiled), "lossops": wrap(ours)}
+    if (floor := floor_call(family, x, target, gradients=mode == "fwd+bwd")) is not None:
+        fns["floor"] = floor
+    return fns
 
 
 def run_grid(args, note) -> list[Cell]:
@@ -146,7 +169,8 @@ def run_grid(args, note) -> list[Cell]:
                 if fns:
                     times = {k: v * 1e3 for k, v in interleaved_medians(fns, args.repeats, args.warmup, device).items()}
                 cells.append(Cell(op, dtype_name, shape, mode, threads, setting, times,
-                                  target_for(op, shape, dtype_name, setting, mode), error))
+                                  target_for(op, shape, dtype_name, setting, mode), error,
+                                  floor_bound_for(op, shape, dtype_name, setting, mode)))
         del x, target
     torch.set_num_threads(all_threads)
     return cells
@@ -174,27 +198,32 @@ def isa_line() -> str:
 
 
 def markdown(cells: list[Cell], stamp: Stamp, settings: str) -> str:
+    floors = any("floor" in c.times_ms for c in cells)  # a family's unavoidable work (Bench.floor), when timed
     lines = [f"### lossops grid — {stamp.machine}, torch {stamp.torch}, {os.cpu_count()} CPUs", "",
              isa_line() + ".", settings, "",
-             "| op | dtype | shape | mode | threads | eager | compile | lossops | vs eager | vs compile | verdict |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| op | dtype | shape | mode | threads | eager | compile | lossops | vs eager | vs compile |"
+             + (" floor | lossops ÷ floor |" if floors else "") + " verdict |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if floors else "") + "---|"]
     for c in cells:
         t = c.times_ms
+        floor = f" {_fmt_ms(t.get('floor'))} | {_fmt_x(c.of_floor)} |" if floors else ""
         lines.append(f"| {c.op} | {c.dtype} | {'×'.join(map(str, c.shape))} | {c.mode} | {c.threads} | "
                      f"{_fmt_ms(t.get('eager'))} | {_fmt_ms(t.get('compile'))} | {_fmt_ms(c.ours)} | "
-                     f"{_fmt_x(c.speedup('eager'))} | {_fmt_x(c.speedup('compile'))} | "
+                     f"{_fmt_x(c.speedup('eager'))} | {_fmt_x(c.speedup('compile'))} |{floor} "
                      f"{c.verdict}{': ' + c.error if c.error else ''} |")
     below = [c for c in cells if c.verdict not in ("ok", "target met")]
     lines += ["", f"{len(cells) - len(below)} of {len(cells)} cells at least as fast as eager and on target; "
               f"{len(below)} not" + (":" if below else ".")]
     for c in below:
+        floor = f", {_fmt_x(c.of_floor)} the floor (wanted ≤ {c.floor_bound:g}×)" if c.floor_bound is not None else ""
         lines.append(f"- {c.op} {c.dtype} {'×'.join(map(str, c.shape))} {c.mode} {c.threads} thread(s): "
-                     f"{_fmt_x(c.speedup('eager'))} eager (wanted ≥ {c.target:g}×) — {c.verdict}")
+                     f"{_fmt_x(c.speedup('eager'))} eager (wanted ≥ {c.target:g}×){floor} — {c.verdict}")
     return "\n".join(lines)
 
 
 CSV_COLUMNS = ("op", "dtype", "shape", "mode", "threads", "eager_ms", "compile_ms", "lossops_ms", "speedup_vs_eager",
-               "speedup_vs_compile", "target_vs_eager", "verdict", "error", "machine", "isa", "torch")
+               "speedup_vs_compile", "target_vs_eager", "floor_ms", "lossops_of_floor", "target_of_floor", "verdict",
+               "error", "machine", "isa", "torch")
 
 
 def write_csv(path: Path, cells: list[Cell], stamp: Stamp) -> None:
@@ -207,7 +236,9 @@ def write_csv(path: Path, cells: list[Cell], stamp: Stamp) -> None:
                              "threads": c.threads, "eager_ms": c.times_ms.get("eager"),
                              "compile_ms": c.times_ms.get("compile"), "lossops_ms": c.ours,
                              "speedup_vs_eager": c.speedup("eager"), "speedup_vs_compile": c.speedup("compile"),
-                             "target_vs_eager": c.target, "verdict": c.verdict, "error": c.error,
+                             "target_vs_eager": c.target, "floor_ms": c.times_ms.get("floor"),
+                             "lossops_of_floor": c.of_floor, "target_of_floor": c.floor_bound,
+                             "verdict": c.verdict, "error": c.error,
                              "machine": stamp.machine, "isa": isa, "torch": stamp.torch})
 
 

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import FLOORS, Family, Impl, Shape
+from .cases import FLOORS, Family, Impl, Shape, differentiable, floor_call
 from .measure import PeakMemory, Stats, time_interleaved
 
 
@@ -50,8 +50,8 @@ def _fresh_input(impl: Impl, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return copy
 
 
-def _gradient(loss: torch.Tensor, inp: torch.Tensor):
-    return torch.autograd.grad(loss, inp)
+def _gradient(loss: torch.Tensor, inp: torch.Tensor, target):
+    return torch.autograd.grad(loss, differentiable(inp, target))
 
 
 def _forward_done(impl: Impl, fresh: Callable, target: torch.Tensor):
@@ -71,8 +71,8 @@ def prepare_impl(impl: Impl, x: torch.Tensor, target: torch.Tensor, reference_lo
     if not _close(row.loss, reference_loss, x.dtype):
         row.error = f"loss {row.loss:.6g} differs from eager float32's {reference_loss:.6g}"
     return {"fwd": (fresh, lambda inp: impl.loss(inp, target)),
-            "bwd": (_forward_done(impl, fresh, target), lambda s: _gradient(s[1], s[0])),
-            "fwdbwd": (fresh, lambda inp: _gradient(impl.loss(inp, target), inp))}
+            "bwd": (_forward_done(impl, fresh, target), lambda s: _gradient(s[1], s[0], target)),
+            "fwdbwd": (fresh, lambda inp: _gradient(impl.loss(inp, target), inp, target))}
 
 
 def _close(value: float, reference: float, dtype: torch.dtype) -> bool:
@@ -116,6 +116,10 @@ def run_case(family: Family, shape: Shape, dtype: torch.dtype, impls: list[Impl]
     for name in FLOORS:
         step(f"floor {name}")
         floors[f"floor {name}"] = (Row(family.name, dtype_name, shape, f"floor {name}"), _floor_call(name, x))
+    if (work := floor_call(family, x, target, gradients=True)) is not None:
+        step(f"floor {family.floor_name}")
+        floors[f"floor {family.floor_name}"] = (Row(family.name, dtype_name, shape, f"floor {family.floor_name}"),
+                                                (lambda: None, lambda _: work()))
     rows += [row for row, _ in floors.values()]
     timed = dict(warmup=settings.warmup, repeats=settings.repeats)
     # torch.compile happened in prepare_impl (warm); a recompile while timing would bill compile time: an error.

@@ -87,7 +87,7 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
-enum class Layout { kClassRows, kSameShape, kSequences };
+enum class Layout { kClassRows, kSameShape, kSequences, kTokenRows };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
 enum class Source { kTensor, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
@@ -100,11 +100,16 @@ enum class ScalarKind { kInt, kReal, kFlag };
 //   same_shape: input and target of one shape and floating dtype. Operands: both contiguous. Items: elements.
 //   sequences: (T, N, C) log-probabilities, int64 targets (N, S) or concatenated, int64 input and target
 //     lengths (N,). Operands: those four and each sequence's target offset. Items: sequences.
+//   token_rows: two logits tensors of one shape (..., C), classes last (the second in the first's dtype or its
+//     accumulation dtype), optional int64 class-index target (the logits' shape without C). Operands: both as
+//     (tokens, C) with contiguous classes, the target as (tokens,). Items: tokens; grad_output broadcasts as
+//     (tokens, 1).
 size_t call_tensor_count(Layout layout) {
   switch (layout) {
     case Layout::kClassRows: return 3;
     case Layout::kSameShape: return 2;
     case Layout::kSequences: return 4;
+    case Layout::kTokenRows: return 3;
   }
   return 0;
 }
@@ -174,6 +179,10 @@ struct Prepared {
   at::DimVector loss_shape;                  // reduction="none"
   at::DimVector item_shape;                  // grad_output's broadcast against the gradient buffers
   int64_t classes = 0;
+  // kept_rows: the flat class-index targets whose ignore_index rows the mean leaves out (undefined: every one of
+  // `items` rows is kept)
+  at::Tensor kept_targets;
+  int64_t items = 0;
 };
 
 // The (outer, C, inner) view the kernel reads; dims 2.. merge into one only where their strides allow, else (as
@@ -213,6 +222,41 @@ bool prepare_class_rows(const CallTensors& call, Prepared& p) {
   p.loss_shape = at::DimVector(target.sizes());
   p.item_shape = {logits.size(0), 1, logits.size(2)};
   p.classes = C;
+  p.kept_targets = rows;
+  p.items = rows.numel();
+  return true;
+}
+
+// The (tokens, C) view of classes-last logits, classes contiguous; where the leading dimensions do not merge, or
+// the classes are strided, a contiguous copy (as reshape and contiguous() would make).
+at::Tensor token_rows_view(const at::Tensor& logits, int64_t tokens, int64_t C) {
+  if (auto merged = at::detail::computeStride(logits.sizes(), logits.strides(), at::DimVector{tokens, C})) {
+    if (C <= 1 || (*merged)[1] == 1) return internal_view(logits, {tokens, C}, *merged);
+  }
+  const at::Tensor dense = logits.contiguous();
+  return internal_view(dense, {tokens, C}, {C, 1});
+}
+
+bool prepare_token_rows(const CallTensors& call, Prepared& p) {
+  const at::Tensor& student = *call[0];
+  const at::Tensor& teacher = *call[1];
+  const at::ScalarType dtype = student.scalar_type();
+  if (!kernel_dtype(dtype) || student.dim() < 1 || student.numel() == 0 || teacher.sizes() != student.sizes() ||
+      (teacher.scalar_type() != dtype && teacher.scalar_type() != at::toOpMathType(dtype)))
+    return false;
+  const at::Tensor* target = call[2];
+  const at::IntArrayRef tokens_shape = student.sizes().slice(0, student.dim() - 1);
+  if (target != nullptr && (target->scalar_type() != at::kLong || target->sizes() != tokens_shape)) return false;
+  const int64_t C = student.size(-1), tokens = student.numel() / C;
+  at::Tensor flat_target;
+  if (target != nullptr)
+    flat_target = target->is_contiguous() ? internal_view(*target, {tokens}, {1}) : target->contiguous().reshape({-1});
+  p.operands = {token_rows_view(student, tokens, C), token_rows_view(teacher, tokens, C), flat_target};
+  p.loss_shape = at::DimVector(tokens_shape);
+  p.item_shape = {tokens, 1};
+  p.classes = C;
+  p.kept_targets = flat_target;
+  p.items = tokens;
   return true;
 }
 
@@ -272,6 +316,7 @@ bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
     case Layout::kClassRows: return prepare_class_rows(call, p);
     case Layout::kSameShape: return prepare_same_shape(call, p);
     case Layout::kSequences: return prepare_sequences(call, p);
+    case Layout::kTokenRows: return prepare_token_rows(call, p);
   }
   return false;
 }
@@ -306,9 +351,13 @@ std::optional<c10::IValue> scalar_argument(py::handle value, const ScalarRule& r
   return c10::IValue(v);
 }
 
-// The mean's denominator for class_rows: the count of kept rows, or the float64 sum of their weights in index
-// order (out-of-range targets are the kernel's to reject), as lossops._reduce.class_index_denominator forms it.
-double kept_rows_denominator(const at::Tensor& rows, const at::Tensor& weight, int64_t ignore_index, int64_t C) {
+// The mean's denominator for class_rows and token_rows: the count of kept rows (every row without targets), or
+// the float64 sum of their weights in index order (out-of-range targets are the kernel's to reject), as
+// lossops._reduce.class_index_denominator forms it.
+double kept_rows_denominator(const Prepared& p, const at::Tensor& weight, int64_t ignore_index) {
+  const at::Tensor& rows = p.kept_targets;
+  if (!rows.defined()) return static_cast<double>(p.items);
+  const int64_t C = p.classes;
   const int64_t* t = rows.const_data_ptr<int64_t>();
   const int64_t n = rows.numel();
   if (weight.defined()) {
@@ -356,7 +405,8 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
   route.node_name = node_name;
   route.layout = named<Layout>("layout", layout, {{"class_rows", Layout::kClassRows},
                                                   {"same_shape", Layout::kSameShape},
-                                                  {"sequences", Layout::kSequences}});
+                                                  {"sequences", Layout::kSequences},
+                                                  {"token_rows", Layout::kTokenRows}});
   route.denominator = named<DenominatorRule>("denominator", denominator,
                                              {{"elements", DenominatorRule::kElements},
                                               {"batch", DenominatorRule::kBatch},
@@ -392,8 +442,10 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
   }
   std::sort(route.differentiable.begin(), route.differentiable.end());
   const bool kept = route.denominator == DenominatorRule::kKeptRows || route.denominator == DenominatorRule::kKeptWeight;
-  TORCH_CHECK(!kept || (route.layout == Layout::kClassRows && route.ignore_index.has_value()),
-              "lossops: eager route for ", kernel, ": a kept-rows denominator needs class_rows and ignore_index");
+  const bool kept_layout = route.layout == Layout::kClassRows ||
+                           (route.layout == Layout::kTokenRows && route.denominator == DenominatorRule::kKeptRows);
+  TORCH_CHECK(!kept || (kept_layout && route.ignore_index.has_value()), "lossops: eager route for ", kernel,
+              ": a kept-rows denominator needs class_rows (or token_rows, unweighted) and ignore_index");
   TORCH_CHECK((route.denominator == DenominatorRule::kTargetLengths) == (route.layout == Layout::kSequences),
               "lossops: eager route for ", kernel, ": the target_lengths denominator goes with the sequences layout");
   routes().push_back(std::move(route));
@@ -648,9 +700,8 @@ py::object route_call(int64_t route_number, const std::string& reduction_name, c
     case DenominatorRule::kKeptRows:
     case DenominatorRule::kKeptWeight: {
       const at::Tensor& weight = route.denominator == DenominatorRule::kKeptWeight ? p.operands[2] : at::Tensor();
-      mean = denominator_of(kept_rows_denominator(p.operands[1], weight, values[*route.ignore_index].toInt(),
-                                                  p.classes),
-                            acc, call.reduction);
+      mean = denominator_of(kept_rows_denominator(p, weight, values[*route.ignore_index].toInt()), acc,
+                            call.reduction);
       break;
     }
     case DenominatorRule::kTargetLengths: scale = sequence_scale(p.operands[3], acc, call.reduction); break;

@@ -40,7 +40,7 @@ def serve_dtensors(families: dict[str, Family]) -> None:
             continue  # served already
         sharding_of = _sharding_of(family)
         if family.full_path is not None:
-            family.full_path = accepting_dtensors(family.full_path, sharding_of)
+            family.full_path = accepting_dtensors(family.full_path, sharding_of, family.name)
             family.function.sharding_of = sharding_of
         else:
             family.function = accepting_dtensors(family.function, sharding_of)
@@ -50,10 +50,10 @@ def _sharding_of(family: Family) -> Callable[[], Optional[Sharding]]:
     return lambda: family.sharding
 
 
-def accepting_dtensors(function: Callable, sharding) -> Callable:
+def accepting_dtensors(function: Callable, sharding, name: Optional[str] = None) -> Callable:
     """`function`, also serving DTensor inputs (the input or any other argument a DTensor); a plain call costs a
     type check per argument. sharding: a Sharding, None, or a function returning one (a family's, read when a
-    DTensor call comes)."""
+    DTensor call comes). name: the public function's, for errors (default: function's own)."""
     signature = inspect.signature(function)
     first = next(iter(signature.parameters))
     sharding_of = sharding if callable(sharding) else lambda: sharding
@@ -63,7 +63,7 @@ def accepting_dtensors(function: Callable, sharding) -> Callable:
         x = args[0] if args else kwargs.get(first)
         if (type(x) is torch.Tensor or not _is_dtensor(x)) and not _other_dtensor(x, args, kwargs):
             return function(*args, **kwargs)
-        return _call(function, signature, sharding_of(), args, kwargs)
+        return _call(function, signature, sharding_of(), args, kwargs, name or function.__name__)
 
     call.sharding_of = sharding_of
     return call
@@ -104,14 +104,13 @@ def _other_dtensor(x, args, kwargs) -> bool:
     return isinstance(x, torch.Tensor) and (any(map(_is_dtensor, args)) or any(map(_is_dtensor, kwargs.values())))
 
 
-def _call(function, signature, sharding, args, kwargs):
+def _call(function, signature, sharding, args, kwargs, name):
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     register_op_strategies()
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     a = dict(bound.arguments)
-    name = function.__name__
     names = list(a)
     x = a[names[0]]
     if not _is_dtensor(x):  # a plain input beside DTensor arguments: whole, as a plain target beside DTensor logits

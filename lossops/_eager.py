@@ -46,8 +46,10 @@ LAYOUT_OPERANDS = {
     "class_rows": ("input", "target", "weight"),  # (N, C, d...) logits, int64 class indices, optional class weight
     "same_shape": ("input", "target"),  # floating input and target of one shape
     "sequences": ("log_probs", "targets", "input_lengths", "target_lengths", "target_offsets"),  # CTC
+    # two (..., C) logits tensors of one shape (distillation's student and teacher), optional int64 class indices
+    "token_rows": ("student", "teacher", "target"),
 }
-CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "sequences": 4}
+CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "sequences": 4, "token_rows": 3}
 DENOMINATORS = ("elements", "batch", "kept_rows", "kept_weight", "target_lengths")
 
 
@@ -70,9 +72,9 @@ class EagerRoute:
       layout: which call tensors and kernel views (LAYOUT_OPERANDS), the loss's item shape and how a per-item
         grad_output broadcasts against the gradients;
       denominator: the mean's: "elements" (every element), "batch" (the first dimension's size), "kept_rows"
-        (rows whose target is not ignore_index), "kept_weight" (their class weights' sum in index order, their
-        count without weights), "target_lengths" (each sequence's loss over its target length, then over the
-        batch);
+        (rows whose target is not ignore_index; every row without a target), "kept_weight" (their class weights'
+        sum in index order, their count without weights), "target_lengths" (each sequence's loss over its target
+        length, then over the batch);
       scalars: the call's scalar arguments (Scalar), in call order;
       gradients: kernel parameter -> the call tensor whose gradient it writes (a call tensor that requires grad
         without one takes the custom op);

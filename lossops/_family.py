@@ -92,6 +92,11 @@ class Bench:
     grid_shapes: tuple = ()
     grid_quick_shapes: tuple = ()
     targets: tuple = ()  # SpeedTarget: forward+backward speed-ups over eager beyond "at least 1x"
+    # The work the loss cannot avoid, timed beside it: floor(x, *rest, gradients=bool) -> a callable doing that work
+    # in plain torch for the call's inputs (a fused linear loss's matrix products), with or without what the
+    # gradients need; SpeedTarget.within_floor bounds lossops' time against it.
+    floor: Optional[Callable] = None
+    floor_name: str = "floor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +107,7 @@ class SpeedTarget:
     speedup: float
     dtype: Optional[str] = None
     threads: Optional[str] = None
+    within_floor: Optional[float] = None  # and at most this many times the time of the family's Bench.floor
 
 
 class GridShapes:

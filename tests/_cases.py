@@ -130,6 +130,58 @@ def run_python(code: str, env_update: dict, *args: str, drop=("TRITON_INTERPRET"
                           timeout=timeout)
 
 
+_LINEAR_LOSS_PEAK = """
+import sys
+import torch
+import lossops
+from bench.measure import PeakMemory
+
+op, (n, d, v) = sys.argv[1], map(int, sys.argv[2:5])
+memory = PeakMemory(torch.device("cpu"))
+if not memory.available:
+    print("unavailable", memory.method)
+    sys.exit()
+gen = torch.Generator().manual_seed(0)
+hidden = torch.randn(n, d, generator=gen).requires_grad_()
+weight = (torch.randn(v, d, generator=gen) / 16).requires_grad_()
+teacher_hidden, teacher_weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / 16
+target = torch.randint(0, v, (n,), generator=gen)
+target[::17] = -100
+
+
+def setup():
+    hidden.grad = weight.grad = None
+
+
+def run(_):
+    with lossops.backend("cpp"):
+        if op == "linear_cross_entropy":
+            loss = lossops.linear_cross_entropy(hidden, weight, target)
+        else:
+            loss = lossops.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, target,
+                                                    hard_weight=0.5)
+        loss.backward()
+    return hidden.grad, weight.grad
+
+
+run(setup())  # the process's one-time allocations (thread pools, BLAS buffers) outside the measurement
+print(min(memory.measure(setup, run) for _ in range(3)))
+"""
+
+
+def linear_loss_peak_beyond_gradients(op: str, n: int, d: int, v: int) -> int:
+    """Peak process RSS that one forward+backward of a fused linear loss ("linear_cross_entropy" or
+    "linear_distillation_loss", float32, the cpp backend) adds beyond the student's hidden and weight gradients,
+    measured in a fresh interpreter (bench.measure.PeakMemory) after a first call; skips where RSS cannot be read."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    result = run_python(_LINEAR_LOSS_PEAK, {"PYTHONPATH": path}, op, str(n), str(d), str(v))
+    assert result.returncode == 0, result.stderr
+    if result.stdout.startswith("unavailable"):
+        pytest.skip(result.stdout)
+    return int(result.stdout.split()[-1]) - (n * d + v * d) * 4
+
+
 # The C++ kernels' per-instruction-set builds, lowest first, as LOSSOPS_CPU_CAPABILITY names them.
 ISA_ORDER = ("default", "avx2", "avx512")
 

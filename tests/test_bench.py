@@ -153,6 +153,30 @@ def test_grid_verdicts_hold_each_cell_to_eager_and_its_target():
     assert cell(2.0, 1.0).speedup("compile") == 2.0
 
 
+def test_grid_holds_a_fused_linear_loss_to_its_matrix_products():
+    from bench.grid import Cell, floor_bound_for
+    shape = (2048, 512, 32000)
+    assert floor_bound_for("linear_distillation_loss", shape, "bfloat16", "all", "fwd+bwd") == 1.3
+    assert floor_bound_for("linear_distillation_loss", shape, "float32", "1", "no_grad fwd") is None
+
+    def cell(ours, floor):
+        return Cell("linear_distillation_loss", "float32", shape, "fwd+bwd", 1, "1",
+                    {"eager": 3.0, "compile": 2.0, "lossops": ours, "floor": floor}, 1.0, floor_bound=1.3)
+    assert cell(1.25, 1.0).verdict == "target met"
+    assert cell(1.35, 1.0).verdict == "1.3x floor missed"
+    assert cell(1.25, 1.0).of_floor == 1.25
+
+
+def test_bench_differentiates_every_input_that_requires_grad(tmp_path_factory):
+    """linear_distillation_loss (hidden and weight gradients, a matmuls floor) through the CLI's tiny case."""
+    out, result = run_bench(tmp_path_factory, "linear_distillation", "--quick", "--op", "linear_distillation_loss",
+                            "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    assert "floor matmuls" in result.stdout and "lossops-cpp" in result.stdout
+    from bench.cases import FAMILIES, differentiable
+    x, rest = FAMILIES["linear_distillation_loss"].inputs((8, 4, 16), torch.float32, torch.device("cpu"))
+    assert len(differentiable(x, rest)) == 2  # the student's input and weight
+
+
 def test_linear_ce_benchmark_runs_every_method(capsys):
     from bench import linear_ce
     linear_ce.main(["--tokens", "64", "--hidden", "16", "--vocab", "96", "--repeats", "1", "--warmup", "0"])

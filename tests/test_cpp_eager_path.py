@@ -376,6 +376,90 @@ def test_ctc_loss_falls_back_for_lists_and_bad_lengths(monkeypatch):
         lossops.ctc_loss(lp, torch.tensor([[1, 9], [3, 3]]), torch.tensor([5, 5]), torch.tensor([2, 2]))
 
 
+DISTILLATION_NODE = "LossopsDistillationLossBackward"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(32, 10), (10,), (2, 3, 7), (5, 300)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"divergence": "reverse_kl", "temperature": 2.0},
+                                     {"divergence": "tvd", "hard_weight": 0.5, "soft_weight": 0.25},
+                                     {"divergence": "jsd", "beta": 0.3, "ignore_index": 1},
+                                     {"divergence": "jsd", "beta": 1.0, "hard_weight": 1.0, "temperature": 0.5}])
+@pytest.mark.parametrize("target", ["none", "index", "all_ignored"])
+def test_distillation_matches_custom_op(monkeypatch, dtype, shape, reduction, options, target):
+    if target == "none" and options.get("hard_weight"):
+        return
+    gen = torch.Generator().manual_seed(2)
+    student0 = torch.randn(shape, generator=gen).to(dtype)
+    teacher = (torch.randn(shape, generator=gen) * 2).to(dtype)
+    labels = None if target == "none" else torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    if target == "all_ignored":
+        labels.fill_(options.get("ignore_index", -100))
+    grad_output = torch.rand(shape[:-1], generator=gen).to(dtype) if reduction == "none" else None
+
+    def loss(s, t, y):
+        return lossops.distillation_loss(s, t, y, reduction=reduction, **options)
+
+    assert_same_as_custom_op(monkeypatch, loss, lambda: (student0.clone().requires_grad_(), teacher, labels),
+                             DISTILLATION_NODE, grad_output)
+    with torch.no_grad():
+        assert_same_as_custom_op(monkeypatch, loss, lambda: (student0, teacher, labels), DISTILLATION_NODE)
+
+
+@pytest.mark.parametrize("layout", ["strided_classes", "strided_rows", "transposed_tokens", "float32_teacher",
+                                    "strided_target"])
+def test_distillation_layouts_match_custom_op(monkeypatch, layout):
+    gen = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if layout == "float32_teacher" else torch.float32
+    student0 = torch.randn(6, 4, 18, generator=gen).to(dtype)
+    teacher = torch.randn(6, 4, 9, generator=gen)
+    teacher = teacher if layout == "float32_teacher" else teacher.to(dtype)
+    labels = torch.randint(0, 9, (6, 8), generator=gen)
+    views = {  # the logits and the target as the loss reads them, from a (6, 4, 18) student leaf
+        "strided_classes": lambda s: (s[..., ::2], teacher, labels[:, :4]),
+        "strided_rows": lambda s: (s[..., :9], teacher, labels[:, :4]),  # tokens merge into one strided dimension
+        "transposed_tokens": lambda s: (s[..., :9].transpose(0, 1), teacher.transpose(0, 1), labels[:, :4].t()),
+        "float32_teacher": lambda s: (s[..., 9:], teacher, labels[:, 4:]),
+        "strided_target": lambda s: (s[..., :9], teacher, labels[:, ::2]),
+    }
+    grad_output = torch.rand(4, 6, generator=gen).to(dtype)
+    grad_output = grad_output.t() if layout != "transposed_tokens" else grad_output
+
+    def loss(s):
+        return lossops.distillation_loss(*views[layout](s), reduction="none", divergence="jsd", hard_weight=0.5)
+
+    assert_same_as_custom_op(monkeypatch, loss, lambda: (student0.clone().requires_grad_(),), DISTILLATION_NODE,
+                             grad_output)
+
+
+def test_distillation_calls_it_does_not_serve_take_the_full_path():
+    s, t = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7)
+    y = torch.tensor([0, 6, -100, 3, 3])
+    # the teacher's gradient (the plain-PyTorch formula), class indices of another dtype, autocast
+    teacher = t.clone().requires_grad_()
+    loss = lossops.distillation_loss(s, teacher, y)
+    assert loss.grad_fn.name() != DISTILLATION_NODE
+    assert torch.autograd.grad(loss, teacher)[0].abs().sum() > 0
+    assert lossops.distillation_loss(s, t, y.clamp(min=0).to(torch.int32)).grad_fn.name() != DISTILLATION_NODE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lossops.distillation_loss(s, t, y).grad_fn.name() != DISTILLATION_NODE
+    assert lossops.distillation_loss(s, t, y).grad_fn.name() == DISTILLATION_NODE
+    # bad arguments raise from the Python checks, with their messages
+    for kwargs, match in ((dict(beta=1.5), "beta"), (dict(temperature=0.0), "temperature"),
+                          (dict(divergence="kl"), "divergence"), (dict(divergence=["jsd"]), "divergence"),
+                          (dict(hard_weight=-1.0), "hard_weight"),
+                          (dict(soft_weight=float("inf")), "soft_weight"), (dict(reduction="avg"), "reduction")):
+        with pytest.raises(ValueError, match=match):
+            lossops.distillation_loss(s, t, y, **kwargs)
+    with pytest.raises(ValueError, match="hard_weight"):
+        lossops.distillation_loss(s, t, hard_weight=0.5)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        lossops.distillation_loss(s, t[:, :-1], y)
+    with pytest.raises(IndexError, match="out of bounds"):
+        lossops.distillation_loss(s, t, y.clamp(min=0) + 5)
+
+
 def test_every_route_gives_each_kernel_parameter_one_source():
     """A family's eager route covers its kernel's registered parameters exactly: the C++ path calls the kernel by
     those names, as the custom op does."""

@@ -145,6 +145,44 @@ def _check_elementwise_and_focal(mesh, backend):
                      [Shard(0), Shard(0), Replicate()], dict(reduction=reduction))
 
 
+def _check_distillation(mesh, backend):
+    """Logits (and hidden states) sharded on a token dimension: the mean divides by the kept tokens of every rank."""
+    from torch.distributed.tensor import Replicate, Shard
+    student, teacher = _full(30, N, H, C), _full(31, N, H, C)
+    target = _class_target(32, (N, H))
+    oracle = _lossops_reference(lossops.distillation_loss)
+    with lossops.backend(backend):
+        for reduction in ("mean", "sum", "none"):
+            for kw in (dict(), dict(divergence="jsd", beta=0.3, hard_weight=0.5, temperature=2.0)):
+                kw = dict(kw, reduction=reduction)
+                for dim in (0, 1):  # either leading dimension; the target as a DTensor and as a plain tensor
+                    _compare(mesh, lossops.distillation_loss, oracle, [student, teacher, target],
+                             [Shard(dim), Shard(dim), Shard(dim)], kw)
+                    _compare(mesh, lossops.distillation_loss, oracle, [student, teacher, target],
+                             [Shard(dim), None, None], kw)
+            # no target: every token counts; a teacher that requires grad gets its gradient through the shards
+            _compare(mesh, lossops.distillation_loss, oracle, [student, teacher], [Shard(0), Shard(0)],
+                     dict(reduction=reduction, divergence="tvd"), grad_of=(0, 1))
+        _compare(mesh, lossops.distillation_loss, oracle, [student, teacher, target],
+                 [Replicate(), Replicate(), Replicate()], dict(divergence="reverse_kl"))
+        hidden, weight, bias = _full(33, N, H, D, scale=1.0), _full(34, C, D, scale=1.0), _full(35, C, scale=1.0)
+        teacher_hidden, teacher_weight = _full(36, N, H, D + 2, scale=1.0), _full(37, C, D + 2, scale=1.0)
+
+        def linear_oracle(h, w, th, tw, t, b, **kw):
+            return oracle(F.linear(h, w, b), F.linear(th, tw), t, **kw)
+
+        def linear(h, w, th, tw, t, b, **kw):
+            return lossops.linear_distillation_loss(h, w, th, tw, t, student_bias=b, chunk_size=7, **kw)
+
+        for reduction in ("mean", "none"):
+            _compare(mesh, linear, linear_oracle, [hidden, weight, teacher_hidden, teacher_weight, target, bias],
+                     [Shard(0), Replicate(), Shard(0), Replicate(), Shard(0), Replicate()],
+                     dict(reduction=reduction, divergence="jsd", hard_weight=0.5), grad_of=(0, 1, 5))
+    with pytest.raises(ValueError, match="distillation_loss does not support student_logits sharded on its class"):
+        from torch.distributed.tensor import distribute_tensor
+        lossops.distillation_loss(distribute_tensor(student, mesh, [Shard(2)]), teacher)
+
+
 def _check_refusals(mesh):
     from torch.distributed.tensor import Partial, Shard, distribute_tensor, DTensor
     x = distribute_tensor(_full(16, N, C), mesh, [Shard(1)])
@@ -197,7 +235,7 @@ def _check_all(mesh, backend):
         _check_direct_op_call(mesh)
 
 
-def _worker(rank, world_size, init_file, backend):
+def _worker(rank, world_size, init_file, backend, check=_check_all):
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -205,17 +243,17 @@ def _worker(rank, world_size, init_file, backend):
         own = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("world", "own"))["own"]
         world = init_device_mesh("cpu", (world_size,))
         pair = dist.new_group([0, 1])
-        _check_all(world, backend)
+        check(world, backend)
         # The smaller meshes test the DTensor layer, the same for both backends: the C++ run covers them (under
         # the interpreter each Triton call costs about a millisecond).
         if backend == "triton":
             pass
         elif rank < 2:
-            _check_all(DeviceMesh.from_group(pair, "cpu"), backend)
+            check(DeviceMesh.from_group(pair, "cpu"), backend)
         else:
             # A 1-rank mesh on the rank outside the pair, meanwhile: its rank on that mesh (0) is not its global
             # rank, so a global rank used in place of the mesh's shows here (the other ranks' would repeat it).
-            _check_all(own, backend)
+            check(own, backend)
         # No rank tears its gloo connections down while another still uses them: rank 2, done first, aborted the
         # spawn now and then ("terminate called without an active exception").
         dist.barrier()
@@ -226,6 +264,11 @@ def _worker(rank, world_size, init_file, backend):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_dtensor_losses_on_1_2_and_3_ranks_match_single_process(tmp_path, backend):
     mp.spawn(_worker, args=(3, str(tmp_path / "store"), backend), nprocs=3, join=True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_dtensor_distillation_on_1_2_and_3_ranks_matches_single_process(tmp_path, backend):
+    mp.spawn(_worker, args=(3, str(tmp_path / "store"), backend, _check_distillation), nprocs=3, join=True)
 
 
 def test_plain_calls_do_not_go_through_the_dtensor_path():

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import lossops
 from lossops.losses.cross_entropy import CrossEntropyOptions, reference_cross_entropy
-from lossops.losses.linear_cross_entropy import default_chunk_size
+from lossops.losses.linear_cross_entropy import LOGITS_BUDGET, chunk_rows
+from _cases import linear_loss_peak_beyond_gradients
 
 REDUCTIONS = ["mean", "sum", "none"]
 # OpInfo-like option cases: each extra alone, then all together (with and without a bias).
@@ -151,7 +152,7 @@ def test_bfloat16_accumulates_across_chunks_in_float32():
 
 
 def test_never_allocates_full_logits():
-    n, d, v = 512, 8, 256
+    n, d, v = 1024, 8, 4096
     hidden, weight, bias, target, _ = make_inputs({}, n=n, d=d, v=v, dtype=torch.float32)
     logits_bytes = n * v * 4
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -161,12 +162,29 @@ def test_never_allocates_full_logits():
     assert 0 < largest <= logits_bytes // 8, (largest, logits_bytes)
 
 
+def default_chunk_size(rows, vocab, itemsize):
+    return chunk_rows(rows, vocab, itemsize, LOGITS_BUDGET)
+
+
 def test_default_chunk_size_bounds_chunk_logits():
-    assert default_chunk_size(4096, 32000, 4) == 512  # 1/8 of the rows
-    assert default_chunk_size(5, 32000, 4) == 1
+    # the chunk (and a low-precision weight gradient's product block of its size) and 64 bytes a token: 1/8
+    for rows, vocab, itemsize in ((4096, 32000, 4), (2048, 32768, 4), (2048, 32768, 2), (1000, 50257, 2)):
+        chunk_bytes = default_chunk_size(rows, vocab, itemsize) * vocab * itemsize * (1 + (itemsize < 4))
+        assert chunk_bytes + 64 * rows <= rows * vocab * 4 // 8
+    assert default_chunk_size(4096, 32000, 4) == 456  # 9 even chunks
+    assert default_chunk_size(5, 32000, 4) == 5  # small logits: one chunk
+    assert default_chunk_size(64, 128, 4) == 64
     # Huge logits: capped near 256 MiB per chunk, but never below 128 rows.
     assert default_chunk_size(65536, 128256, 4) * 128256 * 4 <= 256 << 20
     assert default_chunk_size(65536, 10 ** 7, 4) == 128
+
+
+def test_peak_memory_beyond_the_gradients_is_an_eighth_of_the_logits():
+    """N=2048, D=256, V=32768, float32, as process RSS in a fresh interpreter: the op's chunk of logits and
+    everything else it allocates beyond the hidden and weight gradients."""
+    n, d, v = 2048, 256, 32768
+    peak = linear_loss_peak_beyond_gradients("linear_cross_entropy", n, d, v)
+    assert peak <= n * v * 4 // 8, peak
 
 
 def test_all_ignored_mean_is_nan_with_zero_gradients_like_torch():

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 import lossops
 from lossops.losses.linear_cross_entropy import chunk_rows
+from lossops.losses.linear_distillation import LOGITS_BUDGET
+from _cases import linear_loss_peak_beyond_gradients
 from test_distillation import torch_formula
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "tvd", "jsd"]
@@ -123,37 +125,18 @@ def test_bad_arguments(change, error, match):
         lossops.linear_distillation_loss(**arguments)
 
 
-def test_default_chunks_hold_an_eighth_of_the_logits():
-    assert chunk_rows(2048, 32768, 4, logits_buffers=2) * 2 * 32768 * 4 <= 2048 * 32768 * 4 // 8
-    assert chunk_rows(5, 32000, 4, logits_buffers=2) == 1
+def test_default_chunks_fit_a_quarter_of_the_logits():
+    for tokens, vocab, itemsize in ((2048, 32768, 4), (2048, 32000, 2), (4096, 128256, 4)):
+        rows = chunk_rows(tokens, vocab, itemsize, LOGITS_BUDGET, logits_buffers=2)
+        # both models' chunks, and the product block of a low-precision weight gradient
+        chunk_bytes = rows * vocab * itemsize * (2 + (itemsize < 4))
+        assert chunk_bytes + 64 * tokens <= tokens * vocab * 4 // 4
+    assert chunk_rows(5, 8000, 4, LOGITS_BUDGET, logits_buffers=2) == 5  # small logits: one chunk
 
 
 def test_peak_memory_beyond_the_student_gradients_is_a_quarter_of_the_logits():
-    """N=2048, D=256, V=32768, float32, as process RSS (bench.measure.PeakMemory): the chunks' logits, the teacher's
-    included, and everything else the op allocates beyond the student's three gradients."""
-    from bench.measure import PeakMemory
-    memory = PeakMemory(torch.device("cpu"))
-    if not memory.available:
-        pytest.skip(memory.method)
+    """N=2048, D=256, V=32768, float32, as process RSS in a fresh interpreter: the chunks' logits, the teacher's
+    included, and everything else the op allocates beyond the student's two gradients."""
     n, d, v = 2048, 256, 32768
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, d, generator=gen).requires_grad_()
-    weight = (torch.randn(v, d, generator=gen) / 16).requires_grad_()
-    teacher_hidden, teacher_weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / 16
-    target = torch.randint(0, v, (n,), generator=gen)
-
-    def setup():
-        hidden.grad = weight.grad = None
-        return None
-
-    def run(_):
-        with lossops.backend("cpp"):
-            lossops.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, target,
-                                             hard_weight=0.5).backward()
-        return hidden.grad, weight.grad
-
-    run(setup())  # the process's one-time allocations (thread pools, BLAS buffers) outside the measurement
-    peak = min(memory.measure(setup, run) for _ in range(3))
-    gradients = (n * d + v * d) * 4
-    logits = n * v * 4
-    assert peak - gradients <= logits // 4, (peak, gradients, logits)
+    peak = linear_loss_peak_beyond_gradients("linear_distillation_loss", n, d, v)
+    assert peak <= n * v * 4 // 4, peak

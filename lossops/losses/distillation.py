@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks, _family, _reduce
+from .. import _backend, _checks, _eager, _family, _reduce, _sharding
 from .._family import GridShapes as G
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "tvd", "jsd")
@@ -30,6 +30,15 @@ _FORWARD_KL, _REVERSE_KL, _TVD, _JSD = range(4)
 KERNEL = _family.Kernel("distillation", "distillation",
                         ("student", "teacher", "target", "grad", "divergence", "beta", "temperature", "ignore_index",
                          "hard_weight", "soft_weight", "grad_scale"))
+# Plain CPU calls (lossops._eager): the kernel's row losses, their mean over the kept tokens (every token without a
+# target) and the student's gradient, in one C++ call. The divergence arrives as its kernel code (divergence_code).
+EAGER_ROUTE = _eager.EagerRoute(
+    "token_rows", "kept_rows",
+    scalars=(_eager.Scalar("divergence", "int", _FORWARD_KL, _JSD), _eager.Scalar("beta", "real", 0.0, 1.0),
+             _eager.Scalar("temperature", "real", math.ulp(0.0)), _eager.Scalar("ignore_index", "int"),
+             _eager.Scalar("hard_weight", "real", 0.0), _eager.Scalar("soft_weight", "real", 0.0)),
+    gradients={"grad": "student"}, node="LossopsDistillationLossBackward")
+_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,27 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     no T^2 factor: multiply by temperature ** 2 for Hinton's scaling. Gradients: the student's logits; the
     teacher's too when they require grad (computed by the plain-PyTorch formula).
     """
+    # The C++ eager path first (docs/eager-path.md): it returns None for anything it does not serve, bad arguments
+    # included, and the full path's checks then raise. A hard term without a target is left to those checks.
+    if (type(divergence) is str and (code := _CODES.get(divergence)) is not None and type(reduction) is str
+            and (target is not None or (type(hard_weight) in (float, int) and hard_weight == 0))
+            and (cpp := _eager.cpp_module(student_logits, teacher_logits, target))):
+        if code == _JSD and type(beta) in (float, int) and beta in (0, 1):
+            code = _FORWARD_KL if beta == 0 else _REVERSE_KL
+        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, student_logits, teacher_logits, target, code, beta,
+                              temperature, ignore_index, hard_weight, soft_weight)
+        if loss is not None:
+            return loss
+    return DISTILLATION.full_path(student_logits, teacher_logits, target, divergence=divergence, beta=beta,
+                                  temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                                  hard_weight=hard_weight, soft_weight=soft_weight)
+
+
+def _full_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
+                            divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                            ignore_index: int = -100, reduction: str = "mean", hard_weight: float = 0.0,
+                            soft_weight: float = 1.0) -> Tensor:
+    """distillation_loss past its C++ eager path: every check, backend and input kind."""
     options = check_options(divergence, beta, temperature, ignore_index, reduction, hard_weight, soft_weight,
                             target is not None)
     student2, teacher2, target1 = check_logits(student_logits, teacher_logits, target)
@@ -144,6 +174,19 @@ def token_count(target: Optional[Tensor], rows: int, ignore_index: int, like: Te
     if target is None:
         return torch.full((), rows, dtype=dtype, device=like.device)
     return (target != ignore_index).sum().to(dtype)
+
+
+def kept_tokens(student: Tensor, target: Optional[Tensor], ignore_index: int) -> Tensor:
+    """The mean's denominator for one rank's tokens of classes-last logits (or hidden states) on a DTensor mesh."""
+    tokens = student.numel() // max(student.shape[-1], 1) if student.dim() else 1
+    return token_count(None if target is None else target.reshape(-1), tokens, ignore_index, student)
+
+
+def token_sharding(first: str, whole: tuple[str, ...] = (), class_dim_name: str = "class") -> _sharding.Sharding:
+    """Sharded on the tokens (any leading dimension of `first`, classes or features last); the mean divides by the
+    kept tokens of every rank. The last dimension is refused: no vocabulary-parallel distillation is written."""
+    return _sharding.Sharding(lambda x: x.dim() - 1, whole=whole, class_dim_name=class_dim_name,
+                              denominator=lambda a: kept_tokens(a[first], a["target"], a["ignore_index"]))
 
 
 def kernel_arguments(options: DistillationOptions) -> dict:
@@ -289,7 +332,8 @@ DISTILLATION = _family.register(_family.Family(
                                       _family.Input("teacher_logits"), _family.Input("target", optional=True)),
     options=DistillationOptions, kernel=KERNEL, run=_run, loss_like=_loss_like,
     item_shape=lambda t, o: (t["student_logits"].shape[0], 1), reference=reference_distillation_loss,
-    function=distillation_loss, torch_fn=torch_distillation_loss,
+    function=distillation_loss, full_path=_full_distillation_loss, torch_fn=torch_distillation_loss,
+    eager_routes=(EAGER_ROUTE,), sharding=token_sharding("student_logits"),
     # No torch_fn in the cases: under autocast torch's formula runs log_softmax in bf16, a worse answer than the
     # kernels' float32 one (tests/test_distillation.py holds both to a float64 truth instead).
     cases=(_family.Case(_student_teacher_target, dict(temperature=2.0, hard_weight=0.5),

@@ -35,11 +35,17 @@ from .cross_entropy import (KERNEL as ROW_KERNEL, CrossEntropyOptions, mean_term
 from . import token_options, token_stats
 from .token_stats import STATS_GRAD_KERNEL, STATS_KERNEL
 
-# Chunk logits are at most 1/_CHUNKS_PER_PASS of the full logits, and at most about _CHUNK_BYTES once the
-# logits are huge, but never fewer than _MIN_CHUNK_ROWS rows (smaller matmuls lose too much speed).
-_CHUNKS_PER_PASS = 8
+# The default chunks of the fused linear losses come from a byte budget (chunk_rows): every chunk-sized buffer an op
+# holds at once, and _TOKEN_BYTES a token for its per-token values (losses, targets, statistics), within a fraction
+# of one float32 N x V logits tensor (LOGITS_BUDGET here; the distillation, which holds two models' chunks, has its
+# own). Once the logits are huge the chunks hold about _CHUNK_BYTES, but never fewer than _MIN_CHUNK_ROWS rows
+# (smaller matmuls lose too much speed: each chunk's product re-reads the whole weight); small logits are not split
+# below _MIN_CHUNK_BYTES, where each chunk's calls would cost more than the memory saved is worth.
+LOGITS_BUDGET = 1 / 8
+_TOKEN_BYTES = 64
 _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
+_MIN_CHUNK_BYTES = 1 << 20
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
 
 
@@ -64,10 +70,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     fused path. ignore_index=None means -100, as torch maps it. options: a torch.nn.LinearCrossEntropyOptions;
     its batch_chunk_size sets the chunk size (lossops' own policy otherwise; its other fields concern torch's
     implementation), and the fused path serves every call, options or not. Extras as lossops.cross_entropy:
-    lse_square_scale, softcap; chunk_size: rows of tokens per chunk (default: 1/8 of the rows, capped near
-    256 MiB of logits). A (V, d1, ..., dK, D) weight or probability targets take the reference path (F.linear,
-    then cross_entropy), with the same semantics. temperature, token_weight (the target's shape) and
-    num_items_in_batch as lossops.cross_entropy; the temperature divides the hidden states and bias (not the
+    lse_square_scale, softcap; chunk_size: rows of tokens per chunk (default: the chunk of logits and what else the
+    op holds within 1/8 of the rows' float32 logits; chunks near 256 MiB but of at least 128 rows once the logits are
+    huge; under 1 MiB of logits, one chunk). A (V, d1, ..., dK, D) weight or probability targets take the
+    reference path (F.linear, then cross_entropy), with the same semantics. temperature, token_weight (the target's
+    shape) and num_items_in_batch as lossops.cross_entropy; the temperature divides the hidden states and bias (not the
     N x V logits) before the fused pass. return_token_stats=True returns a LossWithTokenStats as
     lossops.cross_entropy does, its statistics computed on each chunk of logits inside the fused pass.
     """
@@ -139,8 +146,10 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
 
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     target1 = target.reshape(-1).to(torch.int64).contiguous()
-    rows = chunk_size if chunk_size is not None else default_chunk_size(hidden2.shape[0], linear_weight.shape[0],
-                                                                         hidden.element_size())
+    # the token statistics' gradient takes a second chunk of logits in backward
+    rows = chunk_size if chunk_size is not None else chunk_rows(hidden2.shape[0], linear_weight.shape[0],
+                                                                hidden.element_size(), LOGITS_BUDGET,
+                                                                logits_buffers=1 if stats_sink is None else 2)
     wants = {name: torch.is_grad_enabled() and t is not None and t.requires_grad
              for name, t in (("hidden", hidden), ("weight", linear_weight), ("bias", bias))}
     tensors = {"hidden": hidden2, "weight": linear_weight, "bias": bias, "target": target1, "class_weight": weight}
@@ -197,17 +206,18 @@ SHARDING = _sharding.Sharding(lambda input: input.dim() - 1, whole=("linear_weig
                               class_dim_name="feature", replicated_only=token_options.DEFAULTS)
 
 
-def default_chunk_size(num_rows: int, vocab: int, itemsize: int) -> int:
-    return chunk_rows(num_rows, vocab, itemsize)
-
-
-def chunk_rows(num_rows: int, vocab: int, itemsize: int, logits_buffers: int = 1) -> int:
-    """Token rows per chunk of a fused linear loss holding `logits_buffers` chunks of logits at once (the
-    distillation holds the student's and the teacher's): together at most 1/_CHUNKS_PER_PASS of the rows' logits
-    and about _CHUNK_BYTES, but never fewer than _MIN_CHUNK_ROWS rows."""
-    rows = -(-num_rows // (_CHUNKS_PER_PASS * logits_buffers))
-    cap = max(_CHUNK_BYTES // max(vocab * itemsize * logits_buffers, 1), _MIN_CHUNK_ROWS)
-    return max(1, min(rows, cap))
+def chunk_rows(num_rows: int, vocab: int, itemsize: int, budget: float, logits_buffers: int = 1) -> int:
+    """Token rows per chunk of a fused linear loss, from a byte budget: `budget` (a fraction) of one float32
+    num_rows x vocab logits tensor holds _TOKEN_BYTES a token and every chunk-sized buffer the op has at once: its
+    `logits_buffers` chunks of logits (the distillation holds the student's and the teacher's) and, for logits of
+    less than 4 bytes, _Gradients' product block of the same size. Huge logits: about _CHUNK_BYTES of chunks, but at
+    least _MIN_CHUNK_ROWS rows; small logits: chunks of at least _MIN_CHUNK_BYTES. The rows are spread evenly over
+    the chunks that many rows need."""
+    per_row = max(vocab * itemsize * (logits_buffers + (itemsize < 4)), 1)
+    within_budget = int((budget * num_rows * vocab * 4 - _TOKEN_BYTES * num_rows) // per_row)
+    most = max(1, min(within_budget, max(_CHUNK_BYTES // per_row, _MIN_CHUNK_ROWS)), _MIN_CHUNK_BYTES // per_row)
+    chunks = -(-num_rows // most)
+    return max(1, -(-num_rows // max(chunks, 1)))
 
 
 def _check_arguments(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
@@ -295,6 +305,7 @@ class _Gradients:
         self.grad_weight_sum = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wanted["weight"] else None
         wants_bias = wanted["bias"] and bias is not None
         self.grad_bias_sum = torch.zeros(vocab, dtype=acc, device=weight.device) if wants_bias else None
+        # the mixed-dtype product's blocks hold as many elements as a chunk of logits (chunk_rows counts them)
         self.vocab_block = min(vocab, max(1, chunks.options.chunk_size * vocab // max(hidden.shape[1], 1)))
 
     def wanted(self) -> bool:

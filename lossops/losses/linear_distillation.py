@@ -21,8 +21,12 @@ from torch import Tensor
 
 from .. import _backend, _checks, _family, _reduce
 from .distillation import (KERNEL, DistillationOptions, check_options, kernel_arguments, reference_distillation_loss,
-                           token_count, token_targets)
+                           token_count, token_sharding, token_targets, torch_distillation_loss)
 from .linear_cross_entropy import _Chunks, _Gradients, chunk_rows
+
+# Both models' chunks of logits (and everything else the op holds beyond the student's gradients) within a quarter
+# of one float32 tokens x vocab logits tensor (linear_cross_entropy.chunk_rows).
+LOGITS_BUDGET = 1 / 4
 
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
 
@@ -45,8 +49,9 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     teacher_weight (V, D_t); biases (V,). Gradients: the student's input, weight and bias. A teacher tensor that
     requires grad (a model's parameters do unless frozen) takes the unfused formula, which forms both models' logits
     and gives the teacher's gradients too: detach or freeze the teacher to keep the fused path. chunk_size: tokens per
-    chunk (default: both chunks' logits together within 1/8 of the tokens' logits, capped near 256 MiB, at
-    least 128 tokens). Keywords as distillation_loss.
+    chunk (default: both chunks' logits and what else the op holds within 1/4 of the tokens' float32 logits; near
+    256 MiB but at least 128 tokens once the logits are huge; under 1 MiB of chunks, one chunk). Keywords as
+    distillation_loss.
     """
     options = check_options(divergence, beta, temperature, ignore_index, reduction, hard_weight, soft_weight,
                             target is not None)
@@ -84,7 +89,8 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     features = student_input.shape[-1]
     hidden = student_input.reshape(-1, features)
     tokens, vocab = hidden.shape[0], student_weight.shape[0]
-    rows = chunk_size if chunk_size is not None else chunk_rows(tokens, vocab, hidden.element_size(), logits_buffers=2)
+    rows = chunk_size if chunk_size is not None else chunk_rows(tokens, vocab, hidden.element_size(), LOGITS_BUDGET,
+                                                                logits_buffers=2)
     wants = {name: torch.is_grad_enabled() and t is not None and t.requires_grad
              for name, t in (("hidden", student_input), ("weight", student_weight), ("bias", student_bias))}
     tensors = {"hidden": hidden, "weight": student_weight, "bias": student_bias,
@@ -184,6 +190,42 @@ def _students_and_teachers(dtype):
     return [x.to(dtype) for x in (student_input, student_weight, teacher_input, teacher_weight)] + [target]
 
 
+def torch_linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, target=None,
+                                   **kwargs):
+    """What a torch user writes (the benchmark's eager, and what torch.compile compiles): both models' logits, then
+    the plain distillation formula."""
+    return torch_distillation_loss(F.linear(student_input, student_weight), F.linear(teacher_input, teacher_weight),
+                                   target, **kwargs)
+
+
+def _bench_inputs(shape, dtype, device):
+    tokens, features, vocab = shape
+    student = (torch.randn(tokens, features, dtype=dtype, device=device) / features ** 0.5).requires_grad_()
+    student_weight = torch.randn(vocab, features, dtype=dtype, device=device).requires_grad_()
+    teacher = torch.randn(tokens, features, dtype=dtype, device=device) / features ** 0.5
+    teacher_weight = torch.randn(vocab, features, dtype=dtype, device=device) * 2
+    target = torch.randint(0, vocab, (tokens,), device=device)
+    target[::17] = -100
+    return student, student_weight, teacher, teacher_weight, target
+
+
+def _matrix_products(student, student_weight, teacher, teacher_weight, target, gradients: bool):
+    """The products every implementation makes, as plain torch.mm into buffers allocated here: both models' logits
+    and, with gradients, the student's input and weight gradients from d(loss)/d(logits) (a random stand-in)."""
+    logits = [torch.empty(student.shape[0], student_weight.shape[0], dtype=student.dtype, device=student.device)
+              for _ in range(2)]
+    grad_logits = torch.randn_like(logits[0]) if gradients else None
+    grad_input, grad_weight = torch.empty_like(student), torch.empty_like(student_weight)
+
+    def run():
+        torch.mm(student, student_weight.t(), out=logits[0])
+        torch.mm(teacher, teacher_weight.t(), out=logits[1])
+        if grad_logits is not None:
+            torch.mm(grad_logits, student_weight, out=grad_input)
+            torch.mm(grad_logits.t(), student, out=grad_weight)
+    return run
+
+
 LINEAR_DISTILLATION = _family.register(_family.Family(
     name="linear_distillation_loss",
     inputs=(_family.Input("hidden", differentiable=True), _family.Input("weight", differentiable=True),
@@ -193,8 +235,16 @@ LINEAR_DISTILLATION = _family.register(_family.Family(
     options=LinearDistillationOptions, kernel=KERNEL, run=_run, recompute=_recompute, loss_like=_loss_like,
     gradient_in_backward=lambda backend, options: options.reduction == "none",
     function=linear_distillation_loss,
+    sharding=token_sharding("student_input", whole=("student_weight", "student_bias", "teacher_weight", "teacher_bias"),
+                            class_dim_name="feature"),
     cases=(_family.Case(_students_and_teachers, dict(chunk_size=4, temperature=2.0, hard_weight=0.5), target=4,
                         bad=(dict(chunk_size=0), dict(beta=2.0))),
-           _family.Case(_students_and_teachers, dict(divergence="jsd", reduction="none", chunk_size=4), target=4))))
+           _family.Case(_students_and_teachers, dict(divergence="jsd", reduction="none", chunk_size=4), target=4)),
+    # (tokens, features, vocab): the issue's case is 2048 x 512 x 32000, held to its four products' time
+    bench=_family.Bench(torch_linear_distillation_loss, None, ((1024, 256, 8192), (2048, 512, 32000)),
+                        quick_shapes=((64, 32, 128),), columns="features", make_inputs=_bench_inputs,
+                        grid_shapes=((64, 32, 128), (1024, 256, 8192), (2048, 512, 32000)),
+                        grid_quick_shapes=((64, 32, 128),), floor=_matrix_products, floor_name="matmuls",
+                        targets=(_family.SpeedTarget((2048, 512, 32000), 1.0, within_floor=1.3),))))
 LINEAR_DISTILLATION.module = _family.make_module(LINEAR_DISTILLATION, "LinearDistillationLoss", inputs=5,
                                                  doc="lossops.linear_distillation_loss as a Module.")
