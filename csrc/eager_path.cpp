@@ -87,9 +87,9 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
-enum class Layout { kClassRows, kSameShape, kSequences };
+enum class Layout { kClassRows, kSameShape, kSameShapeAux, kSequences };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
-enum class Source { kTensor, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
+enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
 
 // The call tensors each layout takes, in order, and the kernel operands it makes of them ("roles"; the layout may
@@ -98,12 +98,15 @@ enum class ScalarKind { kInt, kReal, kFlag };
 //     per-class weight (C,). Operands: input as (outer, C, inner), target as (outer * inner,), weight in the
 //     accumulation dtype. Loss items: the target's shape; grad_output broadcasts as (outer, 1, inner).
 //   same_shape: input and target of one shape and floating dtype. Operands: both contiguous. Items: elements.
+//   same_shape_aux: input, target and aux of one shape and floating dtype. Operands: input and target contiguous,
+//     aux contiguous in the accumulation dtype; an aux layout parameter (kOperandLayout) is [1, numel].
 //   sequences: (T, N, C) log-probabilities, int64 targets (N, S) or concatenated, int64 input and target
 //     lengths (N,). Operands: those four and each sequence's target offset. Items: sequences.
 size_t call_tensor_count(Layout layout) {
   switch (layout) {
     case Layout::kClassRows: return 3;
     case Layout::kSameShape: return 2;
+    case Layout::kSameShapeAux: return 3;
     case Layout::kSequences: return 4;
   }
   return 0;
@@ -115,7 +118,7 @@ using Gradients = std::array<at::Tensor, kMaxCallTensors>;
 
 struct ParameterSource {
   Source source;
-  size_t index;        // the operand (kTensor), the call tensor (kGradient) or the call scalar (kScalar, kFilled...)
+  size_t index;        // the operand (kTensor, kOperandLayout), the call tensor (kGradient) or the call scalar
   c10::IValue constant;
 };
 
@@ -228,6 +231,16 @@ bool prepare_same_shape(const CallTensors& call, Prepared& p) {
   return true;
 }
 
+bool prepare_same_shape_aux(const CallTensors& call, Prepared& p) {
+  const at::Tensor* aux = call[2];
+  if (aux == nullptr || aux->scalar_type() != call[0]->scalar_type() || aux->sizes() != call[0]->sizes() ||
+      !prepare_same_shape(call, p))
+    return false;
+  const auto acc = at::toOpMathType(aux->scalar_type());
+  p.operands.push_back(aux->scalar_type() == acc ? aux->contiguous() : aux->to(acc).contiguous());
+  return true;
+}
+
 // CTC's lengths are read here (as torch's CPU ctc_loss reads them); anything out of range takes the full path.
 bool prepare_sequences(const CallTensors& call, Prepared& p) {
   const at::Tensor& log_probs = *call[0];
@@ -271,6 +284,7 @@ bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
   switch (layout) {
     case Layout::kClassRows: return prepare_class_rows(call, p);
     case Layout::kSameShape: return prepare_same_shape(call, p);
+    case Layout::kSameShapeAux: return prepare_same_shape_aux(call, p);
     case Layout::kSequences: return prepare_sequences(call, p);
   }
   return false;
@@ -356,6 +370,7 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
   route.node_name = node_name;
   route.layout = named<Layout>("layout", layout, {{"class_rows", Layout::kClassRows},
                                                   {"same_shape", Layout::kSameShape},
+                                                  {"same_shape_aux", Layout::kSameShapeAux},
                                                   {"sequences", Layout::kSequences}});
   route.denominator = named<DenominatorRule>("denominator", denominator,
                                              {{"elements", DenominatorRule::kElements},
@@ -374,7 +389,8 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
     const auto t = parameter.cast<py::tuple>();
     const std::string name = t[0].cast<std::string>();
     const Source source = named<Source>("parameter source", t[1].cast<std::string>(),
-                                        {{"tensor", Source::kTensor}, {"gradient", Source::kGradient},
+                                        {{"tensor", Source::kTensor}, {"operand_layout", Source::kOperandLayout},
+                                         {"gradient", Source::kGradient},
                                          {"grad_scale", Source::kGradScale}, {"per_item", Source::kPerItem},
                                          {"scalar", Source::kScalar}, {"filled_weight", Source::kFilledWeight},
                                          {"constant", Source::kConstant}});
@@ -453,6 +469,9 @@ bool kernel_values(const EagerRoute& route, const EagerCall& call, std::vector<c
     switch (s.source) {
       case Source::kTensor:
         values.emplace_back(p.operands[s.index].defined() ? c10::IValue(p.operands[s.index]) : c10::IValue());
+        break;
+      case Source::kOperandLayout:
+        values.emplace_back(std::vector<int64_t>{1, p.operands[s.index].numel()});
         break;
       case Source::kGradient:
         if (in_place && s.index == 0) {
