@@ -87,7 +87,7 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
-enum class Layout { kClassRows, kSameShape, kSameShapeAux, kSequences };
+enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kSequences };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
 enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
@@ -98,8 +98,10 @@ enum class ScalarKind { kInt, kReal, kFlag };
 //     per-class weight (C,). Operands: input as (outer, C, inner), target as (outer * inner,), weight in the
 //     accumulation dtype. Loss items: the target's shape; grad_output broadcasts as (outer, 1, inner).
 //   same_shape: input and target of one shape and floating dtype. Operands: both contiguous. Items: elements.
-//   same_shape_aux: input, target and aux of one shape and floating dtype. Operands: input and target contiguous,
-//     aux contiguous in the accumulation dtype; an aux layout parameter (kOperandLayout) is [1, numel].
+//   same_shape_aux: input, target and aux of one shape and floating dtype. Operands: all three contiguous; an aux
+//     layout parameter (kOperandLayout) is [1, numel].
+//   row_pairs: input1 and input2 (N, D) of one floating dtype, a real target (N,). Operands: the inputs contiguous,
+//     the target contiguous in the accumulation dtype. Items: rows; grad_output broadcasts as (N, 1).
 //   sequences: (T, N, C) log-probabilities, int64 targets (N, S) or concatenated, int64 input and target
 //     lengths (N,). Operands: those four and each sequence's target offset. Items: sequences.
 size_t call_tensor_count(Layout layout) {
@@ -107,6 +109,7 @@ size_t call_tensor_count(Layout layout) {
     case Layout::kClassRows: return 3;
     case Layout::kSameShape: return 2;
     case Layout::kSameShapeAux: return 3;
+    case Layout::kRowPairs: return 3;
     case Layout::kSequences: return 4;
   }
   return 0;
@@ -236,8 +239,24 @@ bool prepare_same_shape_aux(const CallTensors& call, Prepared& p) {
   if (aux == nullptr || aux->scalar_type() != call[0]->scalar_type() || aux->sizes() != call[0]->sizes() ||
       !prepare_same_shape(call, p))
     return false;
-  const auto acc = at::toOpMathType(aux->scalar_type());
-  p.operands.push_back(aux->scalar_type() == acc ? aux->contiguous() : aux->to(acc).contiguous());
+  p.operands.push_back(aux->contiguous());
+  return true;
+}
+
+bool prepare_row_pairs(const CallTensors& call, Prepared& p) {
+  const at::Tensor& x1 = *call[0];
+  const at::Tensor& x2 = *call[1];
+  const at::Tensor* target = call[2];
+  if (!kernel_dtype(x1.scalar_type()) || x2.scalar_type() != x1.scalar_type() || x1.dim() != 2 ||
+      x1.sizes() != x2.sizes() || x1.size(0) == 0 || target == nullptr || target->dim() != 1 ||
+      target->size(0) != x1.size(0) || target->scalar_type() == at::kBool ||
+      !(at::isFloatingType(target->scalar_type()) || at::isIntegralType(target->scalar_type(), false)))
+    return false;
+  const auto acc = at::toOpMathType(x1.scalar_type());
+  p.operands = {x1.contiguous(), x2.contiguous(),
+                target->scalar_type() == acc ? target->contiguous() : target->to(acc).contiguous()};
+  p.loss_shape = {x1.size(0)};
+  p.item_shape = {x1.size(0), 1};
   return true;
 }
 
@@ -285,6 +304,7 @@ bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
     case Layout::kClassRows: return prepare_class_rows(call, p);
     case Layout::kSameShape: return prepare_same_shape(call, p);
     case Layout::kSameShapeAux: return prepare_same_shape_aux(call, p);
+    case Layout::kRowPairs: return prepare_row_pairs(call, p);
     case Layout::kSequences: return prepare_sequences(call, p);
   }
   return false;
@@ -371,6 +391,7 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
   route.layout = named<Layout>("layout", layout, {{"class_rows", Layout::kClassRows},
                                                   {"same_shape", Layout::kSameShape},
                                                   {"same_shape_aux", Layout::kSameShapeAux},
+                                                  {"row_pairs", Layout::kRowPairs},
                                                   {"sequences", Layout::kSequences}});
   route.denominator = named<DenominatorRule>("denominator", denominator,
                                              {{"elements", DenominatorRule::kElements},

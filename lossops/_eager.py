@@ -45,10 +45,11 @@ def applies(*tensors) -> bool:
 LAYOUT_OPERANDS = {
     "class_rows": ("input", "target", "weight"),  # (N, C, d...) logits, int64 class indices, optional class weight
     "same_shape": ("input", "target"),  # floating input and target of one shape
-    "same_shape_aux": ("input", "target", "aux"),  # and a third operand of that shape, read in the accumulation dtype
+    "same_shape_aux": ("input", "target", "aux"),  # and a third operand of that shape and dtype
+    "row_pairs": ("input1", "input2", "target"),  # (N, D) rows of one floating dtype and a real (N,) target
     "sequences": ("log_probs", "targets", "input_lengths", "target_lengths", "target_offsets"),  # CTC
 }
-CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "same_shape_aux": 3, "sequences": 4}
+CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "same_shape_aux": 3, "row_pairs": 3, "sequences": 4}
 # Kernel parameters a layout fills with the [inner, period] broadcast layout of one of its operands: [1, numel], the
 # operand having every element of the input.
 OPERAND_LAYOUTS = {"same_shape_aux": {"aux_layout": "aux"}}

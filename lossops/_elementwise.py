@@ -11,7 +11,8 @@ grad_output (lossops._reduce.apply_grad_output).
 Every elementwise kernel takes the keyword parameters ELEMENTWISE_PARAMETERS followed by its family's own
 (beta, gamma, ...): weight and aux (pos_weight) are compact broadcast operands, element i reads
 operand[(i // inner) % period] with layout = [inner, period] (see broadcast_layout), so a (C,) pos_weight is
-never expanded to (N, C).
+never expanded to (N, C). An aux operand of the input's shape and dtype (the third tensor of margin_ranking_loss and
+gaussian_nll_loss), in a call without weight, is read as it is by the kernels' dense pass.
 """
 from __future__ import annotations
 
@@ -186,7 +187,10 @@ def elementwise_loss(family: _family.Family, input: Tensor, target: Tensor, *, o
         return reference()
     acc = _checks.opmath_dtype(input.dtype)
     w, w_layout = broadcast_layout(weight, input.shape, acc)
-    a, a_layout = broadcast_layout(aux, input.shape, acc)
+    if weight is None and aux is not None and aux.shape == input.shape and aux.dtype == input.dtype and input.numel():
+        a, a_layout = aux.reshape(-1).contiguous(), [1, input.numel()]  # read in the input's dtype by the dense pass
+    else:
+        a, a_layout = broadcast_layout(aux, input.shape, acc)
     options = family.replace(options, weight_layout=w_layout, aux_layout=a_layout)
     tensors = {"input": input.contiguous(), "target": target.contiguous(), "weight": w, "aux": a,
                "denominator": denominator_tensor(denominator, input)}

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 import lossops
 from _cases import backend_cases, forward_backward, grid, leaf_copies, pairwise
-from _elementwise_cases import check_lowp, check_module_samples, module_db_forward_inputs
+from _elementwise_cases import check_lowp, check_module_samples, pair_module_samples
 
 # target values: signs, and what torch does with any other value (a scale of the difference)
 TARGETS = {"signs": lambda: torch.randint(0, 2, (3, 4)).double() * 2 - 1,
@@ -86,24 +86,9 @@ def test_reduced_precision_matches_torch(backend, dtype):
         check_lowp(ours, truth, [x.requires_grad_()], dtype, "margin_ranking_loss")
 
 
-def _torch_samples(dtype):
-    """torch's own inputs of MarginRankingLoss: module_db samples and criterion_tests entries, as (kwargs, x1, x2,
-    target) with input1 and input2 requiring grad."""
-    from torch.testing._internal.common_nn import criterion_tests
-
-    samples = module_db_forward_inputs(torch.nn.MarginRankingLoss, dtype)
-    for test in criterion_tests:
-        if test["fullname"].startswith("MarginRankingLoss_"):
-            module = test["constructor"]()
-            x1, x2 = (x.to(dtype).requires_grad_() for x in test["input_fn"]())
-            samples.append((dict(margin=module.margin, reduction=module.reduction), x1, x2,
-                            test["target_fn"]().to(dtype)))
-    return samples
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_torch_module_samples(backend, dtype):
-    samples = _torch_samples(dtype)
+    samples = pair_module_samples(torch.nn.MarginRankingLoss, dtype)
     assert len(samples) == 8
     check_module_samples(lossops.nn.MarginRankingLoss, torch.nn.MarginRankingLoss, samples)
 

@@ -137,10 +137,13 @@ def reference_gaussian_nll(input: Tensor, target: Tensor, var: Tensor, options: 
 def _no_negative_entry(var: Tensor) -> None:
     """torch's check of var's entries, without a host sync where the values are on a device (a device-side
     assertion there, and in a compiled graph, where it is a RuntimeError)."""
-    negative = (var < 0).any()
-    if not _checks.host_readable(negative) or torch.compiler.is_compiling():
-        torch._assert_async(~negative, "var has negative entry/entries")
-    elif negative:
+    if not _checks.host_readable(var) or torch.compiler.is_compiling():
+        torch._assert_async(~(var < 0).any(), "var has negative entry/entries")
+        return
+    # the smallest entry: one read of var, where var < 0 writes a mask and reads it again; NaN (the smallest of a
+    # var with a NaN) says nothing of the other entries, which the mask then checks
+    smallest = var.amin() if var.numel() else var.new_zeros(())
+    if smallest < 0 or (smallest != smallest and (var < 0).any()):
         raise ValueError("var has negative entry/entries")
 
 
