@@ -172,6 +172,10 @@ def test_module_matches_torch_module(backend):
     theirs = torch.nn.GaussianNLLLoss(full=True, eps=1e-3, reduction="sum")
     assert_close(forward_backward(ours, [x, t, var]), forward_backward(theirs, leaf_copies([x, t, var])))
     assert repr(lossops.nn.GaussianNLLLoss(full=True)) == "GaussianNLLLoss(full=True)"
+    with pytest.raises(TypeError):  # keyword-only, as torch's constructor
+        lossops.nn.GaussianNLLLoss(True)
+    with pytest.raises(TypeError):
+        torch.nn.GaussianNLLLoss(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -169,5 +169,5 @@ def _eps(value) -> float:
 
 
 GAUSSIAN_NLL_LOSS.function = gaussian_nll_loss
-GAUSSIAN_NLL_LOSS.module = _family.make_module(GAUSSIAN_NLL_LOSS, "GaussianNLLLoss", inputs=3,
+GAUSSIAN_NLL_LOSS.module = _family.make_module(GAUSSIAN_NLL_LOSS, "GaussianNLLLoss", inputs=3, keyword_only=True,
                                                doc="Drop-in for torch.nn.GaussianNLLLoss.")
