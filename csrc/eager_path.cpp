@@ -87,9 +87,9 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
-enum class Layout { kClassRows, kSameShape, kSequences, kTokenRows };
+enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kSequences, kTokenRows };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
-enum class Source { kTensor, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
+enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
 
 // The call tensors each layout takes, in order, and the kernel operands it makes of them ("roles"; the layout may
@@ -98,6 +98,10 @@ enum class ScalarKind { kInt, kReal, kFlag };
 //     per-class weight (C,). Operands: input as (outer, C, inner), target as (outer * inner,), weight in the
 //     accumulation dtype. Loss items: the target's shape; grad_output broadcasts as (outer, 1, inner).
 //   same_shape: input and target of one shape and floating dtype. Operands: both contiguous. Items: elements.
+//   same_shape_aux: input, target and aux of one shape and floating dtype. Operands: all three contiguous; an aux
+//     layout parameter (kOperandLayout) is [1, numel].
+//   row_pairs: input1 and input2 (N, D) of one floating dtype, a real target (N,). Operands: the inputs contiguous,
+//     the target contiguous in the accumulation dtype. Items: rows; grad_output broadcasts as (N, 1).
 //   sequences: (T, N, C) log-probabilities, int64 targets (N, S) or concatenated, int64 input and target
 //     lengths (N,). Operands: those four and each sequence's target offset. Items: sequences.
 //   token_rows: two logits tensors of one shape (..., C), classes last (the second in the first's dtype or its
@@ -108,6 +112,8 @@ size_t call_tensor_count(Layout layout) {
   switch (layout) {
     case Layout::kClassRows: return 3;
     case Layout::kSameShape: return 2;
+    case Layout::kSameShapeAux: return 3;
+    case Layout::kRowPairs: return 3;
     case Layout::kSequences: return 4;
     case Layout::kTokenRows: return 3;
   }
@@ -120,7 +126,7 @@ using Gradients = std::array<at::Tensor, kMaxCallTensors>;
 
 struct ParameterSource {
   Source source;
-  size_t index;        // the operand (kTensor), the call tensor (kGradient) or the call scalar (kScalar, kFilled...)
+  size_t index;        // the operand (kTensor, kOperandLayout), the call tensor (kGradient) or the call scalar
   c10::IValue constant;
 };
 
@@ -272,6 +278,32 @@ bool prepare_same_shape(const CallTensors& call, Prepared& p) {
   return true;
 }
 
+bool prepare_same_shape_aux(const CallTensors& call, Prepared& p) {
+  const at::Tensor* aux = call[2];
+  if (aux == nullptr || aux->scalar_type() != call[0]->scalar_type() || aux->sizes() != call[0]->sizes() ||
+      !prepare_same_shape(call, p))
+    return false;
+  p.operands.push_back(aux->contiguous());
+  return true;
+}
+
+bool prepare_row_pairs(const CallTensors& call, Prepared& p) {
+  const at::Tensor& x1 = *call[0];
+  const at::Tensor& x2 = *call[1];
+  const at::Tensor* target = call[2];
+  if (!kernel_dtype(x1.scalar_type()) || x2.scalar_type() != x1.scalar_type() || x1.dim() != 2 ||
+      x1.sizes() != x2.sizes() || x1.size(0) == 0 || target == nullptr || target->dim() != 1 ||
+      target->size(0) != x1.size(0) || target->scalar_type() == at::kBool ||
+      !(at::isFloatingType(target->scalar_type()) || at::isIntegralType(target->scalar_type(), false)))
+    return false;
+  const auto acc = at::toOpMathType(x1.scalar_type());
+  p.operands = {x1.contiguous(), x2.contiguous(),
+                target->scalar_type() == acc ? target->contiguous() : target->to(acc).contiguous()};
+  p.loss_shape = {x1.size(0)};
+  p.item_shape = {x1.size(0), 1};
+  return true;
+}
+
 // CTC's lengths are read here (as torch's CPU ctc_loss reads them); anything out of range takes the full path.
 bool prepare_sequences(const CallTensors& call, Prepared& p) {
   const at::Tensor& log_probs = *call[0];
@@ -315,6 +347,8 @@ bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
   switch (layout) {
     case Layout::kClassRows: return prepare_class_rows(call, p);
     case Layout::kSameShape: return prepare_same_shape(call, p);
+    case Layout::kSameShapeAux: return prepare_same_shape_aux(call, p);
+    case Layout::kRowPairs: return prepare_row_pairs(call, p);
     case Layout::kSequences: return prepare_sequences(call, p);
     case Layout::kTokenRows: return prepare_token_rows(call, p);
   }
@@ -405,6 +439,8 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
   route.node_name = node_name;
   route.layout = named<Layout>("layout", layout, {{"class_rows", Layout::kClassRows},
                                                   {"same_shape", Layout::kSameShape},
+                                                  {"same_shape_aux", Layout::kSameShapeAux},
+                                                  {"row_pairs", Layout::kRowPairs},
                                                   {"sequences", Layout::kSequences},
                                                   {"token_rows", Layout::kTokenRows}});
   route.denominator = named<DenominatorRule>("denominator", denominator,
@@ -424,7 +460,8 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
     const auto t = parameter.cast<py::tuple>();
     const std::string name = t[0].cast<std::string>();
     const Source source = named<Source>("parameter source", t[1].cast<std::string>(),
-                                        {{"tensor", Source::kTensor}, {"gradient", Source::kGradient},
+                                        {{"tensor", Source::kTensor}, {"operand_layout", Source::kOperandLayout},
+                                         {"gradient", Source::kGradient},
                                          {"grad_scale", Source::kGradScale}, {"per_item", Source::kPerItem},
                                          {"scalar", Source::kScalar}, {"filled_weight", Source::kFilledWeight},
                                          {"constant", Source::kConstant}});
@@ -505,6 +542,9 @@ bool kernel_values(const EagerRoute& route, const EagerCall& call, std::vector<c
     switch (s.source) {
       case Source::kTensor:
         values.emplace_back(p.operands[s.index].defined() ? c10::IValue(p.operands[s.index]) : c10::IValue());
+        break;
+      case Source::kOperandLayout:
+        values.emplace_back(std::vector<int64_t>{1, p.operands[s.index].numel()});
         break;
       case Source::kGradient:
         if (in_place && s.index == 0) {

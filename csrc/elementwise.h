@@ -123,8 +123,9 @@ struct DenseVectors {
 };
 
 // The common case in one pass of registers: input and target of one shape (the target in the input's dtype or
-// the accumulation dtype), no weight, no auxiliary operand, float targets. Each chunk's sum is kept in
-// 2 * kVecs vector accumulators and reduced in a fixed order: bitwise the same for any thread count.
+// the accumulation dtype), no weight, float targets, and no auxiliary operand or one with every element of the
+// input, in its dtype (dense_aux). Each chunk's sum is kept in 2 * kVecs vector accumulators and reduced in a fixed
+// order: bitwise the same for any thread count.
 template <typename scalar_t, template <typename> class Loss>
 void run_dense(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector<double>& chunk_sums) {
   using D = DenseVectors<scalar_t>;
@@ -140,6 +141,7 @@ void run_dense(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector
   const acc_t* t_acc_ptr = target_in_acc ? a.target.const_data_ptr<acc_t>() : nullptr;
   scalar_t* gx_ptr = a.grad_input.has_value() ? a.grad_input->mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt_ptr = a.grad_target.has_value() ? a.grad_target->mutable_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* aux_ptr = a.aux.has_value() ? a.aux->const_data_ptr<scalar_t>() : nullptr;
   acc_t* l_ptr = a.per_element ? loss_out.mutable_data_ptr<acc_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(a.grad_scale);
 
@@ -154,18 +156,24 @@ void run_dense(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector
     const acc_t* const t_acc_local = t_acc_ptr;
     scalar_t* const gx_local = gx_ptr;
     scalar_t* const gt_local = gt_ptr;
+    const scalar_t* const aux_local = aux_ptr;
     acc_t* const l_local = l_ptr;
     const Vec scale_vec(scale);
     const int64_t n_local = n;
-    auto chunk_loop = [=](auto with_gradient) {
+    auto chunk_loop = [=](auto with_gradient, auto with_aux) {
       // One step of kStep elements (count of them valid), its losses added into `sums`.
       auto step = [=](int64_t i, int64_t count, Vec* sums) __attribute__((always_inline)) {
-        Vec x[K], t[K], l[K], gx[K], gt[K];
+        Vec x[K], t[K], av[K], l[K], gx[K], gt[K];
         D::load(x_local + i, count, x);
         if (t_acc_local) D::load_acc(t_acc_local + i, count, t);
         else D::load(t_local + i, count, t);
+        if constexpr (decltype(with_aux)::value) {
+          D::load(aux_local + i, count, av);
+        } else {
+          for (int k = 0; k < K; ++k) av[k] = Vec(acc_t(1));
+        }
         for (int k = 0; k < K; ++k) {
-          loss_local(x[k], t[k], Vec(acc_t(1)), l[k], gx[k], gt[k]);
+          loss_local(x[k], t[k], av[k], l[k], gx[k], gt[k]);
           const int64_t lanes = std::clamp<int64_t>(count - k * W, 0, W);
           // lanes past the end hold zeros, whose loss need not be 0 (BCE): kept out of the sum
           sums[k] = sums[k] + (lanes == W ? l[k] : Vec::set(Vec(acc_t(0)), l[k], lanes));
@@ -198,8 +206,11 @@ void run_dense(const ElementwiseArgs& a, const at::Tensor& loss_out, std::vector
             at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, total));
       }
     };
-    if (gx_local || gt_local) chunk_loop(std::true_type{});
-    else chunk_loop(std::false_type{});
+    const bool gradient = gx_local || gt_local;
+    if (aux_local && gradient) chunk_loop(std::true_type{}, std::true_type{});
+    else if (aux_local) chunk_loop(std::false_type{}, std::true_type{});
+    else if (gradient) chunk_loop(std::true_type{}, std::false_type{});
+    else chunk_loop(std::false_type{}, std::false_type{});
   });
 }
 
@@ -313,7 +324,13 @@ std::vector<at::Tensor> elementwise_forward(const ElementwiseArgs& a) {
   at::Tensor loss = new_cpu_tensor({a.per_element ? n : 0}, acc_type);
   std::vector<double> chunk_sums((n + kReduceChunk - 1) / kReduceChunk);
   if (n > 0) {
-    const bool dense = a.target.is_floating_point() && !a.weight.has_value() && !a.aux.has_value();
+    // an auxiliary operand of the input's dtype has every element of the input (run's Broadcast reads the
+    // accumulation dtype only)
+    const bool dense_aux = a.aux.has_value() && a.aux->scalar_type() == x.scalar_type() && a.aux->numel() == n &&
+                           a.aux->is_contiguous() && a.aux_layout == std::vector<int64_t>{1, n};
+    TORCH_CHECK(!a.aux.has_value() || dense_aux || a.aux->scalar_type() == acc_type,
+                "lossops: an auxiliary operand in the input's dtype must have every element of the input");
+    const bool dense = a.target.is_floating_point() && !a.weight.has_value() && (!a.aux.has_value() || dense_aux);
     LOSSOPS_DISPATCH_FLOATING(x.scalar_type(), "lossops_elementwise", [&] {
       if (dense) detail::run_dense<scalar_t, Loss>(a, loss, chunk_sums);
       else detail::run<scalar_t, Loss>(a, loss, chunk_sums);

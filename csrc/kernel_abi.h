@@ -31,7 +31,8 @@ struct ElementwiseArgs {
   at::Tensor target;                   // contiguous, input's shape and dtype; or int64 class indices (one per row)
   std::optional<at::Tensor> weight;    // compact, contiguous, opmath dtype; element i reads weight[(i / inner) % period]
   std::vector<int64_t> weight_layout;  // {inner, period}
-  std::optional<at::Tensor> aux;       // like weight (pos_weight for BCE)
+  std::optional<at::Tensor> aux;       // like weight (pos_weight for BCE); without a weight, it may instead have
+                                       // every element of the input, in the input's dtype
   std::vector<int64_t> aux_layout;
   std::vector<double> params;          // family parameters (beta, gamma, ...)
   std::optional<at::Tensor> grad_input, grad_target;  // written when given (input's shape and dtype)

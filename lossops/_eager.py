@@ -45,11 +45,16 @@ def applies(*tensors) -> bool:
 LAYOUT_OPERANDS = {
     "class_rows": ("input", "target", "weight"),  # (N, C, d...) logits, int64 class indices, optional class weight
     "same_shape": ("input", "target"),  # floating input and target of one shape
+    "same_shape_aux": ("input", "target", "aux"),  # and a third operand of that shape and dtype
+    "row_pairs": ("input1", "input2", "target"),  # (N, D) rows of one floating dtype and a real (N,) target
     "sequences": ("log_probs", "targets", "input_lengths", "target_lengths", "target_offsets"),  # CTC
     # two (..., C) logits tensors of one shape (distillation's student and teacher), optional int64 class indices
     "token_rows": ("student", "teacher", "target"),
 }
-CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "sequences": 4, "token_rows": 3}
+CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "same_shape_aux": 3, "row_pairs": 3, "sequences": 4, "token_rows": 3}
+# Kernel parameters a layout fills with the [inner, period] broadcast layout of one of its operands: [1, numel], the
+# operand having every element of the input.
+OPERAND_LAYOUTS = {"same_shape_aux": {"aux_layout": "aux"}}
 DENOMINATORS = ("elements", "batch", "kept_rows", "kept_weight", "target_lengths")
 
 
@@ -97,6 +102,7 @@ _sent = 0  # how many of _ROUTES the loaded C++ module holds
 def declare(route: EagerRoute, kernel: str, parameters: tuple[str, ...]) -> EagerRoute:
     """Numbers a family's route and works out where each of its kernel's parameters comes from."""
     operands = LAYOUT_OPERANDS[route.layout]
+    layouts = OPERAND_LAYOUTS.get(route.layout, {})
     if route.denominator not in DENOMINATORS:
         raise ValueError(f"lossops: unknown eager-route denominator {route.denominator!r}")
     scalars = {s.parameter: i for i, s in enumerate(route.scalars)}
@@ -106,6 +112,7 @@ def declare(route: EagerRoute, kernel: str, parameters: tuple[str, ...]) -> Eage
             ("filled_weight" if route.scalars[scalars[name]].fills_weight else "scalar", scalars[name], None)
             if name in scalars else None,
             ("tensor", operands.index(name), None) if name in operands and name not in scalars else None,
+            ("operand_layout", operands.index(layouts[name]), None) if name in layouts else None,
             ("gradient", operands.index(route.gradients[name]), None) if name in route.gradients else None,
             ("grad_scale", 0, None) if name == "grad_scale" else None,
             ("per_item", 0, None) if name == "per_element" else None,

@@ -11,7 +11,8 @@ grad_output (lossops._reduce.apply_grad_output).
 Every elementwise kernel takes the keyword parameters ELEMENTWISE_PARAMETERS followed by its family's own
 (beta, gamma, ...): weight and aux (pos_weight) are compact broadcast operands, element i reads
 operand[(i // inner) % period] with layout = [inner, period] (see broadcast_layout), so a (C,) pos_weight is
-never expanded to (N, C).
+never expanded to (N, C). An aux operand of the input's shape and dtype (the third tensor of margin_ranking_loss and
+gaussian_nll_loss), in a call without weight, is read as it is by the kernels' dense pass.
 """
 from __future__ import annotations
 
@@ -66,26 +67,30 @@ def _loss_like(t, o):
 
 def declare(name: str, options: type, kernel: _family.Kernel, kernel_options: Callable,
             eager_gradients: tuple[str, ...] = ("input", "target"), extra_eager_routes: tuple = (),
-            **declaration) -> _family.Family:
+            eager_layout: str = "same_shape", **declaration) -> _family.Family:
     """Registers an elementwise family: kernel_options(tensors, options) -> its own kernel parameters by name.
     eager_gradients: the inputs whose gradients its kernel writes on the C++ eager path (eager()); () for none.
+    eager_layout: "same_shape_aux" for a family whose eager calls pass the aux operand, of the input's shape, too.
     extra_eager_routes: the family's other routes (eager_route with another denominator), which it calls itself."""
     declaration.setdefault("sharding", _sharding.Sharding())  # every dimension an item dimension; mean over all
     if eager_gradients:
-        declaration["eager_routes"] = (eager_route(kernel, eager_gradients),) + tuple(extra_eager_routes)
+        declaration["eager_routes"] = (eager_route(kernel, eager_gradients, layout=eager_layout),
+                                       *extra_eager_routes)
     return _family.register(_family.Family(name=name, inputs=INPUTS, options=options, kernel=kernel, run=_run,
                                            loss_like=_loss_like, kernel_options=kernel_options, **declaration))
 
 
-def eager_route(kernel: _family.Kernel, gradients: tuple[str, ...], denominator: str = "elements"
-                ) -> _eager.EagerRoute:
-    """An unweighted call on input and target of one shape and dtype: the mean over every element (or over the
-    first dimension's size: denominator="batch"); the family's own kernel parameters are the call's scalars."""
+def eager_route(kernel: _family.Kernel, gradients: tuple[str, ...], denominator: str = "elements",
+                layout: str = "same_shape") -> _eager.EagerRoute:
+    """An unweighted call on input and target (layout "same_shape_aux": and aux) of one shape and dtype: the mean
+    over every element (or over the first dimension's size: denominator="batch"); the family's own kernel
+    parameters are the call's scalars."""
     own = kernel.parameters[len(ELEMENTWISE_PARAMETERS):]
+    no_aux = {} if layout == "same_shape_aux" else {"aux": None, "aux_layout": [1, 1]}
     return _eager.EagerRoute(
-        "same_shape", denominator, scalars=tuple(_eager.Scalar(p) for p in own),
+        layout, denominator, scalars=tuple(_eager.Scalar(p) for p in own),
         gradients={f"grad_{n}": n for n in gradients},
-        constants={"weight": None, "weight_layout": [1, 1], "aux": None, "aux_layout": [1, 1], "ignore_index": -100,
+        constants={"weight": None, "weight_layout": [1, 1], **no_aux, "ignore_index": -100,
                    **{f"grad_{n}": None for n in ("input", "target") if n not in gradients}},
         node="LossopsElementwiseBackward")
 
@@ -111,15 +116,16 @@ def broadcast_layout(operand: Optional[Tensor], shape: torch.Size,
     return operand.expand(shape).reshape(numel).to(dtype).contiguous(), [1, numel]
 
 
-def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, options) -> Optional[Tensor]:
-    """The C++ eager path (lossops/_eager.py) for a call with input and target of one shape and dtype, no weights
-    and the mean over all elements (the family's eager route); None where it does not apply, and then the family's
-    checks and custom op run (they raise the errors, so this is tried first). options: the family's options
-    record."""
-    if type(reduction) is not str or not (cpp := _eager.cpp_module(input, target)):
+def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, options, *aux: Tensor
+          ) -> Optional[Tensor]:
+    """The C++ eager path (lossops/_eager.py) for a call with input and target (and, for a family declared with the
+    "same_shape_aux" layout, aux) of one shape and dtype, no weights and the mean over all elements (the family's
+    eager route); None where it does not apply, and then the family's checks and custom op run (they raise the
+    errors, so this is tried first). options: the family's options record."""
+    if type(reduction) is not str or not (cpp := _eager.cpp_module(input, target, *aux)):
         return None
     extra = family.kernel_options(None, options)
-    return cpp.eager_loss(family.eager_routes[0].number, reduction, input, target,
+    return cpp.eager_loss(family.eager_routes[0].number, reduction, input, target, *aux,
                           *(extra[p] for p in family.kernel.parameters[len(ELEMENTWISE_PARAMETERS):]))
 
 
@@ -181,7 +187,10 @@ def elementwise_loss(family: _family.Family, input: Tensor, target: Tensor, *, o
         return reference()
     acc = _checks.opmath_dtype(input.dtype)
     w, w_layout = broadcast_layout(weight, input.shape, acc)
-    a, a_layout = broadcast_layout(aux, input.shape, acc)
+    if weight is None and aux is not None and aux.shape == input.shape and aux.dtype == input.dtype and input.numel():
+        a, a_layout = aux.reshape(-1).contiguous(), [1, input.numel()]  # read in the input's dtype by the dense pass
+    else:
+        a, a_layout = broadcast_layout(aux, input.shape, acc)
     options = family.replace(options, weight_layout=w_layout, aux_layout=a_layout)
     tensors = {"input": input.contiguous(), "target": target.contiguous(), "weight": w, "aux": a,
                "denominator": denominator_tensor(denominator, input)}

@@ -544,16 +544,19 @@ _TENSOR_ANNOTATIONS = ("Tensor", "Optional[Tensor]", Tensor, Optional[Tensor])
 
 
 def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: tuple[str, ...] = (),
-                doc: Optional[str] = None, check: Optional[Callable] = None) -> type:
+                doc: Optional[str] = None, check: Optional[Callable] = None, keyword_only: bool = False) -> type:
     """The nn.Module of a public function: the constructor takes its arguments after the first `inputs` (tensor
     ones become buffers, so they move with .to()), forward(*inputs, **per_call) calls the function with them.
 
     As torch's loss Modules do, legacy size_average/reduce become a reduction when the Module is constructed
     (with torch's warning); everything else is checked by the function on the first call. check(**arguments)
-    runs in the constructor for the checks torch makes there.
+    runs in the constructor for the checks torch makes there. keyword_only: the constructor takes its arguments by
+    keyword only, as torch's does for some losses (GaussianNLLLoss).
     """
     signature = inspect.signature(family.function)
     params = [p for p in list(signature.parameters.values())[inputs:] if p.name not in per_call]
+    if keyword_only:
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
     legacy = {"size_average", "reduce"} & {p.name for p in params}
     stored = [p.name for p in params if p.name not in legacy]
     init_signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + params)

@@ -75,6 +75,41 @@ def _module_db_samples(class_name, dtype):
             for s in info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)]
 
 
+def module_db_forward_inputs(module_cls, dtype):
+    """torch's module_db samples of a loss Module as (constructor kwargs, *every forward argument), for Modules whose
+    forward takes more than an input and a target."""
+    from torch.testing._internal.common_modules import module_db
+
+    torch.manual_seed(0)
+    (info,) = [m for m in module_db if m.module_cls is module_cls]
+    return [(dict(s.constructor_input.kwargs), *s.forward_input.args)
+            for s in info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)]
+
+
+def pair_module_samples(module_cls, dtype):
+    """torch's own inputs of a loss Module on two inputs and a target (MarginRankingLoss, CosineEmbeddingLoss): its
+    module_db samples and its criterion_tests entries, as (constructor kwargs, input1, input2, target), both
+    inputs requiring grad."""
+    from torch.testing._internal.common_nn import criterion_tests
+
+    samples = module_db_forward_inputs(module_cls, dtype)
+    for test in criterion_tests:
+        if test["fullname"].startswith(module_cls.__name__ + "_"):
+            module = test["constructor"]()
+            x1, x2 = (x.to(dtype).requires_grad_() for x in test["input_fn"]())
+            samples.append((dict(margin=module.margin, reduction=module.reduction), x1, x2,
+                            test["target_fn"]().to(dtype)))
+    return samples
+
+
+def check_module_samples(ours_cls, theirs_cls, samples):
+    """Our Module against torch's on (constructor kwargs, *forward arguments) samples: loss and every gradient."""
+    for kwargs, *inputs in samples:
+        got = forward_backward(ours_cls(**kwargs), inputs)
+        want = forward_backward(theirs_cls(**kwargs), leaf_copies(inputs))
+        assert_close(got, want)
+
+
 def _criterion_test_samples(class_name, dtype):
     from torch.testing._internal.common_nn import criterion_tests
 

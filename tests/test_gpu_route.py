@@ -123,17 +123,22 @@ def test_out_of_range_target_on_device_memory_is_a_device_assertion(monkeypatch)
 # program finishes the reduction), the device-side target assertion, and in backward the gradient kernel. The
 # others: their kernel, which writes the gradient in forward, and in backward the kernel that scales it by grad_output
 # unless that is 1 (docs/gpu-route.md). binary_cross_entropy and sigmoid_focal_loss_index add a flag's zeros and its
-# device-side assertion (values outside [0, 1]; class indices out of range).
+# device-side assertion (values outside [0, 1]; class indices out of range); gaussian_nll_loss the reduction and
+# device-side assertion of torch's check that no var entry is negative.
 LAUNCH_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entropy_with_logits": 2,
                  "sigmoid_focal_loss": 2, "sigmoid_focal_loss_index": 2, "l1_loss": 2, "mse_loss": 2,
                  "smooth_l1_loss": 2, "huber_loss": 2, "ctc_loss": 2, "linear_cross_entropy": 3,
                  "binary_cross_entropy": 2, "soft_margin_loss": 2, "hinge_embedding_loss": 2, "poisson_nll_loss": 2,
-                 "kl_div": 2, "nll_loss": 2, "distillation_loss": 2, "linear_distillation_loss": 3}
+                 "kl_div": 2, "nll_loss": 2, "distillation_loss": 2, "linear_distillation_loss": 3,
+                 "margin_ranking_loss": 2, "gaussian_nll_loss": 2, "cosine_embedding_loss": 2,
+                 "multilabel_soft_margin_loss": 2}
 TORCH_OP_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entropy_with_logits": 6,
                    "sigmoid_focal_loss": 6, "sigmoid_focal_loss_index": 9, "l1_loss": 6, "mse_loss": 6,
                    "smooth_l1_loss": 6, "huber_loss": 6, "ctc_loss": 35, "linear_cross_entropy": 38,
                    "binary_cross_entropy": 9, "soft_margin_loss": 6, "hinge_embedding_loss": 6, "poisson_nll_loss": 6,
-                   "kl_div": 6, "nll_loss": 2, "distillation_loss": 11, "linear_distillation_loss": 26}
+                   "kl_div": 6, "nll_loss": 2, "distillation_loss": 11, "linear_distillation_loss": 26,
+                   "margin_ranking_loss": 6, "gaussian_nll_loss": 10, "cosine_embedding_loss": 6,
+                   "multilabel_soft_margin_loss": 6}
 
 
 def test_every_public_family_has_a_launch_budget():

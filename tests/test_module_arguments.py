@@ -28,6 +28,18 @@ def probability_call():
     return torch.rand(N, C, requires_grad=True), torch.rand(N, C)
 
 
+def ranking_call():
+    return torch.randn(N, C, requires_grad=True), torch.randn(N, C, requires_grad=True), torch.rand(N, C).sign()
+
+
+def cosine_call():
+    return torch.randn(N, C, requires_grad=True), torch.randn(N, C, requires_grad=True), torch.rand(N).sign()
+
+
+def gaussian_call():
+    return torch.randn(N, C, requires_grad=True), torch.randn(N, C), (torch.rand(N, C) + 0.1).requires_grad_()
+
+
 def _tensor(*shape, dtype=torch.float32):
     return torch.ones(shape, dtype=dtype)
 
@@ -93,6 +105,25 @@ ROWS = {
         *(dict(full=v) for v in ("a", None, 1, 0.5, np.bool_(False), torch.tensor(True))),
         *(dict(eps=v) for v in ("a", None, 1, -1.0, float("nan"), [1e-3], torch.tensor(1e-3),
                                 torch.tensor([1e-3, 1.0]), np.float64(1e-3), True)),
+    ]),
+    "MarginRankingLoss": (ranking_call, REDUCTIONS + [
+        dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
+                                 np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))
+    ]),
+    "CosineEmbeddingLoss": (cosine_call, REDUCTIONS + [
+        dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
+                                 np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))
+    ]),
+    "GaussianNLLLoss": (gaussian_call, [r for r in REDUCTIONS if "reduction" in r] + [
+        *(dict(full=v) for v in ("a", None, 1, 0.5, np.bool_(False), torch.tensor(True))),
+        *(dict(eps=v) for v in ("a", None, 1, -1.0, float("nan"), [1e-3], torch.tensor(1e-3),
+                                torch.tensor([1e-3, 1.0]), np.float64(1e-3), True)),
+    ]),
+    "MultiLabelSoftMarginLoss": (elementwise_call, REDUCTIONS + [
+        *(dict(weight=w) for w in BUFFER_MISUSE),
+        dict(weight=_tensor(C + 1)), dict(weight=_tensor(C, dtype=torch.complex64)),
+        dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
+        dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(N, 1)), dict(weight=_tensor(2, N, C)),
     ]),
     "L1Loss": (elementwise_call, REDUCTIONS),
     "MSELoss": (elementwise_call, REDUCTIONS),

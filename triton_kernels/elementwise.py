@@ -177,7 +177,9 @@ def family_calls(host, index_target=False, has_aux=False, grad_target=False):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         operands = {"none": (None, [1, 1]), "per class": (aot.meta(classes, dtype=acc), [1, classes]),
                     "per row": (aot.meta(rows, dtype=acc), [classes, rows]),
-                    "per element": (aot.meta(rows * classes, dtype=acc), [1, rows * classes])}
+                    "per element": (aot.meta(rows * classes, dtype=acc), [1, rows * classes]),
+                    # an aux operand of the input's shape and dtype, without a weight (lossops._elementwise)
+                    "per element, input dtype": (aot.meta(rows * classes, dtype=dtype), [1, rows * classes])}
         w, w_layout = operands[weight]
         a, a_layout = operands[aux]
         return host, dict(
@@ -189,9 +191,14 @@ def family_calls(host, index_target=False, has_aux=False, grad_target=False):
 
     layouts = ("none", "per class", "per row", "per element")
     factors = dict(dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64), wide=(False, True),
-                   weight=layouts, aux=layouts if has_aux else ("none",), per_element=(False, True),
-                   grad_input=(False, True), grad_target=(False, True) if grad_target else (False,))
+                   weight=layouts, aux=layouts + ("per element, input dtype",) if has_aux else ("none",),
+                   per_element=(False, True), grad_input=(False, True),
+                   grad_target=(False, True) if grad_target else (False,))
     heaviest = dict(weight="per row", aux="per row" if has_aux else "none", per_element=True, grad_input=True,
                     grad_target=grad_target)
-    return [call(**case) for case in aot.covering(factors, lambda case: True, heaviest, ("dtype", "wide"))]
+
+    def valid(case):
+        return case["aux"] != "per element, input dtype" or case["weight"] == "none"
+
+    return [call(**case) for case in aot.covering(factors, valid, heaviest, ("dtype", "wide"))]
 
