@@ -321,6 +321,8 @@ def _finish_rows(LOSS, STATE, T, OUT, FLAG, rows, C, ignore_index, PROB_TARGET: 
         empty = denominator == 0
         tl.store(OUT, tl.where(empty, float("nan"), total / tl.where(empty, 1.0, denominator)))
         tl.store(STATE + rows * WIDTH, denominator)
+    else:  # every byte of the state is defined whatever the reduction: it is an output of the op
+        tl.store(STATE + rows * WIDTH, tl.zeros((), ACC))
     if not PROB_TARGET:
         tl.store(FLAG, (first_bad == rows).to(tl.int64))
         tl.store(FLAG + 1, first_bad)
