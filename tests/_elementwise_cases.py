@@ -56,12 +56,12 @@ def check_lowp(ours, truth_fn, inputs, dtype, what):
     lowp_error_no_worse(got[1][0], theirs[1][0], truth[1][0], f"{what} gradient", slack_ulps=2.0)
 
 
-def check_reduced_precision(ours, truth, x, dtype, what):
-    """ours(x) against torch's truth(x), x a float64 input: in float32 the same loss and input gradient, in a lower
-    precision no further from the float64 truth than torch's own result (check_lowp)."""
+def check_reduced_precision(ours, truth, x, dtype, what, rtol=1e-5, atol=1e-4):
+    """ours(x) against torch's truth(x), x a float64 input: in float32 the same loss and input gradient (to rtol and
+    atol), in a lower precision no further from the float64 truth than torch's own result (check_lowp)."""
     if dtype == torch.float32:
         x32 = x.float().requires_grad_()
-        assert_close(forward_backward(ours, [x32]), forward_backward(truth, leaf_copies([x32])), rtol=1e-5, atol=1e-4)
+        assert_close(forward_backward(ours, [x32]), forward_backward(truth, leaf_copies([x32])), rtol=rtol, atol=atol)
     else:
         check_lowp(ours, truth, [x.requires_grad_()], dtype, what)
 
