@@ -8,11 +8,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLEAN="${LOSSOPS_WHEEL_VENV:-$ROOT/build/wheel-venv}"
 READY="$CLEAN/.torch-only"
-if [ "${1:-}" = "--prepare-venv" ]; then
+make_torch_venv() {
   rm -rf "$CLEAN"
   "${PYTHON:-python3}" -m venv "$CLEAN"
   "$CLEAN/bin/pip" install -q --disable-pip-version-check torch==2.13.0
   touch "$READY"
+}
+if [ "${1:-}" = "--prepare-venv" ]; then
+  make_torch_venv
   exit 0
 fi
 . "$ROOT/scripts/env.sh"
@@ -20,12 +23,7 @@ DIST="$ROOT/dist"
 rm -rf "$DIST"
 MAX_JOBS="${MAX_JOBS:-2}" pip wheel -q --no-build-isolation --no-deps . -w "$DIST"
 wheel=$(ls "$DIST"/lossops-*.whl)
-if [ ! -f "$READY" ]; then
-  rm -rf "$CLEAN"
-  python -m venv "$CLEAN"
-  "$CLEAN/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-  touch "$READY"
-fi
+[ -f "$READY" ] || make_torch_venv
 "$CLEAN/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$wheel"
 (cd / && "$CLEAN/bin/python" -c "import lossops, sys; assert lossops.__file__.startswith('$CLEAN'), lossops.__file__" \
   && "$CLEAN/bin/python" -m lossops.selfcheck)
