@@ -372,10 +372,14 @@ def _rows_item_shape(t, o):
     return (logits3.shape[0], 1, logits3.shape[2])
 
 
-def _rows_state_like(t, o):
-    logits3 = t["input"]
-    rows = logits3.shape[0] * logits3.shape[2]
-    return logits3.new_empty((rows * 3 + 1,), dtype=_checks.opmath_dtype(logits3.dtype))
+def row_state_like(width: int):
+    """state_like for a class-rows family whose backward kernel reads `width` values a row, then the mean's
+    denominator, in the accumulation dtype."""
+    def state_like(t, o):
+        logits3 = t["input"]
+        rows = logits3.shape[0] * logits3.shape[2]
+        return logits3.new_empty((rows * width + 1,), dtype=_checks.opmath_dtype(logits3.dtype))
+    return state_like
 
 
 def declare_rows(name: str, options: type, kernel_options, **declaration) -> _family.Family:
@@ -384,7 +388,7 @@ def declare_rows(name: str, options: type, kernel_options, **declaration) -> _fa
     return _family.register(_family.Family(name=name, inputs=ROW_INPUTS, options=options, kernel=KERNEL,
                                            run=_rows_run, loss_like=_rows_loss_like, item_shape=_rows_item_shape,
                                            kernel_options=kernel_options, recompute=_rows_gradient,
-                                           gradient_in_backward=_triton_backward, state_like=_rows_state_like,
+                                           gradient_in_backward=_triton_backward, state_like=row_state_like(3),
                                            overwritable="input", **declaration))
 
 

@@ -19,7 +19,8 @@ from torch.nn.functional import nll_loss as torch_nll_loss
 
 from .. import _backend, _checks, _eager, _family, _reduce
 from .._family import GridShapes as G
-from .cross_entropy import ROW_INPUTS, _rows_item_shape, _rows_loss_like, class_index, row_softmax_loss
+from .cross_entropy import (ROW_INPUTS, _rows_item_shape, _rows_loss_like, class_index, row_softmax_loss,
+                            row_state_like)
 
 KERNEL = _family.Kernel("nll_loss", "nll", ("input", "target", "weight", "grad", "ignore_index", "grad_scale",
                                            "per_element"))
@@ -134,11 +135,6 @@ def _gradient(family, backend, t, o, grad_loss, needs, state, out=None):
     return {"input": grad}
 
 
-def _state_like(t, o):
-    logits3 = t["input"]
-    return logits3.new_empty((logits3.shape[0] * logits3.shape[2] + 1,), dtype=_checks.opmath_dtype(logits3.dtype))
-
-
 def reference_nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], options: NLLOptions) -> Tensor:
     """Plain PyTorch (the "reference" backend): torch's loss, with lossops' rule for a mean over nothing (every
     target ignored, or every kept weight 0: NaN loss, zero gradient; torch's gradient is NaN in the second case).
@@ -168,7 +164,7 @@ def _selfcheck_inputs(dtype):
 NLL_LOSS = _family.register(_family.Family(
     name="nll_loss", inputs=ROW_INPUTS, options=NLLOptions, kernel=KERNEL, run=_run, loss_like=_rows_loss_like,
     item_shape=_rows_item_shape, reference=reference_nll_loss, function=nll_loss, full_path=_full_nll_loss,
-    recompute=_gradient, gradient_in_backward=_gradient_in_backward, state_like=_state_like,
+    recompute=_gradient, gradient_in_backward=_gradient_in_backward, state_like=row_state_like(1),
     bad_inputs="classes",
     eager_routes=(EAGER_ROUTE,), torch_fn=torch_nll_loss,
     cases=(_family.Case(_log_probabilities, {}, torch_nll_loss, bad=("target_out_of_range",)),
