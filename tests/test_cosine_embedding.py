@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import backend_cases, forward_backward, grid, leaf_copies, pairwise
+from _cases import assert_float64_gradients_match, backend_cases, forward_backward, grid, leaf_copies, pairwise
 from _elementwise_cases import check_module_samples, check_reduced_precision, pair_module_samples
 
 # target values: signs, and any other value (torch: loss 0 there)
@@ -44,7 +44,12 @@ def test_float64_matches_torch_and_gradcheck(backend, case):
                  forward_backward(lambda *a: F.cosine_embedding_loss(*a, **kwargs), leaf_copies(inputs)))
     # away from the clamp's kink (cos = margin), where the loss is differentiable
     cos = F.cosine_similarity(*(x.detach() for x in inputs[:2]), dim=-1, eps=0)
-    if not ((cos - case["margin"]).abs() < 1e-3).any():
+    if ((cos - case["margin"]).abs() < 1e-3).any():
+        return
+    if backend == "triton" and case["features"] > 3:
+        # the interpreter's gradcheck is slow at 40 features; the C++ grid gradchecks this very case
+        assert_float64_gradients_match(ours, inputs, backend)
+    else:
         assert torch.autograd.gradcheck(ours, tuple(inputs))
 
 
