@@ -49,12 +49,17 @@ def _run(family, backend, t, o, grads):
     input = t["input"]
     gi = _backend.empty_gradient(input) if grads["input"] else None
     gt = _backend.empty_gradient(input) if grads["target"] else None
-    extra = family.kernel_options(t, o)
-    loss, total = family.kernel(backend, input=input, target=t["target"], weight=t["weight"],
-                                weight_layout=o.weight_layout, aux=t["aux"], aux_layout=o.aux_layout,
-                                ignore_index=o.ignore_index, grad_input=gi, grad_target=gt,
-                                grad_scale=_reduce.gradient_scale(o.reduction, t["denominator"]),
-                                per_element=o.reduction == "none", **extra)
+    common = dict(input=input, target=t["target"], weight=t["weight"], weight_layout=o.weight_layout, aux=t["aux"],
+                  aux_layout=o.aux_layout, ignore_index=o.ignore_index, grad_input=gi, grad_target=gt,
+                  **family.kernel_options(t, o))
+    if backend == "triton":
+        # The launch forms the gradients' scale from the denominator and reduces the loss itself: no torch op
+        # before or after it on the device.
+        reduced = _backend.kernel(backend, family.kernel.module, family.kernel.name).reduced
+        loss = reduced(**common, reduction=o.reduction, denominator=t["denominator"])
+        return (loss.view(input.shape) if o.reduction == "none" else loss), {"input": gi, "target": gt}
+    loss, total = family.kernel(backend, **common, grad_scale=_reduce.gradient_scale(o.reduction, t["denominator"]),
+                                per_element=o.reduction == "none")
     out = _reduce.reduce(o.reduction, loss.view(input.shape) if o.reduction == "none" else loss, total,
                          t["denominator"])
     return out, {"input": gi, "target": gt}

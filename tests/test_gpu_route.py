@@ -121,10 +121,12 @@ def test_out_of_range_target_on_device_memory_is_a_device_assertion(monkeypatch)
 # own autograd node, no custom-op dispatch), as they stand: a change that adds one fails here. The torch ops include
 # the test's own grad_output (ones_like). Cross-entropy, softmax focal loss and NLL: the row kernel (whose last
 # program finishes the reduction), the device-side target assertion, and in backward the gradient kernel. The
-# others: their kernel, which writes the gradient in forward, and in backward the kernel that scales it by grad_output
-# unless that is 1 (docs/gpu-route.md). binary_cross_entropy and sigmoid_focal_loss_index add a flag's zeros and its
-# device-side assertion (values outside [0, 1]; class indices out of range); gaussian_nll_loss the reduction and
-# device-side assertion of torch's check that no var entry is negative.
+# others: their kernel, which writes the gradient in forward scaled by the reduction and whose last program reduces
+# the loss, the mean's denominator filled in on the device before it, and in backward the kernel that scales the
+# gradient by grad_output unless that is 1 (docs/gpu-route.md). binary_cross_entropy and sigmoid_focal_loss_index
+# add a flag's zeros and its device-side assertion (values outside [0, 1]; class indices out of range), the latter
+# the count of kept targets; gaussian_nll_loss the device-side assertion of torch's check that no var entry is
+# negative. distillation_loss still forms its scale and reduces its rows' losses with torch ops around its kernel.
 LAUNCH_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entropy_with_logits": 2,
                  "sigmoid_focal_loss": 2, "sigmoid_focal_loss_index": 2, "l1_loss": 2, "mse_loss": 2,
                  "smooth_l1_loss": 2, "huber_loss": 2, "ctc_loss": 2, "linear_cross_entropy": 3,
@@ -132,13 +134,13 @@ LAUNCH_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entr
                  "kl_div": 2, "nll_loss": 2, "distillation_loss": 2, "linear_distillation_loss": 3,
                  "margin_ranking_loss": 2, "gaussian_nll_loss": 2, "cosine_embedding_loss": 2,
                  "multilabel_soft_margin_loss": 2}
-TORCH_OP_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entropy_with_logits": 6,
-                   "sigmoid_focal_loss": 6, "sigmoid_focal_loss_index": 9, "l1_loss": 6, "mse_loss": 6,
-                   "smooth_l1_loss": 6, "huber_loss": 6, "ctc_loss": 35, "linear_cross_entropy": 38,
-                   "binary_cross_entropy": 9, "soft_margin_loss": 6, "hinge_embedding_loss": 6, "poisson_nll_loss": 6,
-                   "kl_div": 6, "nll_loss": 2, "distillation_loss": 11, "linear_distillation_loss": 26,
-                   "margin_ranking_loss": 6, "gaussian_nll_loss": 10, "cosine_embedding_loss": 6,
-                   "multilabel_soft_margin_loss": 6}
+TORCH_OP_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entropy_with_logits": 2,
+                   "sigmoid_focal_loss": 2, "sigmoid_focal_loss_index": 7, "l1_loss": 2, "mse_loss": 2,
+                   "smooth_l1_loss": 2, "huber_loss": 2, "ctc_loss": 35, "linear_cross_entropy": 38,
+                   "binary_cross_entropy": 5, "soft_margin_loss": 2, "hinge_embedding_loss": 2, "poisson_nll_loss": 2,
+                   "kl_div": 2, "nll_loss": 2, "distillation_loss": 11, "linear_distillation_loss": 26,
+                   "margin_ranking_loss": 2, "gaussian_nll_loss": 6, "cosine_embedding_loss": 2,
+                   "multilabel_soft_margin_loss": 2}
 
 
 def test_every_public_family_has_a_launch_budget():
@@ -186,3 +188,42 @@ def test_row_kernel_last_program_finishes_the_reduction(monkeypatch, reduction):
     if reduction == "mean":
         torch.testing.assert_close(state[-1], w[y[y != -100]].sum())
     assert int(common.finishing_tickets(x.device)) == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_elementwise_and_row_pair_kernels_reduce_in_their_last_program(monkeypatch, reduction):
+    """An elementwise family's forward (and cosine embedding's, a program a row pair) on this route is one launch:
+    the gradients' scale is formed from the mean's denominator in the kernel, and the last program adds up what the
+    others wrote. More programs than the finishing loop's block (several passes of it, the block made small);
+    values and gradients are torch's, and the ticket counter is back to 0 for the next launch."""
+    from lossops.triton_kernels import common
+    monkeypatch.setattr(common, "FINISH_BLOCK", tl.constexpr(16))
+    torch.manual_seed(0)
+    x, t = torch.randn(9000, dtype=torch.float64, requires_grad=True), torch.randn(9000, dtype=torch.float64)
+    a, b = torch.randn(37, 3, dtype=torch.float64, requires_grad=True), torch.randn(37, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (37,)).double() * 2 - 1
+    calls = [(lossops.mse_loss, torch.nn.functional.mse_loss, (x, t)),
+             (lossops.cosine_embedding_loss, torch.nn.functional.cosine_embedding_loss, (a, b, y))]
+    with lossops.backend("triton"):
+        for ours, theirs, args in calls:
+            got = ours(*args, reduction=reduction)
+            upstream = torch.rand_like(got)
+            got_grad, = torch.autograd.grad(got, args[0], upstream)
+            expected = theirs(*args, reduction=reduction)
+            expected_grad, = torch.autograd.grad(expected, args[0], upstream)
+            torch.testing.assert_close(got, expected)
+            torch.testing.assert_close(got_grad, expected_grad)
+            assert int(common.finishing_tickets(x.device)) == 0
+
+
+def test_mean_over_a_zero_denominator_in_the_kernel_is_the_cpp_backends():
+    """avg_factor 0 (mmdetection's denominator): the loss is total / 0 and every gradient 0, on both backends."""
+    torch.manual_seed(0)
+    x, t = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.rand(6, 5, dtype=torch.float64)
+    results = []
+    for backend in ("triton", "cpp"):
+        with lossops.backend(backend):
+            loss = lossops.sigmoid_focal_loss(x, t, reduction="mean", avg_factor=torch.zeros((), dtype=torch.float64))
+            results.append((loss, *torch.autograd.grad(loss, x)))
+    torch.testing.assert_close(results[0], results[1])
+    assert torch.isinf(results[0][0]) and not results[0][1].any()

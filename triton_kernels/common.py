@@ -137,6 +137,14 @@ def finishing_tickets(device) -> torch.Tensor:
     return tickets
 
 
+# Reductions as kernels take them (a constexpr REDUCTION).
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+# A REDUCTION for a kernel that can also be handed its gradients' scale, the reduction then left to the caller.
+SCALE_GIVEN = tl.constexpr(-1)
+# Values the finishing program of a launch adds per step (last_program).
+FINISH_BLOCK = tl.constexpr(1024)
+
+
 @triton.jit
 def last_program(TICKETS, programs):
     """Whether this program is the launch's last to get here (see finishing_tickets): every store this program made
@@ -149,6 +157,57 @@ def last_program(TICKETS, programs):
     if last:
         tl.atomic_xchg(TICKETS, 0, sem="relaxed", scope="gpu")
     return last
+
+
+@triton.jit
+def sum_in_order(VALUES, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """VALUES[0] + ... + VALUES[n - 1], added in the same order on every run, for a launch's last program: read past
+    L1 (.cg), which may hold lines from before the other programs' stores."""
+    total = tl.zeros((), ACC)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        total += tl.sum(tl.load(VALUES + i, mask=i < n, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
+    return total
+
+
+@triton.jit
+def reciprocal_or_zero(denominator):
+    """1 / denominator, 0 where that is not finite (a mean over nothing): lossops._reduce.gradient_scale's rule."""
+    scale = 1.0 / denominator
+    return tl.where(tl.abs(scale) < float("inf"), scale, 0.0)
+
+
+@triton.jit
+def gradient_scale(SCALE, DEN, REDUCTION: tl.constexpr, ACC: tl.constexpr):
+    """What a kernel taking a REDUCTION (SCALE_GIVEN or one of REDUCTIONS) multiplies its gradients by: SCALE[0] as
+    given, 1/DEN[0] for a mean (see reciprocal_or_zero), 1 otherwise."""
+    if REDUCTION == SCALE_GIVEN:
+        scale = tl.load(SCALE).to(ACC)
+    elif REDUCTION == 2:
+        scale = reciprocal_or_zero(tl.load(DEN).to(ACC))
+    else:
+        scale = tl.full((), 1.0, ACC)
+    return scale
+
+
+@triton.jit
+def reduce_in_last_program(VALUES, n, DEN, OUT, TICKETS, REDUCTION: tl.constexpr, ACC: tl.constexpr):
+    """For a sum or a mean (REDUCTION 1 or 2): the launch's last program adds up VALUES[0..n), which every program
+    has stored its share of, in a fixed order, and stores the sum, or the mean over DEN[0], in OUT."""
+    if REDUCTION >= 1:
+        if last_program(TICKETS, tl.num_programs(0)):
+            total = sum_in_order(VALUES, n, ACC, FINISH_BLOCK)
+            if REDUCTION == 2:
+                total = total / tl.load(DEN).to(ACC)
+            tl.store(OUT, total)
+
+
+def reduction_outputs(reduction: int, acc: torch.dtype, device, unused: torch.Tensor):
+    """(OUT, TICKETS) for a kernel finishing `reduction` (a REDUCTIONS code or SCALE_GIVEN) in its last program:
+    a fresh 0-d output and the stream's ticket counter for a sum or a mean, `unused` for both otherwise."""
+    if reduction in (REDUCTIONS["sum"], REDUCTIONS["mean"]):
+        return torch.empty((), dtype=acc, device=device), finishing_tickets(device)
+    return unused, unused
 
 
 # Elements a program of scale_gradient_kernel scales.

@@ -22,19 +22,16 @@ import triton
 import triton.language as tl
 
 from . import aot
-from .common import (acc_dtype, assert_targets_valid, expm1, finishing_tickets, float_options, last_program,
-                     launch_config, pow_nonneg, raise_if_flagged, softcap, strided)
+from .common import (FINISH_BLOCK, REDUCTIONS, acc_dtype, assert_targets_valid, expm1, finishing_tickets,
+                     float_options, last_program, launch_config, pow_nonneg, raise_if_flagged, softcap, strided)
 
 # What the row kernel does after its statistics (the constexpr MODE).
 LOSS_ONLY, WRITE_GRADIENT, SAVE_STATE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-# Reductions as the finishing and backward kernels take them (the constexpr REDUCTION).
-_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # Per row of the saved state: max, log sum-exp relative to it, and the row's share of the mean's denominator
 # (class-index targets) or the sum of its target weights (probability targets); the mean's denominator follows
 # the rows.
 STATE_WIDTH = 3
 _STATE_WIDTH = tl.constexpr(STATE_WIDTH)  # the same, inside kernels
-FINISH_BLOCK = tl.constexpr(1024)
 
 
 @triton.jit
@@ -481,7 +478,7 @@ def cross_entropy_forward(*, input, target, weight, ignore_index, label_smoothin
         row_loss, loss, flag if flag is not None else row_loss,
         finishing_tickets(logits3.device) if finish else row_loss, launch.params, inner, C, rows, ignore_index,
         MODE=SAVE_STATE, WEIGHTED_MEAN=weighted_mean and weight is not None, HOLD_ON_BAD=False, FINISH=finish,
-        REDUCTION=_REDUCTIONS[reduction], **launch.flags)
+        REDUCTION=REDUCTIONS[reduction], **launch.flags)
     if flag is not None:
         assert_targets_valid(flag, lambda row: out_of_bounds(int(target[row]), C, ignore_index))
     return loss, state
@@ -509,7 +506,7 @@ def cross_entropy_backward(*, input, target, weight, grad, state, grad_loss, ign
     cross_entropy_backward_kernel[launch.grid(rows)](
         logits3, *strides3(logits3), target, *launch.target_strides, weight if weight is not None else state,
         launch.weight_sum(weight, state), grad, *strides3(grad), state, grad_loss, launch.params, inner, C, rows,
-        ignore_index, REDUCTION=_REDUCTIONS[reduction], **launch.flags)
+        ignore_index, REDUCTION=REDUCTIONS[reduction], **launch.flags)
     return grad
 
 

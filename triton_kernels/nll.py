@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from . import aot
-from .common import (acc_dtype, assert_targets_valid, finishing_tickets, last_program, launch_config,
-                     raise_if_flagged, strided)
-from .cross_entropy import (_REDUCTIONS, FINISH_BLOCK, _class_target, _empty_rows, _finish_rows, _program_rows,
+from .common import (FINISH_BLOCK, REDUCTIONS, acc_dtype, assert_targets_valid, finishing_tickets, last_program,
+                     launch_config, raise_if_flagged, strided)
+from .cross_entropy import (_class_target, _empty_rows, _finish_rows, _program_rows,
                             _reduce_empty, _row_pointers, aot_logits, out_of_bounds, strides3)
 
 # Target rows a program of the forward route reads: one element each, so a program takes many.
@@ -108,7 +108,7 @@ def nll_loss_forward(*, input, target, weight, ignore_index, reduction, weighted
     nll_loss_forward_kernel[(triton.cdiv(rows, FORWARD_ROWS),)](
         input, *strides3(input), target, weight if weight is not None else row_loss, row_loss, state, loss, flag,
         finishing_tickets(input.device), inner, C, rows, ignore_index, HAS_WEIGHT=weight is not None,
-        WEIGHTED_MEAN=weighted_mean and weight is not None, REDUCTION=_REDUCTIONS[reduction],
+        WEIGHTED_MEAN=weighted_mean and weight is not None, REDUCTION=REDUCTIONS[reduction],
         ACC=acc_dtype(input.dtype), ROWS=FORWARD_ROWS)
     assert_targets_valid(flag, lambda row: out_of_bounds(int(target[row]), C, ignore_index))
     return loss, state
@@ -126,7 +126,7 @@ def nll_loss_backward(*, input, target, weight, grad, state, grad_loss, ignore_i
     grad_loss = grad_loss.reshape(-1).contiguous() if reduction == "none" else grad_loss.reshape(())
     nll_loss_backward_kernel[(rows,)](
         target, weight if weight is not None else state, grad, *strides3(grad), state, grad_loss, inner, C, rows,
-        ignore_index, HAS_WEIGHT=weight is not None, REDUCTION=_REDUCTIONS[reduction], ACC=acc_dtype(input.dtype),
+        ignore_index, HAS_WEIGHT=weight is not None, REDUCTION=REDUCTIONS[reduction], ACC=acc_dtype(input.dtype),
         **launch_config(C, acc=acc, gather=grad.stride(1) != 1))
     return grad
 

@@ -40,8 +40,11 @@ def _run(family, backend, t, o, grads):
     x1, x2 = t["input1"], t["input2"]
     g1 = _backend.empty_gradient(x1) if grads["input1"] else None
     g2 = _backend.empty_gradient(x2) if grads["input2"] else None
-    row_loss, total = KERNEL(backend, input1=x1, input2=x2, target=t["target"], margin=o.margin, grad_input1=g1,
-                             grad_input2=g2, grad_scale=_reduce.gradient_scale(o.reduction, t["denominator"]),
+    common = dict(input1=x1, input2=x2, target=t["target"], margin=o.margin, grad_input1=g1, grad_input2=g2)
+    if backend == "triton":  # the launch scales the gradients and reduces the loss: no torch op around it
+        reduced = _backend.kernel(backend, KERNEL.module, KERNEL.name).reduced
+        return reduced(**common, reduction=o.reduction, denominator=t["denominator"]), {"input1": g1, "input2": g2}
+    row_loss, total = KERNEL(backend, **common, grad_scale=_reduce.gradient_scale(o.reduction, t["denominator"]),
                              per_element=o.reduction == "none")
     return _reduce.reduce(o.reduction, row_loss, total, t["denominator"]), {"input1": g1, "input2": g2}
 
