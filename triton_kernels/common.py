@@ -172,8 +172,10 @@ def sum_in_order(VALUES, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def reciprocal_or_zero(denominator):
-    """1 / denominator, 0 where that is not finite (a mean over nothing): lossops._reduce.gradient_scale's rule."""
-    scale = 1.0 / denominator
+    """1 / denominator, 0 where that is not finite (a mean over nothing): lossops._reduce.gradient_scale's rule. In
+    float32 the division is the full-range approximate one (within 2 ulp): the correctly rounded one's slow path is a
+    call, whose stack frame is local memory in every program; float64 keeps the correctly rounded division."""
+    scale = tl.fdiv(tl.full((), 1.0, denominator.dtype), denominator)
     return tl.where(tl.abs(scale) < float("inf"), scale, 0.0)
 
 

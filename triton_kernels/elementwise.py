@@ -53,6 +53,10 @@ def elementwise_kernel(
         pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    # The gradients' scale: in float32 formed first, while nothing else is live; in float64, whose division (a mean's
+    # 1/denominator) is a call, after the family's math, so that the call is not made beside its live values.
+    if ACC != tl.float64:
+        scale = gradient_scale(SCALE, DEN, REDUCTION, ACC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     keep = mask
     if INDEX_TARGET:
@@ -76,8 +80,8 @@ def elementwise_kernel(
     if HAS_WEIGHT:
         w = tl.load(W + (offs // w_inner) % w_period, mask=mask, other=0.0).to(ACC)
     loss, gx, gt = LOSS_FN(x, t, a, tl.load(PARAMS + 0).to(ACC), tl.load(PARAMS + 1).to(ACC))
-    # The gradients' scale is formed after the family's math, so that it is not live across its slow paths.
-    scale = gradient_scale(SCALE, DEN, REDUCTION, ACC)
+    if ACC == tl.float64:
+        scale = gradient_scale(SCALE, DEN, REDUCTION, ACC)
     if HAS_WEIGHT:
         loss = loss * w
         scale = scale * w
