@@ -156,6 +156,8 @@ ROWS = {
 def _describe(value):
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)}-{str(value.dtype)[6:]}"
+    if callable(value) and hasattr(value, "__name__"):  # functions: by name (their repr holds an address)
+        return value.__name__
     return repr(value)
 
 

@@ -205,11 +205,19 @@ def triplet_margin_with_distance_loss(anchor: Tensor, positive: Tensor, negative
         return F.triplet_margin_with_distance_loss(anchor, positive, negative, distance_function=distance_function,
                                                    margin=margin, swap=swap, reduction=reduction)
 
+    # torch's checks, in its order and words (made in Python there too, on whatever the arguments are)
+    if reduction not in _checks.REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if margin <= 0:
+        raise ValueError(f"margin must be greater than 0, got {margin}")
+    if not anchor.ndim == positive.ndim == negative.ndim:
+        raise RuntimeError(f"The anchor, positive, and negative tensors are expected to have the same number of "
+                           f"dimensions, but got: anchor {anchor.ndim}D, positive {positive.ndim}D, and negative "
+                           f"{negative.ndim}D inputs")
     tensors = (anchor, positive, negative)
     if (distance is None or not all(isinstance(t, Tensor) for t in tensors) or not _plain_number(margin)
-            or type(swap) is not bool or reduction not in _checks.REDUCTIONS or margin <= 0
-            or not anchor.dim() == positive.dim() == negative.dim()):
-        return torch_function()  # the caller's distance, or torch's checks and errors in torch's order
+            or type(swap) is not bool):
+        return torch_function()  # the caller's distance, or torch's handling of other argument types
     options = TripletMarginOptions(float(margin), *distance, swap, reduction)
     loss = _fused(anchor, positive, negative, options, TRIPLET_MARGIN_WITH_DISTANCE_LOSS, autocast_float32=False)
     return torch_function() if loss is None else loss
