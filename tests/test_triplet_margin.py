@@ -285,3 +285,25 @@ def test_eager_path_matches_the_custom_op(monkeypatch, dtype, reduction, options
     assert_same_as_custom_op(
         monkeypatch, lambda *a: lossops.triplet_margin_with_distance_loss(*a, reduction=reduction, **distance), make,
         "LossopsTripletMarginWithDistanceLossBackward", grad_output)
+
+
+@pytest.mark.parametrize("shape", [(20_001, 7), (96, 5_003)])
+@pytest.mark.parametrize("options", [dict(), dict(p=1.5, swap=True)])
+def test_cpp_bitwise_identical_across_thread_counts(shape, options):
+    """Rows are independent and each is summed in one fixed order, the total in index order: 1 or 2 threads give
+    the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(shape, generator=gen).requires_grad_() for _ in range(3)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with lossops.backend("cpp"):
+                results.append(forward_backward(lambda *a: lossops.triplet_margin_loss(*a, **options),
+                                                leaf_copies(inputs)))
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(results[0], results[1], rtol=0, atol=0)
+    assert_close(results[0], forward_backward(lambda *a: F.triplet_margin_loss(*a, **options), leaf_copies(inputs)),
+                 rtol=1e-4, atol=1e-5)
