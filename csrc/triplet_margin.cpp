@@ -12,6 +12,7 @@
 #include "common.h"
 #include "kernel_abi.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -78,6 +79,8 @@ struct TripletOptions {
 // Losses into loss[0..N); gradients (scaled by scale) into ga / gp / gn where given. Rows are independent, each
 // summed in one fixed order: the same bits for any thread count. positive and negative (and their gradients) are
 // in the anchor's dtype or, under autocast with a low-precision anchor, in the accumulation dtype (other_t).
+// Short rows are taken a chunk of consecutive rows at a time (about kBlock elements), so that bf16 / fp16 rows are
+// widened and their gradients narrowed in long vector runs rather than a vector and a scalar tail per row.
 template <NormKind kind, typename scalar_t, typename other_t>
 void triplet_rows(const scalar_t* a, const other_t* p, const other_t* n, int64_t N, int64_t D,
                   TripletOptions<opmath_t<scalar_t>> o, scalar_t* ga, other_t* gp, other_t* gn,
@@ -87,77 +90,82 @@ void triplet_rows(const scalar_t* a, const other_t* p, const other_t* n, int64_t
   constexpr int64_t W = Vec::size();
   const Norm<kind, acc_t> norm{o.p};
   const bool gradients = ga != nullptr || gp != nullptr || gn != nullptr;
-  at::parallel_for(0, N, row_grain(3 * D), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffers(4 * D);
-    acc_t *ba = buffers.data(), *bp = ba + D, *bn = bp + D, *gbuf = bn + D;
+  const int64_t chunk = std::max<int64_t>(1, kBlock / std::max<int64_t>(D, 1));
+  // Threads take whole chunks, so a row's place in its chunk (vector run or scalar tail of the conversions) and
+  // with it every bit is the same for any thread count.
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(3 * D) / chunk), [&](int64_t first, int64_t last) {
+    const int64_t span = std::min(chunk, N) * D;
+    std::vector<acc_t> buffers(4 * span);
+    acc_t *ba = buffers.data(), *bp = ba + span, *bn = bp + span, *gbuf = bn + span;
+    std::vector<acc_t> coefficients(3 * chunk);  // each row's cp, cn, cs (see the header)
     const Vec veps(o.eps);
-    for (int64_t r = begin; r < end; ++r) {
-      const acc_t* x = read_block(a + r * D, 1, D, ba);
-      const acc_t* y = read_block(p + r * D, 1, D, bp);
-      const acc_t* z = read_block(n + r * D, 1, D, bn);
-      Vec vp(acc_t(0)), vn(acc_t(0)), vs(acc_t(0));
-      int64_t i = 0;
-      for (; i + W <= D; i += W) {
-        const Vec xa = Vec::loadu(x + i), xp = Vec::loadu(y + i), xn = Vec::loadu(z + i);
-        vp = vp + norm.term(xa - xp + veps);
-        vn = vn + norm.term(xa - xn + veps);
-        if (o.swap) vs = vs + norm.term(xp - xn + veps);
+    for (int64_t r0 = first * chunk; r0 < std::min(N, last * chunk); r0 += chunk) {
+      const int64_t rows = std::min(chunk, N - r0), count = rows * D;
+      const acc_t* xs = read_block(a + r0 * D, 1, count, ba);
+      const acc_t* ys = read_block(p + r0 * D, 1, count, bp);
+      const acc_t* zs = read_block(n + r0 * D, 1, count, bn);
+      for (int64_t k = 0; k < rows; ++k) {
+        const acc_t *x = xs + k * D, *y = ys + k * D, *z = zs + k * D;
+        Vec vp(acc_t(0)), vn(acc_t(0)), vs(acc_t(0));
+        int64_t i = 0;
+        for (; i + W <= D; i += W) {
+          const Vec xa = Vec::loadu(x + i), xp = Vec::loadu(y + i), xn = Vec::loadu(z + i);
+          vp = vp + norm.term(xa - xp + veps);
+          vn = vn + norm.term(xa - xn + veps);
+          if (o.swap) vs = vs + norm.term(xp - xn + veps);
+        }
+        auto add = [](Vec& u, Vec& v) { return u + v; };
+        acc_t sp = at::vec::vec_reduce_all<acc_t>(add, vp), sn = at::vec::vec_reduce_all<acc_t>(add, vn),
+              ss = at::vec::vec_reduce_all<acc_t>(add, vs);
+        for (; i < D; ++i) {
+          sp += norm.term(x[i] - y[i] + o.eps);
+          sn += norm.term(x[i] - z[i] + o.eps);
+          if (o.swap) ss += norm.term(y[i] - z[i] + o.eps);
+        }
+        const acc_t dp = norm.root(sp), dn = norm.root(sn);
+        acc_t negative = dn, wn = acc_t(1), ws = acc_t(0), ds = acc_t(0);
+        if (o.swap) {
+          ds = norm.root(ss);
+          // torch's minimum: NaN if either is; its gradient halves a tie and goes both ways past a NaN
+          negative = std::isnan(dn) || std::isnan(ds) ? std::numeric_limits<acc_t>::quiet_NaN() : std::min(dn, ds);
+          wn = dn == ds ? acc_t(0.5) : dn > ds ? acc_t(0) : acc_t(1);
+          ws = dn == ds ? acc_t(0.5) : dn < ds ? acc_t(0) : acc_t(1);
+        }
+        const acc_t gap = o.margin + dp - negative;
+        loss[r0 + k] = gap < acc_t(0) ? acc_t(0) : gap;  // a NaN gap stays NaN, as torch's clamp_min
+        const acc_t h = gap >= acc_t(0) ? o.scale : acc_t(0);
+        coefficients[3 * k] = h * norm.factor(dp);
+        coefficients[3 * k + 1] = h * wn * norm.factor(dn);
+        coefficients[3 * k + 2] = o.swap ? h * ws * norm.factor(ds) : acc_t(0);
       }
-      auto add = [](Vec& u, Vec& v) { return u + v; };
-      acc_t sp = at::vec::vec_reduce_all<acc_t>(add, vp), sn = at::vec::vec_reduce_all<acc_t>(add, vn),
-            ss = at::vec::vec_reduce_all<acc_t>(add, vs);
-      for (; i < D; ++i) {
-        sp += norm.term(x[i] - y[i] + o.eps);
-        sn += norm.term(x[i] - z[i] + o.eps);
-        if (o.swap) ss += norm.term(y[i] - z[i] + o.eps);
-      }
-      const acc_t dp = norm.root(sp), dn = norm.root(sn);
-      acc_t negative = dn, wn = acc_t(1), ws = acc_t(0), ds = acc_t(0);
-      if (o.swap) {
-        ds = norm.root(ss);
-        // torch's minimum: NaN if either is; its gradient halves a tie and goes both ways past a NaN
-        negative = std::isnan(dn) || std::isnan(ds) ? std::numeric_limits<acc_t>::quiet_NaN() : std::min(dn, ds);
-        wn = dn == ds ? acc_t(0.5) : dn > ds ? acc_t(0) : acc_t(1);
-        ws = dn == ds ? acc_t(0.5) : dn < ds ? acc_t(0) : acc_t(1);
-      }
-      const acc_t gap = o.margin + dp - negative;
-      loss[r] = gap < acc_t(0) ? acc_t(0) : gap;  // a NaN gap stays NaN, as torch's clamp_min
       if (!gradients) continue;
-      const acc_t h = gap >= acc_t(0) ? o.scale : acc_t(0);
-      const acc_t cp = h * norm.factor(dp), cn = h * wn * norm.factor(dn), cs = o.swap ? h * ws * norm.factor(ds) : 0;
-      const Vec vcp(cp), vcn(cn), vcs(cs);
-      // one gradient at a time, each from the rows in cache: ga, then gp, then gn
-      auto write = [&](auto* g, auto vector_term, auto scalar_term) {
+      // One gradient at a time over the chunk, from the rows in cache, each row with its coefficients:
+      // term(cp, cn, cs, a, p, n) for vectors and scalars alike.
+      auto write = [&](auto* g, auto term) {
         if (g == nullptr) return;
-        int64_t j = 0;
-        for (; j + W <= D; j += W)
-          vector_term(Vec::loadu(x + j), Vec::loadu(y + j), Vec::loadu(z + j)).store(gbuf + j);
-        for (; j < D; ++j) gbuf[j] = scalar_term(x[j], y[j], z[j]);
-        write_block<std::remove_pointer_t<decltype(g)>>(gbuf, g + r * D, 1, D);
+        for (int64_t k = 0; k < rows; ++k) {
+          const acc_t *x = xs + k * D, *y = ys + k * D, *z = zs + k * D, *c = coefficients.data() + 3 * k;
+          acc_t* out = gbuf + k * D;
+          const Vec vcp(c[0]), vcn(c[1]), vcs(c[2]);
+          int64_t j = 0;
+          for (; j + W <= D; j += W)
+            term(vcp, vcn, vcs, Vec::loadu(x + j), Vec::loadu(y + j), Vec::loadu(z + j), veps).store(out + j);
+          for (; j < D; ++j) out[j] = term(c[0], c[1], c[2], x[j], y[j], z[j], o.eps);
+        }
+        write_block<std::remove_pointer_t<decltype(g)>>(gbuf, g + r0 * D, 1, count);
       };
-      write(ga,
-            [&](Vec xa, Vec xp, Vec xn) { return vcp * norm.shape(xa - xp + veps) - vcn * norm.shape(xa - xn + veps); },
-            [&](acc_t xa, acc_t xp, acc_t xn) {
-              return cp * norm.shape(xa - xp + o.eps) - cn * norm.shape(xa - xn + o.eps);
-            });
-      write(gp,
-            [&](Vec xa, Vec xp, Vec xn) {
-              const Vec part = Vec(acc_t(0)) - vcp * norm.shape(xa - xp + veps);
-              return o.swap ? part - vcs * norm.shape(xp - xn + veps) : part;
-            },
-            [&](acc_t xa, acc_t xp, acc_t xn) {
-              const acc_t part = -cp * norm.shape(xa - xp + o.eps);
-              return o.swap ? part - cs * norm.shape(xp - xn + o.eps) : part;
-            });
-      write(gn,
-            [&](Vec xa, Vec xp, Vec xn) {
-              const Vec part = vcn * norm.shape(xa - xn + veps);
-              return o.swap ? part + vcs * norm.shape(xp - xn + veps) : part;
-            },
-            [&](acc_t xa, acc_t xp, acc_t xn) {
-              const acc_t part = cn * norm.shape(xa - xn + o.eps);
-              return o.swap ? part + cs * norm.shape(xp - xn + o.eps) : part;
-            });
+      write(ga, [&](auto cp, auto cn, auto, auto xa, auto xp, auto xn, auto eps) {
+        return cp * norm.shape(xa - xp + eps) - cn * norm.shape(xa - xn + eps);
+      });
+      write(gp, [&](auto cp, auto, auto cs, auto xa, auto xp, auto xn, auto eps) {
+        const auto part = decltype(cp)(0) - cp * norm.shape(xa - xp + eps);
+        return o.swap ? part - cs * norm.shape(xp - xn + eps) : part;
+      });
+      write(gn, [&](auto, auto cn, auto cs, auto xa, auto xp, auto xn, auto eps) {
+        const auto part = cn * norm.shape(xa - xn + eps);
+        return o.swap ? part + cs * norm.shape(xp - xn + eps) : part;
+      });
     }
   });
 }
