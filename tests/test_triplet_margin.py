@@ -210,6 +210,8 @@ def test_modules_match_torch_modules(backend):
     assert type(default.distance_function) is torch.nn.PairwiseDistance  # as torch's, a child Module
     theirs = torch.nn.TripletMarginWithDistanceLoss()
     assert dict(default.named_children()).keys() == dict(theirs.named_children()).keys()
+    assert repr(lossops.nn.TripletMarginWithDistanceLoss(margin=0.5)) == (
+        "TripletMarginWithDistanceLoss(\n  margin=0.5\n  (distance_function): PairwiseDistance()\n)")
     with pytest.raises(TypeError):  # keyword-only, as torch's
         lossops.nn.TripletMarginWithDistanceLoss(None, 1.0)
 

@@ -285,6 +285,10 @@ class TripletMarginWithDistanceLoss(_family.make_module(
         super().__init__(distance_function=torch.nn.PairwiseDistance() if distance_function is None
                          else distance_function, margin=margin, swap=swap, reduction=reduction)
 
+    def extra_repr(self):  # the distance function shows as the child Module it is
+        return _family.options_repr({"margin": self.margin, "swap": self.swap, "reduction": self.reduction},
+                                    {"margin": 1.0, "swap": False, "reduction": "mean"})
+
 
 TripletMarginWithDistanceLoss.__module__ = "lossops.nn"
 TRIPLET_MARGIN_WITH_DISTANCE_LOSS.module = TripletMarginWithDistanceLoss
