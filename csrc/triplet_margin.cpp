@@ -70,6 +70,18 @@ struct Norm {
   }
 };
 
+// A vector of acc_t from Vectorized<acc_t>::size() elements of src, widened in registers where src is bf16 / fp16.
+template <typename acc_t, typename T>
+inline at::vec::Vectorized<acc_t> load_widened(const T* src) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return at::vec::Vectorized<acc_t>::loadu(src);
+  } else {
+    at::vec::Vectorized<float> out;
+    at::vec::load_to_float<T>(src, out);
+    return out;
+  }
+}
+
 template <typename acc_t>
 struct TripletOptions {
   acc_t margin, p, eps, scale;
@@ -102,27 +114,38 @@ void triplet_rows(const scalar_t* a, const other_t* p, const other_t* n, int64_t
     const Vec veps(o.eps);
     for (int64_t r0 = first * chunk; r0 < std::min(N, last * chunk); r0 += chunk) {
       const int64_t rows = std::min(chunk, N - r0), count = rows * D;
-      const acc_t* xs = read_block(a + r0 * D, 1, count, ba);
-      const acc_t* ys = read_block(p + r0 * D, 1, count, bp);
-      const acc_t* zs = read_block(n + r0 * D, 1, count, bn);
-      for (int64_t k = 0; k < rows; ++k) {
-        const acc_t *x = xs + k * D, *y = ys + k * D, *z = zs + k * D;
+      // The gradient pass reads the rows again: widened once into the buffers. Without it, each element is widened
+      // in registers as it is summed (the same values in the same order: the same bits).
+      const acc_t *xs = nullptr, *ys = nullptr, *zs = nullptr;
+      if (gradients) {
+        xs = read_block(a + r0 * D, 1, count, ba);
+        ys = read_block(p + r0 * D, 1, count, bp);
+        zs = read_block(n + r0 * D, 1, count, bn);
+      }
+      auto row_sums = [&](const auto* x, const auto* y, const auto* z, acc_t& sp, acc_t& sn, acc_t& ss) {
         Vec vp(acc_t(0)), vn(acc_t(0)), vs(acc_t(0));
         int64_t i = 0;
         for (; i + W <= D; i += W) {
-          const Vec xa = Vec::loadu(x + i), xp = Vec::loadu(y + i), xn = Vec::loadu(z + i);
+          const Vec xa = load_widened<acc_t>(x + i), xp = load_widened<acc_t>(y + i), xn = load_widened<acc_t>(z + i);
           vp = vp + norm.term(xa - xp + veps);
           vn = vn + norm.term(xa - xn + veps);
           if (o.swap) vs = vs + norm.term(xp - xn + veps);
         }
         auto add = [](Vec& u, Vec& v) { return u + v; };
-        acc_t sp = at::vec::vec_reduce_all<acc_t>(add, vp), sn = at::vec::vec_reduce_all<acc_t>(add, vn),
-              ss = at::vec::vec_reduce_all<acc_t>(add, vs);
+        sp = at::vec::vec_reduce_all<acc_t>(add, vp);
+        sn = at::vec::vec_reduce_all<acc_t>(add, vn);
+        ss = at::vec::vec_reduce_all<acc_t>(add, vs);
         for (; i < D; ++i) {
-          sp += norm.term(x[i] - y[i] + o.eps);
-          sn += norm.term(x[i] - z[i] + o.eps);
-          if (o.swap) ss += norm.term(y[i] - z[i] + o.eps);
+          const acc_t xa = static_cast<acc_t>(x[i]), xp = static_cast<acc_t>(y[i]), xn = static_cast<acc_t>(z[i]);
+          sp += norm.term(xa - xp + o.eps);
+          sn += norm.term(xa - xn + o.eps);
+          if (o.swap) ss += norm.term(xp - xn + o.eps);
         }
+      };
+      for (int64_t k = 0; k < rows; ++k) {
+        acc_t sp, sn, ss;
+        if (gradients) row_sums(xs + k * D, ys + k * D, zs + k * D, sp, sn, ss);
+        else row_sums(a + (r0 + k) * D, p + (r0 + k) * D, n + (r0 + k) * D, sp, sn, ss);
         const acc_t dp = norm.root(sp), dn = norm.root(sn);
         acc_t negative = dn, wn = acc_t(1), ws = acc_t(0), ds = acc_t(0);
         if (o.swap) {
