@@ -87,7 +87,7 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
-enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kSequences, kTokenRows };
+enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kRowTriples, kSequences, kTokenRows };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
 enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
@@ -102,6 +102,8 @@ enum class ScalarKind { kInt, kReal, kFlag };
 //     layout parameter (kOperandLayout) is [1, numel].
 //   row_pairs: input1 and input2 (N, D) of one floating dtype, a real target (N,). Operands: the inputs contiguous,
 //     the target contiguous in the accumulation dtype. Items: rows; grad_output broadcasts as (N, 1).
+//   row_triples: three (N, D) row tensors of one floating dtype. Operands: all three contiguous. Items: rows;
+//     grad_output broadcasts as (N, 1).
 //   sequences: (T, N, C) log-probabilities, int64 targets (N, S) or concatenated, int64 input and target
 //     lengths (N,). Operands: those four and each sequence's target offset. Items: sequences.
 //   token_rows: two logits tensors of one shape (..., C), classes last (the second in the first's dtype or its
@@ -114,6 +116,7 @@ size_t call_tensor_count(Layout layout) {
     case Layout::kSameShape: return 2;
     case Layout::kSameShapeAux: return 3;
     case Layout::kRowPairs: return 3;
+    case Layout::kRowTriples: return 3;
     case Layout::kSequences: return 4;
     case Layout::kTokenRows: return 3;
   }
@@ -304,6 +307,19 @@ bool prepare_row_pairs(const CallTensors& call, Prepared& p) {
   return true;
 }
 
+bool prepare_row_triples(const CallTensors& call, Prepared& p) {
+  const at::Tensor* rows[] = {call[0], call[1], call[2]};
+  const at::Tensor& first = *rows[0];
+  if (rows[2] == nullptr || !kernel_dtype(first.scalar_type()) || first.dim() != 2 || first.size(0) == 0) return false;
+  for (const at::Tensor* t : rows) {
+    if (t->scalar_type() != first.scalar_type() || t->sizes() != first.sizes()) return false;
+  }
+  p.operands = {first.contiguous(), rows[1]->contiguous(), rows[2]->contiguous()};
+  p.loss_shape = {first.size(0)};
+  p.item_shape = {first.size(0), 1};
+  return true;
+}
+
 // CTC's lengths are read here (as torch's CPU ctc_loss reads them); anything out of range takes the full path.
 bool prepare_sequences(const CallTensors& call, Prepared& p) {
   const at::Tensor& log_probs = *call[0];
@@ -349,6 +365,7 @@ bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
     case Layout::kSameShape: return prepare_same_shape(call, p);
     case Layout::kSameShapeAux: return prepare_same_shape_aux(call, p);
     case Layout::kRowPairs: return prepare_row_pairs(call, p);
+    case Layout::kRowTriples: return prepare_row_triples(call, p);
     case Layout::kSequences: return prepare_sequences(call, p);
     case Layout::kTokenRows: return prepare_token_rows(call, p);
   }
@@ -441,6 +458,7 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
                                                   {"same_shape", Layout::kSameShape},
                                                   {"same_shape_aux", Layout::kSameShapeAux},
                                                   {"row_pairs", Layout::kRowPairs},
+                                                  {"row_triples", Layout::kRowTriples},
                                                   {"sequences", Layout::kSequences},
                                                   {"token_rows", Layout::kTokenRows}});
   route.denominator = named<DenominatorRule>("denominator", denominator,

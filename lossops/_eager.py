@@ -47,11 +47,13 @@ LAYOUT_OPERANDS = {
     "same_shape": ("input", "target"),  # floating input and target of one shape
     "same_shape_aux": ("input", "target", "aux"),  # and a third operand of that shape and dtype
     "row_pairs": ("input1", "input2", "target"),  # (N, D) rows of one floating dtype and a real (N,) target
+    "row_triples": ("anchor", "positive", "negative"),  # three (N, D) rows of one floating dtype
     "sequences": ("log_probs", "targets", "input_lengths", "target_lengths", "target_offsets"),  # CTC
     # two (..., C) logits tensors of one shape (distillation's student and teacher), optional int64 class indices
     "token_rows": ("student", "teacher", "target"),
 }
-CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "same_shape_aux": 3, "row_pairs": 3, "sequences": 4, "token_rows": 3}
+CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "same_shape_aux": 3, "row_pairs": 3, "row_triples": 3, "sequences": 4,
+                "token_rows": 3}
 # Kernel parameters a layout fills with the [inner, period] broadcast layout of one of its operands: [1, numel], the
 # operand having every element of the input.
 OPERAND_LAYOUTS = {"same_shape_aux": {"aux_layout": "aux"}}

@@ -36,6 +36,10 @@ def cosine_call():
     return torch.randn(N, C, requires_grad=True), torch.randn(N, C, requires_grad=True), torch.rand(N).sign()
 
 
+def triplet_call():
+    return tuple(torch.randn(N, C, requires_grad=True) for _ in range(3))
+
+
 def gaussian_call():
     return torch.randn(N, C, requires_grad=True), torch.randn(N, C), (torch.rand(N, C) + 0.1).requires_grad_()
 
@@ -114,6 +118,21 @@ ROWS = {
         dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
                                  np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))
     ]),
+    "TripletMarginLoss": (triplet_call, REDUCTIONS + [
+        *(dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
+                                   np.float32(0.5), np.int64(2), True, 1, 0, 0.0, -1.0, float("nan"), float("inf"))),
+        *(dict(p=v) for v in ("a", None, 1, 1.5, 0, -1.0, float("nan"), float("inf"), torch.tensor(2.0), True)),
+        *(dict(eps=v) for v in ("a", None, 0, -1.0, float("nan"), torch.tensor(1e-3), np.float64(1e-3))),
+        *(dict(swap=v) for v in ("a", None, 1, 0.5, np.bool_(True), torch.tensor(True), True)),
+    ]),
+    "TripletMarginWithDistanceLoss": (triplet_call, [r for r in REDUCTIONS if "reduction" in r] + [
+        *(dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
+                                   np.float32(0.5), np.int64(2), True, 1, 0, -1.0, float("nan"), float("inf"))),
+        *(dict(swap=v) for v in ("a", None, 1, np.bool_(True), torch.tensor(True), True)),
+        *(dict(distance_function=f) for f in (None, "a", torch.nn.PairwiseDistance(p=1.0), torch.pairwise_distance,
+                                              torch.nn.PairwiseDistance(keepdim=True),
+                                              lambda x, y: (x - y).abs().sum(-1))),
+    ]),
     "GaussianNLLLoss": (gaussian_call, [r for r in REDUCTIONS if "reduction" in r] + [
         *(dict(full=v) for v in ("a", None, 1, 0.5, np.bool_(False), torch.tensor(True))),
         *(dict(eps=v) for v in ("a", None, 1, -1.0, float("nan"), [1e-3], torch.tensor(1e-3),
@@ -137,6 +156,8 @@ ROWS = {
 def _describe(value):
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)}-{str(value.dtype)[6:]}"
+    if callable(value) and hasattr(value, "__name__"):  # functions: by name (their repr holds an address)
+        return value.__name__
     return repr(value)
 
 
