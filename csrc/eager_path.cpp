@@ -87,7 +87,7 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
-enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kSequences, kTokenRows };
+enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kSequences, kTokenRows, kLabelLists };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
 enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
@@ -108,6 +108,9 @@ enum class ScalarKind { kInt, kReal, kFlag };
 //     accumulation dtype), optional int64 class-index target (the logits' shape without C). Operands: both as
 //     (tokens, C) with contiguous classes, the target as (tokens,). Items: tokens; grad_output broadcasts as
 //     (tokens, 1).
+//   label_lists: input (N, C) and an int64 target of that shape holding each row's list of class indices (a
+//     multi-label target). Operands: the input as it is, the target contiguous. Items: rows; grad_output
+//     broadcasts as (N, 1).
 size_t call_tensor_count(Layout layout) {
   switch (layout) {
     case Layout::kClassRows: return 3;
@@ -116,6 +119,7 @@ size_t call_tensor_count(Layout layout) {
     case Layout::kRowPairs: return 3;
     case Layout::kSequences: return 4;
     case Layout::kTokenRows: return 3;
+    case Layout::kLabelLists: return 2;
   }
   return 0;
 }
@@ -343,6 +347,19 @@ bool prepare_sequences(const CallTensors& call, Prepared& p) {
   return true;
 }
 
+bool prepare_label_lists(const CallTensors& call, Prepared& p) {
+  const at::Tensor& input = *call[0];
+  const at::Tensor& target = *call[1];
+  if (!kernel_dtype(input.scalar_type()) || input.dim() != 2 || input.numel() == 0 ||
+      target.scalar_type() != at::kLong || target.sizes() != input.sizes())
+    return false;
+  p.operands = {input, target.contiguous()};
+  p.loss_shape = {input.size(0)};
+  p.item_shape = {input.size(0), 1};
+  p.classes = input.size(1);
+  return true;
+}
+
 bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
   switch (layout) {
     case Layout::kClassRows: return prepare_class_rows(call, p);
@@ -351,6 +368,7 @@ bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
     case Layout::kRowPairs: return prepare_row_pairs(call, p);
     case Layout::kSequences: return prepare_sequences(call, p);
     case Layout::kTokenRows: return prepare_token_rows(call, p);
+    case Layout::kLabelLists: return prepare_label_lists(call, p);
   }
   return false;
 }
@@ -442,7 +460,8 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
                                                   {"same_shape_aux", Layout::kSameShapeAux},
                                                   {"row_pairs", Layout::kRowPairs},
                                                   {"sequences", Layout::kSequences},
-                                                  {"token_rows", Layout::kTokenRows}});
+                                                  {"token_rows", Layout::kTokenRows},
+                                                  {"label_lists", Layout::kLabelLists}});
   route.denominator = named<DenominatorRule>("denominator", denominator,
                                              {{"elements", DenominatorRule::kElements},
                                               {"batch", DenominatorRule::kBatch},

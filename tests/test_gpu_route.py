@@ -131,14 +131,16 @@ LAUNCH_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entr
                  "binary_cross_entropy": 2, "soft_margin_loss": 2, "hinge_embedding_loss": 2, "poisson_nll_loss": 2,
                  "kl_div": 2, "nll_loss": 2, "distillation_loss": 2, "linear_distillation_loss": 3,
                  "margin_ranking_loss": 2, "gaussian_nll_loss": 2, "cosine_embedding_loss": 2,
-                 "multilabel_soft_margin_loss": 2, "multi_margin_loss": 2}
+                 "multilabel_soft_margin_loss": 2, "multi_margin_loss": 2,
+                 "multilabel_margin_loss": 2}
 TORCH_OP_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entropy_with_logits": 6,
                    "sigmoid_focal_loss": 6, "sigmoid_focal_loss_index": 9, "l1_loss": 6, "mse_loss": 6,
                    "smooth_l1_loss": 6, "huber_loss": 6, "ctc_loss": 35, "linear_cross_entropy": 38,
                    "binary_cross_entropy": 9, "soft_margin_loss": 6, "hinge_embedding_loss": 6, "poisson_nll_loss": 6,
                    "kl_div": 6, "nll_loss": 2, "distillation_loss": 11, "linear_distillation_loss": 26,
                    "margin_ranking_loss": 6, "gaussian_nll_loss": 10, "cosine_embedding_loss": 6,
-                   "multilabel_soft_margin_loss": 6, "multi_margin_loss": 6}
+                   "multilabel_soft_margin_loss": 6, "multi_margin_loss": 6,
+                   "multilabel_margin_loss": 6}
 
 
 def test_every_public_family_has_a_launch_budget():

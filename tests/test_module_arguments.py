@@ -32,6 +32,11 @@ def ranking_call():
     return torch.randn(N, C, requires_grad=True), torch.randn(N, C, requires_grad=True), torch.rand(N, C).sign()
 
 
+def label_lists_call():
+    return torch.randn(N, C, requires_grad=True), torch.tensor([[0, 1, -1, 2, 2], [3, -1, 0, 0, 0], [4, 0, 1, 2, 3],
+                                                                [-1, 0, 0, 0, 0]])
+
+
 def cosine_call():
     return torch.randn(N, C, requires_grad=True), torch.randn(N, C, requires_grad=True), torch.rand(N).sign()
 
@@ -133,6 +138,7 @@ ROWS = {
         *(dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
                                    np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))),
     ]),
+    "MultiLabelMarginLoss": (label_lists_call, REDUCTIONS),
     "L1Loss": (elementwise_call, REDUCTIONS),
     "MSELoss": (elementwise_call, REDUCTIONS),
     "KLDivLoss": (elementwise_call, REDUCTIONS + [
