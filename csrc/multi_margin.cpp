@@ -12,11 +12,28 @@
 namespace lossops {
 namespace {
 
-// Adds the terms of classes [begin, end) of one block (a: the block in the accumulation dtype) to `sum` and their
-// gradient's sum to `slope_sum`, writing each class's gradient into gbuf when given. shift = margin - x_y.
+// Running sums of a row's terms and of their gradients: whole vectors, then the classes short of one (small class
+// counts are mostly these), each added in one fixed order.
+template <typename acc_t>
+struct MarginSums {
+  at::vec::Vectorized<acc_t> sum{acc_t(0)}, slope_sum{acc_t(0)};
+  acc_t tail_sum = acc_t(0), tail_slope_sum = acc_t(0);
+
+  acc_t total() const {
+    auto add = [](at::vec::Vectorized<acc_t>& u, at::vec::Vectorized<acc_t>& v) { return u + v; };
+    return at::vec::vec_reduce_all<acc_t>(add, sum) + tail_sum;
+  }
+  acc_t slope_total() const {
+    auto add = [](at::vec::Vectorized<acc_t>& u, at::vec::Vectorized<acc_t>& v) { return u + v; };
+    return at::vec::vec_reduce_all<acc_t>(add, slope_sum) + tail_slope_sum;
+  }
+};
+
+// Adds the terms of classes [begin, end) of one block (a: the block in the accumulation dtype) and their
+// gradients to `sums`, writing each class's gradient into gbuf when given. shift = margin - x_y.
 template <typename acc_t, int P>
 void margin_terms(const acc_t* a, int64_t begin, int64_t end, acc_t shift, acc_t slope, acc_t* gbuf,
-                  at::vec::Vectorized<acc_t>& sum, at::vec::Vectorized<acc_t>& slope_sum) {
+                  MarginSums<acc_t>& sums) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift), vslope(slope), zero(acc_t(0));
@@ -24,25 +41,22 @@ void margin_terms(const acc_t* a, int64_t begin, int64_t end, acc_t shift, acc_t
   for (; i + W <= end; i += W) {
     const Vec z = vshift + Vec::loadu(a + i);
     const Vec h = Vec::blendv(zero, z, z > zero);
-    sum = sum + (P == 1 ? h : h * h);
+    sums.sum = sums.sum + (P == 1 ? h : h * h);
     if (gbuf != nullptr) {
       const Vec g = P == 1 ? Vec::blendv(zero, vslope, z > zero) : vslope * h;
       g.store(gbuf + i);
-      slope_sum = slope_sum + g;
+      sums.slope_sum = sums.slope_sum + g;
     }
   }
-  if (i == end) return;
-  // The tail through the same vector operations, padded with classes that add nothing (z = -inf).
-  acc_t tail[W];
-  for (int64_t j = 0; j < W; ++j) tail[j] = i + j < end ? a[i + j] : -std::numeric_limits<acc_t>::infinity();
-  const Vec z = vshift + Vec::loadu(tail);
-  const Vec h = Vec::blendv(zero, z, z > zero);
-  sum = sum + (P == 1 ? h : h * h);
-  if (gbuf != nullptr) {
-    const Vec g = P == 1 ? Vec::blendv(zero, vslope, z > zero) : vslope * h;
-    g.store(tail);
-    for (int64_t j = 0; i + j < end; ++j) gbuf[i + j] = tail[j];
-    slope_sum = slope_sum + g;
+  for (; i < end; ++i) {
+    const acc_t z = shift + a[i];
+    const bool passes = z > acc_t(0);  // false for a NaN z, as torch's test
+    sums.tail_sum += passes ? (P == 1 ? z : z * z) : acc_t(0);
+    if (gbuf != nullptr) {
+      const acc_t g = passes ? (P == 1 ? slope : slope * z) : acc_t(0);
+      gbuf[i] = g;
+      sums.tail_slope_sum += g;
+    }
   }
 }
 
@@ -53,15 +67,18 @@ template <typename scalar_t, int P>
 double multi_margin_rows(const at::Tensor& input, const int64_t* target, const opmath_t<scalar_t>* w, scalar_t* g,
                          opmath_t<scalar_t> margin, opmath_t<scalar_t> scale, opmath_t<scalar_t>* loss) {
   using acc_t = opmath_t<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
   const int64_t N = input.size(0), C = input.size(1);
   const int64_t stride_row = input.stride(0), stride_class = input.stride(1);
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const int64_t block = row_grain(C);
   const int64_t blocks = (N + block - 1) / block;
   std::vector<double> block_sums(blocks, 0.0);
+  // Each class's gradient: w[y] / C * scale, times 2 z for p = 2.
+  const acc_t per_class = scale / static_cast<acc_t>(C) * (P == 1 ? acc_t(1) : acc_t(2));
+  // Rows shorter than a vector take scalar steps: no buffer, block split or vector sums to reduce.
+  const bool short_rows = C < at::vec::Vectorized<acc_t>::size();
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
-    std::vector<acc_t> buffers(2 * std::min(C, kBlock));
+    std::vector<acc_t> buffers(short_rows ? 0 : 2 * std::min(C, kBlock));
     acc_t *xbuf = buffers.data(), *gbuf = xbuf + std::min(C, kBlock);
     for (int64_t k = first_block; k < end_block; ++k) {
       double block_sum = 0.0;
@@ -70,27 +87,43 @@ double multi_margin_rows(const at::Tensor& input, const int64_t* target, const o
         const int64_t y = target[r];
         const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
         const acc_t shift = margin - static_cast<acc_t>(row[y * stride_class]);
-        // Each class's gradient: w[y] / C * scale, times 2 z for p = 2.
-        const acc_t slope = w_y * scale / static_cast<acc_t>(C) * (P == 1 ? acc_t(1) : acc_t(2));
+        const acc_t slope = w_y * per_class;
         scalar_t* g_row = g != nullptr ? g + r * C : nullptr;
-        Vec sum(acc_t(0)), slope_sum(acc_t(0));
+        if (short_rows) {
+          acc_t sum = acc_t(0), slope_sum = acc_t(0);
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t z = shift + static_cast<acc_t>(row[c * stride_class]);
+            const bool passes = c != y && z > acc_t(0);  // false for a NaN z, as torch's test
+            sum += passes ? (P == 1 ? z : z * z) : acc_t(0);
+            if (g_row != nullptr) {
+              const acc_t gradient = passes ? (P == 1 ? slope : slope * z) : acc_t(0);
+              g_row[c] = static_cast<scalar_t>(gradient);
+              slope_sum += gradient;
+            }
+          }
+          if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-slope_sum);
+          const acc_t value = w_y * sum / static_cast<acc_t>(C);
+          if (loss != nullptr) loss[r] = value;
+          block_sum += value;
+          continue;
+        }
+        MarginSums<acc_t> sums;
         for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
           const int64_t n = std::min(kBlock, C - c0);
           const acc_t* a = read_block(row + c0 * stride_class, stride_class, n, xbuf);
           acc_t* gb = g_row != nullptr ? gbuf : nullptr;
           const int64_t skip = y - c0;  // the target's class in this block, if it is there: no term of its own
           if (skip >= 0 && skip < n) {
-            margin_terms<acc_t, P>(a, 0, skip, shift, slope, gb, sum, slope_sum);
-            margin_terms<acc_t, P>(a, skip + 1, n, shift, slope, gb, sum, slope_sum);
+            margin_terms<acc_t, P>(a, 0, skip, shift, slope, gb, sums);
+            margin_terms<acc_t, P>(a, skip + 1, n, shift, slope, gb, sums);
             if (gb != nullptr) gb[skip] = acc_t(0);
           } else {
-            margin_terms<acc_t, P>(a, 0, n, shift, slope, gb, sum, slope_sum);
+            margin_terms<acc_t, P>(a, 0, n, shift, slope, gb, sums);
           }
           if (g_row != nullptr) write_block<scalar_t>(gbuf, g_row + c0, 1, n);
         }
-        auto add = [](Vec& u, Vec& v) { return u + v; };
-        const acc_t value = w_y * at::vec::vec_reduce_all<acc_t>(add, sum) / static_cast<acc_t>(C);
-        if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-at::vec::vec_reduce_all<acc_t>(add, slope_sum));
+        const acc_t value = w_y * sums.total() / static_cast<acc_t>(C);
+        if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-sums.slope_total());
         if (loss != nullptr) loss[r] = value;
         block_sum += value;
       }

@@ -44,23 +44,45 @@ double multilabel_margin_rows(const at::Tensor& input, const int64_t* target, sc
     // the row (targets and padding at -inf) and each class's count of passing terms, padded to whole vectors
     std::vector<acc_t> buffers(2 * padded);
     acc_t *others = buffers.data(), *counts = others + padded;
-    std::vector<acc_t> row_values(C), target_counts(C);  // each listed class's count of passing terms
+    std::vector<acc_t> target_counts(C);  // each listed class's count of passing terms
     const Vec zero(acc_t(0)), one(acc_t(1));
     for (int64_t k = first_block; k < end_block; ++k) {
       double block_sum = 0.0;
       for (int64_t r = k * block, r_end = std::min(N, r + block); r < r_end; ++r) {
         const int64_t* t = target + r * C;
         const scalar_t* row = x + r * stride_row;
-        for (int64_t i = 0; i < C; ++i) row_values[i] = static_cast<acc_t>(row[i * stride_class]);
+        for (int64_t i = 0; i < C; ++i) others[i] = static_cast<acc_t>(row[i * stride_class]);
         int64_t listed = 0;
         while (listed < C && t[listed] >= 0) ++listed;
-        std::copy(row_values.begin(), row_values.end(), others);
         std::fill(others + C, others + padded, -std::numeric_limits<acc_t>::infinity());
+        // the listed classes' scores (read from the row: `others` loses them below)
+        auto listed_score = [&](int64_t j) { return static_cast<acc_t>(row[t[j] * stride_class]); };
         for (int64_t j = 0; j < listed; ++j) others[t[j]] = -std::numeric_limits<acc_t>::infinity();
         if (g != nullptr) std::fill(counts, counts + padded, acc_t(0));
         Vec sum(acc_t(0));
+        acc_t short_sum = acc_t(0);
         for (int64_t j = 0; j < listed; ++j) {
-          const Vec shift(acc_t(1) - row_values[t[j]]);
+          if (C < W) {  // a row shorter than a vector: scalar steps, no padding swept
+            const acc_t shift = acc_t(1) - listed_score(j);
+            if (g == nullptr) {
+              for (int64_t i = 0; i < C; ++i) {
+                const acc_t z = shift + others[i];
+                short_sum += z > acc_t(0) ? z : acc_t(0);
+              }
+              continue;
+            }
+            acc_t passed = acc_t(0);
+            for (int64_t i = 0; i < C; ++i) {
+              const acc_t z = shift + others[i];
+              const bool pass = z > acc_t(0);
+              short_sum += pass ? z : acc_t(0);
+              counts[i] += pass ? acc_t(1) : acc_t(0);
+              passed += pass ? acc_t(1) : acc_t(0);
+            }
+            target_counts[j] = passed;
+            continue;
+          }
+          const Vec shift(acc_t(1) - listed_score(j));
           Vec passed(acc_t(0));
           for (int64_t i = 0; i < padded; i += W) {
             const Vec z = shift + Vec::loadu(others + i);
@@ -75,8 +97,9 @@ double multilabel_margin_rows(const at::Tensor& input, const int64_t* target, sc
           if (g != nullptr) target_counts[j] = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; },
                                                                               passed);
         }
-        const acc_t value = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, sum) /
-                            static_cast<acc_t>(C);
+        const acc_t value =
+            (at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, sum) + short_sum) /
+            static_cast<acc_t>(C);
         if (g != nullptr) {
           const acc_t step = scale / static_cast<acc_t>(C);
           // counts hold 0 at listed classes (their scores are -inf there): the listed classes' terms go on top
