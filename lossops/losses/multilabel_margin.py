@@ -179,8 +179,10 @@ MULTILABEL_MARGIN_LOSS = _family.register(_family.Family(
     cases=(_family.Case(_scores, {}, torch_multilabel_margin_loss, bad=("target_out_of_range",)),
            _family.Case(_scores, dict(reduction="none"), torch_multilabel_margin_loss)),
     selfcheck=({}, torch_multilabel_margin_loss, _selfcheck_inputs),
-    bench=_family.Bench(_eager_multilabel_margin_loss, label_lists, ((256, 1000), (4096, 1024), (4096, 8192)),
-                        columns="classes", grid_shapes=G.TINY + ((65536, 10), (1000, 80)) + G.MID + ((4096, 8192),),
+    # torch.compile's multilabel_margin_loss forms an (N, C, C) tensor (1.2 s a call at 1024x1000): the shapes stop
+    # where the compile column stays minutes, not hours; the loss reads 8 MB at 8192x256.
+    bench=_family.Bench(_eager_multilabel_margin_loss, label_lists, ((256, 1000), (4096, 256), (8192, 256)),
+                        columns="classes", grid_shapes=G.TINY + ((65536, 10), (1000, 80), (8192, 256)),
                         grid_quick_shapes=G.TINY)))
 MULTILABEL_MARGIN_LOSS.module = _family.make_module(MULTILABEL_MARGIN_LOSS, "MultiLabelMarginLoss",
                                                     doc="Drop-in for torch.nn.MultiLabelMarginLoss.")
