@@ -87,7 +87,8 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
 
-enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kRowTriples, kSequences, kTokenRows };
+enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kRowTriples, kSequences, kTokenRows,
+                    kLabelLists };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
 enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
@@ -110,6 +111,9 @@ enum class ScalarKind { kInt, kReal, kFlag };
 //     accumulation dtype), optional int64 class-index target (the logits' shape without C). Operands: both as
 //     (tokens, C) with contiguous classes, the target as (tokens,). Items: tokens; grad_output broadcasts as
 //     (tokens, 1).
+//   label_lists: input (N, C) and an int64 target of that shape holding each row's list of class indices (a
+//     multi-label target). Operands: the input as it is, the target contiguous. Items: rows; grad_output
+//     broadcasts as (N, 1).
 size_t call_tensor_count(Layout layout) {
   switch (layout) {
     case Layout::kClassRows: return 3;
@@ -119,6 +123,7 @@ size_t call_tensor_count(Layout layout) {
     case Layout::kRowTriples: return 3;
     case Layout::kSequences: return 4;
     case Layout::kTokenRows: return 3;
+    case Layout::kLabelLists: return 2;
   }
   return 0;
 }
@@ -359,6 +364,19 @@ bool prepare_sequences(const CallTensors& call, Prepared& p) {
   return true;
 }
 
+bool prepare_label_lists(const CallTensors& call, Prepared& p) {
+  const at::Tensor& input = *call[0];
+  const at::Tensor& target = *call[1];
+  if (!kernel_dtype(input.scalar_type()) || input.dim() != 2 || input.numel() == 0 ||
+      target.scalar_type() != at::kLong || target.sizes() != input.sizes())
+    return false;
+  p.operands = {input, target.contiguous()};
+  p.loss_shape = {input.size(0)};
+  p.item_shape = {input.size(0), 1};
+  p.classes = input.size(1);
+  return true;
+}
+
 bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
   switch (layout) {
     case Layout::kClassRows: return prepare_class_rows(call, p);
@@ -368,6 +386,7 @@ bool prepare(Layout layout, const CallTensors& call, Prepared& p) {
     case Layout::kRowTriples: return prepare_row_triples(call, p);
     case Layout::kSequences: return prepare_sequences(call, p);
     case Layout::kTokenRows: return prepare_token_rows(call, p);
+    case Layout::kLabelLists: return prepare_label_lists(call, p);
   }
   return false;
 }
@@ -460,7 +479,8 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
                                                   {"row_pairs", Layout::kRowPairs},
                                                   {"row_triples", Layout::kRowTriples},
                                                   {"sequences", Layout::kSequences},
-                                                  {"token_rows", Layout::kTokenRows}});
+                                                  {"token_rows", Layout::kTokenRows},
+                                                  {"label_lists", Layout::kLabelLists}});
   route.denominator = named<DenominatorRule>("denominator", denominator,
                                              {{"elements", DenominatorRule::kElements},
                                               {"batch", DenominatorRule::kBatch},

@@ -51,9 +51,10 @@ LAYOUT_OPERANDS = {
     "sequences": ("log_probs", "targets", "input_lengths", "target_lengths", "target_offsets"),  # CTC
     # two (..., C) logits tensors of one shape (distillation's student and teacher), optional int64 class indices
     "token_rows": ("student", "teacher", "target"),
+    "label_lists": ("input", "target"),  # (N, C) input, int64 (N, C) lists of class indices (multi-label)
 }
 CALL_TENSORS = {"class_rows": 3, "same_shape": 2, "same_shape_aux": 3, "row_pairs": 3, "row_triples": 3, "sequences": 4,
-                "token_rows": 3}
+                "token_rows": 3, "label_lists": 2}
 # Kernel parameters a layout fills with the [inner, period] broadcast layout of one of its operands: [1, numel], the
 # operand having every element of the input.
 OPERAND_LAYOUTS = {"same_shape_aux": {"aux_layout": "aux"}}

@@ -78,7 +78,8 @@ def _declared_calls():
             # anything but log_probs, nor the margin and cosine embedding losses' target signs
             index_targets = any(isinstance(a, torch.Tensor) and not a.is_floating_point() for a in make()[0])
             input_only = name in ("ctc_loss", "soft_margin_loss", "hinge_embedding_loss")
-            wrt = (0,) if input_only or (name in ("cross_entropy", "nll_loss") and index_targets) else None
+            wrt = (0,) if input_only or (name in ("cross_entropy", "nll_loss", "multi_margin_loss")
+                                         and index_targets) else None
             if name == "cosine_embedding_loss":  # its target only selects a formula
                 wrt = (0, 1)
             calls.append(Call(f"{name}-{index}", getattr(lossops, name), make, wrt=wrt, prepare=prepare))

@@ -133,7 +133,8 @@ LAUNCH_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entr
                  "binary_cross_entropy": 2, "soft_margin_loss": 2, "hinge_embedding_loss": 2, "poisson_nll_loss": 2,
                  "kl_div": 2, "nll_loss": 2, "distillation_loss": 2, "linear_distillation_loss": 3,
                  "margin_ranking_loss": 2, "gaussian_nll_loss": 2, "cosine_embedding_loss": 2,
-                 "multilabel_soft_margin_loss": 2, "triplet_margin_loss": 2, "triplet_margin_with_distance_loss": 2}
+                 "multilabel_soft_margin_loss": 2, "triplet_margin_loss": 2, "triplet_margin_with_distance_loss": 2,
+                 "multi_margin_loss": 2, "multilabel_margin_loss": 2}
 TORCH_OP_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_entropy_with_logits": 2,
                    "sigmoid_focal_loss": 2, "sigmoid_focal_loss_index": 7, "l1_loss": 2, "mse_loss": 2,
                    "smooth_l1_loss": 2, "huber_loss": 2, "ctc_loss": 35, "linear_cross_entropy": 38,
@@ -141,7 +142,7 @@ TORCH_OP_BUDGET = {"cross_entropy": 2, "softmax_focal_loss": 2, "binary_cross_en
                    "kl_div": 2, "nll_loss": 2, "distillation_loss": 11, "linear_distillation_loss": 26,
                    "margin_ranking_loss": 2, "gaussian_nll_loss": 6, "cosine_embedding_loss": 2,
                    "multilabel_soft_margin_loss": 2, "triplet_margin_loss": 6,
-                   "triplet_margin_with_distance_loss": 6}
+                   "triplet_margin_with_distance_loss": 6, "multi_margin_loss": 6, "multilabel_margin_loss": 6}
 
 
 def test_every_public_family_has_a_launch_budget():

@@ -32,6 +32,11 @@ def ranking_call():
     return torch.randn(N, C, requires_grad=True), torch.randn(N, C, requires_grad=True), torch.rand(N, C).sign()
 
 
+def label_lists_call():
+    return torch.randn(N, C, requires_grad=True), torch.tensor([[0, 1, -1, 2, 2], [3, -1, 0, 0, 0], [4, 0, 1, 2, 3],
+                                                                [-1, 0, 0, 0, 0]])
+
+
 def cosine_call():
     return torch.randn(N, C, requires_grad=True), torch.randn(N, C, requires_grad=True), torch.rand(N).sign()
 
@@ -144,6 +149,15 @@ ROWS = {
         dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
         dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(N, 1)), dict(weight=_tensor(2, N, C)),
     ]),
+    "MultiMarginLoss": (class_call, REDUCTIONS + [
+        *(dict(weight=w) for w in BUFFER_MISUSE),
+        dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
+        dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(C + 1)), dict(weight=_tensor(1, C)),
+        *(dict(p=v) for v in (3, 0, 2.0, 1.5, "a", None, True, np.int64(2), torch.tensor(2))),
+        *(dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
+                                   np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))),
+    ]),
+    "MultiLabelMarginLoss": (label_lists_call, REDUCTIONS),
     "L1Loss": (elementwise_call, REDUCTIONS),
     "MSELoss": (elementwise_call, REDUCTIONS),
     "KLDivLoss": (elementwise_call, REDUCTIONS + [
