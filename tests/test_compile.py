@@ -159,7 +159,8 @@ def test_inductor_all_ops_in_one_graph():
 
     def run(fn, all_inputs):
         models.zero_grad()
-        flat = [t.detach().requires_grad_(i == 0) for inputs in all_inputs for i, t in enumerate(inputs)]
+        flat = [t.detach().requires_grad_(i == 0) if isinstance(t, torch.Tensor) else t  # numbers: p, margin
+                for inputs in all_inputs for i, t in enumerate(inputs)]
         losses = fn(models, *flat)
         losses.backward(torch.arange(1.0, len(OPS) + 1))
         return losses.detach(), [p.grad.clone() for p in models.parameters()]
