@@ -57,6 +57,8 @@ export LD_PRELOAD
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:print_summary=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export LOSSOPS_CPU_CAPABILITY="$best"
+# tests/conftest.py: gradchecks in fast mode (their repeated calls find nothing new here)
+export LOSSOPS_SANITIZED=1
 # The sanitized package first; the repository after it for the test helpers' own imports (bench, examples).
 export PYTHONPATH="$PKG:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -24,4 +24,14 @@ inline at::Tensor cpu_scalar(double value, at::ScalarType dtype) {
   return out;
 }
 
+// The gradient buffer a kernel writes when its caller passed one (undefined otherwise): contiguous, with the
+// input's shape and dtype, checked once here for every family.
+inline at::Tensor gradient_buffer(const std::optional<at::Tensor>& grad, const at::Tensor& input, const char* loss) {
+  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
+  TORCH_CHECK(!g.defined() || (g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type() &&
+                               g.is_contiguous()),
+              "lossops: ", loss, " gradient buffer must be contiguous with the input's shape and dtype");
+  return g;
+}
+
 }  // namespace lossops

@@ -167,10 +167,7 @@ std::vector<at::Tensor> multi_margin_loss_kernel(const KernelArgs& a) {
   const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
   TORCH_CHECK(!w.defined() || w.numel() == C, "lossops: multi_margin_loss weight must have ", C, " elements, got ",
               w.numel());
-  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
-  TORCH_CHECK(!g.defined() || (g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type() &&
-                               g.is_contiguous()),
-              "lossops: multi_margin_loss gradient buffer must be contiguous with the input's shape and dtype");
+  at::Tensor g = gradient_buffer(grad, input, "multi_margin_loss");
   const bool per_element = a.flag("per_element");
   at::Tensor row_loss = new_cpu_tensor({per_element ? N : 0}, acc_type);
   double total = 0.0;

@@ -131,10 +131,7 @@ std::vector<at::Tensor> multilabel_margin_loss_kernel(const KernelArgs& a) {
               "lossops: multilabel_margin_loss target must be a contiguous int64 tensor of the input's shape");
   check_label_lists(target.const_data_ptr<int64_t>(), N * C, C);
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
-  TORCH_CHECK(!g.defined() || (g.sizes() == input.sizes() && g.scalar_type() == input.scalar_type() &&
-                               g.is_contiguous()),
-              "lossops: multilabel_margin_loss gradient buffer must be contiguous with the input's shape and dtype");
+  at::Tensor g = gradient_buffer(grad, input, "multilabel_margin_loss");
   const bool per_element = a.flag("per_element");
   at::Tensor row_loss = new_cpu_tensor({per_element ? N : 0}, acc_type);
   double total = 0.0;

@@ -112,6 +112,15 @@ def last_dim_target(target: torch.Tensor, name: str, input: torch.Tensor) -> Non
                            f"{tuple(input.shape)}, got {tuple(target.shape)}")
 
 
+def margin_scores(input: torch.Tensor) -> None:
+    """The scores of torch's multi-class and multi-label margin losses: a non-empty vector, a matrix with classes, or
+    a 0-d tensor (one row of one class); torch's error otherwise."""
+    if not ((input.dim() == 2 and input.shape[1] != 0) or (input.dim() == 1 and input.shape[0] != 0)
+            or input.dim() == 0):
+        raise RuntimeError(f"Expected non-empty vector or matrix with optional 0-dim batch size, but got: "
+                           f"{list(input.shape)}")
+
+
 def real(name: str, value) -> float:
     """A float argument taken as torch's argument parser takes one: a real number or a one-element tensor.
     Anything else is a TypeError, as there; float() alone would accept "0.5" and give ValueError for "a"."""

@@ -248,7 +248,7 @@ def _fsdp2_worker(rank, world_size):
             print(f"{model_type}: peak memory of one forward+backward on rank 0, bytes (logits: {logits_bytes}): "
                   f"{memory}")
         assert memory["patched"]["tensors"] + logits_bytes < memory["unpatched"]["tensors"], memory
-        if memory["patched"]["process"] is not None:
+        if None not in (memory["patched"]["process"], memory["unpatched"]["process"]):
             assert memory["patched"]["process"] + logits_bytes < memory["unpatched"]["process"], memory
 
     # An output layer with its own fully_shard is resharded before the loss would read it: refused, by name.

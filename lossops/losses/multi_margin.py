@@ -70,11 +70,7 @@ def _full_multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: f
     margin = _checks.real("margin", margin)
     _checks.tensor("input", input)
     _checks.tensor("target", target)
-    # torch takes a 0-d input as one row of one class
-    if not ((input.dim() == 2 and input.shape[1] != 0) or (input.dim() == 1 and input.shape[0] != 0)
-            or input.dim() == 0):
-        raise RuntimeError(f"Expected non-empty vector or matrix with optional 0-dim batch size, but got: "
-                           f"{list(input.shape)}")
+    _checks.margin_scores(input)
     rows = input.shape[0] if input.dim() == 2 else 1
     C = input.shape[-1] if input.dim() > 0 else 1
     if target.dim() > 1 or target.numel() != rows:

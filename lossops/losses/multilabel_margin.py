@@ -55,10 +55,7 @@ def _full_multilabel_margin_loss(input: Tensor, target: Tensor, size_average=Non
         raise ValueError(f"{reduction} is not a valid value for reduction")
     _checks.tensor("input", input)
     _checks.tensor("target", target)
-    if not ((input.dim() == 2 and input.shape[1] != 0) or (input.dim() == 1 and input.shape[0] != 0)
-            or input.dim() == 0):
-        raise RuntimeError(f"Expected non-empty vector or matrix with optional 0-dim batch size, but got: "
-                           f"{list(input.shape)}")
+    _checks.margin_scores(input)
     C = input.shape[-1] if input.dim() > 0 else 1
     if input.dim() <= 1:
         if target.dim() > 1 or target.numel() != C:
