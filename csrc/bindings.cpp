@@ -115,11 +115,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("declare_eager_route", &lossops::declare_eager_route,
         "Record a family's eager route (lossops/_eager.py EagerRoute); returns its number", py::arg("kernel"),
         py::arg("layout"), py::arg("denominator"), py::arg("parameters"), py::arg("scalars"), py::arg("node_name"));
-  m.def("eager_loss", &lossops::eager_loss,
-        "A loss for plain CPU tensors in one call through a declared eager route (loss with its autograd node), or "
-        "None where the route does not serve the call: eager_loss(route, reduction, *tensors, *scalars)",
-        py::arg("route"), py::arg("reduction"));
-  m.def("eager_loss_in_place", &lossops::eager_loss_in_place,
-        "eager_loss with inplace_backward=True: backward writes the input's gradient over the input, or None",
-        py::arg("route"), py::arg("reduction"));
+  m.def("eager_route_callable", &lossops::eager_route_callable,
+        "A declared eager route's callable: route(reduction, *tensors, *scalars) -> the loss with its autograd node "
+        "for plain CPU tensors, or None where the route does not serve the call", py::arg("route"),
+        py::arg("in_place"));
+  m.def("set_backend_sources", &lossops::set_backend_sources,
+        "Where lossops._backend keeps the backend choice, read by every eager-route call", py::arg("override_context"),
+        py::arg("backend_globals"), py::arg("os_globals"), py::arg("environ"), py::arg("environ_bytes"));
 }

@@ -16,7 +16,9 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -26,6 +28,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/TensorUtils.h>
 #include <c10/util/SmallVector.h>
+#include <c10/util/strides.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -36,12 +39,14 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "allocation.h"
@@ -55,10 +60,11 @@ namespace {
 
 using namespace eager_result;
 
-std::optional<Reduction> parse_reduction(const std::string& name) {
-  if (name == "mean") return Reduction::kMean;
-  if (name == "sum") return Reduction::kSum;
-  if (name == "none") return Reduction::kNone;
+std::optional<Reduction> parse_reduction(PyObject* name) {
+  if (!PyUnicode_CheckExact(name)) return std::nullopt;
+  if (PyUnicode_CompareWithASCIIString(name, "mean") == 0) return Reduction::kMean;
+  if (PyUnicode_CompareWithASCIIString(name, "sum") == 0) return Reduction::kSum;
+  if (PyUnicode_CompareWithASCIIString(name, "none") == 0) return Reduction::kNone;
   return std::nullopt;
 }
 
@@ -69,11 +75,75 @@ bool kernel_dtype(at::ScalarType t) {
 // What lossops/_eager.py leaves to this side: a torch function or dispatch mode, a functorch transform or CPU
 // autocast makes the call take the custom op, where PyTorch sees it. Thread-local reads here, where the same
 // checks from Python cost half a microsecond.
+// Forward-mode AD takes the custom op too: torch allows one dual level at a time, numbered 0.
 bool modes_active() {
   const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
   return at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
          included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) || at::autocast::is_autocast_enabled(at::kCPU);
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) || at::autocast::is_autocast_enabled(at::kCPU) ||
+         torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
+}
+
+// The backend choice lossops._backend.get_backend() makes, read where it lives (the innermost backend() context,
+// set_backend's process-wide choice, LOSSOPS_BACKEND in os.environ's own dict): whether it lets the cpp backend
+// serve a CPU call ("auto" or "cpp"). Set once by lossops._eager; before that, and wherever the environment is not
+// the dict it was then, this path declines and the Python path decides.
+struct BackendSources {
+  PyObject* override_context = nullptr;  // the ContextVar of backend() contexts (default None)
+  PyObject* backend_globals = nullptr;   // lossops._backend's namespace: "_global" holds set_backend's name
+  PyObject* os_globals = nullptr;        // the os module's namespace: "environ" must still be `environ`
+  PyObject* environ = nullptr;
+  PyObject* environ_bytes = nullptr;     // os.environ's dict of bytes
+  PyObject* global_key = nullptr;        // interned "_global", "environ" and b"LOSSOPS_BACKEND"
+  PyObject* environ_key = nullptr;
+  PyObject* variable_key = nullptr;
+};
+
+BackendSources& backend_sources() {
+  static BackendSources* sources = new BackendSources();  // never destroyed: read until interpreter exit
+  return *sources;
+}
+
+bool names_cpp_backend(PyObject* name) {
+  if (PyUnicode_CheckExact(name))
+    return PyUnicode_CompareWithASCIIString(name, "auto") == 0 || PyUnicode_CompareWithASCIIString(name, "cpp") == 0;
+  if (PyBytes_CheckExact(name)) {
+    const std::string_view bytes(PyBytes_AS_STRING(name), static_cast<size_t>(PyBytes_GET_SIZE(name)));
+    return bytes == "auto" || bytes == "cpp";
+  }
+  return false;
+}
+
+// Python's truthiness of a backend name (an empty string falls through to the next source, as `or` does).
+bool names_something(PyObject* name) {
+  return name != nullptr && name != Py_None &&
+         !((PyUnicode_CheckExact(name) && PyUnicode_GET_LENGTH(name) == 0) ||
+           (PyBytes_CheckExact(name) && PyBytes_GET_SIZE(name) == 0));
+}
+
+bool cpp_backend_requested() {
+  const BackendSources& s = backend_sources();
+  if (s.override_context == nullptr) return false;
+  PyObject* value = nullptr;
+  if (PyContextVar_Get(s.override_context, nullptr, &value) < 0) {
+    PyErr_Clear();
+    return false;
+  }
+  const py::object override_name = py::reinterpret_steal<py::object>(value);
+  if (names_something(value)) return names_cpp_backend(value);
+  PyObject* global = PyDict_GetItemWithError(s.backend_globals, s.global_key);
+  if (names_something(global)) return names_cpp_backend(global);
+  if (PyErr_Occurred() || PyDict_GetItemWithError(s.os_globals, s.environ_key) != s.environ) {
+    PyErr_Clear();
+    return false;
+  }
+  if (s.environ_bytes == nullptr) return false;
+  PyObject* requested = PyDict_GetItemWithError(s.environ_bytes, s.variable_key);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return !names_something(requested) || names_cpp_backend(requested);
 }
 
 // t's elements under other sizes and strides, sharing its storage, made without the dispatcher (no view
@@ -83,6 +153,12 @@ at::Tensor internal_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
   auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(t.storage()), t.key_set(), t.dtype());
   impl->set_sizes_and_strides(sizes, strides, t.storage_offset());
   return at::Tensor(std::move(impl));
+}
+
+// A contiguous tensor's elements under other sizes of the same count, contiguous too.
+at::Tensor contiguous_view(const at::Tensor& t, at::IntArrayRef sizes) {
+  if (t.sizes() == sizes) return t;
+  return internal_view(t, sizes, c10::contiguous_strides(sizes));
 }
 
 // ---- Routes: what a family's declaration says, as this file reads it ----
@@ -329,7 +405,7 @@ bool prepare_row_triples(const CallTensors& call, Prepared& p) {
 bool prepare_sequences(const CallTensors& call, Prepared& p) {
   const at::Tensor& log_probs = *call[0];
   const at::Tensor& targets = *call[1];
-  if (!kernel_dtype(log_probs.scalar_type()) || log_probs.dim() != 3 || log_probs.numel() == 0 ||
+  if (call[2] == nullptr || call[3] == nullptr || !kernel_dtype(log_probs.scalar_type()) || log_probs.dim() != 3 || log_probs.numel() == 0 ||
       targets.scalar_type() != at::kLong || !targets.device().is_cpu() || !targets.is_contiguous() ||
       (targets.dim() != 1 && targets.dim() != 2))
     return false;
@@ -539,10 +615,10 @@ struct EagerCall {
 };
 
 // false where the route does not serve the call.
-bool read_call(const EagerRoute& route, const py::args& arguments, EagerCall& call) {
+bool read_call(const EagerRoute& route, PyObject* const* arguments, EagerCall& call) {
   const size_t n_call = call_tensor_count(route.layout);
   for (size_t i = 0; i < n_call; ++i) {
-    PyObject* o = arguments[i].ptr();
+    PyObject* o = arguments[i];
     if (o == Py_None) continue;
     if (!THPVariable_CheckExact(o)) return false;
     const at::Tensor& t = THPVariable_Unpack(o);
@@ -590,9 +666,13 @@ bool kernel_values(const EagerRoute& route, const EagerCall& call, std::vector<c
           values.emplace_back();
           break;
         }
-        if (call.needs_grad[s.index])
-          gradients[s.index] = empty_gradient(p.operands[s.index].sizes(), p.operands[s.index].scalar_type());
-        values.emplace_back(call.needs_grad[s.index] ? c10::IValue(gradients[s.index]) : c10::IValue());
+        if (!call.needs_grad[s.index]) {
+          values.emplace_back();
+          break;
+        }
+        // In the call tensor's shape, so that backward hands it out as it is; the kernel writes its own view.
+        gradients[s.index] = empty_gradient(call.tensors[s.index]->sizes(), p.operands[s.index].scalar_type());
+        values.emplace_back(contiguous_view(gradients[s.index], p.operands[s.index].sizes()));
         break;
       case Source::kGradScale:
         grad_scale_at = values.size();
@@ -632,11 +712,13 @@ py::object with_gradients(at::Tensor loss, const EagerRoute& route, EagerCall& c
   auto node = make_node<FusedLossBackward>();
   std::vector<at::Tensor> edges;
   for (size_t i : route.differentiable) {
-    node->gradients.push_back({std::move(gradients[i])});
+    std::vector<int64_t> kernel_shape;
+    if (call.reduction == Reduction::kNone && gradients[i].defined())
+      kernel_shape = call.prepared.operands[i].sizes().vec();
+    node->gradients.push_back({std::move(gradients[i]), std::move(kernel_shape)});
     edges.push_back(call.tensors[i] != nullptr ? *call.tensors[i] : at::Tensor());
   }
   if (call.reduction == Reduction::kNone) node->item_shape.assign(call.prepared.item_shape.begin(), call.prepared.item_shape.end());
-  node->input_shape = call.tensors[0]->sizes().vec();
   node->node_name = route.node_name;
   node->set_next_edges(torch::autograd::collect_next_edges(edges));
   torch::autograd::set_history(loss, node);
@@ -687,7 +769,7 @@ struct InPlaceLossBackward : torch::autograd::Node {
     consumed = true;
     double scale = gradient_scale;
     if (item_shape.empty()) {  // one upstream value, in the scale's type as the Python path multiplies them
-      const double g = grad_output.item<double>();
+      const double g = upstream_value(grad_output);
       scale = acc == at::kDouble ? scale * g : static_cast<double>(static_cast<float>(scale) * static_cast<float>(g));
     }
     values[gradient_at] = logits;
@@ -739,16 +821,18 @@ py::object with_in_place_gradient(at::Tensor loss, const EagerRoute& route, Eage
   return py::cast(loss);
 }
 
-py::object route_call(int64_t route_number, const std::string& reduction_name, const py::args& arguments,
-                      bool in_place) {
+// arguments: the reduction's name, the call tensors, the call scalars.
+py::object route_call(int64_t route_number, PyObject* const* arguments, size_t count, bool in_place) {
   TORCH_CHECK(route_number >= 0 && static_cast<size_t>(route_number) < routes().size(),
               "lossops: no eager route ", route_number);
   const EagerRoute& route = routes()[route_number];
   const size_t n_call = call_tensor_count(route.layout);
-  TORCH_CHECK(arguments.size() == n_call + route.scalars.size(), "lossops: eager route for ", route.kernel, " takes ",
-              n_call, " tensors and ", route.scalars.size(), " scalars, got ", arguments.size(), " arguments");
-  const auto reduction = parse_reduction(reduction_name);
-  if (!reduction || modes_active()) return py::none();
+  TORCH_CHECK(count == 1 + n_call + route.scalars.size(), "lossops: eager route for ", route.kernel,
+              " takes the reduction, ", n_call, " tensors and ", route.scalars.size(), " scalars, got ", count,
+              " arguments");
+  const auto reduction = parse_reduction(arguments[0]);
+  if (!reduction || modes_active() || !cpp_backend_requested()) return py::none();
+  ++arguments;
   EagerCall call;
   call.reduction = *reduction;
   // Below autograd: the views and casts here are of fresh results and must not be tracked as views, since the
@@ -803,13 +887,50 @@ py::object route_call(int64_t route_number, const std::string& reduction_name, c
 
 }  // namespace
 
-// Anything the route does not serve, invalid arguments included, returns None (the Python path then raises).
-py::object eager_loss(int64_t route_number, const std::string& reduction_name, const py::args& arguments) {
-  return route_call(route_number, reduction_name, arguments, false);
+namespace {
+
+// A route's callable: a builtin function whose `self` is 2 * route number + in_place, called with Python's
+// vectorcall convention (no argument tuple, no pybind11 conversions: a tiny call's budget is a microsecond).
+PyObject* call_route(PyObject* self, PyObject* const* arguments, Py_ssize_t count) {
+  HANDLE_TH_ERRORS
+  const long code = PyLong_AsLong(self);
+  return route_call(code / 2, arguments, static_cast<size_t>(count), code % 2 == 1).release().ptr();
+  END_HANDLE_TH_ERRORS
 }
 
-py::object eager_loss_in_place(int64_t route_number, const std::string& reduction_name, const py::args& arguments) {
-  return route_call(route_number, reduction_name, arguments, true);
+PyMethodDef call_route_definition = {
+    "eager_route_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_route)), METH_FASTCALL,
+    "route_call(reduction, *tensors, *scalars): the loss with its autograd node, or None where the route does not "
+    "serve the call (lossops/_eager.py)"};
+
+}  // namespace
+
+py::object eager_route_callable(int64_t route_number, bool in_place) {
+  TORCH_CHECK(route_number >= 0 && static_cast<size_t>(route_number) < routes().size(),
+              "lossops: no eager route ", route_number);
+  const py::int_ code(2 * route_number + (in_place ? 1 : 0));
+  PyObject* function = PyCFunction_NewEx(&call_route_definition, code.ptr(), nullptr);
+  if (function == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(function);
+}
+
+void set_backend_sources(py::object override_context, py::dict backend_globals, py::dict os_globals,
+                         py::object environ, py::object environ_bytes) {
+  BackendSources& s = backend_sources();
+  if (!environ_bytes.is_none() && !PyDict_CheckExact(environ_bytes.ptr()))
+    throw py::type_error("lossops: environ_bytes must be a dict or None");
+  for (PyObject* o : {s.override_context, s.backend_globals, s.os_globals, s.environ, s.environ_bytes})
+    Py_XDECREF(o);
+  s.override_context = override_context.release().ptr();
+  s.backend_globals = backend_globals.release().ptr();
+  s.os_globals = os_globals.release().ptr();
+  s.environ = environ.release().ptr();
+  s.environ_bytes = environ_bytes.is_none() ? nullptr : environ_bytes.release().ptr();
+  if (s.global_key == nullptr) {
+    s.global_key = PyUnicode_InternFromString("_global");
+    s.environ_key = PyUnicode_InternFromString("environ");
+    s.variable_key = PyBytes_FromString("LOSSOPS_BACKEND");
+  }
 }
 
 }  // namespace lossops

@@ -21,10 +21,13 @@ c10::IValue to_ivalue(const std::string& kernel, const std::string& name, py::ha
 int64_t declare_eager_route(const std::string& kernel, const std::string& layout, const std::string& denominator,
                             const py::list& parameters, const py::list& scalars, const std::string& node_name);
 
-// One call of a declared route: the loss with its autograd node, or None where the route does not serve the call.
-py::object eager_loss(int64_t route, const std::string& reduction, const py::args& arguments);
+// A declared route's callable, route(reduction, *tensors, *scalars): the loss with its autograd node, or None where
+// the route does not serve the call. in_place: inplace_backward=True (backward writes the first call tensor's
+// gradient over its storage).
+py::object eager_route_callable(int64_t route, bool in_place);
 
-// The same with inplace_backward=True: backward writes the first call tensor's gradient over its storage.
-py::object eager_loss_in_place(int64_t route, const std::string& reduction, const py::args& arguments);
+// Where lossops._backend keeps the backend choice (eager_path.cpp reads it on every call).
+void set_backend_sources(py::object override_context, py::dict backend_globals, py::dict os_globals,
+                         py::object environ, py::object environ_bytes);
 
 }  // namespace lossops

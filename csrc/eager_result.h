@@ -59,21 +59,39 @@ at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at:
   return scalar_loss(value, acc, out);
 }
 
+// grad_output's one value, read from its memory where it is a plain CPU tensor (Tensor.item() is a dispatched op,
+// a visible share of a tiny loss's backward).
+inline double upstream_value(const at::Tensor& grad_output) {
+  if (grad_output.is_cpu() && grad_output.layout() == at::kStrided && grad_output.numel() == 1 &&
+      !grad_output.is_neg() && !grad_output.key_set().has(c10::DispatchKey::Python)) {
+    switch (grad_output.scalar_type()) {
+      case at::kFloat: return *grad_output.const_data_ptr<float>();
+      case at::kDouble: return *grad_output.const_data_ptr<double>();
+      case at::kBFloat16: return static_cast<double>(*grad_output.const_data_ptr<at::BFloat16>());
+      case at::kHalf: return static_cast<double>(*grad_output.const_data_ptr<at::Half>());
+      default: break;
+    }
+  }
+  return grad_output.item<double>();
+}
+
 // One gradient written in forward, multiplied by grad_output in backward as lossops._reduce.apply_grad_output
 // does for the custom op. A backward that frees the graph scales the buffer in place (no second input-sized
 // buffer, e.g. for GradScaler's scale) and hands it out: the node lets go of it at once, so nothing else reads
 // it. A backward that keeps the graph (retain_graph=True) hands out a new tensor and leaves the buffer as it
 // was, so a hook that modifies its gradient in place cannot change what a later backward computes.
 struct WrittenGradient {
-  at::Tensor buffer;  // scaled for the reduction; undefined when not needed
+  at::Tensor buffer;                  // in the call tensor's shape, scaled for the reduction; undefined: not needed
+  std::vector<int64_t> kernel_shape;  // the kernel's view of it, against which grad_output's items broadcast
 
-  at::Tensor times(const at::Tensor& grad_output, at::IntArrayRef item_shape, at::IntArrayRef shape) {
+  at::Tensor times(const at::Tensor& grad_output, at::IntArrayRef item_shape) {
     if (!buffer.defined()) return {};
-    if (!item_shape.empty()) return buffer.mul(grad_output.reshape(item_shape)).view(shape);
-    const double g = grad_output.item<double>();
-    if (torch::autograd::get_current_graph_task_keep_graph()) return buffer.mul(g).view(shape);
+    if (!item_shape.empty())
+      return buffer.view(kernel_shape).mul(grad_output.reshape(item_shape)).view(buffer.sizes());
+    const double g = upstream_value(grad_output);
+    if (torch::autograd::get_current_graph_task_keep_graph()) return buffer.mul(g);
     if (g != 1) buffer.mul_(g);
-    return buffer.view(shape);
+    return buffer;
   }
 };
 
@@ -107,7 +125,6 @@ inline void check_not_released(bool released) {
 struct FusedLossBackward : torch::autograd::Node {
   std::vector<WrittenGradient> gradients;  // one per next edge
   std::vector<int64_t> item_shape;         // reduction="none": how grad_output broadcasts against the gradients
-  std::vector<int64_t> input_shape;        // the gradients' shape as the call tensors have it
   bool released = false;
   std::string node_name;
 
@@ -126,7 +143,7 @@ struct FusedLossBackward : torch::autograd::Node {
     const at::Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return out;  // the loss did not reach the result
     for (size_t i = 0; i < gradients.size(); ++i) {
-      if (should_compute_output(i)) out[i] = gradients[i].times(grad_output, item_shape, input_shape);
+      if (should_compute_output(i)) out[i] = gradients[i].times(grad_output, item_shape);
     }
     return out;
   }

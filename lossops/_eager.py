@@ -2,18 +2,22 @@
 reduces, casts and creates the autograd node, instead of the torch.library custom op; and the routes families
 declare for it (EagerRoute), the data that path runs on.
 
-It serves plain CPU tensors in eager mode on the cpp backend. It is tried before the Python checks: the C++
-returns None for anything it does not recognise, bad arguments included, and the Python path then raises, so
-each error keeps one source. Everything that needs the op to be visible to PyTorch takes the custom op:
-torch.compile (Dynamo sees the constant False below and traces the op), tensor subclasses (DTensor, fake and
-functional tensors), dispatch and function modes (opcheck, FlopCounterMode, make_fx), functorch transforms,
-forward-mode AD and autocast.
+It serves plain CPU tensors in eager mode on the cpp backend. It is tried before the Python checks: a route's
+callable (EagerRoute.call, C++ called with no Python layer between) returns None for anything it does not
+recognise, bad arguments included, and the Python path then raises, so each error keeps one source. It makes its
+own checks of the tensors' types and devices, the backend choice (read where lossops._backend keeps it), forward-mode
+AD, function and dispatch modes, functorch transforms and autocast. Everything that needs the op to be visible to
+PyTorch takes the custom op: torch.compile (the public function calls the route only where `compiling()` is False,
+which Dynamo reads as True), tensor subclasses (DTensor, fake and functional tensors), dispatch and function modes
+(opcheck, FlopCounterMode, make_fx), functorch transforms, forward-mode AD and autocast.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Optional
+import os
+from typing import Any, Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -23,6 +27,8 @@ from . import _backend, _cpp
 
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
+# A family's public function calls its route only where this is False: Dynamo reads it as True and traces the op.
+compiling = torch.compiler.is_compiling
 _torch_function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -96,6 +102,11 @@ class EagerRoute:
     constants: dict = dataclasses.field(default_factory=dict)
     node: str = "LossopsBackward"     # the autograd node's name
     number: Optional[int] = None      # set by declare(): the C++ path's route number
+    # Set by declare(): call(reduction, *tensors, *scalars) runs the route, returning the loss with its autograd node
+    # or None where it does not serve the call; call_in_place the same with inplace_backward=True. The C++ module's
+    # callables once it is loaded (the first call loads it); functions returning None without it.
+    call: Callable = dataclasses.field(default=None, repr=False, compare=False)
+    call_in_place: Callable = dataclasses.field(default=None, repr=False, compare=False)
 
 
 _ROUTES: list[tuple[str, EagerRoute, tuple]] = []
@@ -128,10 +139,30 @@ def declare(route: EagerRoute, kernel: str, parameters: tuple[str, ...]) -> Eage
         raise ValueError(f"lossops: eager route for kernel {kernel} names parameters it does not take: {sorted(stray)}")
     route.number = len(_ROUTES)
     _ROUTES.append((kernel, route, tuple(sources)))
+    route.call, route.call_in_place = _loading_call(route, False), _loading_call(route, True)
+    if _module is not None:
+        _bind(_module)
     return route
 
 
-def _send_routes(module: Any) -> None:
+_module: Any = None    # the C++ module the routes are bound to
+_disabled = 0          # disabled() contexts open
+
+
+def _not_served(*arguments) -> None:
+    return None
+
+
+def _loading_call(route: EagerRoute, in_place: bool) -> Callable:
+    """A route's callable until the C++ module is loaded: loads it, binds every route and runs the call."""
+    def call(*arguments):
+        if not bind():
+            return None
+        return (route.call_in_place if in_place else route.call)(*arguments)
+    return call
+
+
+def _bind(module: Any) -> None:
     global _sent
     for kernel, route, sources in _ROUTES[_sent:]:
         scalars = [(s.kind, float(s.low), float(s.high), s.below_classes) for s in route.scalars]
@@ -139,25 +170,48 @@ def _send_routes(module: Any) -> None:
                                             route.node)
         assert number == route.number, (number, route.number)
         _sent += 1
+    if _disabled:
+        return
+    for _, route, _ in _ROUTES:
+        route.call = module.eager_route_callable(route.number, False)
+        route.call_in_place = module.eager_route_callable(route.number, True)
 
 
-def cpp_module(input, target, *others):
-    """For a call that has not been through the Python checks yet: the C++ module when every tensor is a plain
-    CPU tensor, neither torch.compile nor forward AD is active and the cpp backend would serve it, else None.
-    The C++ eager path makes the rest of applies()'s checks itself (function and dispatch modes,
-    functorch, autocast: thread-local reads there) and return None when one is active; at a few microseconds
-    a call, each Python layer counts."""
-    if type(input) is not _Tensor or not input.is_cpu or type(target) is not _Tensor:
-        return None
-    for t in others:
-        if t is not None and type(t) is not _Tensor:
-            return None
-    if _is_compiling() or _forward_ad._current_level >= 0 or _backend.get_backend() not in ("auto", "cpp"):
-        return None
+def bind() -> bool:
+    """Loads the C++ module and binds every declared route to it; False where it cannot be loaded (the routes then
+    serve nothing, and every call takes its family's Python path)."""
+    global _module
+    if _module is None:
+        try:
+            module = _cpp.module()
+        except ImportError:
+            for _, route, _ in _ROUTES:
+                route.call = route.call_in_place = _not_served
+            return False
+        # The C++ side reads the backend choice where lossops._backend keeps it (see get_backend there).
+        module.set_backend_sources(_backend._override, vars(_backend), vars(os), _backend._ENVIRON,
+                                   _backend._ENVIRON_BYTES)
+        _module = module
+    _bind(_module)
+    return True
+
+
+def routes() -> list[EagerRoute]:
+    """Every declared route, in number order."""
+    return [route for _, route, _ in _ROUTES]
+
+
+@contextlib.contextmanager
+def disabled():
+    """No route serves a call inside (every call takes its family's Python path), for tests of that path."""
+    global _disabled
+    bind()
+    _disabled += 1
+    for _, route, _ in _ROUTES:
+        route.call = route.call_in_place = _not_served
     try:
-        module = _cpp.module()
-    except ImportError:
-        return None
-    if _sent < len(_ROUTES):
-        _send_routes(module)
-    return module
+        yield
+    finally:
+        _disabled -= 1
+        if _disabled == 0 and _module is not None:
+            _bind(_module)

@@ -127,11 +127,11 @@ def eager(family: _family.Family, input: Tensor, target: Tensor, reduction, opti
     "same_shape_aux" layout, aux) of one shape and dtype, no weights and the mean over all elements (the family's
     eager route); None where it does not apply, and then the family's checks and custom op run (they raise the
     errors, so this is tried first). options: the family's options record."""
-    if type(reduction) is not str or not (cpp := _eager.cpp_module(input, target, *aux)):
+    if _eager.compiling():
         return None
     extra = family.kernel_options(None, options)
-    return cpp.eager_loss(family.eager_routes[0].number, reduction, input, target, *aux,
-                          *(extra[p] for p in family.kernel.parameters[len(ELEMENTWISE_PARAMETERS):]))
+    return family.eager_routes[0].call(reduction, input, target, *aux,
+                                       *(extra[p] for p in family.kernel.parameters[len(ELEMENTWISE_PARAMETERS):]))
 
 
 def denominator_tensor(value, input: Tensor) -> Tensor:

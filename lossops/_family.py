@@ -163,7 +163,7 @@ class Family:
     public: bool = True
     kernel_options: Optional[Callable] = None  # (tensors, options) -> its own kernel arguments (shared drivers)
     # The C++ eager path's routes for plain CPU calls (lossops._eager.EagerRoute): the public function calls
-    # cpp.eager_loss(route.number, ...) with them before its own checks.
+    # route.call(reduction, ...) with them before its own checks.
     eager_routes: tuple = ()
     op: Any = None
     option_fields: tuple = ()

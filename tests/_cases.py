@@ -203,3 +203,12 @@ def forced_isa(isa: str):
             yield
         finally:
             lossops._cpp.module.cache_clear()
+
+
+def without_eager_routes(m: pytest.MonkeyPatch) -> None:
+    """No C++ eager route serves a call for the rest of m's context: every call takes its family's Python path."""
+    from lossops import _eager
+    _eager.bind()
+    for route in _eager.routes():
+        m.setattr(route, "call", lambda *arguments: None)
+        m.setattr(route, "call_in_place", lambda *arguments: None)

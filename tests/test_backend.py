@@ -31,15 +31,16 @@ def served_by(monkeypatch):
         return real(backend, module, name)
 
     monkeypatch.setattr(_backend, "kernel", recording)
-    real_eager = _eager.cpp_module
+    _eager.bind()
+    for route in _eager.routes():  # the C++ eager path serves on the cpp backend too
+        for entry in ("call", "call_in_place"):
+            def recording_call(*arguments, real_call=getattr(route, entry)):
+                loss = real_call(*arguments)
+                if loss is not None:
+                    calls.append("cpp")
+                return loss
 
-    def recording_eager(*tensors):  # the C++ eager path serves on the cpp backend too
-        module = real_eager(*tensors)
-        if module is not None:
-            calls.append("cpp")
-        return module
-
-    monkeypatch.setattr(_eager, "cpp_module", recording_eager)
+            monkeypatch.setattr(route, entry, recording_call)
     return calls
 
 

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lossops
 from lossops import _eager
+from _cases import without_eager_routes
 
 CE_NODE, ELEMENTWISE_NODE = "LossopsCrossEntropyBackward", "LossopsElementwiseBackward"
 FOCAL_NODE = "LossopsSoftmaxFocalLossBackward"
@@ -17,7 +18,7 @@ FOCAL_NODE = "LossopsSoftmaxFocalLossBackward"
 
 def force_custom_op(m):
     """Neither the C++ eager path nor the op body without the custom op (LossopsEager)."""
-    m.setattr(_eager, "cpp_module", lambda *tensors: None)
+    without_eager_routes(m)
     m.setattr(_eager, "_no_mode_active", lambda: False)
 
 
@@ -332,6 +333,44 @@ def test_the_custom_op_serves_everything_else():
     assert compiled(x).grad_fn.name() != CE_NODE
 
 
+def test_the_route_reads_every_backend_choice(monkeypatch):
+    """The C++ route reads the backend where lossops._backend keeps it: a backend() context, set_backend, then
+    LOSSOPS_BACKEND (also when set after import), in that order; forward-mode AD takes the custom op."""
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+
+    def served():
+        return lossops.cross_entropy(x, target).grad_fn.name() == CE_NODE
+
+    monkeypatch.delenv("LOSSOPS_BACKEND", raising=False)
+    monkeypatch.setattr(lossops._backend, "_global", None)
+    assert served()
+    for name, expected in (("reference", False), ("triton", False), ("cpp", True), ("auto", True), ("", True)):
+        monkeypatch.setenv("LOSSOPS_BACKEND", name)
+        assert served() is expected, name
+        with lossops.backend("cpp"):
+            assert served()
+    monkeypatch.setenv("LOSSOPS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        lossops.cross_entropy(x, target)
+    monkeypatch.delenv("LOSSOPS_BACKEND")
+    lossops.set_backend("reference")
+    try:
+        assert not served()
+        with lossops.backend("auto"):
+            assert served()
+    finally:
+        lossops.set_backend("auto")
+    assert served()
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
+        loss = lossops.cross_entropy(dual, target)
+        expected = torch.nn.functional.cross_entropy(dual, target)
+        torch.testing.assert_close(fwAD.unpack_dual(loss).tangent, fwAD.unpack_dual(expected).tangent)
+        assert lossops.cross_entropy(x.detach(), target).grad_fn is None
+
+
 def test_bad_targets_raise_on_the_eager_path():
     x = torch.randn(4, 3, requires_grad=True)
     with pytest.raises(IndexError, match="out of bounds"):
@@ -501,10 +540,10 @@ def test_the_cpp_side_refuses_inconsistent_routes():
         module.declare_eager_route("cross_entropy", "rows", "elements", [], [], "x")
     with pytest.raises(RuntimeError, match="kept-rows denominator needs class_rows"):
         module.declare_eager_route("mse", "same_shape", "kept_rows", [], [], "x")
-    with pytest.raises(RuntimeError, match="takes 3 tensors and 2 scalars"):
+    with pytest.raises(RuntimeError, match="takes the reduction, 3 tensors and 2 scalars"):
         from lossops.losses.cross_entropy import EAGER_ROUTE
         lossops.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))  # sends the routes
-        module.eager_loss(EAGER_ROUTE.number, "mean", torch.randn(2, 3))
+        module.eager_route_callable(EAGER_ROUTE.number, False)("mean", torch.randn(2, 3))
 
 
 @pytest.mark.parametrize("call", [

@@ -78,9 +78,8 @@ def cosine_embedding_loss(input1: Tensor, input2: Tensor, target: Tensor, margin
                           reduce=None, reduction: str = "mean") -> Tensor:
     """Drop-in for torch.nn.functional.cosine_embedding_loss, fused forward+backward (both inputs' gradients)."""
     # The C++ eager path first: None for anything it does not serve, errors included, which the checks below raise
-    if (size_average is None and reduce is None and type(margin) in (float, int) and type(reduction) is str
-            and (cpp := _eager.cpp_module(input1, input2, target))):
-        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, input1, input2, target, margin)
+    if size_average is None and reduce is None and type(margin) in (float, int) and not _eager.compiling():
+        loss = EAGER_ROUTE.call(reduction, input1, input2, target, margin)
         if loss is not None:
             return loss
     reduction = _checks.reduction(reduction, size_average, reduce)

@@ -79,10 +79,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # full path and its messages.
     if (return_token_stats is False and not token_options.requested(temperature, token_weight, num_items_in_batch)
             and size_average is None and reduce is None and softcap is None and type(inplace_backward) is bool
-            and type(lse_square_scale) is float and lse_square_scale == 0 and type(reduction) is str
-            and (cpp := _eager.cpp_module(input, target, weight))):
-        call = cpp.eager_loss_in_place if inplace_backward else cpp.eager_loss
-        loss = call(EAGER_ROUTE.number, reduction, input, target, weight, ignore_index, label_smoothing)
+            and type(lse_square_scale) is float and lse_square_scale == 0 and not _eager.compiling()):
+        call = EAGER_ROUTE.call_in_place if inplace_backward else EAGER_ROUTE.call
+        loss = call(reduction, input, target, weight, ignore_index, label_smoothing)
         if loss is not None:
             return loss
     return CROSS_ENTROPY.full_path(input, target, weight, size_average, ignore_index, reduce, reduction,

@@ -44,13 +44,10 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Lengths, target_
     respect to log_probs (a float64 gradcheck therefore holds for ctc_loss(log_softmax(z), ...), as for torch).
     Where torch reads past the class dimension (a target value outside [0, C)), lossops raises an IndexError.
     """
-    if (type(reduction) is str and type(blank) is int and type(zero_infinity) is bool
-            and type(input_lengths) is torch.Tensor and type(target_lengths) is torch.Tensor
-            and (cpp := _eager.cpp_module(log_probs, targets, input_lengths, target_lengths))):
+    if type(blank) is int and type(zero_infinity) is bool and not _eager.compiling():
         # One call into C++ (csrc/eager_path.cpp) for plain CPU tensors; None for anything it does not serve,
         # bad values included, which then take the path below and its messages.
-        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, log_probs, targets, input_lengths, target_lengths, blank,
-                              zero_infinity)
+        loss = EAGER_ROUTE.call(reduction, log_probs, targets, input_lengths, target_lengths, blank, zero_infinity)
         if loss is not None:
             return loss
     reduction = _checks.reduction(reduction)

@@ -66,13 +66,13 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     """
     # The C++ eager path first (docs/eager-path.md): it returns None for anything it does not serve, bad arguments
     # included, and the full path's checks then raise. A hard term without a target is left to those checks.
-    if (type(divergence) is str and (code := _CODES.get(divergence)) is not None and type(reduction) is str
+    if (type(divergence) is str and (code := _CODES.get(divergence)) is not None
             and (target is not None or (type(hard_weight) in (float, int) and hard_weight == 0))
-            and (cpp := _eager.cpp_module(student_logits, teacher_logits, target))):
+            and not _eager.compiling()):
         if code == _JSD and type(beta) in (float, int) and beta in (0, 1):
             code = _FORWARD_KL if beta == 0 else _REVERSE_KL
-        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, student_logits, teacher_logits, target, code, beta,
-                              temperature, ignore_index, hard_weight, soft_weight)
+        loss = EAGER_ROUTE.call(reduction, student_logits, teacher_logits, target, code, beta, temperature,
+                                ignore_index, hard_weight, soft_weight)
         if loss is not None:
             return loss
     return DISTILLATION.full_path(student_logits, teacher_logits, target, divergence=divergence, beta=beta,

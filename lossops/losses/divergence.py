@@ -41,8 +41,8 @@ def kl_div(input: Tensor, target: Tensor, size_average=None, reduce=None, reduct
     """
     if size_average is None and reduce is None and type(log_target) is bool:
         if reduction == "batchmean":
-            if (cpp := _eager.cpp_module(input, target)) and input.dim() > 0:
-                loss = cpp.eager_loss(EAGER_BATCHMEAN.number, "mean", input, target, float(log_target))
+            if type(input) is Tensor and input.dim() > 0 and not _eager.compiling():
+                loss = EAGER_BATCHMEAN.call("mean", input, target, float(log_target))
                 if loss is not None:
                     return loss
         elif reduction != "mean":  # "mean" warns first, below

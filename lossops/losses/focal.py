@@ -121,13 +121,12 @@ def softmax_focal_loss(input: Tensor, target: Tensor, alpha: Union[None, float, 
     the mean divides by the sum of the targets' alphas), so gamma=0 equals cross_entropy(weight=alpha).
     """
     tensor_alpha = isinstance(alpha, Tensor)
-    if type(reduction) is str and (cpp := _eager.cpp_module(input, target, alpha if tensor_alpha else None)):
+    if not _eager.compiling():
         # As for cross_entropy: the C++ eager path returns None for anything it does not serve, errors included.
         if alpha is None or tensor_alpha:
-            loss = cpp.eager_loss(EAGER_PER_CLASS_ALPHA.number, reduction, input, target, alpha, ignore_index, gamma)
+            loss = EAGER_PER_CLASS_ALPHA.call(reduction, input, target, alpha, ignore_index, gamma)
         else:
-            loss = cpp.eager_loss(EAGER_UNIFORM_ALPHA.number, reduction, input, target, None, ignore_index, gamma,
-                                  alpha)
+            loss = EAGER_UNIFORM_ALPHA.call(reduction, input, target, None, ignore_index, gamma, alpha)
         if loss is not None:
             return loss
     reduction = _checks.reduction(reduction)

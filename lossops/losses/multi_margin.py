@@ -40,9 +40,9 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
     """Drop-in for torch.nn.functional.multi_margin_loss, fused forward+backward."""
     # The C++ eager path first: it returns None for anything it does not serve, errors included, which then take
     # the checks below and their messages. A (C,) input's mean divides by 1, not by its first dimension.
-    if (size_average is None and reduce is None and type(reduction) is str and type(input) is Tensor
-            and input.dim() == 2 and (cpp := _eager.cpp_module(input, target, weight))):
-        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, input, target, weight, p, margin)
+    if (size_average is None and reduce is None and type(input) is Tensor and input.dim() == 2
+            and not _eager.compiling()):
+        loss = EAGER_ROUTE.call(reduction, input, target, weight, p, margin)
         if loss is not None:
             return loss
     return MULTI_MARGIN_LOSS.full_path(input, target, p, margin, weight, size_average, reduce, reduction)

@@ -37,9 +37,9 @@ def multilabel_margin_loss(input: Tensor, target: Tensor, size_average=None, red
     """Drop-in for torch.nn.functional.multilabel_margin_loss, fused forward+backward."""
     # The C++ eager path first: it returns None for anything it does not serve, errors included, which then take
     # the checks below and their messages. A (C,) input's mean divides by 1, not by its first dimension.
-    if (size_average is None and reduce is None and type(reduction) is str and type(input) is Tensor
-            and input.dim() == 2 and (cpp := _eager.cpp_module(input, target))):
-        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, input, target)
+    if (size_average is None and reduce is None and type(input) is Tensor and input.dim() == 2
+            and not _eager.compiling()):
+        loss = EAGER_ROUTE.call(reduction, input, target)
         if loss is not None:
             return loss
     return MULTILABEL_MARGIN_LOSS.full_path(input, target, size_average, reduce, reduction)

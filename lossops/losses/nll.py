@@ -40,9 +40,8 @@ def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, siz
     """Drop-in for torch.nn.functional.nll_loss (log-probabilities in), fused forward+backward."""
     # The C++ eager path first: it returns None for anything it does not serve, errors included, which then take
     # the checks below and their messages.
-    if (size_average is None and reduce is None and type(reduction) is str
-            and (cpp := _eager.cpp_module(input, target, weight))):
-        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, input, target, weight, ignore_index)
+    if size_average is None and reduce is None and not _eager.compiling():
+        loss = EAGER_ROUTE.call(reduction, input, target, weight, ignore_index)
         if loss is not None:
             return loss
     return NLL_LOSS.full_path(input, target, weight, size_average, ignore_index, reduce, reduction)

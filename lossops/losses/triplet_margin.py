@@ -146,9 +146,8 @@ def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, marg
                         reduction: str = "mean") -> Tensor:
     """Drop-in for torch.nn.functional.triplet_margin_loss, fused forward+backward (the three inputs' gradients)."""
     # The C++ eager path first: None for anything it does not serve, errors included, which the checks below raise
-    if (size_average is None and reduce is None and type(reduction) is str
-            and (cpp := _eager.cpp_module(anchor, positive, negative))):
-        loss = cpp.eager_loss(EAGER_ROUTE.number, reduction, anchor, positive, negative, margin, p, eps, swap)
+    if size_average is None and reduce is None and not _eager.compiling():
+        loss = EAGER_ROUTE.call(reduction, anchor, positive, negative, margin, p, eps, swap)
         if loss is not None:
             return loss
     reduction = _checks.reduction(reduction, size_average, reduce)
@@ -194,10 +193,8 @@ def triplet_margin_with_distance_loss(anchor: Tensor, positive: Tensor, negative
     pairwise_distance, or a PairwiseDistance Module, as the distance) is fused forward+backward; any other distance
     function is torch's function, with autograd through the caller's distance."""
     distance = _pairwise_distance_options(distance_function)
-    if (distance is not None and type(reduction) is str
-            and (cpp := _eager.cpp_module(anchor, positive, negative))):
-        loss = cpp.eager_loss(DISTANCE_EAGER_ROUTE.number, reduction, anchor, positive, negative, margin, *distance,
-                              swap)
+    if distance is not None and not _eager.compiling():
+        loss = DISTANCE_EAGER_ROUTE.call(reduction, anchor, positive, negative, margin, *distance, swap)
         if loss is not None:
             return loss
 
