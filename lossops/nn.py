@@ -6,11 +6,15 @@ the ones below combine or wrap several functions.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.adaptive import _ASMoutput
 
 from ._family import FAMILIES as _FAMILIES, options_repr as _family_options_repr
 from .losses import focal as _focal, linear_cross_entropy as _linear_cross_entropy
@@ -143,3 +147,126 @@ class MultiTaskLoss(torch.nn.Module):
         if self.learn_weights:
             total = total + 0.5 * self.log_vars.sum()
         return total
+
+
+class AdaptiveLogSoftmaxWithLoss(torch.nn.Module):
+    """Drop-in for torch.nn.AdaptiveLogSoftmaxWithLoss (Grave et al. 2017, "Efficient softmax approximation for
+    GPUs"): the same constructor, attributes, submodules (`head`, `tail`) and state_dict keys, so state dicts load
+    both ways; forward(input, target) returns torch's `_ASMoutput(output, loss)`.
+
+    Classes below cutoffs[0] are scored by the head, which also holds one logit per tail cluster; a class in tail
+    cluster k has log p = log p_head(cluster k) + log p_cluster_k(class). forward computes each of those negative
+    log-probabilities with lossops.cross_entropy(..., reduction="none") on the head's logits (every row) and on each
+    cluster's logits (its rows only), so the logits' gradients come from lossops' fused kernels; the projections
+    are torch's Linear layers. log_prob and predict form the full distribution with torch's log_softmax.
+    """
+
+    def __init__(self, in_features: int, n_classes: int, cutoffs: Sequence[int], div_value: float = 4.0,
+                 head_bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        cutoffs = list(cutoffs)
+        if not cutoffs:
+            raise ValueError("cutoffs should be a sequence of length larger than 0")
+        strictly_increasing = all(low < high for low, high in itertools.pairwise(cutoffs))
+        if not (strictly_increasing and cutoffs[0] > 0 and cutoffs[-1] < n_classes
+                and all(int(cutoff) == cutoff for cutoff in cutoffs)):
+            raise ValueError("cutoffs should be a sequence of unique, positive integers sorted in an increasing "
+                             "order, where each value is between 1 and n_classes-1")
+        self.in_features = in_features
+        self.n_classes = n_classes
+        self.cutoffs = cutoffs + [n_classes]  # the end of each cluster: the shortlist's first, the last tail's last
+        self.div_value = div_value
+        self.head_bias = head_bias
+        self.shortlist_size = self.cutoffs[0]
+        self.n_clusters = len(self.cutoffs) - 1
+        self.head_size = self.shortlist_size + self.n_clusters
+        factory = dict(device=device, dtype=dtype)
+        self.head = torch.nn.Linear(in_features, self.head_size, bias=head_bias, **factory)
+        self.tail = torch.nn.ModuleList()
+        for cluster, (start, stop) in enumerate(itertools.pairwise(self.cutoffs)):
+            # rarer clusters get narrower projections: in_features / div_value^(1 + cluster index)
+            hidden = int(in_features // div_value ** (cluster + 1))
+            self.tail.append(torch.nn.Sequential(torch.nn.Linear(in_features, hidden, bias=False, **factory),
+                                                 torch.nn.Linear(hidden, stop - start, bias=False, **factory)))
+
+    def reset_parameters(self) -> None:
+        self.head.reset_parameters()
+        for projection in self.tail:
+            for linear in projection:
+                linear.reset_parameters()
+
+    def forward(self, input: Tensor, target: Tensor) -> _ASMoutput:
+        """input (N, in_features) with target (N,), or unbatched (in_features,) with a 0-d target. output: each
+        row's log-probability of its target, the target's shape; loss: the mean of -output."""
+        self._check_shapes(input, target)
+        batched = target.dim() == 1
+        if not batched:
+            input, target = input.unsqueeze(0), target.unsqueeze(0)
+        self._check_target(target)
+        target = target.long()  # torch takes int32 targets too; lossops' cross_entropy takes int64
+
+        # 0 for a shortlist class, k for a class of tail cluster k - 1
+        cluster_of_row = torch.bucketize(target, target.new_tensor(self.cutoffs), right=True)
+        head_target = torch.where(cluster_of_row == 0, target, self.shortlist_size - 1 + cluster_of_row)
+        cross_entropy = _FAMILIES["cross_entropy"].function  # the DTensor-serving one lossops installs at import
+        tail_logprob = input.new_zeros(target.shape[0])
+        for cluster, projection in enumerate(self.tail):
+            rows = (cluster_of_row == cluster + 1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue  # an empty cluster is not evaluated: its projection gets no gradient, as in torch
+            cluster_nll = cross_entropy(projection(input.index_select(0, rows)),
+                                        target.index_select(0, rows) - self.cutoffs[cluster], reduction="none")
+            tail_logprob = tail_logprob.index_copy(0, rows, -cluster_nll)
+        output = tail_logprob - cross_entropy(self.head(input), head_target, reduction="none")
+        loss = (-output).mean()
+        return _ASMoutput(output if batched else output.squeeze(0), loss)
+
+    @staticmethod
+    def _check_shapes(input: Tensor, target: Tensor) -> None:
+        if target.dim() == 1:
+            if input.size(0) != target.size(0):
+                raise RuntimeError("Input and target should have the same size in the batch dimension.")
+            if input.dim() != 2:
+                raise RuntimeError(f"1D target tensor expects 2D input tensors, but found inputs with size "
+                                   f"{input.size()}")
+        elif target.dim() == 0:
+            if input.dim() != 1:
+                raise RuntimeError(f"0D target tensor expects 1D input tensors, but found inputs with size "
+                                   f"{input.size()}")
+        else:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+
+    def _check_target(self, target: Tensor) -> None:
+        if target.numel() and bool(((target < 0) | (target >= self.n_classes)).any()):
+            raise RuntimeError(f"Target values should be in [0, {self.n_classes - 1}], but values in range "
+                               f"[{target.min().item()}, {target.max().item()}] were found. ")
+        if target.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError(f"AdaptiveLogSoftmaxWithLoss: target must be an int64 or int32 tensor of class "
+                               f"indices, got {target.dtype}")
+
+    def _full_log_prob(self, input: Tensor, head_output: Tensor) -> Tensor:
+        head_logprob = F.log_softmax(head_output, dim=1)
+        columns = [head_logprob[:, :self.shortlist_size]]
+        for cluster, projection in enumerate(self.tail):
+            cluster_logprob = head_logprob[:, self.shortlist_size + cluster].unsqueeze(1)
+            columns.append(F.log_softmax(projection(input), dim=1) + cluster_logprob)
+        return torch.cat(columns, dim=1)
+
+    def log_prob(self, input: Tensor) -> Tensor:
+        """The log-probability of every class: (N, in_features) -> (N, n_classes)."""
+        return self._full_log_prob(input, self.head(input))
+
+    def predict(self, input: Tensor) -> Tensor:
+        """The most probable class of each row, log_prob(input).argmax(dim=1); the tail clusters are evaluated only
+        for the rows whose head ranks a cluster above every shortlist class (a class in a cluster is never more
+        probable than the cluster itself)."""
+        head_output = self.head(input)
+        prediction = head_output.argmax(dim=1)
+        outside_shortlist = prediction >= self.shortlist_size
+        if not outside_shortlist.any():
+            return prediction
+        if outside_shortlist.all():
+            return self._full_log_prob(input, head_output).argmax(dim=1)
+        prediction[outside_shortlist] = self._full_log_prob(input[outside_shortlist],
+                                                            head_output[outside_shortlist]).argmax(dim=1)
+        return prediction
