@@ -39,10 +39,10 @@ def floating(name: str, value: torch.Tensor, exception=TypeError) -> torch.Tenso
     return value
 
 
-def same_device(reference: torch.Tensor, **others) -> None:
+def same_device(reference: torch.Tensor, reference_name: str = "input", /, **others) -> None:
     for name, value in others.items():
         if value is not None and value.device != reference.device:
-            raise RuntimeError(f"lossops: {name} is on {value.device} but input is on {reference.device}; "
+            raise RuntimeError(f"lossops: {name} is on {value.device} but {reference_name} is on {reference.device}; "
                                "all tensors must be on the same device")
 
 
@@ -118,7 +118,7 @@ def margin_scores(input: torch.Tensor) -> None:
     if not ((input.dim() == 2 and input.shape[1] != 0) or (input.dim() == 1 and input.shape[0] != 0)
             or input.dim() == 0):
         raise RuntimeError(f"Expected non-empty vector or matrix with optional 0-dim batch size, but got: "
-                           f"{list(input.shape)}")
+                           f"{list(input.shape)} (lossops: the input's shape)")
 
 
 def real(name: str, value) -> float:
@@ -177,17 +177,18 @@ def output_dtype(input: torch.Tensor) -> torch.dtype:
     return input.dtype
 
 
-def broadcast_shape(input_shape, target_shape) -> torch.Size:
-    """torch's broadcasting rule in plain Python, so torch.compile traces it and raises the same error."""
+def broadcast_shape(input_shape, target_shape, names: tuple[str, str] = ("input", "target")) -> torch.Size:
+    """torch's broadcasting rule in plain Python, so torch.compile traces it and raises the same error; the error
+    names the two shapes' tensors (`names`)."""
     ndim = max(len(input_shape), len(target_shape))
     a = (1,) * (ndim - len(input_shape)) + tuple(input_shape)
     b = (1,) * (ndim - len(target_shape)) + tuple(target_shape)
     out = []
     for dim, (x, y) in enumerate(zip(a, b)):
         if x != y and x != 1 and y != 1:
-            raise RuntimeError(f"lossops: target of shape {tuple(target_shape)} cannot be broadcast with input of "
-                               f"shape {tuple(input_shape)}: the size of tensor a ({x}) must match the size of tensor "
-                               f"b ({y}) at non-singleton dimension {dim}")
+            raise RuntimeError(f"lossops: {names[1]} of shape {tuple(target_shape)} cannot be broadcast with "
+                               f"{names[0]} of shape {tuple(input_shape)}: the size of tensor a ({x}) must match the "
+                               f"size of tensor b ({y}) at non-singleton dimension {dim}")
         out.append(y if x == 1 else x)
     return torch.Size(out)
 

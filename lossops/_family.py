@@ -138,7 +138,9 @@ class Family:
     full_path: Optional[Callable] = None
     module: Optional[type] = None            # its nn.Module (set from make_module)
     cases: tuple[Case, ...] = ()
-    bad_inputs: Optional[str] = None         # its kind in tests/test_bad_inputs.py ("classes", "elementwise")
+    # its kind of inputs in tests/test_bad_inputs.py (KINDS: "classes", "elementwise", "multilabel", "ranked_pairs",
+    # "variance", "row_pairs", "row_triples", "class_hinge", "label_lists"), which test_fuzz.py fuzzes too
+    bad_inputs: Optional[str] = None
     torch_fn: Optional[Callable] = None      # torch's counterpart with the same signature, the tests' oracle
     selfcheck: Optional[tuple] = None        # (keyword arguments, truth(x, t), make(dtype)) for lossops.selfcheck
     bench: Optional[Bench] = None
@@ -550,8 +552,9 @@ def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: t
 
     As torch's loss Modules do, legacy size_average/reduce become a reduction when the Module is constructed
     (with torch's warning); everything else is checked by the function on the first call. check(**arguments)
-    runs in the constructor for the checks torch makes there. keyword_only: the constructor takes its arguments by
-    keyword only, as torch's does for some losses (GaussianNLLLoss).
+    runs in the constructor for the checks torch makes there, after the buffers are registered, as torch's.
+    keyword_only: the constructor takes its arguments by keyword only, as torch's does for some losses
+    (GaussianNLLLoss).
     """
     signature = inspect.signature(family.function)
     params = [p for p in list(signature.parameters.values())[inputs:] if p.name not in per_call]
@@ -567,8 +570,6 @@ def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: t
         arguments = dict(bound.arguments)
         arguments.pop("self")
         torch.nn.Module.__init__(self)
-        if check is not None:
-            check(**arguments)
         if legacy and (arguments.get("size_average") is not None or arguments.get("reduce") is not None):
             from torch.nn import _reduction
             arguments["reduction"] = _reduction.legacy_get_string(arguments.get("size_average"),
@@ -580,6 +581,10 @@ def make_module(family: Family, class_name: str, *, inputs: int = 2, per_call: t
                 self.register_buffer(name, value)
             else:
                 setattr(self, name, value)
+        # torch's loss Modules make their own checks after their base class has taken the reduction and registered
+        # the buffers (a list weight is that registration's TypeError, whatever else is wrong)
+        if check is not None:
+            check(**arguments)
 
     def forward(self, *args, **kwargs):
         # family.function as it is when called: the one lossops made serve DTensors after this Module was made

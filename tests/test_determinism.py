@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import lossops
 from _cases import forward_backward
-from test_bad_inputs import OPS
+from test_bad_inputs import KINDS, OPS
 
 # Big enough that at::parallel_for splits rows over both threads and the reduction has several chunks
 # (kReduceChunk = 2^13 rows or elements).
@@ -54,11 +54,22 @@ def elementwise_problem(op, shape, **_):
     return torch.randn(shape, generator=gen).requires_grad_(), torch.rand(shape, generator=gen), {}
 
 
+def operand_problem(op, shape, **_):
+    """The first operand, the second, and the others by name, made by the op's kind (test_bad_inputs.KINDS)."""
+    torch.manual_seed(3)
+    kind = KINDS[op.kind]
+    x = torch.randn(shape).requires_grad_()
+    others = kind.others(x.detach())
+    return x, others.pop(kind.operands[1]), others
+
+
 def problem(op, name):
     spec = PROBLEMS[name]
     if op.kind == "classes":
         return class_problem(op, **spec)
-    return elementwise_problem(op, (spec["shape"][0], spec["shape"][1]))
+    if "elementwise" in KINDS[op.kind].groups:
+        return elementwise_problem(op, (spec["shape"][0], spec["shape"][1]))
+    return operand_problem(op, (spec["shape"][0], spec["shape"][1]))
 
 
 def evaluate(op, x, target, options, reduction):

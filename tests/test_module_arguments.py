@@ -154,6 +154,8 @@ ROWS = {
         dict(weight=_tensor(C, dtype=torch.int64)), dict(weight=_tensor(C, dtype=torch.bool)),
         dict(weight=_tensor(C, dtype=torch.float64)), dict(weight=_tensor(C + 1)), dict(weight=_tensor(1, C)),
         *(dict(p=v) for v in (3, 0, 2.0, 1.5, "a", None, True, np.int64(2), torch.tensor(2))),
+        # torch registers the weight buffer before it checks p: a list weight is a TypeError there
+        dict(weight=[0.1, 0.2], p=3), dict(weight=_tensor(2, C), p=3),
         *(dict(margin=m) for m in ("a", "0.5", None, 1 + 0j, [1.0], torch.tensor(1.0), torch.tensor([1.0, 2.0]),
                                    np.float32(0.5), np.int64(2), True, 1, -1.0, float("nan"), float("inf"))),
     ]),

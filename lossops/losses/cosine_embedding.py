@@ -87,7 +87,7 @@ def cosine_embedding_loss(input1: Tensor, input2: Tensor, target: Tensor, margin
     operands = {"input1": input1, "input2": input2, "target": target}
     for name, value in operands.items():
         _checks.tensor(name, value)
-    _checks.same_device(input1, input2=input2, target=target)
+    _checks.same_device(input1, "input1", input2=input2, target=target)
     if target.dim() not in (0, 1):
         raise RuntimeError(f"0D or 1D target tensor expected, multi-target not supported (lossops: target of shape "
                            f"{tuple(target.shape)})")
@@ -155,6 +155,7 @@ COSINE_EMBEDDING_LOSS = _family.register(_family.Family(
     name="cosine_embedding_loss", inputs=INPUTS, options=CosineEmbeddingOptions, kernel=KERNEL, run=_run,
     loss_like=_loss_like, item_shape=_item_shape, reference=reference_cosine_embedding,
     function=cosine_embedding_loss, torch_fn=F.cosine_embedding_loss, eager_routes=(EAGER_ROUTE,),
+    bad_inputs="row_pairs",
     cases=(_family.Case(_pairs, dict(margin=0.2), F.cosine_embedding_loss, target=2),),
     selfcheck=(dict(margin=0.3), lambda *a: F.cosine_embedding_loss(*a, margin=0.3), _selfcheck_pairs),
     bench=_family.Bench(F.cosine_embedding_loss, lambda x: x, ((256, 1000), (4096, 1024), (4096, 4096)),

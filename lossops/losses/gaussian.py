@@ -61,7 +61,7 @@ def _torch_gaussian_nll(input, target, var, **kwargs):
 
 GAUSSIAN_NLL_LOSS = _elementwise.declare(
     "gaussian_nll_loss", GaussianNLLOptions, _elementwise.kernel("gaussian_nll", "gaussian_nll", ("mode", "eps")),
-    _kernel_options, eager_layout="same_shape_aux", torch_fn=_torch_gaussian_nll,
+    _kernel_options, eager_layout="same_shape_aux", bad_inputs="variance", torch_fn=_torch_gaussian_nll,
     cases=(_family.Case(_heteroscedastic, {}, _torch_gaussian_nll),
            _family.Case(_homoscedastic, dict(full=True, eps=1e-3, reduction="sum"), _torch_gaussian_nll)),
     selfcheck=(dict(full=True), lambda *a: _torch_gaussian_nll(*a, full=True), _selfcheck_inputs),
@@ -97,7 +97,11 @@ def gaussian_nll_loss(input: Tensor, target: Tensor, var: Tensor | float, full: 
             raise RuntimeError(f"lossops: gaussian_nll_loss {name} must be real, got dtype {value.dtype}")
     var = _var_against_input(var, input)
     if reduction not in ("none", "mean", "sum"):  # torch adds the reduction to a string: a TypeError for others
-        raise ValueError(reduction + " is not valid")
+        raise ValueError(reduction + " is not valid (lossops: reduction must be 'none', 'mean' or 'sum')")
+    if not var.is_floating_point() and not var.is_complex() and not isinstance(eps, (int, bool)):
+        # torch clamps a copy of var in place at eps: an integer var cannot hold a floating eps
+        raise RuntimeError(f"lossops: gaussian_nll_loss var must be a floating-point tensor for a floating eps "
+                           f"(torch clamps it in place at eps), got var of dtype {var.dtype} and eps={eps!r}")
     options = GaussianNLLOptions(reduction, full=bool(full), eps=_eps(eps))  # torch tests `if full:`
     shape = _checks.broadcast_shape(_checks.broadcast_shape(input.shape, target.shape), var.shape)
 
@@ -127,7 +131,8 @@ def reference_gaussian_nll(input: Tensor, target: Tensor, var: Tensor, options: 
     """Plain PyTorch (the "reference" backend): torch's formula, var already checked and shaped against the input."""
     var = var.clone()
     with torch.no_grad():
-        var.clamp_(min=options.eps)
+        # an integer var comes with an integral eps only (gaussian_nll_loss refuses others, as torch's clamp_ does)
+        var.clamp_(min=options.eps if var.is_floating_point() else int(options.eps))
     loss = 0.5 * (torch.log(var) + (input - target) ** 2 / var)
     if options.full:
         loss = loss + HALF_LOG_TWO_PI

@@ -87,7 +87,7 @@ HINGE_EMBEDDING_LOSS = _declare("hinge_embedding_loss", HingeEmbeddingOptions, H
 MARGIN_RANKING_LOSS = _elementwise.declare(
     "margin_ranking_loss", MarginRankingOptions, KERNEL,
     lambda _tensors, o: {"kind": MARGIN_RANKING, "margin": float(o.margin)}, eager_layout="same_shape_aux",
-    torch_fn=F.margin_ranking_loss,
+    bad_inputs="ranked_pairs", torch_fn=F.margin_ranking_loss,
     cases=(_family.Case(_ranked_pairs, dict(margin=0.3), F.margin_ranking_loss, target=2),),
     selfcheck=(dict(margin=0.5), functools.partial(F.margin_ranking_loss, margin=0.5), _selfcheck_ranked_pairs),
     bench=_family.Bench(F.margin_ranking_loss, _sign_target, ((256, 1000), (4096, 1024), (4096, 4096)),
@@ -159,7 +159,7 @@ def margin_ranking_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: 
     operands = {"input1": input1, "input2": input2, "target": target}
     for name, value in operands.items():
         _checks.tensor(name, value)
-    _checks.same_device(input1, input2=input2, target=target)
+    _checks.same_device(input1, "input1", input2=input2, target=target)
     if input1.dim() != input2.dim() or input1.dim() != target.dim():
         raise RuntimeError(f"margin_ranking_loss : All input tensors should have same dimension but got sizes: "
                            f"input1: {input1.size()}, input2: {input2.size()}, target: {target.size()} ")

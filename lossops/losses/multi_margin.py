@@ -57,7 +57,7 @@ def _full_multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: f
     elif reduction not in _checks.REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if p != 1 and p != 2:
-        raise ValueError("only p == 1 and p == 2 supported")
+        raise ValueError(f"only p == 1 and p == 2 supported (lossops: got p={p!r})")
     p = int(p)
     if weight is not None:
         _checks.tensor("weight", weight)
@@ -181,7 +181,7 @@ MULTI_MARGIN_LOSS = _family.register(_family.Family(
     name="multi_margin_loss", inputs=ROW_INPUTS, options=MultiMarginOptions, kernel=KERNEL, run=_run,
     loss_like=_rows_loss_like, item_shape=_rows_item_shape, reference=reference_multi_margin_loss,
     function=multi_margin_loss, full_path=_full_multi_margin_loss, eager_routes=(EAGER_ROUTE,),
-    torch_fn=torch_multi_margin_loss,
+    torch_fn=torch_multi_margin_loss, bad_inputs="class_hinge",
     cases=(_family.Case(_scores, {}, torch_multi_margin_loss, bad=("target_out_of_range", dict(p=3))),
            _family.Case(_scores_weighted_squared, dict(reduction="none"), torch_multi_margin_loss)),
     selfcheck=({}, torch_multi_margin_loss, _selfcheck_inputs),

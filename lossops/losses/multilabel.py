@@ -34,7 +34,7 @@ def _labels_weighted(dtype):
 
 MULTILABEL_SOFT_MARGIN_LOSS = _elementwise.declare(
     "multilabel_soft_margin_loss", MultiLabelSoftMarginOptions, _elementwise.kernel("bce_with_logits", "bce"),
-    lambda _tensors, _options: {}, torch_fn=F.multilabel_soft_margin_loss,
+    lambda _tensors, _options: {}, bad_inputs="multilabel", torch_fn=F.multilabel_soft_margin_loss,
     # No torch_fn in the cases: under autocast torch computes its formula's log-sigmoids in bf16, lossops in float32
     # from the bf16 logits (closer to the float64 value, tests/test_multilabel_soft_margin.py), so torch is no
     # oracle there; the tests compare with it everywhere else.
@@ -59,7 +59,7 @@ def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Optional[
     if size_average is not None or reduce is not None:
         reduction = _checks.reduction(reduction, size_average, reduce)
     elif reduction not in ("none", "mean", "sum"):  # torch adds the reduction to a string: a TypeError for others
-        raise ValueError(reduction + " is not valid")
+        raise ValueError(reduction + " is not valid (lossops: reduction must be 'none', 'mean' or 'sum')")
     _checks.tensor("input", input)
     _checks.tensor("target", target)
     if weight is not None:
@@ -77,10 +77,13 @@ def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Optional[
 
     shape = _checks.broadcast_shape(input.shape, target.shape)
     if weight is not None:
-        shape = _checks.broadcast_shape(shape, weight.shape)
+        shape = _checks.broadcast_shape(shape, weight.shape, ("the input and target", "weight"))
     dtype = torch.promote_types(input.dtype, target.dtype)
     if weight is not None:
         dtype = torch.promote_types(dtype, weight.dtype)
+    if not input.is_floating_point() and not input.is_complex():  # torch's log-sigmoid of the input refuses them
+        raise NotImplementedError(f"lossops: multilabel_soft_margin_loss input must be a floating-point tensor, got "
+                                  f"dtype {input.dtype}")
     if input.dim() == 0 or shape != input.shape or not dtype.is_floating_point or input.is_complex():
         return reference()  # torch's errors and dtype rules, and a target that makes the loss larger than the input
     x, t = _elementwise.kernel_operands(input, target)

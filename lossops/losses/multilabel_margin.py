@@ -172,7 +172,7 @@ MULTILABEL_MARGIN_LOSS = _family.register(_family.Family(
     name="multilabel_margin_loss", inputs=INPUTS, options=MultilabelMarginOptions, kernel=KERNEL, run=_run,
     loss_like=_loss_like, item_shape=_item_shape, reference=reference_multilabel_margin_loss,
     function=multilabel_margin_loss, full_path=_full_multilabel_margin_loss, eager_routes=(EAGER_ROUTE,),
-    torch_fn=torch_multilabel_margin_loss,
+    torch_fn=torch_multilabel_margin_loss, bad_inputs="label_lists",
     cases=(_family.Case(_scores, {}, torch_multilabel_margin_loss, bad=("target_out_of_range",)),
            _family.Case(_scores, dict(reduction="none"), torch_multilabel_margin_loss)),
     selfcheck=({}, torch_multilabel_margin_loss, _selfcheck_inputs),

@@ -87,15 +87,17 @@ def _plain_number(value) -> bool:
     return type(value) in (float, int)
 
 
-def _broadcast(a_shape, b_shape) -> torch.Size:
-    """torch's broadcast of two shapes, with torch's error for a tensor a and b (traceable by torch.compile)."""
+def _broadcast(a_shape, b_shape, names: str = "") -> torch.Size:
+    """torch's broadcast of two shapes, with torch's error for a tensor a and b (traceable by torch.compile), which
+    names the two tensors (`names`) where given."""
     ndim = max(len(a_shape), len(b_shape))
     a = (1,) * (ndim - len(a_shape)) + tuple(a_shape)
     b = (1,) * (ndim - len(b_shape)) + tuple(b_shape)
     for dim, (x, y) in enumerate(zip(a, b)):
         if x != y and x != 1 and y != 1:
             raise RuntimeError(f"The size of tensor a ({x}) must match the size of tensor b ({y}) at non-singleton "
-                               f"dimension {dim}")
+                               f"dimension {dim}" + (f" (lossops: {names} of shapes {tuple(a_shape)} and "
+                                                     f"{tuple(b_shape)})" if names else ""))
     return torch.Size(y if x == 1 else x for x, y in zip(a, b))
 
 
@@ -103,13 +105,13 @@ def _fused(anchor, positive, negative, options: TripletMarginOptions, family, au
     """The loss through the family's op, or None where the kernels do not serve the call (torch's function then
     does). The arguments' types and torch's checks have been made; the shapes' errors are raised here, in torch's
     order (the two distances, the swap distance, then their difference)."""
-    pair_ap = _broadcast(anchor.shape, positive.shape)
-    pair_an = _broadcast(anchor.shape, negative.shape)
-    pair_pn = _broadcast(positive.shape, negative.shape) if options.swap else pair_ap
+    pair_ap = _broadcast(anchor.shape, positive.shape, "anchor and positive")
+    pair_an = _broadcast(anchor.shape, negative.shape, "anchor and negative")
+    pair_pn = _broadcast(positive.shape, negative.shape, "positive and negative") if options.swap else pair_ap
     if anchor.dim() == 0:
         return None
     rows = _broadcast(pair_ap[:-1], pair_an[:-1])
-    _checks.same_device(anchor, positive=positive, negative=negative)
+    _checks.same_device(anchor, "anchor", positive=positive, negative=negative)
     dtype = torch.promote_types(torch.promote_types(anchor.dtype, positive.dtype), negative.dtype)
     features = {pair_ap[-1], pair_an[-1], pair_pn[-1]}
     if not dtype.is_floating_point or len(features) != 1 or not 0 < options.p < math.inf:
@@ -249,6 +251,7 @@ TRIPLET_MARGIN_LOSS = _family.register(_family.Family(
     name="triplet_margin_loss", inputs=INPUTS, options=TripletMarginOptions, kernel=KERNEL, run=_run,
     loss_like=_loss_like, item_shape=_item_shape, reference=reference_triplet_margin,
     function=triplet_margin_loss, torch_fn=F.triplet_margin_loss, eager_routes=(EAGER_ROUTE,),
+    bad_inputs="row_triples",
     cases=(_family.Case(_triples, dict(margin=0.5), F.triplet_margin_loss, target=2,
                         bad=(dict(margin=0.0), dict(margin=-1.0))),
            _family.Case(_triples, dict(p=1.5, swap=True), F.triplet_margin_loss, target=2)),
@@ -263,7 +266,7 @@ TRIPLET_MARGIN_WITH_DISTANCE_LOSS = _family.register(_family.Family(
     name="triplet_margin_with_distance_loss", inputs=INPUTS, options=TripletMarginOptions, kernel=KERNEL, run=_run,
     loss_like=_loss_like, item_shape=_item_shape, reference=reference_triplet_margin_with_distance,
     function=triplet_margin_with_distance_loss, torch_fn=F.triplet_margin_with_distance_loss,
-    eager_routes=(DISTANCE_EAGER_ROUTE,),
+    eager_routes=(DISTANCE_EAGER_ROUTE,), bad_inputs="row_triples",
     cases=(_family.Case(_triples, dict(margin=0.5, swap=True), F.triplet_margin_with_distance_loss, target=2,
                         bad=(dict(margin=0.0),)),),
     selfcheck=(dict(margin=0.3), lambda *a: F.triplet_margin_with_distance_loss(*a, margin=0.3),
