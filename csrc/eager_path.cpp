@@ -301,12 +301,15 @@ bool prepare_class_rows(const CallTensors& call, Prepared& p) {
                             weight->numel() != C || !weight->device().is_cpu()))
     return false;
   // torch's target shape: the input's without the class dimension.
-  std::vector<int64_t> expected = input.sizes().vec();
-  expected.erase(expected.begin() + (input.dim() == 1 ? 0 : 1));
-  if (target.sizes() != at::IntArrayRef(expected)) return false;
+  const int64_t class_dim = input.dim() == 1 ? 0 : 1;
+  if (target.dim() != input.dim() - 1) return false;
+  for (int64_t d = 0; d < target.dim(); ++d) {
+    if (target.size(d) != input.size(d < class_dim ? d : d + 1)) return false;
+  }
   const at::Tensor logits = class_rows_view(input, C);
-  const at::Tensor rows = target.is_contiguous() ? internal_view(target, {target.numel()}, {1})
-                                                 : target.contiguous().reshape({-1});
+  const at::Tensor rows = target.dim() == 1 && target.is_contiguous() ? target
+                          : target.is_contiguous()                   ? internal_view(target, {target.numel()}, {1})
+                                                                     : target.contiguous().reshape({-1});
   const auto acc = at::toOpMathType(input.scalar_type());
   p.operands = {logits, rows, weight != nullptr ? weight->to(acc).contiguous() : at::Tensor()};
   p.loss_shape = at::DimVector(target.sizes());
@@ -516,6 +519,11 @@ double kept_rows_denominator(const Prepared& p, const at::Tensor& weight, int64_
     return sum;
   }
   // An integer count vectorises (a double sum is one dependent add per row) and its order does not matter.
+  if (n <= kIndexScanGrain) {  // one grain: no parallel region to enter
+    int64_t count = 0;
+    for (int64_t r = 0; r < n; ++r) count += t[r] != ignore_index;
+    return static_cast<double>(count);
+  }
   const int64_t kept = at::parallel_reduce(
       int64_t(0), n, kIndexScanGrain, int64_t(0),
       [&](int64_t begin, int64_t end, int64_t count) {

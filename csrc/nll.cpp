@@ -2,7 +2,11 @@
 // row r with class-index target y (not ignore_index) has loss -w[y] x[r, y], and its gradient is -w[y] at the
 // target's class and 0 at every other one (an ignored row: loss 0, gradient 0). Only the target's element of a row
 // is read; the gradient is written whole (zeros, then the one value a row), so its cost is the gradient's size.
+#include <atomic>
+#include <cstdint>
 #include <cstring>
+
+#include <c10/util/SmallVector.h>
 
 #include "common.h"
 #include "kernel_abi.h"
@@ -35,6 +39,11 @@ constexpr int64_t kNllStreamRowBytes = 4096;
 // Each row reads one element, a cache line and often a page of its own: the element this many rows on is asked for
 // before a row's own is used, so the misses overlap instead of being waited for one at a time.
 constexpr int64_t kNllPrefetchRows = 16;
+// Rows shorter than a page are near enough for the hardware prefetcher, which streams them in without the extra loads.
+constexpr int64_t kNllPrefetchRowBytes = 4096;
+// Interleaved partial sums of the row losses (the block's sum combines them in a fixed order: same bits on every ISA
+// and thread count).
+constexpr int64_t kNllLanes = 8;
 
 // The class-dim-1 gradient of one outer index, (C, inner), written in one pass of whole lines: class c's row is
 // value_c where the target is c, 0 elsewhere (no zeros first and values over them, which reads each line twice when
@@ -59,12 +68,14 @@ void nll_class_planes(const int64_t* target, const opmath_t<scalar_t>* w, opmath
 }
 
 // input: (outer, C, inner) with any strides; target: int64, outer * inner; weight: (C,) in the accumulation dtype or
-// undefined; grad: contiguous (outer, C, inner) or undefined; loss: the per-row losses' destination, or null. Targets
-// are checked before this runs. Returns the losses' sum, formed in fixed blocks of rows added in order: the same bits
-// for any thread count.
+// undefined; grad: contiguous (outer, C, inner) or undefined; loss: the per-row losses' destination, or null. Returns
+// the losses' sum, formed in fixed blocks of rows added in order: the same bits for any thread count. Each target is
+// checked where it is read (a separate pass over them costs as much as this one's on short rows): a row whose
+// target is outside [0, C) and not ignore_index reads nothing and sets *out_of_range, and what was written is then
+// the caller's to discard.
 template <typename scalar_t>
 double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor& weight, at::Tensor* grad,
-                opmath_t<scalar_t> scale, int64_t ignore_index, opmath_t<scalar_t>* loss) {
+                opmath_t<scalar_t> scale, int64_t ignore_index, opmath_t<scalar_t>* loss, bool* out_of_range) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t outer = input.size(0), C = input.size(1), inner = input.size(2);
   const int64_t stride_outer = input.stride(0), stride_class = input.stride(1), stride_inner = input.stride(2);
@@ -77,11 +88,16 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
   const int64_t block = row_grain(region);
   // One row's loss (stored where per-row losses are asked for: a store that waits on the row's read holds back the
   // reads after it) and, where g_row is given, its gradient's one nonzero value (over zeros written before).
-  auto row = [=](int64_t r, int64_t x_offset, scalar_t* g_row, int64_t ahead, int64_t ahead_offset) {
+  std::atomic<bool> any_out_of_range{false};
+  auto row = [=, &any_out_of_range](int64_t r, int64_t x_offset, scalar_t* g_row, int64_t ahead, int64_t ahead_offset) {
     if (ahead >= 0 && target[ahead] != ignore_index) __builtin_prefetch(x + ahead_offset + target[ahead] * stride_class);
     const int64_t y = target[r];
     acc_t value = acc_t(0);
     if (y != ignore_index) {
+      if (static_cast<uint64_t>(y) >= static_cast<uint64_t>(C)) [[unlikely]] {
+        any_out_of_range.store(true, std::memory_order_relaxed);
+        return value;
+      }
       const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
       value = -w_y * static_cast<acc_t>(x[x_offset + y * stride_class]);
       if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-w_y * scale);
@@ -90,7 +106,7 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
     return value;
   };
   const int64_t blocks = (outer + block - 1) / block;
-  std::vector<double> block_sums(blocks, 0.0);
+  c10::SmallVector<double, 16> block_sums(blocks, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
     for (int64_t k = first_block; k < end_block; ++k) {
       const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
@@ -101,11 +117,20 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
           nll_zero_region(g + b0 * region, (b1 - b0) * region, stream);
           if (stream) finish_streaming();  // the zeros land before the target values written over them
         }
-        for (int64_t o = b0; o < b1; ++o) {
-          const int64_t ahead = o + kNllPrefetchRows < outer ? o + kNllPrefetchRows : -1;
-          sum += row(o, o * stride_outer, g != nullptr ? g + o * region : nullptr, ahead, ahead * stride_outer);
+        // Rows in kNllLanes interleaved sums combined in a fixed order: one sum is a chain of dependent adds, which
+        // bounds a loop of short rows. Rows far apart in memory prefetch a later row's target element.
+        const bool prefetch = stride_outer * static_cast<int64_t>(sizeof(scalar_t)) >= kNllPrefetchRowBytes;
+        auto lane_row = [&](int64_t o) {
+          const int64_t ahead = prefetch && o + kNllPrefetchRows < outer ? o + kNllPrefetchRows : -1;
+          return row(o, o * stride_outer, g != nullptr ? g + o * region : nullptr, ahead, ahead * stride_outer);
+        };
+        double lanes[kNllLanes] = {};
+        int64_t o = b0;
+        for (; o + kNllLanes <= b1; o += kNllLanes) {
+          for (int64_t l = 0; l < kNllLanes; ++l) lanes[l] += lane_row(o + l);
         }
-        block_sums[k] = sum;
+        for (int64_t l = 0; o < b1; ++o, ++l) lanes[l] += lane_row(o);
+        block_sums[k] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
         continue;
       }
       for (int64_t o = b0; o < b1; ++o) {
@@ -123,6 +148,7 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
   });
   double total = 0.0;
   for (double block_sum : block_sums) total += block_sum;
+  *out_of_range = any_out_of_range.load();
   return total;
 }
 
@@ -140,7 +166,6 @@ std::vector<at::Tensor> nll_loss_kernel(const KernelArgs& a) {
   const int64_t rows = input.size(0) * input.size(2);
   TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == rows,
               "lossops: nll_loss target must be a contiguous int64 tensor of ", rows, " elements");
-  check_class_indices(target.const_data_ptr<int64_t>(), rows, C, ignore_index);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
   TORCH_CHECK(!w.defined() || w.numel() == C, "lossops: nll_loss weight must have ", C, " elements, got ", w.numel());
@@ -148,16 +173,20 @@ std::vector<at::Tensor> nll_loss_kernel(const KernelArgs& a) {
   const bool per_element = a.flag("per_element");
   at::Tensor row_loss = new_cpu_tensor({per_element ? rows : 0}, acc_type);
   double total = 0.0;
+  bool out_of_range = false;
   if (rows > 0 && C > 0) {
     LOSSOPS_DISPATCH_FLOATING(input.scalar_type(), "lossops_nll_loss", [&] {
       using acc_t = opmath_t<scalar_t>;
       total = nll_rows<scalar_t>(input, target.const_data_ptr<int64_t>(), w, g.defined() ? &g : nullptr,
                                  static_cast<acc_t>(grad_scale), ignore_index,
-                                 per_element ? row_loss.mutable_data_ptr<acc_t>() : nullptr);
+                                 per_element ? row_loss.mutable_data_ptr<acc_t>() : nullptr, &out_of_range);
     });
-  } else if (per_element) {  // no classes: every target was ignore_index (checked above)
-    row_loss.zero_();
+  } else {
+    out_of_range = rows > 0;  // no classes: only ignore_index targets are in range
   }
+  // Raises naming the first target out of range (nothing is returned, so nothing written is seen).
+  if (out_of_range) check_class_indices(target.const_data_ptr<int64_t>(), rows, C, ignore_index);
+  if (rows > 0 && C == 0 && per_element) row_loss.zero_();
   return {row_loss, cpu_scalar(total, acc_type)};
 }
 

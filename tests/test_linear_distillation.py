@@ -62,6 +62,30 @@ def test_without_bias_or_target_and_default_chunks(backend):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(reduction="none", hard_weight=1.0, divergence="tvd"),
+                                     dict(reduction="sum", divergence="jsd", beta=0.3, temperature=2.0)], ids=str)
+def test_one_chunk_takes_linear_and_the_distillation_op(backend, options):
+    """When the default chunks hold every token, the loss is F.linear's logits through distillation_loss: the same
+    values and gradients as the chunked op and the formula, and the distillation op's node on plain CPU calls."""
+    student, teacher, target = _inputs()
+    tokens = target.numel()
+    assert chunk_rows(tokens, 37, 8, LOGITS_BUDGET, logits_buffers=2) >= tokens
+    loss = _call(student, teacher, target, **options)
+    chunked = _call(student, teacher, target, chunk_size=3, **options)
+    ref = _truth(student, teacher, target, **options)
+    for other in (chunked, ref):
+        torch.testing.assert_close(loss, other, rtol=1e-10, atol=1e-12)
+    g = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3)) + 0.5
+    for ours, theirs in zip(torch.autograd.grad(loss, student, g), torch.autograd.grad(ref, student, g)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+    if backend == "cpp":
+        assert loss.grad_fn.name() == lossops.distillation_loss(F.linear(*student), F.linear(*teacher), target,
+                                                                **options).grad_fn.name()
+    with torch.no_grad():
+        torch.testing.assert_close(_call(student, teacher, target, **options), ref.detach(), rtol=1e-10,
+                                   atol=1e-12)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradcheck(backend, divergence):
     student, teacher, target = _inputs(tokens=(5,), ds=3, dt=4, vocab=6)

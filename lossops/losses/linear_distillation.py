@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _checks, _family, _reduce
-from .distillation import (KERNEL, DistillationOptions, check_options, kernel_arguments, reference_distillation_loss,
-                           token_count, token_sharding, token_targets, torch_distillation_loss)
+from .distillation import (DISTILLATION, KERNEL, DistillationOptions, check_options, kernel_arguments,
+                           reference_distillation_loss, token_count, token_sharding, token_targets,
+                           torch_distillation_loss)
 from .linear_cross_entropy import _Chunks, _Gradients, chunk_rows
 
 # Both models' chunks of logits (and everything else the op holds beyond the student's gradients) within a quarter
@@ -91,6 +92,15 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     tokens, vocab = hidden.shape[0], student_weight.shape[0]
     rows = chunk_size if chunk_size is not None else chunk_rows(tokens, vocab, hidden.element_size(), LOGITS_BUDGET,
                                                                 logits_buffers=2)
+    if chunk_size is None and rows >= tokens:
+        # One chunk would hold every token, so both logits tensors are formed either way: torch's linear and the
+        # distillation loss's own op (one C++ call on plain CPU tensors) then cost a few calls, where the chunked
+        # op's machinery costs more than a small problem's arithmetic. Same loss, gradients through F.linear.
+        student_logits = F.linear(student_input, student_weight, student_bias)
+        teacher_logits = F.linear(teacher_input, teacher_weight, teacher_bias)
+        return DISTILLATION.function(student_logits, teacher_logits, target, divergence=divergence, beta=beta,
+                                     temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                                     hard_weight=hard_weight, soft_weight=soft_weight)
     wants = {name: torch.is_grad_enabled() and t is not None and t.requires_grad
              for name, t in (("hidden", student_input), ("weight", student_weight), ("bias", student_bias))}
     tensors = {"hidden": hidden, "weight": student_weight, "bias": student_bias,
