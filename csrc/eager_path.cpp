@@ -519,17 +519,20 @@ double kept_rows_denominator(const Prepared& p, const at::Tensor& weight, int64_
     return sum;
   }
   // An integer count vectorises (a double sum is one dependent add per row) and its order does not matter.
-  if (n <= kIndexScanGrain) {  // one grain: no parallel region to enter
-    int64_t count = 0;
-    for (int64_t r = 0; r < n; ++r) count += t[r] != ignore_index;
-    return static_cast<double>(count);
-  }
+  // Four counts: this module is built for any x86-64 (no 64-bit vector compare), where one count is a chain.
+  auto count_kept = [&](int64_t begin, int64_t end) {
+    int64_t c[4] = {0, 0, 0, 0};
+    int64_t r = begin;
+    for (; r + 4 <= end; r += 4) {
+      for (int k = 0; k < 4; ++k) c[k] += t[r + k] != ignore_index;
+    }
+    for (; r < end; ++r) c[0] += t[r] != ignore_index;
+    return (c[0] + c[1]) + (c[2] + c[3]);
+  };
+  if (n <= kIndexScanGrain) return static_cast<double>(count_kept(0, n));  // one grain: no parallel region
   const int64_t kept = at::parallel_reduce(
       int64_t(0), n, kIndexScanGrain, int64_t(0),
-      [&](int64_t begin, int64_t end, int64_t count) {
-        for (int64_t r = begin; r < end; ++r) count += t[r] != ignore_index;
-        return count;
-      },
+      [&](int64_t begin, int64_t end, int64_t count) { return count + count_kept(begin, end); },
       std::plus<int64_t>());
   return static_cast<double>(kept);
 }

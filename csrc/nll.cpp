@@ -39,8 +39,8 @@ constexpr int64_t kNllStreamRowBytes = 4096;
 // Each row reads one element, a cache line and often a page of its own: the element this many rows on is asked for
 // before a row's own is used, so the misses overlap instead of being waited for one at a time.
 constexpr int64_t kNllPrefetchRows = 16;
-// Rows shorter than a page are near enough for the hardware prefetcher, which streams them in without the extra loads.
-constexpr int64_t kNllPrefetchRowBytes = 4096;
+// Rows shorter than this share lines or pages with their neighbours, which the hardware prefetcher streams in.
+constexpr int64_t kNllPrefetchRowBytes = 256;
 // Interleaved partial sums of the row losses (the block's sum combines them in a fixed order: same bits on every ISA
 // and thread count).
 constexpr int64_t kNllLanes = 8;
@@ -126,7 +126,26 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
         };
         double lanes[kNllLanes] = {};
         int64_t o = b0;
+        if (g == nullptr && loss == nullptr && !prefetch) {
+          // The loss alone (a forward without gradients): only the reads and the sums, the same values in the
+          // same lanes as below.
+          bool bad = false;
+          for (; o < b1; ++o) {
+            const int64_t y = target[o];
+            acc_t value = acc_t(0);
+            if (y != ignore_index) {
+              const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
+              bad |= !in_range;
+              const int64_t c = in_range ? y : 0;
+              value = in_range ? -(w != nullptr ? w[c] : acc_t(1)) * static_cast<acc_t>(x[o * stride_outer + c * stride_class])
+                               : acc_t(0);
+            }
+            lanes[(o - b0) % kNllLanes] += value;
+          }
+          if (bad) any_out_of_range.store(true, std::memory_order_relaxed);
+        }
         for (; o + kNllLanes <= b1; o += kNllLanes) {
+#pragma GCC unroll 8
           for (int64_t l = 0; l < kNllLanes; ++l) lanes[l] += lane_row(o + l);
         }
         for (int64_t l = 0; o < b1; ++o, ++l) lanes[l] += lane_row(o);
