@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import lossops
-from lossops import _eager
 from _cases import without_eager_routes
 
 REDUCTIONS = ["none", "sum", "batchmean", "mean"]
