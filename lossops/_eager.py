@@ -156,7 +156,7 @@ def _not_served(*arguments) -> None:
 def _loading_call(route: EagerRoute, in_place: bool) -> Callable:
     """A route's callable until the C++ module is loaded: loads it, binds every route and runs the call."""
     def call(*arguments):
-        if not bind():
+        if not bind() or _disabled:
             return None
         return (route.call_in_place if in_place else route.call)(*arguments)
     return call

@@ -103,6 +103,24 @@ def test_targets_compare_ratios_from_the_same_run():
     assert "| 2.50× | missed |" in text
 
 
+def test_grid_runs_only_the_implementations_named(tmp_path_factory):
+    out, result = run_bench(tmp_path_factory, "grid-impl", "--grid", "--quick", "--op", "mse_loss", "--dtype",
+                            "float32", "--shape", "32x10", "--impl", "eager", "--repeats", "1", "--warmup", "1",
+                            timeout=600)
+    (csv_path,) = out.glob("grid_*.csv")
+    with csv_path.open() as f:
+        cells = list(csv.DictReader(f))
+    assert cells and all(float(c["eager_ms"]) > 0 and float(c["lossops_ms"]) > 0 and not c["compile_ms"]
+                         for c in cells), cells
+    assert all(c["verdict"] != "n/a" for c in cells)
+
+
+def test_grid_refuses_an_unknown_implementation():
+    import argparse
+    from bench import grid
+    assert grid.main(argparse.Namespace(impl=["lossops-cpp"])) == 2
+
+
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory):
     return run_bench(tmp_path_factory, "grid", "--grid", "--quick", "--op", "cross_entropy", "--op", "mse_loss",

@@ -371,6 +371,16 @@ def test_the_route_reads_every_backend_choice(monkeypatch):
         assert lossops.cross_entropy(x.detach(), target).grad_fn is None
 
 
+def test_disabled_routes_take_the_python_path():
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    with _eager.disabled():
+        with _eager.disabled():
+            assert lossops.cross_entropy(x, target).grad_fn.name() != CE_NODE
+        assert lossops.cross_entropy(x, target).grad_fn.name() != CE_NODE
+    assert lossops.cross_entropy(x, target).grad_fn.name() == CE_NODE
+
+
 def test_bad_targets_raise_on_the_eager_path():
     x = torch.randn(4, 3, requires_grad=True)
     with pytest.raises(IndexError, match="out of bounds"):
