@@ -107,7 +107,35 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
   };
   const int64_t blocks = (outer + block - 1) / block;
   c10::SmallVector<double, 16> block_sums(blocks, 0.0);
+  // The loss alone of rows of one element (a forward without gradients): only the reads and the sums, the same
+  // values in the same lanes as the loop below, so the same bits. Few instructions a row keep many rows' reads in
+  // flight, which long rows (a miss each, often a page walk) need more than anything else.
+  auto loss_only_value = [=](int64_t o, bool& bad) {
+    const int64_t y = target[o];
+    if (y == ignore_index) return acc_t(0);
+    const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
+    bad |= !in_range;
+    const int64_t c = in_range ? y : 0;
+    return in_range ? -(w != nullptr ? w[c] : acc_t(1)) * static_cast<acc_t>(x[o * stride_outer + c * stride_class])
+                    : acc_t(0);
+  };
+  const bool loss_only = inner == 1 && g == nullptr && loss == nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    if (loss_only) {
+      bool bad = false;
+      if (block == 1) {  // a block's sum is its row's loss (the lanes' fixed sum of it and zeros)
+        for (int64_t k = first_block; k < end_block; ++k) block_sums[k] = loss_only_value(k, bad);
+      } else {
+        for (int64_t k = first_block; k < end_block; ++k) {
+          const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
+          double lanes[kNllLanes] = {};
+          for (int64_t o = b0; o < b1; ++o) lanes[(o - b0) % kNllLanes] += loss_only_value(o, bad);
+          block_sums[k] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        }
+      }
+      if (bad) any_out_of_range.store(true, std::memory_order_relaxed);
+      return;
+    }
     for (int64_t k = first_block; k < end_block; ++k) {
       const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
       double sum = 0.0;
@@ -126,24 +154,6 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
         };
         double lanes[kNllLanes] = {};
         int64_t o = b0;
-        if (g == nullptr && loss == nullptr && !prefetch) {
-          // The loss alone (a forward without gradients): only the reads and the sums, the same values in the
-          // same lanes as below.
-          bool bad = false;
-          for (; o < b1; ++o) {
-            const int64_t y = target[o];
-            acc_t value = acc_t(0);
-            if (y != ignore_index) {
-              const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
-              bad |= !in_range;
-              const int64_t c = in_range ? y : 0;
-              value = in_range ? -(w != nullptr ? w[c] : acc_t(1)) * static_cast<acc_t>(x[o * stride_outer + c * stride_class])
-                               : acc_t(0);
-            }
-            lanes[(o - b0) % kNllLanes] += value;
-          }
-          if (bad) any_out_of_range.store(true, std::memory_order_relaxed);
-        }
         for (; o + kNllLanes <= b1; o += kNllLanes) {
 #pragma GCC unroll 8
           for (int64_t l = 0; l < kNllLanes; ++l) lanes[l] += lane_row(o + l);

@@ -251,3 +251,26 @@ def test_module_matches_torch_module(backend):
     module = lossops.nn.NLLLoss(weight)
     assert "weight" in dict(module.named_buffers())
     assert repr(lossops.nn.NLLLoss(ignore_index=3)) == "NLLLoss(ignore_index=3)"
+
+
+@pytest.mark.parametrize("shape", [(5, 40000), (3, 33000), (37, 1000), (300, 10), (2, 7, 3)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_loss_without_gradients_has_the_bits_of_the_loss_with_them(shape, dtype):
+    """A forward without gradients takes its own loop (lossops' nll kernel): the same sum order, so the same bits,
+    on the C++ eager path and the custom op; a target out of range raises there too."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).log_softmax(1).to(dtype)
+    target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
+    target.view(-1)[::3] = -100
+    for weight in (None, torch.rand(shape[1], generator=gen, dtype=torch.float64).to(dtype) + 0.5):
+        for reduction in ("mean", "sum"):
+            with torch.no_grad():
+                without = lossops.nll_loss(x, target, weight, reduction=reduction)
+            with_grad = lossops.nll_loss(x.clone().requires_grad_(), target, weight, reduction=reduction)
+            assert torch.equal(without, with_grad.detach()), (weight is None, reduction)
+            torch.testing.assert_close(without, F.nll_loss(x.double(), target, None if weight is None else
+                                                           weight.double(), reduction=reduction).to(dtype))
+    bad = target.clone()
+    bad.view(-1)[1] = shape[1]
+    with torch.no_grad(), pytest.raises(IndexError, match=f"Target {shape[1]} is out of bounds"):
+        lossops.nll_loss(x, bad)
