@@ -63,7 +63,7 @@ at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at:
 // a visible share of a tiny loss's backward).
 inline double upstream_value(const at::Tensor& grad_output) {
   if (grad_output.is_cpu() && grad_output.layout() == at::kStrided && grad_output.numel() == 1 &&
-      !grad_output.is_neg() && !grad_output._is_zerotensor() &&
+      grad_output.has_storage() && !grad_output.is_neg() && !grad_output._is_zerotensor() &&
       !grad_output.key_set().has(c10::DispatchKey::Python)) {
     switch (grad_output.scalar_type()) {
       case at::kFloat: return *grad_output.const_data_ptr<float>();

@@ -196,13 +196,16 @@ def forced_isa(isa: str):
     """The C++ backend served by one ISA build, chosen the way a user forces it (LOSSOPS_CPU_CAPABILITY).
     In this process: the builds are separate kernel libraries with hidden symbols, so they load side by side."""
     import lossops
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOSSOPS_CPU_CAPABILITY", isa)
-        lossops._cpp.module.cache_clear()
-        try:
-            yield
-        finally:
+    # The library is loaded at once, on entry and after: the C++ eager routes call whichever was loaded last.
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LOSSOPS_CPU_CAPABILITY", isa)
             lossops._cpp.module.cache_clear()
+            assert lossops._cpp.capability().lower() == isa.lower(), (lossops._cpp.capability(), isa)
+            yield
+    finally:
+        lossops._cpp.module.cache_clear()
+        lossops._cpp.module()
 
 
 def without_eager_routes(m: pytest.MonkeyPatch) -> None:
