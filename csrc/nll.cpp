@@ -43,7 +43,7 @@ constexpr int64_t kNllPrefetchRows = 16;
 constexpr int64_t kNllPrefetchRowBytes = 256;
 // Interleaved partial sums of the row losses (the block's sum combines them in a fixed order: same bits on every ISA
 // and thread count).
-constexpr int64_t kNllLanes = 8;
+constexpr int64_t kNllLanes = 8;  // sum_of_lanes' count
 
 // The class-dim-1 gradient of one outer index, (C, inner), written in one pass of whole lines: class c's row is
 // value_c where the target is c, 0 elsewhere (no zeros first and values over them, which reads each line twice when
@@ -130,7 +130,7 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
           const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
           double lanes[kNllLanes] = {};
           for (int64_t o = b0; o < b1; ++o) lanes[(o - b0) % kNllLanes] += loss_only_value(o, bad);
-          block_sums[k] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+          block_sums[k] = sum_of_lanes(lanes);
         }
       }
       if (bad) any_out_of_range.store(true, std::memory_order_relaxed);
@@ -159,7 +159,7 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
           for (int64_t l = 0; l < kNllLanes; ++l) lanes[l] += lane_row(o + l);
         }
         for (int64_t l = 0; o < b1; ++o, ++l) lanes[l] += lane_row(o);
-        block_sums[k] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        block_sums[k] = sum_of_lanes(lanes);
         continue;
       }
       for (int64_t o = b0; o < b1; ++o) {

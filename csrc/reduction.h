@@ -50,6 +50,12 @@ inline double deterministic_sum(int64_t n, const ChunkSum& chunk_sum) {
   return total;
 }
 
+// Eight interleaved partial sums combined in one fixed order (pairs, then pairs of pairs): the same bits wherever
+// the same partial sums are combined.
+inline double sum_of_lanes(const double (&s)[8]) {
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 // Sum of n values in double, in eight interleaved accumulators combined in a fixed order: one accumulator is a
 // chain of dependent adds, bound by the add's latency.
 template <typename T>
@@ -60,7 +66,7 @@ inline double sum_in_double(const T* x, int64_t n) {
     for (int k = 0; k < 8; ++k) s[k] += static_cast<double>(x[i + k]);
   }
   for (; i < n; ++i) s[i % 8] += static_cast<double>(x[i]);
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  return sum_of_lanes(s);
 }
 
 // Sum and dot product of n contiguous values with at::vec's reductions (one accumulator): the sums of the
