@@ -166,7 +166,8 @@ at::Tensor contiguous_view(const at::Tensor& t, at::IntArrayRef sizes) {
 enum class Layout { kClassRows, kSameShape, kSameShapeAux, kRowPairs, kRowTriples, kSequences, kTokenRows,
                     kLabelLists };
 enum class DenominatorRule { kElements, kBatch, kKeptRows, kKeptWeight, kTargetLengths };
-enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kPerItem, kScalar, kFilledWeight, kConstant };
+enum class Source { kTensor, kOperandLayout, kGradient, kGradScale, kRowState, kPerItem, kScalar, kFilledWeight,
+                    kConstant };
 enum class ScalarKind { kInt, kReal, kFlag };
 
 // The call tensors each layout takes, in order, and the kernel operands it makes of them ("roles"; the layout may
@@ -587,7 +588,8 @@ int64_t declare_eager_route(const std::string& kernel, const std::string& layout
     const Source source = named<Source>("parameter source", t[1].cast<std::string>(),
                                         {{"tensor", Source::kTensor}, {"operand_layout", Source::kOperandLayout},
                                          {"gradient", Source::kGradient},
-                                         {"grad_scale", Source::kGradScale}, {"per_item", Source::kPerItem},
+                                         {"grad_scale", Source::kGradScale}, {"row_state", Source::kRowState},
+                                         {"per_item", Source::kPerItem},
                                          {"scalar", Source::kScalar}, {"filled_weight", Source::kFilledWeight},
                                          {"constant", Source::kConstant}});
     const size_t index = t[2].cast<size_t>();
@@ -689,6 +691,11 @@ bool kernel_values(const EagerRoute& route, const EagerCall& call, std::vector<c
         grad_scale_at = values.size();
         values.emplace_back();
         break;
+      case Source::kRowState:
+        // In place: an empty state for forward to fill and backward (which keeps these values) to resume from.
+        values.emplace_back(in_place ? c10::IValue(at::empty({0}, first.options().dtype(at::toOpMathType(first.scalar_type()))))
+                                     : c10::IValue());
+        break;
       case Source::kPerItem: values.emplace_back(call.reduction == Reduction::kNone); break;
       case Source::kScalar: values.push_back(call.scalars[s.index]); break;
       case Source::kFilledWeight:
@@ -736,11 +743,11 @@ py::object with_gradients(at::Tensor loss, const EagerRoute& route, EagerCall& c
   return py::cast(loss);
 }
 
-// inplace_backward=True: forward only read the logits (the kernel without a gradient buffer); this node runs the
-// kernel once more in backward with the logits' own storage as the gradient buffer, grad_output folded into its
-// scale. The kernel reads each row before it writes it, and rows that fit the exponential cache are read from
-// memory once, so backward costs one read and one write of the logits. Recomputing with the same kernel keeps the
-// out-of-place gradient's bits. Until backward the logits are untouched; a change to them before it fails the
+// inplace_backward=True: forward only read the logits (the kernel without a gradient buffer, filling the row state
+// of a route whose kernel takes one); this node runs the kernel once more in backward with the logits' own storage
+// as the gradient buffer, grad_output folded into its scale, and the same values, so a saved row state spares it
+// the statistics pass. The kernel reads each row before it writes it, so backward costs one read and one write of
+// the logits, and keeps the out-of-place gradient's bits. Until backward the logits are untouched; a change to them before it fails the
 // version check (a retained graph's second backward too), and a node that saved them fails its own afterwards.
 struct InPlaceLossBackward : torch::autograd::Node {
   const EagerRoute* route = nullptr;

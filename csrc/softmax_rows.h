@@ -49,6 +49,42 @@ inline acc_t block_max(const acc_t* x, int64_t n) {
   return result;
 }
 
+// exp(x[i] - ref) for a block of n logits into exp_out, and their sum. The one definition of a cached exponential:
+// the statistics pass stores them, and a gradient resumed from saved statistics (block_exponentials_or_zero) makes
+// the same bits again from the same ref.
+template <typename acc_t>
+inline acc_t block_exponentials(const acc_t* x, int64_t n, acc_t ref, acc_t* exp_out) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> m(ref);
+  Vec<acc_t> acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    Vec<acc_t> e[4];
+    for (int k = 0; k < 4; ++k) e[k] = Vec<acc_t>::loadu(x + i + k * W) - m;
+    fast_exp_batch<4>(e);
+    for (int k = 0; k < 4; ++k) {
+      e[k].store(exp_out + i + k * W);
+      acc = acc + e[k];
+    }
+  }
+  for (; i + W <= n; i += W) {
+    const Vec<acc_t> e = fast_exp(Vec<acc_t>::loadu(x + i) - m);
+    e.store(exp_out + i);
+    acc = acc + e;
+  }
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, acc);
+  for (; i < n; ++i) total += (exp_out[i] = std::exp(x[i] - ref));
+  return total;
+}
+
+// A block's cached exponentials against the ref BlockStats::add returned for it: zeros while the row's max was
+// still -inf, as add() stores them.
+template <typename acc_t>
+inline void block_exponentials_or_zero(const acc_t* x, int64_t n, acc_t ref, acc_t* exp_out) {
+  if (ref == -std::numeric_limits<acc_t>::infinity()) std::fill(exp_out, exp_out + n, acc_t(0));
+  else block_exponentials(x, n, ref, exp_out);
+}
+
 template <typename acc_t>
 struct BlockStats {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
@@ -73,26 +109,7 @@ struct BlockStats {
     constexpr int64_t W = Vec<acc_t>::size();
     // Four vectors' exponentials at a time (fast_exp_batch), each path summing in the order it always has.
     if (exp_out) {
-      // One loop: exponentials stored and summed while in registers.
-      Vec<acc_t> acc(acc_t(0));
-      int64_t i = 0;
-      for (; i + 4 * W <= n; i += 4 * W) {
-        Vec<acc_t> e[4];
-        for (int k = 0; k < 4; ++k) e[k] = Vec<acc_t>::loadu(x + i + k * W) - m;
-        fast_exp_batch<4>(e);
-        for (int k = 0; k < 4; ++k) {
-          e[k].store(exp_out + i + k * W);
-          acc = acc + e[k];
-        }
-      }
-      for (; i + W <= n; i += W) {
-        const Vec<acc_t> e = fast_exp(Vec<acc_t>::loadu(x + i) - m);
-        e.store(exp_out + i);
-        acc = acc + e;
-      }
-      acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, acc);
-      for (; i < n; ++i) total += (exp_out[i] = std::exp(x[i] - max));
-      sum_exp += total;
+      sum_exp += block_exponentials(x, n, max, exp_out);
     } else if (n < W) {
       sum_exp += at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; },
                                                 fast_exp(Vec<acc_t>::loadu(x, n) - m), n);

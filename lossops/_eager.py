@@ -93,7 +93,8 @@ class EagerRoute:
       gradients: kernel parameter -> the call tensor whose gradient it writes (a call tensor that requires grad
         without one takes the custom op);
       constants: every other kernel parameter's value on this route.
-    The kernel's "grad_scale" and "per_element" parameters are the path's own. declare() checks that every kernel
+    The kernel's "grad_scale", "per_element" and "row_state" parameters are the path's own (row_state: the state an
+    in-place call's forward saves for its backward, None otherwise). declare() checks that every kernel
     parameter has exactly one source, so a route cannot drift from its kernel's parameter list."""
     layout: str
     denominator: str
@@ -129,6 +130,7 @@ def declare(route: EagerRoute, kernel: str, parameters: tuple[str, ...]) -> Eage
             ("operand_layout", operands.index(layouts[name]), None) if name in layouts else None,
             ("gradient", operands.index(route.gradients[name]), None) if name in route.gradients else None,
             ("grad_scale", 0, None) if name == "grad_scale" else None,
+            ("row_state", 0, None) if name == "row_state" else None,
             ("per_item", 0, None) if name == "per_element" else None,
             ("constant", 0, route.constants[name]) if name in route.constants else None) if source]
         if len(found) != 1:

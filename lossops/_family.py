@@ -156,8 +156,9 @@ class Family:
     recompute: Optional[Callable] = None
     gradient_in_backward: Callable = lambda backend, options: False
     # The input whose gradient the loss may write over that input's own storage (inplace_backward=True; see
-    # InPlaceGradient): run is called without its gradient, and recompute(..., state, out=<its kernel view>)
-    # writes the gradient there in backward, whether or not the backend forms gradients in backward otherwise.
+    # InPlaceGradient): run(..., in_place=True) is called without its gradient and may return a state, and
+    # recompute(..., state, out=<its kernel view>) writes the gradient there in backward, whether or not the backend
+    # forms gradients in backward otherwise.
     overwritable: Optional[str] = None
     state_like: Optional[Callable] = None
     statistics: Optional[Statistics] = None  # per-row outputs after the loss, differentiable in their own right
@@ -242,7 +243,7 @@ class InPlaceGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, family, backend, tensors, options):
         name = family.overwritable
-        loss, _, *rest = family.run(family, backend, tensors, options, {name: False})
+        loss, _, *rest = family.run(family, backend, tensors, options, {name: False}, in_place=True)
         ctx.names = tuple(tensors)
         ctx.save_for_backward(input, *tensors.values(), rest[0] if rest else None)
         ctx.family, ctx.backend, ctx.options = family, backend, options

@@ -212,3 +212,106 @@ def test_in_place_equals_out_of_place(isa, dtype, shape, options):
         logits = leaf * 1  # a non-leaf the in-place gradient may overwrite
         (in_place,) = torch.autograd.grad(lossops.cross_entropy(logits, target, inplace_backward=True, **kwargs), leaf)
     assert torch.equal(in_place, grad)
+
+
+# (rows, C) or (N, C, d): one exponential block, several (the last block holding the row's max, so each block's
+# exponentials have their own ref), a row past the exponential cache, and classes strided over a trailing dimension.
+RESUMED_SHAPES = [(9, 700), (5, 5000), (2, 140000), (3, 2500, 4)]
+RESUMED_OPTIONS = {
+    "plain": {},
+    "smoothing-weight-ignored": {"label_smoothing": 0.2, "weight": True, "ignore": True},
+    "softcap-z-loss": {"softcap": 6.0, "lse_square_scale": 1e-3},
+    "probabilities": {"probabilities": True, "label_smoothing": 0.1},
+}
+
+
+def _resumed_case(shape, dtype, options):
+    gen = torch.Generator().manual_seed(5)
+    C = shape[1]
+    x0 = torch.randn(*shape, generator=gen) * 4
+    x0.select(1, C - 1).add_(25.0)  # the last block holds each row's max: the earlier blocks' refs are below it
+    x0 = x0.to(dtype)
+    item_shape = shape[:1] + shape[2:]
+    if options.get("probabilities"):
+        target = torch.rand(*shape, generator=gen).softmax(1).to(dtype)
+    else:
+        target = torch.randint(0, C, item_shape, generator=gen)
+        if options.get("ignore"):
+            target.view(-1)[::3] = -100
+    weight = (torch.rand(C, generator=gen) + 0.5).to(dtype) if options.get("weight") else None
+    return x0, target, weight
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", RESUMED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("options", RESUMED_OPTIONS.values(), ids=RESUMED_OPTIONS.keys())
+def test_in_place_gradient_resumed_from_row_state_equals_out_of_place(isa, dtype, shape, options):
+    """With inplace_backward=True the forward saves each row's statistics and backward writes the gradient from them
+    in one read of the row: loss and gradient have the out-of-place bits (grad_output 1, which out of place is a
+    second multiply) for every option, several exponential blocks, rows past the exponential cache and strided
+    classes, on the C++ eager route and the custom op."""
+    x0, target, weight = _resumed_case(shape, dtype, options)
+    kwargs = {k: options[k] for k in ("label_smoothing", "softcap", "lse_square_scale") if k in options}
+
+    def loss_fn(x, **kw):
+        return lossops.cross_entropy(x, target, weight, **kwargs, **kw)
+    with forced_isa(isa):
+        out_of_place = x0.clone().requires_grad_()
+        loss = loss_fn(out_of_place)
+        (grad,) = torch.autograd.grad(loss, out_of_place)
+        leaf = x0.clone().requires_grad_()
+        logits = leaf * 1
+        in_place_loss = loss_fn(logits, inplace_backward=True)
+        assert torch.equal(logits.detach(), x0)
+        (in_place,) = torch.autograd.grad(in_place_loss, leaf)
+    assert torch.equal(in_place_loss, loss)
+    assert torch.equal(in_place, grad)
+    assert torch.equal(logits.detach(), grad)
+
+
+def _kernel_call(x3, target, grad=None, row_state=None, focal_gamma=None):
+    return lossops._backend.kernel("cpp", "cross_entropy", "cross_entropy")(
+        input=x3, target=target, weight=None, grad=grad, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
+        softcap=None, focal_gamma=focal_gamma, grad_scale=torch.tensor(1.0), row_state=row_state)
+
+
+@pytest.mark.parametrize("C, blocks", [(700, 1), (5000, 3), (140000, 0)])
+@pytest.mark.parametrize("focal_gamma", [None, 2.0], ids=["cross_entropy", "focal"])
+def test_row_state_is_saved_and_resumed_from(C, blocks, focal_gamma):
+    """The kernel's row state: a forward without a gradient fills rows x (4 + exponential blocks) values (max and
+    log-sum first); a call with the gradient buffer and that state writes the one-pass gradient's bits from it,
+    computes no loss, and follows the state (a larger log-sum divides every probability)."""
+    torch.manual_seed(0)
+    x3 = torch.randn(3, C, 1) * 3
+    x3[:, -1] += 20.0
+    target = torch.randint(0, C, (3,))
+    state = torch.empty(0)
+    _kernel_call(x3, target, row_state=state, focal_gamma=focal_gamma)
+    width = 4 + blocks
+    assert state.shape == (3 * width,)
+    assert_close(state[0::width] + state[1::width], torch.logsumexp(x3[..., 0], 1))
+    expected, resumed = torch.empty_like(x3), torch.empty_like(x3)
+    _kernel_call(x3, target, grad=expected, focal_gamma=focal_gamma)
+    result = _kernel_call(x3, target, grad=resumed, row_state=state, focal_gamma=focal_gamma)
+    assert torch.equal(resumed, expected)
+    assert result[0].numel() == 0 and result[1].numel() == 0 and result[2].isnan()
+    if focal_gamma is None:
+        state[1::width] += 1.0
+        _kernel_call(x3, target, grad=resumed, row_state=state)
+        softmax = torch.softmax(x3[..., 0], 1)
+        assert_close(resumed[..., 0] + F.one_hot(target, C), softmax / torch.e)
+
+
+def test_lane_rows_save_no_state_and_backward_runs_the_whole_kernel():
+    """Rows the lane kernel serves (few classes) save nothing; an empty state with the gradient buffer is the plain
+    call, so in-place backward over them still gets the whole kernel's gradient."""
+    x3 = torch.randn(8, 10, 1)
+    target = torch.randint(0, 10, (8,))
+    state = torch.empty(0)
+    _kernel_call(x3, target, row_state=state)
+    assert state.numel() == 0
+    expected, got = torch.empty_like(x3), torch.empty_like(x3)
+    _kernel_call(x3, target, grad=expected)
+    loss, _, total = _kernel_call(x3, target, grad=got, row_state=state)
+    assert torch.equal(got, expected) and loss.shape == (8,) and total.isfinite()

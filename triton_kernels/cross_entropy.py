@@ -407,9 +407,11 @@ class _RowLaunch:
 
 
 def cross_entropy(*, input, target, weight, grad, ignore_index, label_smoothing, lse_square_scale, softcap,
-                  focal_gamma, grad_scale):
+                  focal_gamma, grad_scale, row_state=None):
     """Same contract as the C++ kernel cross_entropy: returns (row_loss, row_lse, loss_sum). softcap and
-    focal_gamma: None when off (focal_gamma set: softmax focal loss, weight = per-class alpha)."""
+    focal_gamma: None when off (focal_gamma set: softmax focal loss, weight = per-class alpha). row_state: left
+    empty, which the contract allows (the caller then runs the whole kernel again): this route saves its row state
+    through cross_entropy_forward instead."""
     logits3 = input
     outer, C, inner = logits3.shape
     rows = outer * inner

@@ -25,7 +25,7 @@ from ..distributed import vocab_parallel_cross_entropy
 # One kernel for every loss over softmax rows; focal_gamma (None: off) makes it softmax focal loss.
 KERNEL = _family.Kernel("cross_entropy", "cross_entropy",
                         ("input", "target", "weight", "grad", "ignore_index", "label_smoothing", "lse_square_scale",
-                         "softcap", "focal_gamma", "grad_scale"))
+                         "softcap", "focal_gamma", "grad_scale", "row_state"))
 ROW_INPUTS = (_family.Input("input", differentiable=True), _family.Input("target"),
               _family.Input("weight", optional=True))
 # torch's options on class-index targets, for plain CPU calls (lossops._eager): the mean over the kept targets'
@@ -282,11 +282,14 @@ def mean_weights(target: Tensor, weight: Optional[Tensor], ignore_index: int, nu
 def softmax_rows(backend: str, logits3: Tensor, target: Tensor, weight: Optional[Tensor], grad: Optional[Tensor], *,
                  ignore_index: int, reduction: str, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                  softcap: Optional[float] = None, focal_gamma: Optional[float] = None,
-                 weight_normalizes_mean: bool = True, grad_output: Optional[Tensor] = None) -> Tensor:
+                 weight_normalizes_mean: bool = True, grad_output: Optional[Tensor] = None,
+                 row_state: Optional[Tensor] = None) -> Optional[Tensor]:
     """The reduced loss over softmax rows of a (outer, C, inner) view, the gradient written into `grad` when given.
 
     weight_normalizes_mean: the mean divides by the kept targets' weights (False: by their count).
     grad_output: a scalar upstream gradient folded into the gradient's scale (one pass, no second multiply).
+    row_state: without `grad`, an empty tensor the kernel may fill with what a later call with `grad` resumes from;
+    with `grad` and a filled state, only the gradient is written and None is returned (csrc/cross_entropy.cpp).
     """
     acc = _checks.opmath_dtype(logits3.dtype)
     if focal_gamma is None and not target.is_floating_point():
@@ -301,34 +304,42 @@ def softmax_rows(backend: str, logits3: Tensor, target: Tensor, weight: Optional
     row_loss, _lse, total = KERNEL(backend, input=logits3, target=target, weight=weight, grad=grad,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing,
                                    lse_square_scale=lse_square_scale, softcap=softcap, focal_gamma=focal_gamma,
-                                   grad_scale=scale)
+                                   grad_scale=scale, row_state=row_state)
+    if grad is not None and row_state is not None and row_state.numel():
+        return None
     return _reduce.reduce(reduction, row_loss, total, denominator)
 
 
-def _rows_run(family, backend, t, o, grads):
+def _rows_run(family, backend, t, o, grads, in_place=False):
+    """in_place (InPlaceGradient): no gradient now; the state backward's _rows_gradient resumes from."""
     weight, arguments = family.kernel_options(t, o)
     if family.gradient_in_backward(backend, o):
         loss, state = _backend.kernel(backend, "cross_entropy", "cross_entropy_forward")(
             input=t["input"], target=t["target"], **_gradient_in_backward_arguments(t["input"], t["target"], weight,
                                                                                      arguments))
         return loss, {"input": None}, state
+    if in_place:
+        row_state = t["input"].new_empty(0, dtype=_checks.opmath_dtype(t["input"].dtype))
+        return softmax_rows(backend, t["input"], t["target"], weight, None, **arguments, row_state=row_state), \
+            {"input": None}, row_state
     grad = _backend.empty_gradient(t["input"]) if grads["input"] else None
     return softmax_rows(backend, t["input"], t["target"], weight, grad, **arguments), {"input": grad}
 
 
 def _rows_gradient(family, backend, t, o, grad_loss, needs, state, out=None):
     """The gradient of the loss _rows_run returned, into `out` when given (inplace_backward: the logits themselves):
-    from the row state on a backend that forms it in backward, else (no state: a backend that writes it in forward)
-    from the row kernel run again, which reads each row before writing it, with grad_output in its scale."""
+    from the state on a backend that forms it in backward, else (a backend that writes it in forward) from the row
+    kernel run again, which reads each row before writing it, with grad_output in its scale: resumed from the row
+    state an in-place forward saved (None or empty: the whole kernel)."""
     if not needs["input"]:
         return {}
     weight, arguments = family.kernel_options(t, o)
-    if state is None:
+    if not family.gradient_in_backward(backend, o):
         logits3 = t["input"]
         grad = _backend.empty_gradient(logits3) if out is None else out
         per_row = arguments["reduction"] == "none"
         softmax_rows(backend, logits3, t["target"], weight, grad, **arguments,
-                     grad_output=None if per_row else grad_loss)
+                     grad_output=None if per_row else grad_loss, row_state=state)
         if per_row:  # one upstream value per row: applied after the kernel, in the same buffer
             grad.mul_(grad_loss.reshape(_rows_item_shape(t, o)))
         return {"input": grad}

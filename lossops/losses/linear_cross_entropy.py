@@ -274,7 +274,7 @@ class _Chunks:
         loss, _lse, total = ROW_KERNEL(self.backend, input=logits3, target=self.target[start:stop], weight=class_weight,
                                        grad=logits3 if write_gradient else None, ignore_index=o.ignore_index,
                                        label_smoothing=o.label_smoothing, lse_square_scale=o.lse_square_scale,
-                                       softcap=o.softcap, focal_gamma=None, grad_scale=grad_scale)
+                                       softcap=o.softcap, focal_gamma=None, grad_scale=grad_scale, row_state=None)
         return loss, total
 
     def statistics_kernel(self, start: int, stop: int, logits: Tensor, out: tuple[Tensor, Tensor]) -> None:
