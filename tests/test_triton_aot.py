@@ -15,12 +15,14 @@ import os
 import pathlib
 import pkgutil
 import re
+import warnings
 
 import pytest
 from filelock import FileLock
 
 import lossops.triton_kernels
 from lossops._family import FAMILIES
+from lossops.triton_kernels import aot
 from lossops.triton_kernels.common import launch_config
 from lossops.triton_kernels.cross_entropy import AOT_CLASSES
 from _cases import run_python
@@ -169,22 +171,74 @@ def _table(records):
             continue
         dtype = r["variant"].split()[1]
         groups[(r["kernel"], dtype, r["num_warps"], r["cc"])].append(r)
-    lines = ["| kernel | dtype | num_warps | sm | variants | registers (max) | spill bytes (max) | shared bytes (max) "
-             "| blocks / SM (min) | warps / SM (min) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| kernel | dtype | num_warps | sm | variants | registers (max) | spill bytes (max) "
+             "| stack save bytes (max) | shared bytes (max) | blocks / SM (min) | warps / SM (min) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (kernel, dtype, warps, cc), rs in sorted(groups.items()):
         lines.append(f"| {kernel} | {dtype} | {warps} | {cc} | {len(rs)} | {max(r['registers'] for r in rs)} | "
-                     f"{max(r['spill'] for r in rs)} | {max(r['shared'] for r in rs)} | "
-                     f"{min(r['blocks_per_sm'] for r in rs)} | {min(r['warps_per_sm'] for r in rs)} |")
+                     f"{max(r['spill'] for r in rs)} | {max(r['stack_save'] for r in rs)} | "
+                     f"{max(r['shared'] for r in rs)} | {min(r['blocks_per_sm'] for r in rs)} | "
+                     f"{min(r['warps_per_sm'] for r in rs)} |")
     return "\n".join(lines)
 
 
 def test_no_register_spills(compiled):
-    """Local memory in a memory-bound kernel costs more bandwidth than it saves; ptxas must fit every variant."""
+    """Local memory read or written inside a loop costs bandwidth every iteration, more than it saves in a
+    memory-bound kernel: ptxas must fit every variant without. A stack save (a value parked on the stack before a
+    loop and read back after it, once per thread) is allowed, and listed in a warning (triton_kernels/aot.py)."""
     _, records = compiled
     if os.environ.get("LOSSOPS_WRITE_KERNEL_TABLE") == "1":
         text = DOCS.read_text()
         begin, end = text.index(TABLE_BEGIN) + len(TABLE_BEGIN), text.index(TABLE_END)
         DOCS.write_text(text[:begin] + "\n" + _table(records) + "\n" + text[end:])
-    spilled = [f"{_name(r)}: {r['registers']} registers, {r['spill']} bytes of local memory"
+    saves = [f"{_name(r)}: {r['registers']} registers, {r['stack_save']} bytes" for r in records if r.get("stack_save")]
+    if saves:
+        warnings.warn(f"{len(saves)} variants save a value on the stack outside their loops:\n" + "\n".join(saves))
+    spilled = [f"{_name(r)}: {r['registers']} registers, {r['spill']} bytes of local memory used inside a loop"
                for r in records if r.get("spill")]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
+
+
+def _sass(*instructions):
+    """cuobjdump -sass output of a one-kernel cubin with these instructions, at addresses 0x0, 0x10, ..."""
+    lines = ["", "\tcode for sm_90", "\t\tFunction : kernel",
+             '\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS EF_CUDA_SM90"']
+    for i, instruction in enumerate(instructions):
+        lines.append(f"        /*{16 * i:04x}*/                   {instruction} ;{' ' * 20}/* 0x000000000000000 */")
+        lines.append(f"{' ' * 70}/* 0x000fe20000000000 */")
+    return "\n".join(lines + ["\t\t..........", ""])
+
+
+# A store before the loop (0x20-0x40) and the load after it: a value held across the loop, on the stack.
+_SAVED = _sass("LDC R1, c[0x0][0x28]", "STL.64 [R1], R10", "FADD R2, R2, R3", "ISETP.GE.AND P0, PT, R2, RZ, PT",
+               "@!P0 BRA 0x20", "LDL.LU.64 R10, [R1]", "STG.E desc[UR4][R10.64], R2", "EXIT", "BRA 0x80")
+# The same value read back at the head of the loop: every iteration.
+_RELOADED = _sass("LDC R1, c[0x0][0x28]", "STL.64 [R1], R10", "LDL.64 R6, [R1]", "FADD R2, R2, R6",
+                  "@!P0 BRA 0x20", "STG.E desc[UR4][R10.64], R2", "EXIT", "BRA 0x70")
+# A loop left through the CALL.REL.NOINC ptxas also writes loop exits as (0x20-0x50, exit to 0x60), around a
+# subroutine call (0x30 -> 0xa0, back through RET) whose body saves a register: inside the loop, out of its range.
+_CALLED = _sass("LDC R1, c[0x0][0x28]", "STL [R1+0x8], R4", "FADD R2, R2, R3", "CALL.REL.NOINC 0xa0",
+                "@P2 CALL.REL.NOINC 0x60", "BRA 0x20", "LDL R4, [R1+0x8]", "STG.E desc[UR4][R10.64], R4", "EXIT",
+                "BRA 0x90", "STL [R1], R16", "LDL R16, [R1]", "RET.REL.NODEC R2 0x0")
+
+
+@pytest.mark.parametrize("sass, stack, local, expected", [
+    (_SAVED, 8, 0, dict(spill=0, stack_save=8)),
+    (_RELOADED, 8, 0, dict(spill=8, stack_save=0)),
+    (_CALLED, 12, 0, dict(spill=4, stack_save=8)),
+    (_SAVED, 8, 16, dict(spill=16, stack_save=8)),  # LOCAL (not stack) counts whole, wherever it is used
+], ids=["saved-outside-loop", "reloaded-inside-loop", "subroutine-in-loop", "local"])
+def test_local_memory_inside_and_outside_loops(sass, stack, local, expected):
+    assert aot.local_memory(sass, stack, local) == expected
+
+
+@pytest.mark.parametrize("sass, stack, match", [
+    ("Function : kernel\n  LDC R1, c[0x0][0x28] ;\n  EXIT ;", 8, "no SASS instructions"),
+    (_sass("LDC R1, c[0x0][0x28]", "FADD R2, R2, R3", "EXIT"), 8, "no STL/LDL"),
+    (_sass("STL [R1], R4", "BRX R2 -0x10", "LDL R4, [R1]", "EXIT"), 4, "indirect"),
+    (_sass("STL [R1], R4", "@P0 BRA 0x18", "LDL R4, [R1]", "EXIT"), 4, "no instruction"),
+    (_SAVED + _SAVED, 8, "one function"),
+], ids=["no-addresses", "no-local-instructions", "indirect-branch", "bad-target", "two-functions"])
+def test_local_memory_rejects_sass_it_does_not_recognise(sass, stack, match):
+    with pytest.raises(ValueError, match=match):
+        aot.local_memory(sass, stack, 0)

@@ -12,6 +12,7 @@ Needs a process in which TRITON_INTERPRET was never set (the kernels must be JIT
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -181,21 +182,184 @@ _REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
 
 
 def resources(compiled, cc: int) -> dict:
-    """Registers per thread, local memory (spills) and stack bytes from `cuobjdump -res-usage` on the cubin,
-    shared memory, and the blocks and warps that fit on one SM."""
-    from triton import knobs
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        report = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], check=True,
-                                capture_output=True, text=True).stdout
-    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
+    """Registers per thread, spill and stack-save bytes (`local_memory`), shared memory, and the blocks and warps
+    that fit on one SM, from `cuobjdump -res-usage` on the cubin (and its SASS where it uses local memory)."""
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump(compiled, "-res-usage")))
     registers, stack, local = int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])
+    # Disassembling takes about half a second a variant (most of a compile again); only one with local memory needs it.
+    memory = dict(spill=0, stack_save=0)
+    if stack or local:
+        memory = local_memory(_cuobjdump(compiled, "-sass"), stack, local)
     shared = int(usage["SHARED"]) + compiled.metadata.shared
     warps = compiled.metadata.num_warps
     sm = _SM[cc]
     per_warp = -(-registers * 32 // _REGISTER_GRANULE) * _REGISTER_GRANULE
     blocks = min(sm["blocks"], sm["warps"] // warps, sm["registers"] // per_warp // warps,
                  sm["shared"] // (shared + _RESERVED_SHARED))
-    return dict(registers=registers, spill=max(stack, local), shared=shared, num_warps=warps, blocks_per_sm=blocks,
+    return dict(registers=registers, **memory, shared=shared, num_warps=warps, blocks_per_sm=blocks,
                 warps_per_sm=blocks * warps)
+
+
+def _cuobjdump(compiled, option: str) -> str:
+    from triton import knobs
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, option, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+# --- local memory inside and outside loops ---------------------------------------------------------------------
+#
+# ptxas sometimes parks a value that is live across a loop but unused inside it on the stack: one store before the
+# loop, one load after it, once per thread. That costs nothing measurable; a load or store of local memory inside a
+# loop runs every iteration and costs bandwidth in a memory-bound kernel. cuobjdump's STACK and LOCAL counts cannot
+# tell the two apart, the SASS can: an instruction is inside a loop when it lies on a cycle of the control flow
+# (which covers the range [target, branch] of a backward branch and any out-of-line part of the loop body), or in
+# a subroutine called from inside one.
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_SASS_LABEL = re.compile(r"^\s*([.$\w]+):\s*$")
+_SASS_TARGET = re.compile(r"(?:^|[\s,])(0x[0-9a-f]+|`\(([^)]+)\))\s*$")
+_STACK_ADDRESS = re.compile(r"\[R1(?:\+(0x[0-9a-f]+|\d+))?\]")
+_LOCAL_WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+# Control flow that is not a direct branch, call, return or exit: the analysis cannot follow it.
+_INDIRECT = {"BRX", "BRXU", "JMX", "JMXU", "JMP", "RTT", "BPT"}
+
+
+def local_memory(sass: str, stack: int, local: int) -> dict:
+    """`spill`: bytes of stack accessed inside a loop, or LOCAL if larger (it is not stack, and is counted whole);
+    `stack_save`: the rest of STACK, bytes of stack only touched outside loops. `sass` is the output of
+    `cuobjdump -sass` for a one-kernel cubin. Raises ValueError on SASS it does not recognise."""
+    if sass.count("Function :") != 1:
+        raise ValueError(f"expected one function in the SASS, found {sass.count('Function :')}")
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        if m := _SASS_LINE.search(line):
+            address, guard, opcode, operands = m.groups()
+            unconditional = guard is None or guard.strip() == "@PT"
+            instructions.append((int(address, 16), unconditional, opcode, operands.strip(), line.strip()))
+        elif m := _SASS_LABEL.match(line):
+            labels[m.group(1)] = len(instructions)
+    if not instructions or not any(op == "EXIT" for _, _, op, _, _ in instructions):
+        raise ValueError(f"no SASS instructions (or no EXIT) parsed from {len(sass)} characters of cuobjdump output")
+    index = {address: i for i, (address, *_) in enumerate(instructions)}
+
+    def target(i):
+        operands, text = instructions[i][3], instructions[i][4]
+        m = _SASS_TARGET.search(operands)
+        if m is None:
+            raise ValueError(f"no branch target in {text!r}")
+        if m.group(2) is not None:
+            if m.group(2) not in labels:
+                raise ValueError(f"unknown label in {text!r}")
+            return labels[m.group(2)]
+        if int(m.group(1), 16) not in index:
+            raise ValueError(f"branch target is no instruction: {text!r}")
+        return index[int(m.group(1), 16)]
+
+    def kind(i):
+        opcode = instructions[i][2].split(".")[0]
+        if opcode in _INDIRECT:
+            raise ValueError(f"indirect control flow: {instructions[i][4]!r}")
+        return opcode
+
+    returning = {}
+
+    def returns(entry):
+        # Whether the code from `entry` reaches a RET: a CALL.REL.NOINC to a subroutine, which comes back, rather
+        # than the loop exit ptxas also writes as one.
+        if entry not in returning:
+            returning[entry] = False
+            returning[entry] = any(kind(i) == "RET" for i in _reachable([entry], successors))
+        return returning[entry]
+
+    def successors(i):
+        opcode, unconditional = kind(i), instructions[i][1]
+        following = [i + 1] if i + 1 < len(instructions) else []
+        if opcode == "RET" or (opcode == "EXIT" and unconditional):
+            return []
+        if opcode == "CALL":
+            return following if returns(target(i)) else [target(i)] + ([] if unconditional else following)
+        if opcode == "BRA":
+            alone = unconditional and _SASS_TARGET.match(instructions[i][3]) is not None
+            return [target(i)] + ([] if alone else following)
+        return following
+
+    graph = [successors(i) for i in range(len(instructions))]
+    in_loop = _on_cycles(graph)
+    calls = [(i, target(i)) for i in range(len(instructions)) if kind(i) == "CALL" and returns(target(i))]
+    changed = True
+    while changed:
+        changed = False
+        for site, entry in calls:
+            if in_loop[site]:
+                for i in _reachable([entry], lambda j: graph[j]):
+                    changed |= not in_loop[i]
+                    in_loop[i] = True
+
+    accesses = [i for i, (*_, opcode, _, _) in enumerate(instructions) if re.match(r"(STL|LDL)\b", opcode)]
+    if (stack or local) and not accesses:
+        raise ValueError(f"STACK:{stack} LOCAL:{local} but no STL/LDL found in the SASS")
+    looped = set()
+    for i in accesses:
+        if not in_loop[i]:
+            continue
+        text = instructions[i][4]
+        m = _STACK_ADDRESS.search(instructions[i][3])
+        if m is None:
+            looped = set(range(stack))  # an address not on the stack pointer: count the whole stack
+            break
+        offset = int(m.group(1) or "0", 0)
+        width = next((w for suffix, w in _LOCAL_WIDTH.items() if suffix in instructions[i][2].split(".")), 4)
+        if offset + width > stack:
+            raise ValueError(f"{text!r} reaches past STACK:{stack}")
+        looped.update(range(offset, offset + width))
+    return dict(spill=max(local, len(looped)), stack_save=stack - len(looped))
+
+
+def _reachable(starts, successors):
+    seen, todo = set(starts), list(starts)
+    while todo:
+        for j in successors(todo.pop()):
+            if j not in seen:
+                seen.add(j)
+                todo.append(j)
+    return seen
+
+
+def _on_cycles(graph: list) -> list:
+    """Per node of a directed graph (successor lists): whether it lies on a cycle (Kosaraju's strongly connected
+    components, iterative: a kernel has thousands of instructions)."""
+    order, seen = [], [False] * len(graph)
+    for root in range(len(graph)):
+        if seen[root]:
+            continue
+        seen[root] = True
+        stack = [(root, iter(graph[root]))]
+        while stack:
+            node, rest = stack[-1]
+            for following in rest:
+                if not seen[following]:
+                    seen[following] = True
+                    stack.append((following, iter(graph[following])))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+    predecessors = [[] for _ in graph]
+    for node, following in enumerate(graph):
+        for j in following:
+            predecessors[j].append(node)
+    component = [-1] * len(graph)
+    for root in reversed(order):
+        if component[root] >= 0:
+            continue
+        component[root], todo = root, [root]
+        while todo:
+            for j in predecessors[todo.pop()]:
+                if component[j] < 0:
+                    component[j] = root
+                    todo.append(j)
+    size = collections.Counter(component)
+    return [size[component[i]] > 1 or i in graph[i] for i in range(len(graph))]

@@ -104,6 +104,13 @@ def _write_gradient(S_row, T_row, G_row, start, C, y, keep, ms, lss, mt, lst, mh
 
 
 @triton.jit
+def _gradient_coefficients(SCALE, PARAMS, inv_t, ACC: tl.constexpr):
+    """(soft, hard) gradient coefficients: grad_scale times the soft weight / T and the hard weight."""
+    scale = tl.load(SCALE).to(ACC)
+    return scale * tl.load(PARAMS + 3).to(ACC) * inv_t, scale * tl.load(PARAMS + 2).to(ACC)
+
+
+@triton.jit
 def distillation_kernel(S, stride_s, T, stride_t, Y, G, stride_g, LOSS, FLAG, SCALE, PARAMS, C, ignore_index,
                         DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, HARD: tl.constexpr, SCALED: tl.constexpr,
                         WRITE_GRADIENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -111,10 +118,10 @@ def distillation_kernel(S, stride_s, T, stride_t, Y, G, stride_g, LOSS, FLAG, SC
     S_row = S + row * stride_s
     T_row = T + row * stride_t
     G_row = G + row * stride_g
+    # The hard and soft weights (PARAMS + 2, + 3) and grad_scale are loaded where they are used: a value held across
+    # a loop that does not read it is one that ptxas may park on the stack (see triton_kernels/cross_entropy.py).
     beta = tl.load(PARAMS).to(ACC)
     inv_t = tl.load(PARAMS + 1).to(ACC)
-    hard_weight = tl.load(PARAMS + 2).to(ACC)
-    soft_weight = tl.load(PARAMS + 3).to(ACC)
     y = tl.zeros((), tl.int64) - 1
     keep = tl.full((), 1, tl.int1)
     if HAS_TARGET:
@@ -159,9 +166,8 @@ def distillation_kernel(S, stride_s, T, stride_t, Y, G, stride_g, LOSS, FLAG, SC
     # the loss-only variants); the row sum, which only the gradient variants form, per block.
     divergence_lanes = tl.zeros((BLOCK,), ACC)
     row_sum = tl.zeros((), ACC)
-    scale = tl.load(SCALE).to(ACC)
-    soft_coef = scale * soft_weight * inv_t
-    hard_coef = scale * hard_weight
+    if WRITE_GRADIENT and DIVERGENCE == FORWARD_KL:
+        soft_coef, hard_coef = _gradient_coefficients(SCALE, PARAMS, inv_t, ACC)
     for start in range(0, C, BLOCK):
         _, mask, _, ls, lt, ps, pt = _log_probabilities(S_row, T_row, start, C, ms, lss, mt, lst, inv_t, SCALED, ACC,
                                                         BLOCK)
@@ -173,9 +179,10 @@ def distillation_kernel(S, stride_s, T, stride_t, Y, G, stride_g, LOSS, FLAG, SC
             _write_gradient(S_row, T_row, G_row, start, C, y, keep, ms, lss, mt, lst, mh, lsh, inv_t, beta, 0.0, 0.0,
                             soft_coef, hard_coef, DIVERGENCE, HARD, SCALED, ACC, BLOCK)
     divergence = tl.sum(divergence_lanes, axis=0)
-    loss = soft_weight * divergence + hard_weight * cross_entropy
+    loss = tl.load(PARAMS + 3).to(ACC) * divergence + tl.load(PARAMS + 2).to(ACC) * cross_entropy
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     if WRITE_GRADIENT and DIVERGENCE != FORWARD_KL:
+        soft_coef, hard_coef = _gradient_coefficients(SCALE, PARAMS, inv_t, ACC)
         for start in range(0, C, BLOCK):
             _write_gradient(S_row, T_row, G_row, start, C, y, keep, ms, lss, mt, lst, mh, lsh, inv_t, beta, row_sum,
                             divergence, soft_coef, hard_coef, DIVERGENCE, HARD, SCALED, ACC, BLOCK)
