@@ -397,7 +397,9 @@ class _RowLaunch:
                                      float(max(focal_gamma, 0.0))), self.acc, logits3.device)
         self.flags = dict(PROB_TARGET=self.prob_target, HAS_WEIGHT=weight is not None, SMOOTHING=self.smoothing,
                           SOFTCAP=softcap > 0, FOCAL=focal_gamma >= 0, ACC=acc_dtype(logits3.dtype),
-                          **launch_config(logits3.shape[1], acc=self.acc, gather=gather, rows=True))
+                          # probability targets: each step reads a row of them beside the logits
+                          **launch_config(logits3.shape[1], acc=self.acc, gather=gather, rows=True,
+                                          operands=2 if self.prob_target else 1))
 
     def grid(self, rows):
         return (triton.cdiv(rows, self.flags["ROWS"]),)
