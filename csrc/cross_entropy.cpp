@@ -55,6 +55,9 @@ struct CrossEntropyRows {
   // With a gradient to write, rows that fit in L2 keep their exponentials from the first pass, so the
   // second pass needs one multiply per element instead of a reload and an exp.
   bool cache_exp;
+  // The statistics summed in the cached exponentials' order: with cache_exp, and when saving the state a resumed
+  // gradient makes those exponentials again from (then block by block in a one-block scratch).
+  bool cached_order;
   int64_t blocks;
   bool stream;
 
@@ -90,9 +93,8 @@ struct CrossEntropyRows {
     if (w_ptr) weight_sum = vec_sum(w_ptr, C);
     need_smooth_dot = !prob_target && eps > 0;
 
-    // The state's refs are those of cached exponentials: a forward that saves state caches them as the one-pass
-    // gradient's forward does, so that both sum the row in the same order.
-    cache_exp = (g_ptr != nullptr || save_state) && C <= kExpCacheElements;
+    cache_exp = g_ptr != nullptr && C <= kExpCacheElements;
+    cached_order = (g_ptr != nullptr || save_state) && C <= kExpCacheElements;
     blocks = (C + kBlock - 1) / kBlock;
     stream = stream_row_gradient(g_ptr, gl.stride_class, x_ptr);
     state_width = row_state_width(C);
@@ -119,7 +121,7 @@ struct RowScratch {
 
   template <typename scalar_t>
   explicit RowScratch(const CrossEntropyRows<scalar_t>& p)
-      : xbuf(kBlock), tbuf(kBlock), gbuf(kBlock), exp_cache(p.cache_exp ? p.C : 0),
+      : xbuf(kBlock), tbuf(kBlock), gbuf(kBlock), exp_cache(p.cache_exp ? p.C : p.cached_order ? kBlock : 0),
         block_ref(p.cache_exp ? p.blocks : 0) {}
 };
 
@@ -184,7 +186,7 @@ __attribute__((always_inline)) inline void cross_entropy_row(const CrossEntropyR
   acc_t* state = p.save_state ? p.state_ptr + r * p.state_width : nullptr;
   acc_t* block_ref = state ? state + 4 : s.block_ref.data();
   const BlockStats<acc_t> stats = row_statistics(
-      C, load_x_prefetching, p.cache_exp ? s.exp_cache.data() : nullptr, block_ref,
+      C, load_x_prefetching, p.cached_order ? s.exp_cache.data() : nullptr, p.cache_exp, block_ref,
       [&](int64_t b0, int64_t n, const acc_t* xb) {
         if (p.need_smooth_dot) smooth_dot += weighted_sum(xb, p.w_ptr, b0, n);
         if (p.prob_target) {

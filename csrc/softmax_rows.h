@@ -171,16 +171,18 @@ struct RowLogits {
 };
 
 // The row statistics pass: the online max and sum of exponentials of a row's C logits, block by block
-// (load(b0, n) gives each block). When exp_cache is given the exponentials are kept there, block b's relative
-// to block_ref[b]. on_block(b0, n, xb) sees every block while it is in cache, for the sums the caller needs.
+// (load(b0, n) gives each block). When exp_cache is given the exponentials are made there, block b's relative
+// to block_ref[b], and summed in that path's order: kept for the whole row (whole_row), or each block's over the
+// last's in a one-block scratch, for the same sums without a row of stores. on_block(b0, n, xb) sees every block
+// while it is in cache, for the sums the caller needs.
 template <typename acc_t, typename LoadBlock, typename OnBlock>
-inline BlockStats<acc_t> row_statistics(int64_t C, const LoadBlock& load, acc_t* exp_cache, acc_t* block_ref,
-                                        const OnBlock& on_block) {
+inline BlockStats<acc_t> row_statistics(int64_t C, const LoadBlock& load, acc_t* exp_cache, bool whole_row,
+                                        acc_t* block_ref, const OnBlock& on_block) {
   BlockStats<acc_t> stats;
   for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
     const int64_t n = std::min(kBlock, C - b0);
     const acc_t* xb = load(b0, n);
-    const acc_t ref = stats.add(xb, n, exp_cache ? exp_cache + b0 : nullptr);
+    const acc_t ref = stats.add(xb, n, exp_cache ? exp_cache + (whole_row ? b0 : 0) : nullptr);
     if (exp_cache) block_ref[b0 / kBlock] = ref;
     on_block(b0, n, xb);
   }

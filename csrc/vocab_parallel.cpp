@@ -62,7 +62,7 @@ void shard_stats_rows(const at::Tensor& input, const int64_t* target, const opma
       const RowLogits<scalar_t> logits = shard_row<scalar_t>(input, r, softcap, xbuf.data());
       acc_t w_dot = 0;
       const BlockStats<acc_t> stats = row_statistics<acc_t>(
-          C, [&](int64_t b0, int64_t n) { return logits.block(b0, n); }, nullptr, nullptr,
+          C, [&](int64_t b0, int64_t n) { return logits.block(b0, n); }, nullptr, false, nullptr,
           [&](int64_t b0, int64_t n, const acc_t* xb) { w_dot += weighted_sum(xb, w, b0, n); });
       const int64_t y = shard_class(target[r], class_offset, C);
       s[0] = stats.max;
