@@ -9,8 +9,8 @@
 // inplace_backward=True cannot write the gradient in forward (the logits stay readable until backward), so the
 // kernel runs twice, joined by a row state: forward, given an empty `row_state` and no gradient buffer, saves each
 // row's statistics there (max, log-sum, the gradient's two coefficients and the refs of its cached exponentials);
-// backward, given that state and the gradient buffer, reads each row once, makes the same exponentials again and
-// writes the gradient without a statistics pass. Its bits are those of the one-pass gradient. Rows the lane kernel
+// backward, given that state and the gradient buffer, reads each row from memory once (the gradient pass finds it
+// in cache), makes the same exponentials again and writes the gradient without a statistics pass. Its bits are those of the one-pass gradient. Rows the lane kernel
 // serves save nothing: an empty state means backward runs the whole kernel.
 #include <algorithm>
 #include <limits>
@@ -99,9 +99,12 @@ struct CrossEntropyRows {
     stream = stream_row_gradient(g_ptr, gl.stride_class, x_ptr);
     state_width = row_state_width(C);
     state_ptr = nullptr;
-    if (save_state) row_state->resize_({rows * state_width});
     if (row_state != nullptr) {
-      TORCH_CHECK(row_state->numel() == rows * state_width && row_state->scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+      TORCH_CHECK(row_state->is_cpu() && row_state->is_contiguous() &&
+                      row_state->scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                  "lossops: cross_entropy: row_state must be a contiguous CPU tensor of the accumulation dtype");
+      if (save_state) row_state->resize_({rows * state_width});
+      TORCH_CHECK(row_state->numel() == rows * state_width && row_state->is_contiguous(),
                   "lossops: cross_entropy: row_state does not hold this call's rows");
       state_ptr = row_state->mutable_data_ptr<acc_t>();
     }
@@ -114,7 +117,8 @@ struct CrossEntropyRows {
 };
 
 // One thread's buffers, reused for each of its rows: a block of logits, targets and gradient, and a row's
-// cached exponentials with the max of each block they are relative to.
+// cached exponentials with the max of each block they are relative to (when saving a row state without a
+// gradient, one block's exponentials: see cached_order).
 template <typename acc_t>
 struct RowScratch {
   std::vector<acc_t> xbuf, tbuf, gbuf, exp_cache, block_ref;

@@ -755,6 +755,9 @@ struct InPlaceLossBackward : torch::autograd::Node {
   size_t gradient_at = 0, grad_scale_at = 0;
   at::Tensor input, logits;         // the call's logits, and the kernel's view of their storage
   uint32_t version = 0;
+  // The call's other tensors (target, weight) and their versions: backward reads them again (views of them among
+  // `values`), and its row state holds what forward made of them, so a change to them in between must fail.
+  std::vector<std::pair<at::Tensor, uint32_t>> read_again;
   double gradient_scale = 1.0;      // the reduction's (1 / denominator for a mean)
   at::ScalarType acc = at::kFloat;
   std::vector<int64_t> item_shape;  // reduction="none": how grad_output broadcasts against the logits' rows
@@ -767,6 +770,7 @@ struct InPlaceLossBackward : torch::autograd::Node {
     values.clear();
     input.reset();
     logits.reset();
+    read_again.clear();
     released = true;
   }
 
@@ -784,6 +788,11 @@ struct InPlaceLossBackward : torch::autograd::Node {
                 "modified by an inplace operation: [", input.toString(), " ", input.sizes(), "] is at version ",
                 input._version(), "; expected version ", version, " instead (lossops: inplace_backward=True reads "
                 "the logits in backward)");
+    for (const auto& [tensor, saved_version] : read_again) {
+      TORCH_CHECK(tensor._version() == saved_version, "one of the variables needed for gradient computation has "
+                  "been modified by an inplace operation: [", tensor.toString(), " ", tensor.sizes(), "] is at "
+                  "version ", tensor._version(), "; expected version ", saved_version, " instead");
+    }
     consumed = true;
     double scale = gradient_scale;
     if (item_shape.empty()) {  // one upstream value, in the scale's type as the Python path multiplies them
@@ -830,6 +839,9 @@ py::object with_in_place_gradient(at::Tensor loss, const EagerRoute& route, Eage
   node->input = input;
   node->logits = call.prepared.operands[0];
   node->version = input._version();
+  for (size_t i = 1; i < kMaxCallTensors; ++i) {
+    if (call.tensors[i] != nullptr) node->read_again.emplace_back(*call.tensors[i], call.tensors[i]->_version());
+  }
   node->gradient_scale = gradient_scale;
   node->acc = at::toOpMathType(input.scalar_type());
   if (call.reduction == Reduction::kNone) node->item_shape.assign(call.prepared.item_shape.begin(), call.prepared.item_shape.end());

@@ -210,6 +210,24 @@ def test_in_place_eager_path_errors_and_fallbacks():
         assert lossops.cross_entropy(torch.randn(3, 5), target, inplace_backward=True).grad_fn is None
 
 
+@pytest.mark.parametrize("changed", ["target", "weight"])
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_in_place_backward_refuses_a_target_or_weight_changed_after_forward(monkeypatch, changed, path):
+    """inplace_backward=True reads the target and weight again in backward, where forward's row state describes the
+    ones it saw: changing either in between fails the version check, as torch's own saved tensors do, on both
+    routes (a row ignored in forward saved no state to read)."""
+    if path == "custom op":
+        force_custom_op(monkeypatch)
+    target = torch.tensor([0, -100, 3, 2])
+    weight = torch.rand(2100) + 0.5
+    logits = torch.randn(4, 2100, requires_grad=True) * 1
+    loss = lossops.cross_entropy(logits, target, weight, inplace_backward=True)
+    assert (loss.grad_fn.name() == CE_NODE) == (path == "eager")
+    (target if changed == "target" else weight).mul_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_scaled_grad_output_and_retain_graph_match_custom_op(monkeypatch):
     x0 = torch.randn(16, 7)
     target = torch.randint(0, 7, (16,))

@@ -43,7 +43,7 @@ def test_more_than_2_31_elements_cpp():
     row_loss, _, total = lossops._cpp.module().call_kernel(
         "cross_entropy", input=logits3, target=target, weight=None, grad=logits3, ignore_index=-100,
         label_smoothing=0.0, lse_square_scale=0.0, softcap=None, focal_gamma=None,
-        grad_scale=torch.tensor(1.0, dtype=torch.float64))
+        grad_scale=torch.tensor(1.0, dtype=torch.float64), row_state=None)
     assert_close(row_loss[checked], expected.detach(), rtol=1e-5, atol=1e-5)
     assert_close(total.item(), (ROWS - len(CHECKED)) * log_v + expected.sum().item(), rtol=1e-6, atol=0)
     grad = logits
