@@ -10,8 +10,9 @@
 // kernel runs twice, joined by a row state: forward, given an empty `row_state` and no gradient buffer, saves each
 // row's statistics there (max, log-sum, the gradient's two coefficients and the refs of its cached exponentials);
 // backward, given that state and the gradient buffer, reads each row from memory once (the gradient pass finds it
-// in cache), makes the same exponentials again and writes the gradient without a statistics pass. Its bits are those of the one-pass gradient. Rows the lane kernel
-// serves save nothing: an empty state means backward runs the whole kernel.
+// in cache), makes the same exponentials again and writes the gradient without a statistics pass. Its bits are
+// those of the one-pass gradient. Rows the lane kernel serves save nothing: an empty state means backward runs the
+// whole kernel.
 #include <algorithm>
 #include <limits>
 #include <optional>
@@ -104,7 +105,7 @@ struct CrossEntropyRows {
                       row_state->scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                   "lossops: cross_entropy: row_state must be a contiguous CPU tensor of the accumulation dtype");
       if (save_state) row_state->resize_({rows * state_width});
-      TORCH_CHECK(row_state->numel() == rows * state_width && row_state->is_contiguous(),
+      TORCH_CHECK(row_state->numel() == rows * state_width,
                   "lossops: cross_entropy: row_state does not hold this call's rows");
       state_ptr = row_state->mutable_data_ptr<acc_t>();
     }
