@@ -60,6 +60,43 @@ void margin_terms(const acc_t* a, int64_t begin, int64_t end, acc_t shift, acc_t
   }
 }
 
+// Rows [r0, r1) shorter than two vectors, scalar (split at its target, such a row leaves at most one whole vector
+// on either side, and mostly none): their losses' sum in row order, each row's loss stored in loss[] when given,
+// with kGrad its gradient written into g. Every value comes in by value: a float store through loss or g could
+// otherwise alias a float read through a reference and make the compiler read it again on every row. Not
+// vectorised: over a few classes, the vectoriser's checks and scalar epilogue cost more than the loop.
+template <typename scalar_t, int P, bool kGrad>
+__attribute__((optimize("no-tree-vectorize"))) double margin_short_rows(const scalar_t* x, int64_t stride_row, int64_t stride_class, int64_t C, const int64_t* target,
+                         const opmath_t<scalar_t>* w, opmath_t<scalar_t> margin, opmath_t<scalar_t> per_class,
+                         scalar_t* g, opmath_t<scalar_t>* loss, int64_t r0, int64_t r1) {
+  using acc_t = opmath_t<scalar_t>;
+  const acc_t classes = static_cast<acc_t>(C);
+  double block_sum = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = x + r * stride_row;
+    const int64_t y = target[r];
+    const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
+    const acc_t shift = margin - static_cast<acc_t>(row[y * stride_class]);
+    const acc_t slope = w_y * per_class;
+    acc_t sum = acc_t(0), slope_sum = acc_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t z = shift + static_cast<acc_t>(row[c * stride_class]);
+      const bool passes = c != y && z > acc_t(0);  // false for a NaN z, as torch's test
+      sum += passes ? (P == 1 ? z : z * z) : acc_t(0);
+      if constexpr (kGrad) {
+        const acc_t gradient = passes ? (P == 1 ? slope : slope * z) : acc_t(0);
+        g[r * C + c] = static_cast<scalar_t>(gradient);
+        slope_sum += gradient;
+      }
+    }
+    if constexpr (kGrad) g[r * C + y] = static_cast<scalar_t>(-slope_sum);
+    const acc_t value = w_y * sum / classes;
+    if (loss != nullptr) loss[r] = value;
+    block_sum += value;
+  }
+  return block_sum;
+}
+
 // input: (N, C, 1) with any strides; target: N int64 indices in [0, C) (checked before); weight: (C,) in the
 // accumulation dtype or null; grad: contiguous (N, C, 1) or null; loss: the per-row losses' destination, or null.
 // Returns the losses' sum, formed in fixed blocks of rows added in order: the same bits for any thread count.
@@ -75,38 +112,28 @@ double multi_margin_rows(const at::Tensor& input, const int64_t* target, const o
   std::vector<double> block_sums(blocks, 0.0);
   // Each class's gradient: w[y] / C * scale, times 2 z for p = 2.
   const acc_t per_class = scale / static_cast<acc_t>(C) * (P == 1 ? acc_t(1) : acc_t(2));
-  // Rows shorter than a vector take scalar steps: no buffer, block split or vector sums to reduce.
-  const bool short_rows = C < at::vec::Vectorized<acc_t>::size();
+  // Rows shorter than two vectors take scalar steps (margin_short_rows): no buffer, block split or vector sums.
+  const bool short_rows = C < 2 * at::vec::Vectorized<acc_t>::size();
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
     std::vector<acc_t> buffers(short_rows ? 0 : 2 * std::min(C, kBlock));
     acc_t *xbuf = buffers.data(), *gbuf = xbuf + std::min(C, kBlock);
     for (int64_t k = first_block; k < end_block; ++k) {
+      const int64_t r0 = k * block, r1 = std::min(N, r0 + block);
+      if (short_rows) {
+        block_sums[k] = g != nullptr ? margin_short_rows<scalar_t, P, true>(x, stride_row, stride_class, C, target, w,
+                                                                            margin, per_class, g, loss, r0, r1)
+                                     : margin_short_rows<scalar_t, P, false>(x, stride_row, stride_class, C, target, w,
+                                                                             margin, per_class, g, loss, r0, r1);
+        continue;
+      }
       double block_sum = 0.0;
-      for (int64_t r = k * block, r_end = std::min(N, r + block); r < r_end; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = x + r * stride_row;
         const int64_t y = target[r];
         const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
         const acc_t shift = margin - static_cast<acc_t>(row[y * stride_class]);
         const acc_t slope = w_y * per_class;
         scalar_t* g_row = g != nullptr ? g + r * C : nullptr;
-        if (short_rows) {
-          acc_t sum = acc_t(0), slope_sum = acc_t(0);
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t z = shift + static_cast<acc_t>(row[c * stride_class]);
-            const bool passes = c != y && z > acc_t(0);  // false for a NaN z, as torch's test
-            sum += passes ? (P == 1 ? z : z * z) : acc_t(0);
-            if (g_row != nullptr) {
-              const acc_t gradient = passes ? (P == 1 ? slope : slope * z) : acc_t(0);
-              g_row[c] = static_cast<scalar_t>(gradient);
-              slope_sum += gradient;
-            }
-          }
-          if (g_row != nullptr) g_row[y] = static_cast<scalar_t>(-slope_sum);
-          const acc_t value = w_y * sum / static_cast<acc_t>(C);
-          if (loss != nullptr) loss[r] = value;
-          block_sum += value;
-          continue;
-        }
         MarginSums<acc_t> sums;
         for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
           const int64_t n = std::min(kBlock, C - c0);

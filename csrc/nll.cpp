@@ -67,6 +67,44 @@ void nll_class_planes(const int64_t* target, const opmath_t<scalar_t>* w, opmath
   }
 }
 
+// The losses of rows b0..b1 of one element each (no gradient): their sum in kNllLanes interleaved lanes combined in
+// a fixed order, each row's loss stored in loss[] when given. Few instructions a row and no early exit, so that
+// many rows' reads (a miss each where rows are long) are in flight at once: an ignored row reads an element of its
+// own row and keeps 0, a target out of range reads class 0, keeps 0 and sets `bad`.
+template <typename scalar_t, bool kWeighted>
+double nll_loss_only_rows(const scalar_t* x, int64_t stride_outer, int64_t stride_class, const int64_t* target,
+                          const opmath_t<scalar_t>* w, int64_t C, int64_t ignore_index, int64_t b0, int64_t b1,
+                          opmath_t<scalar_t>* loss, bool& bad) {
+  using acc_t = opmath_t<scalar_t>;
+  bool any_bad = false;
+  auto value = [&](int64_t o) {
+    const int64_t y = target[o];
+    const bool kept = y != ignore_index;
+    const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
+    any_bad |= kept & !in_range;
+    const int64_t c = in_range ? y : 0;
+    const acc_t weight = kWeighted ? w[c] : acc_t(1);
+    const acc_t v = -weight * static_cast<acc_t>(x[o * stride_outer + c * stride_class]);
+    const acc_t kept_value = kept & in_range ? v : acc_t(0);
+    if (loss != nullptr) loss[o] = kept_value;
+    return kept_value;
+  };
+  if (b1 - b0 == 1) {  // a block's sum is its row's loss (the lanes' fixed sum of it and zeros)
+    const double v = value(b0);
+    bad |= any_bad;
+    return v;
+  }
+  double lanes[kNllLanes] = {};
+  int64_t o = b0;
+  for (; o + kNllLanes <= b1; o += kNllLanes) {
+#pragma GCC unroll 8
+    for (int64_t l = 0; l < kNllLanes; ++l) lanes[l] += value(o + l);
+  }
+  for (int64_t l = 0; o < b1; ++o, ++l) lanes[l] += value(o);
+  bad |= any_bad;
+  return sum_of_lanes(lanes);
+}
+
 // input: (outer, C, inner) with any strides; target: int64, outer * inner; weight: (C,) in the accumulation dtype or
 // undefined; grad: contiguous (outer, C, inner) or undefined; loss: the per-row losses' destination, or null. Returns
 // the losses' sum, formed in fixed blocks of rows added in order: the same bits for any thread count. Each target is
@@ -107,31 +145,19 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
   };
   const int64_t blocks = (outer + block - 1) / block;
   c10::SmallVector<double, 16> block_sums(blocks, 0.0);
-  // The loss alone of rows of one element (a forward without gradients): only the reads and the sums, the same
-  // values in the same lanes as the loop below, so the same bits. Few instructions a row keep many rows' reads in
-  // flight, which long rows (a miss each, often a page walk) need more than anything else.
-  auto loss_only_value = [=](int64_t o, bool& bad) {
-    const int64_t y = target[o];
-    if (y == ignore_index) return acc_t(0);
-    const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
-    bad |= !in_range;
-    const int64_t c = in_range ? y : 0;
-    return in_range ? -(w != nullptr ? w[c] : acc_t(1)) * static_cast<acc_t>(x[o * stride_outer + c * stride_class])
-                    : acc_t(0);
-  };
-  const bool loss_only = inner == 1 && g == nullptr && loss == nullptr;
+  // Rows of one element without a gradient (a forward under no_grad, or one keeping per-row losses): only the
+  // reads, the per-row stores and the sums, the same values in the same lanes as the loop below, so the same bits.
+  const bool loss_only = inner == 1 && g == nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
     if (loss_only) {
       bool bad = false;
-      if (block == 1) {  // a block's sum is its row's loss (the lanes' fixed sum of it and zeros)
-        for (int64_t k = first_block; k < end_block; ++k) block_sums[k] = loss_only_value(k, bad);
-      } else {
-        for (int64_t k = first_block; k < end_block; ++k) {
-          const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
-          double lanes[kNllLanes] = {};
-          for (int64_t o = b0; o < b1; ++o) lanes[(o - b0) % kNllLanes] += loss_only_value(o, bad);
-          block_sums[k] = sum_of_lanes(lanes);
-        }
+      for (int64_t k = first_block; k < end_block; ++k) {
+        const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
+        block_sums[k] = w != nullptr
+            ? nll_loss_only_rows<scalar_t, true>(x, stride_outer, stride_class, target, w, C, ignore_index, b0, b1,
+                                                 loss, bad)
+            : nll_loss_only_rows<scalar_t, false>(x, stride_outer, stride_class, target, w, C, ignore_index, b0, b1,
+                                                  loss, bad);
       }
       if (bad) any_out_of_range.store(true, std::memory_order_relaxed);
       return;

@@ -8,8 +8,8 @@ from torch.testing import assert_close
 
 import lossops
 from lossops import _eager
-from _cases import (assert_float64_gradients_match, backend_cases, forward_backward, grid,
-                    leaf_copies, pairwise, without_eager_routes)
+from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, cpu_supports, forced_isa,
+                    forward_backward, grid, leaf_copies, pairwise, without_eager_routes)
 from _elementwise_cases import check_reduced_precision
 
 TORCH_MULTI_MARGIN_LOSS = F.multi_margin_loss
@@ -264,3 +264,22 @@ def test_module_matches_torch_module(backend):
     assert module.p == 2 and module.margin == 0.5
     with pytest.warns(UserWarning):
         assert lossops.nn.MultiMarginLoss(size_average=False).reduction == "sum"
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if cpu_supports(isa)])
+def test_short_and_vector_rows_match_torch_on_each_isa(isa):
+    """Rows shorter than two vectors of the build (8 or 16 float lanes) take a scalar loop, longer ones the vector
+    one: both sides of that bound, with and without gradients and per-row losses, on each ISA build."""
+    gen = torch.Generator().manual_seed(3)
+    with forced_isa(isa):
+        for classes in (4, 10, 15, 16, 31, 32, 40):
+            x = torch.randn(33, classes, generator=gen, dtype=torch.float64)
+            t = torch.randint(0, classes, (33,), generator=gen)
+            w = torch.rand(classes, generator=gen, dtype=torch.float64) + 0.5
+            for p, weight, reduction in ((1, None, "mean"), (2, w, "sum"), (1, w, "none")):
+                kwargs = dict(p=p, weight=weight, reduction=reduction)
+                with torch.no_grad():
+                    assert_close(lossops.multi_margin_loss(x, t, **kwargs), F.multi_margin_loss(x, t, **kwargs))
+                ours = forward_backward(lambda x: lossops.multi_margin_loss(x, t, **kwargs), leaf_copies([x]))
+                theirs = forward_backward(lambda x: F.multi_margin_loss(x, t, **kwargs), leaf_copies([x]))
+                assert_close(ours, theirs, msg=lambda m: f"{isa} C={classes} p={p}: {m}")

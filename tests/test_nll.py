@@ -262,14 +262,18 @@ def test_loss_without_gradients_has_the_bits_of_the_loss_with_them(shape, dtype)
     x = torch.randn(shape, generator=gen, dtype=torch.float64).log_softmax(1).to(dtype)
     target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
     target.view(-1)[::3] = -100
-    for weight in (None, torch.rand(shape[1], generator=gen, dtype=torch.float64).to(dtype) + 0.5):
-        for reduction in ("mean", "sum"):
-            with torch.no_grad():
-                without = lossops.nll_loss(x, target, weight, reduction=reduction)
-            with_grad = lossops.nll_loss(x.clone().requires_grad_(), target, weight, reduction=reduction)
-            assert torch.equal(without, with_grad.detach()), (weight is None, reduction)
-            torch.testing.assert_close(without, F.nll_loss(x.double(), target, None if weight is None else
-                                                           weight.double(), reduction=reduction).to(dtype))
+    # ignore_index 1 is a class: its rows are left out, and -100 (out of range then) becomes class 0.
+    for ignore_index, targets in ((-100, target), (1, target.clamp_min(0))):
+        for weight in (None, torch.rand(shape[1], generator=gen, dtype=torch.float64).to(dtype) + 0.5):
+            for reduction in ("mean", "sum", "none"):
+                kwargs = dict(weight=weight, ignore_index=ignore_index, reduction=reduction)
+                with torch.no_grad():
+                    without = lossops.nll_loss(x, targets, **kwargs)
+                with_grad = lossops.nll_loss(x.clone().requires_grad_(), targets, **kwargs)
+                assert torch.equal(without, with_grad.detach()), (ignore_index, weight is None, reduction)
+                expected = F.nll_loss(x.double(), targets, None if weight is None else weight.double(),
+                                      ignore_index=ignore_index, reduction=reduction)
+                torch.testing.assert_close(without, expected.to(dtype))
     bad = target.clone()
     bad.view(-1)[1] = shape[1]
     with torch.no_grad(), pytest.raises(IndexError, match=f"Target {shape[1]} is out of bounds"):
