@@ -28,7 +28,9 @@ from . import _backend, _cpp
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
 # A family's public function calls its route only where this is False: Dynamo reads it as True and traces the op.
-compiling = torch.compiler.is_compiling
+# is_dynamo_compiling returns a constant outside Dynamo, a third of is_compiling's cost on a tiny call's path; the
+# other tracers (make_fx, non-strict export) run the function for real under a mode, which the route itself refuses.
+compiling = torch.compiler.is_dynamo_compiling
 _torch_function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active

@@ -244,3 +244,19 @@ def test_autocast_bf16(op):
     assert loss.dtype == expected_loss.dtype
     assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
     assert_close(grads, expected_grads, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_export_records_the_custom_op(strict):
+    """torch.export, strict (Dynamo) or not (the function run for real under a mode), records lossops' op rather
+    than the C++ eager route's result."""
+    class Loss(torch.nn.Module):
+        def forward(self, x, target):
+            return lossops.cross_entropy(x, target) + lossops.nll_loss(x.log_softmax(1), target)
+
+    x, target = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    program = torch.export.export(Loss(), (x, target), strict=strict)
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert any("lossops.cross_entropy" in t for t in targets), targets
+    assert any("lossops.nll_loss" in t for t in targets), targets
+    assert torch.allclose(program.module()(x, target), Loss()(x, target))
