@@ -17,10 +17,15 @@ namespace lossops::eager_result {
 enum class Reduction { kNone, kMean, kSum };
 
 // A value computed in the accumulation type, rounded there (as the custom op's 0-d tensor arithmetic rounds),
-// then cast to the loss's dtype (round to nearest even, as Tensor.to does), written into a fresh 0-d tensor.
-at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out) {
+// then cast to the loss's dtype (round to nearest even, as Tensor.to does), written into `reuse` where it is a 0-d
+// tensor of that dtype that nothing else holds (the kernel's own total: one allocation less on a tiny call), else
+// into a fresh 0-d tensor.
+at::Tensor scalar_loss(double value, at::ScalarType acc, at::ScalarType out, const at::Tensor& reuse = {}) {
   const double rounded = acc == at::kDouble ? value : static_cast<double>(static_cast<float>(value));
-  at::Tensor t = at::detail::empty_cpu({}, out);
+  const bool reusable = reuse.defined() && reuse.use_count() == 1 && reuse.dim() == 0 && reuse.scalar_type() == out &&
+                        reuse.is_cpu() && reuse.has_storage() && reuse.storage().use_count() == 1 &&
+                        !reuse.is_neg() && !reuse.is_conj() && !reuse.requires_grad();
+  at::Tensor t = reusable ? reuse : at::Tensor(at::detail::empty_cpu({}, out));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out, "lossops_scalar_loss", [&] {
     *t.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(acc == at::kDouble ? rounded : static_cast<float>(rounded));
   });
@@ -48,7 +53,7 @@ Denominator denominator_of(double exact, at::ScalarType acc, Reduction reduction
 at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at::IntArrayRef item_sizes,
                         Denominator denominator, at::ScalarType acc, at::ScalarType out, Reduction reduction) {
   if (reduction == Reduction::kNone) {
-    at::Tensor loss = per_item.view(item_sizes);
+    at::Tensor loss = per_item.sizes() == item_sizes ? per_item : per_item.view(item_sizes);
     return acc == out ? loss : loss.to(out);
   }
   const bool fp64 = acc == at::kDouble;
@@ -56,7 +61,7 @@ at::Tensor reduced_loss(const at::Tensor& per_item, const at::Tensor& total, at:
   if (reduction == Reduction::kMean)
     value = fp64 ? value / denominator.value
                  : static_cast<double>(static_cast<float>(value) / static_cast<float>(denominator.value));
-  return scalar_loss(value, acc, out);
+  return scalar_loss(value, acc, out, total);
 }
 
 // grad_output's one value, read from its memory where it is a plain CPU tensor (Tensor.item() is a dispatched op,

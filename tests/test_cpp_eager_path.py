@@ -584,3 +584,23 @@ def test_scalars_outside_a_route_take_the_python_checks(call):
     x, t = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0])
     with pytest.raises((ValueError, RuntimeError, TypeError, OverflowError)):
         call(x, t)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_each_call_returns_a_loss_of_its_own(reduction, dtype):
+    """The route writes a mean or sum into the kernel's own 0-d total where the dtypes allow: every call's loss is
+    still a tensor of its own, which a later call or an in-place change of another leaves as it is."""
+    x = torch.randn(6, 5, dtype=dtype)
+    t = torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        first = lossops.nll_loss(x, t, reduction=reduction)
+        expected = first.clone()
+        second = lossops.nll_loss(x, t, reduction=reduction)
+        second.add_(1)
+        third = lossops.cross_entropy(x, t, reduction=reduction)
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() != third.untyped_storage().data_ptr()
+    assert torch.equal(first, expected)
+    assert torch.equal(second, expected + 1)
+    assert first.dtype == dtype and first.shape == ((6,) if reduction == "none" else ())
