@@ -1,14 +1,16 @@
-// Gradient buffers: on transparent huge pages, and the last one freed kept for the next training step.
+// Gradient buffers: on transparent huge pages, and the last step's ones kept for the next training step.
 //
 // A fresh N x V gradient costs more in page faults than in arithmetic (4 KiB pages: ~130k faults for a
 // 4096 x 32000 fp32 buffer). Asking for 2 MiB pages (madvise(MADV_HUGEPAGE), honoured when THP is in
 // "madvise" or "always" mode) makes the faults ~500x fewer, but the kernel still zeroes every fresh page
-// (for a large gradient, about as long as the loss itself). A training loop asks for the
-// same gradient every step, so the most recently freed large buffer is kept and handed out again for a
-// request of the same size: its pages are already resident. One slot, like a one-entry caching allocator:
-// a request of another size frees the kept buffer first, so no step ever holds more memory than it would
-// without the cache; between steps one gradient's memory stays allocated. LOSSOPS_GRADIENT_CACHE=0 (read
-// at import) or set_gradient_cache(false) turns it off, release_gradient_cache() frees the kept buffer.
+// (for a large gradient, about as long as the loss itself). A training loop asks for the same gradients every
+// step, so the large buffers freed last are kept and handed out again for requests of the same size: their
+// pages are already resident. The kept buffers all have one size (a loss with two or three gradients of one
+// shape, as the triplet losses and gaussian_nll have, gets all of them back), at most kSlots of them: a buffer
+// of another size given back frees them first, and a request of another size frees them before allocating, so
+// no step ever holds more memory than it would without the cache; between steps the last step's gradients of
+// one size stay allocated. LOSSOPS_GRADIENT_CACHE=0 (read at import) or set_gradient_cache(false) turns it off,
+// release_gradient_cache() frees the kept buffers.
 // Kernels ask host_gradient_pages_resident() before writing with non-temporal stores, which pay off only on
 // pages that are already there (on fresh ones they measured slower than the page faults' own cache fills).
 // Buffers under 1 MiB use the default allocator; from 1 MiB they are kept, on huge pages from 8 MiB.
@@ -36,54 +38,64 @@ constexpr size_t kMinHugeBytes = size_t(8) << 20;
 constexpr size_t kMinKeptBytes = size_t(1) << 20;
 constexpr size_t kPage = size_t(4) << 10;
 
-struct KeptBuffer {
-  std::mutex mutex;
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  bool enabled = true;
-  // The buffer last handed out again: its pages are resident (see host_gradient_pages_resident).
-  std::atomic<const void*> reused{nullptr};
+// A loss's gradients of one shape: the triplet losses write three.
+constexpr int kSlots = 3;
 
-  KeptBuffer() {
+struct KeptBuffers {
+  std::mutex mutex;
+  void* ptrs[kSlots] = {};
+  int count = 0;
+  size_t bytes = 0;  // each kept buffer's size
+  bool enabled = true;
+  // The buffers last handed out again: their pages are resident (see host_gradient_pages_resident).
+  std::atomic<const void*> reused[kSlots] = {};
+  std::atomic<int> next_reused{0};
+
+  KeptBuffers() {
     const char* env = std::getenv("LOSSOPS_GRADIENT_CACHE");
     enabled = env == nullptr || std::strcmp(env, "0") != 0;
   }
 
-  // Empties the slot (the caller holds the mutex) and returns what it held.
-  std::pair<void*, size_t> take_locked() {
-    const std::pair<void*, size_t> held{ptr, bytes};
-    ptr = nullptr;
+  // Empties the slots (the caller holds the mutex) into out[0..kSlots); returns how many there were.
+  int take_all_locked(void** out) {
+    const int n = count;
+    for (int i = 0; i < n; ++i) out[i] = ptrs[i];
+    count = 0;
     bytes = 0;
-    return held;
+    return n;
   }
 };
 
-KeptBuffer& kept() {
-  static KeptBuffer* slot = new KeptBuffer();  // never destroyed: tensors may be freed during interpreter exit
-  return *slot;
+KeptBuffers& kept() {
+  static KeptBuffers* slots = new KeptBuffers();  // never destroyed: tensors may be freed during interpreter exit
+  return *slots;
 }
 
 // Memory handed back to the OS: a later allocation at the same address has fresh pages again.
 void forget_and_free(void* ptr) {
   if (ptr == nullptr) return;
-  const void* expected = ptr;
-  kept().reused.compare_exchange_strong(expected, nullptr);
+  for (auto& reused : kept().reused) {
+    const void* expected = ptr;
+    reused.compare_exchange_strong(expected, nullptr);
+  }
   std::free(ptr);
 }
 
 void* take_or_allocate(size_t bytes) {
-  KeptBuffer& k = kept();
-  void* stale;
+  KeptBuffers& k = kept();
+  void* stale[kSlots];
+  int n_stale;
   {
     std::lock_guard<std::mutex> lock(k.mutex);
-    const auto [held, held_bytes] = k.take_locked();
-    if (held != nullptr && held_bytes == bytes) {
-      k.reused.store(held);
+    if (k.count > 0 && k.bytes == bytes) {
+      void* held = k.ptrs[--k.count];
+      if (k.count == 0) k.bytes = 0;
+      k.reused[k.next_reused.fetch_add(1) % kSlots].store(held);
       return held;
     }
-    stale = held;  // another size: freed before allocating, so peak memory is what it would be uncached
+    n_stale = k.take_all_locked(stale);  // another size: freed before allocating, so peak memory is uncached's
   }
-  forget_and_free(stale);
+  for (int i = 0; i < n_stale; ++i) forget_and_free(stale[i]);
   const bool huge = bytes >= kMinHugeBytes;
   void* ptr = std::aligned_alloc(huge ? kHugePage : kPage, bytes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -93,17 +105,25 @@ void* take_or_allocate(size_t bytes) {
 }
 
 void give_back(void* ptr, size_t bytes) {
-  KeptBuffer& k = kept();
-  void* evicted = ptr;
+  KeptBuffers& k = kept();
+  void* evicted[kSlots + 1];
+  int n_evicted = 0;
   {
     std::lock_guard<std::mutex> lock(k.mutex);
-    if (k.enabled) {
-      evicted = k.ptr;
-      k.ptr = ptr;
+    if (!k.enabled) {
+      evicted[n_evicted++] = ptr;
+    } else {
+      if (k.count > 0 && k.bytes != bytes) n_evicted = k.take_all_locked(evicted);
+      if (k.count == kSlots) {  // the oldest goes
+        evicted[n_evicted++] = k.ptrs[0];
+        for (int i = 1; i < kSlots; ++i) k.ptrs[i - 1] = k.ptrs[i];
+        --k.count;
+      }
+      k.ptrs[k.count++] = ptr;
       k.bytes = bytes;
     }
   }
-  forget_and_free(evicted);
+  for (int i = 0; i < n_evicted; ++i) forget_and_free(evicted[i]);
 }
 }  // namespace
 
@@ -122,10 +142,16 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_cpu(sizes, dtype);  // not at::empty: no dispatch for a tiny call's buffer
 }
 
-bool host_gradient_pages_resident(const void* ptr) { return ptr != nullptr && kept().reused.load() == ptr; }
+bool host_gradient_pages_resident(const void* ptr) {
+  if (ptr == nullptr) return false;
+  for (const auto& reused : kept().reused) {
+    if (reused.load() == ptr) return true;
+  }
+  return false;
+}
 
 void set_gradient_cache(bool enabled) {
-  KeptBuffer& k = kept();
+  KeptBuffers& k = kept();
   {
     std::lock_guard<std::mutex> lock(k.mutex);
     k.enabled = enabled;
@@ -134,24 +160,27 @@ void set_gradient_cache(bool enabled) {
 }
 
 size_t release_gradient_cache() {
-  KeptBuffer& k = kept();
-  std::pair<void*, size_t> held;
+  KeptBuffers& k = kept();
+  void* held[kSlots];
+  int n;
+  size_t bytes;
   {
     std::lock_guard<std::mutex> lock(k.mutex);
-    held = k.take_locked();
+    bytes = k.bytes * static_cast<size_t>(k.count);
+    n = k.take_all_locked(held);
   }
-  forget_and_free(held.first);
-  return held.second;
+  for (int i = 0; i < n; ++i) forget_and_free(held[i]);
+  return bytes;
 }
 
 size_t gradient_cache_bytes() {
-  KeptBuffer& k = kept();
+  KeptBuffers& k = kept();
   std::lock_guard<std::mutex> lock(k.mutex);
-  return k.bytes;
+  return k.bytes * static_cast<size_t>(k.count);
 }
 
 bool gradient_cache_enabled() {
-  KeptBuffer& k = kept();
+  KeptBuffers& k = kept();
   std::lock_guard<std::mutex> lock(k.mutex);
   return k.enabled;
 }

@@ -1,4 +1,4 @@
-// Gradient buffers (allocation.cpp): part of the host module, one kept buffer per process.
+// Gradient buffers (allocation.cpp): part of the host module, one set of kept buffers per process.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -102,8 +102,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Uninitialised contiguous CPU tensor shaped like `like`, on transparent huge pages when large", py::arg("like"));
   m.def("set_gradient_cache", &lossops::set_gradient_cache, "Keep the last freed large gradient buffer for reuse",
         py::arg("enabled"));
-  m.def("release_gradient_cache", &lossops::release_gradient_cache, "Free the kept gradient buffer; returns its bytes");
-  m.def("gradient_cache_bytes", &lossops::gradient_cache_bytes, "Bytes of the kept gradient buffer (0 if none)");
+  m.def("release_gradient_cache", &lossops::release_gradient_cache, "Free the kept gradient buffers; returns their bytes");
+  m.def("gradient_cache_bytes", &lossops::gradient_cache_bytes, "Bytes of the kept gradient buffers (0 if none)");
   m.def("gradient_cache_enabled", &lossops::gradient_cache_enabled, "Whether freed gradient buffers are kept");
   m.def("graph_kept", &torch::autograd::get_current_graph_task_keep_graph,
         "Inside a backward: whether the running backward keeps the graph (retain_graph=True)");

@@ -144,7 +144,7 @@ struct KernelTable {
   }
 };
 
-// What the kernels ask of the host (the kept gradient buffer lives there, once per process).
+// What the kernels ask of the host (the kept gradient buffers live there, once per process).
 struct HostServices {
   bool (*gradient_pages_resident)(const void* ptr);
 };

@@ -188,11 +188,11 @@ def empty_gradient(like: torch.Tensor) -> torch.Tensor:
 
 
 def set_gradient_cache(enabled: bool) -> None:
-    """CPU: keep the most recently freed large gradient buffer (>= 8 MiB) for the next call that needs one of
-    the same size, so a training loop does not fault in (and have the OS zero) a fresh N x C buffer every
-    step. On by default (LOSSOPS_GRADIENT_CACHE=0 turns the default off). Peak memory within a step is
-    unchanged (a request of another size frees the kept buffer first); between steps one gradient's memory
-    stays allocated. Turning it off frees the kept buffer."""
+    """CPU: keep the last freed large gradient buffers (from 1 MiB; up to three of one size, as a loss with three
+    gradients of one shape needs) for the next calls that need that size, so a training loop does not fault in
+    (and have the OS zero) a fresh N x C buffer every step. On by default (LOSSOPS_GRADIENT_CACHE=0 turns the
+    default off). Peak memory within a step is unchanged (a request of another size frees the kept buffers
+    first); between steps the last step's gradients of one size stay allocated. Turning it off frees them."""
     _cpp.set_gradient_cache(enabled)
 
 
@@ -201,12 +201,12 @@ def gradient_cache_enabled() -> bool:
 
 
 def empty_cache() -> int:
-    """Frees the gradient buffer kept for the next step (like torch.cuda.empty_cache); returns its bytes."""
+    """Frees the gradient buffers kept for the next step (like torch.cuda.empty_cache); returns their bytes."""
     return _cpp.empty_cache()
 
 
 def gradient_cache_bytes() -> int:
-    """Bytes held by the kept gradient buffer right now (0 when none)."""
+    """Bytes held by the kept gradient buffers right now (0 when none)."""
     return _cpp.gradient_cache_bytes()
 
 

@@ -64,7 +64,7 @@ def capability() -> str:
     return module().capability()
 
 
-# --- the kept gradient buffer (csrc/allocation.cpp), one per process in the host module --------------------------
+# --- the kept gradient buffers (csrc/allocation.cpp), one set per process in the host module ---------------------
 
 def set_gradient_cache(enabled: bool) -> None:
     host().set_gradient_cache(bool(enabled))

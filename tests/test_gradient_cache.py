@@ -138,3 +138,29 @@ def test_mid_sized_gradients_are_kept_on_ordinary_pages(cache):
     assert 1 * MIB <= lossops.gradient_cache_bytes() < 2 * MIB
     (second,) = torch.autograd.grad(lossops.cross_entropy(x, target), x)
     assert second.data_ptr() == address
+
+
+def test_a_loss_with_three_gradients_gets_all_three_back(cache):
+    """The triplet losses write three gradients of one shape: the next step reuses all three buffers, whose old
+    contents never leak, and a fourth buffer of that size given back pushes out the oldest (at most three kept)."""
+    def triplet_step(seed):
+        g = torch.Generator().manual_seed(seed)
+        inputs = [torch.randn(ROWS, COLS, generator=g).requires_grad_() for _ in range(3)]
+        return inputs, torch.autograd.grad(lossops.triplet_margin_loss(*inputs), inputs)
+
+    _, first = triplet_step(0)
+    addresses = {grad.data_ptr() for grad in first}
+    for grad in first:
+        grad.fill_(float("nan"))
+    del first, grad
+    assert lossops.gradient_cache_bytes() >= 3 * ROWS * COLS * 4
+    inputs, second = triplet_step(1)
+    assert {grad.data_ptr() for grad in second} == addresses
+    assert lossops.gradient_cache_bytes() == 0
+    copies = [x.detach().clone().requires_grad_() for x in inputs]
+    assert_close(second, torch.autograd.grad(F.triplet_margin_loss(*copies), copies))
+    _, _, fourth = step("mse_loss", 2)  # a fourth buffer of that size while the three are held
+    del second, fourth
+    assert lossops.gradient_cache_bytes() == 3 * ROWS * COLS * 4  # the oldest of the four was freed
+    assert lossops.empty_cache() == 3 * ROWS * COLS * 4
+    assert lossops.gradient_cache_bytes() == 0
