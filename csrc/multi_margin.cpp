@@ -60,24 +60,37 @@ void margin_terms(const acc_t* a, int64_t begin, int64_t end, acc_t shift, acc_t
   }
 }
 
+// Row r's start: its scores, target, target weight, the shift margin - x_y its terms add to each score, and the
+// slope of each term's gradient (w[y] / C * scale, times 2 z for p = 2).
+template <typename scalar_t>
+struct MarginRow {
+  using acc_t = opmath_t<scalar_t>;
+  const scalar_t* row;
+  int64_t y;
+  acc_t w_y, shift, slope;
+
+  MarginRow(const scalar_t* x, int64_t stride_row, int64_t stride_class, const int64_t* target, const acc_t* w,
+            acc_t margin, acc_t per_class, int64_t r)
+      : row(x + r * stride_row), y(target[r]), w_y(w != nullptr ? w[y] : acc_t(1)),
+        shift(margin - static_cast<acc_t>(row[y * stride_class])), slope(w_y * per_class) {}
+};
+
 // Rows [r0, r1) shorter than two vectors, scalar (split at its target, such a row leaves at most one whole vector
 // on either side, and mostly none): their losses' sum in row order, each row's loss stored in loss[] when given,
 // with kGrad its gradient written into g. Every value comes in by value: a float store through loss or g could
 // otherwise alias a float read through a reference and make the compiler read it again on every row. Not
 // vectorised: over a few classes, the vectoriser's checks and scalar epilogue cost more than the loop.
 template <typename scalar_t, int P, bool kGrad>
-__attribute__((optimize("no-tree-vectorize"))) double margin_short_rows(const scalar_t* x, int64_t stride_row, int64_t stride_class, int64_t C, const int64_t* target,
-                         const opmath_t<scalar_t>* w, opmath_t<scalar_t> margin, opmath_t<scalar_t> per_class,
-                         scalar_t* g, opmath_t<scalar_t>* loss, int64_t r0, int64_t r1) {
+__attribute__((optimize("no-tree-vectorize"))) double margin_short_rows(
+    const scalar_t* x, int64_t stride_row, int64_t stride_class, int64_t C, const int64_t* target,
+    const opmath_t<scalar_t>* w, opmath_t<scalar_t> margin, opmath_t<scalar_t> per_class, scalar_t* g,
+    opmath_t<scalar_t>* loss, int64_t r0, int64_t r1) {
   using acc_t = opmath_t<scalar_t>;
   const acc_t classes = static_cast<acc_t>(C);
   double block_sum = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* row = x + r * stride_row;
-    const int64_t y = target[r];
-    const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
-    const acc_t shift = margin - static_cast<acc_t>(row[y * stride_class]);
-    const acc_t slope = w_y * per_class;
+    const auto [row, y, w_y, shift, slope] = MarginRow<scalar_t>(x, stride_row, stride_class, target, w, margin,
+                                                                 per_class, r);
     acc_t sum = acc_t(0), slope_sum = acc_t(0);
     for (int64_t c = 0; c < C; ++c) {
       const acc_t z = shift + static_cast<acc_t>(row[c * stride_class]);
@@ -128,11 +141,8 @@ double multi_margin_rows(const at::Tensor& input, const int64_t* target, const o
       }
       double block_sum = 0.0;
       for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * stride_row;
-        const int64_t y = target[r];
-        const acc_t w_y = w != nullptr ? w[y] : acc_t(1);
-        const acc_t shift = margin - static_cast<acc_t>(row[y * stride_class]);
-        const acc_t slope = w_y * per_class;
+        const auto [row, y, w_y, shift, slope] = MarginRow<scalar_t>(x, stride_row, stride_class, target, w, margin,
+                                                                     per_class, r);
         scalar_t* g_row = g != nullptr ? g + r * C : nullptr;
         MarginSums<acc_t> sums;
         for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
