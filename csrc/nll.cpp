@@ -41,9 +41,6 @@ constexpr int64_t kNllStreamRowBytes = 4096;
 constexpr int64_t kNllPrefetchRows = 16;
 // Rows shorter than this share lines or pages with their neighbours, which the hardware prefetcher streams in.
 constexpr int64_t kNllPrefetchRowBytes = 256;
-// Interleaved partial sums of the row losses (the block's sum combines them in a fixed order: same bits on every ISA
-// and thread count).
-constexpr int64_t kNllLanes = 8;  // sum_of_lanes' count
 
 // The class-dim-1 gradient of one outer index, (C, inner), written in one pass of whole lines: class c's row is
 // value_c where the target is c, 0 elsewhere (no zeros first and values over them, which reads each line twice when
@@ -67,10 +64,10 @@ void nll_class_planes(const int64_t* target, const opmath_t<scalar_t>* w, opmath
   }
 }
 
-// The losses of rows b0..b1 of one element each (no gradient): their sum in kNllLanes interleaved lanes combined in
-// a fixed order, each row's loss stored in loss[] when given. Few instructions a row and no early exit, so that
-// many rows' reads (a miss each where rows are long) are in flight at once: an ignored row reads an element of its
-// own row and keeps 0, a target out of range reads class 0, keeps 0 and sets `bad`.
+// The losses of rows b0..b1 of one element each (no gradient): their sum in sum_in_lanes' interleaved lanes, each
+// row's loss stored in loss[] when given. Few instructions a row and no early exit, so that many rows' reads (a
+// miss each where rows are long) are in flight at once: an ignored row reads an element of its own row and keeps
+// 0, a target out of range reads class 0, keeps 0 and sets `bad`.
 template <typename scalar_t, bool kWeighted>
 double nll_loss_only_rows(const scalar_t* x, int64_t stride_outer, int64_t stride_class, const int64_t* target,
                           const opmath_t<scalar_t>* w, int64_t C, int64_t ignore_index, int64_t b0, int64_t b1,
@@ -94,15 +91,9 @@ double nll_loss_only_rows(const scalar_t* x, int64_t stride_outer, int64_t strid
     bad |= any_bad;
     return v;
   }
-  double lanes[kNllLanes] = {};
-  int64_t o = b0;
-  for (; o + kNllLanes <= b1; o += kNllLanes) {
-#pragma GCC unroll 8
-    for (int64_t l = 0; l < kNllLanes; ++l) lanes[l] += value(o + l);
-  }
-  for (int64_t l = 0; o < b1; ++o, ++l) lanes[l] += value(o);
+  const double sum = sum_in_lanes(b0, b1, value);
   bad |= any_bad;
-  return sum_of_lanes(lanes);
+  return sum;
 }
 
 // input: (outer, C, inner) with any strides; target: int64, outer * inner; weight: (C,) in the accumulation dtype or
@@ -171,21 +162,14 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
           nll_zero_region(g + b0 * region, (b1 - b0) * region, stream);
           if (stream) finish_streaming();  // the zeros land before the target values written over them
         }
-        // Rows in kNllLanes interleaved sums combined in a fixed order: one sum is a chain of dependent adds, which
+        // Rows in sum_in_lanes' interleaved sums combined in a fixed order: one sum is a chain of dependent adds, which
         // bounds a loop of short rows. Rows far apart in memory prefetch a later row's target element.
         const bool prefetch = stride_outer * static_cast<int64_t>(sizeof(scalar_t)) >= kNllPrefetchRowBytes;
         auto lane_row = [&](int64_t o) {
           const int64_t ahead = prefetch && o + kNllPrefetchRows < outer ? o + kNllPrefetchRows : -1;
           return row(o, o * stride_outer, g != nullptr ? g + o * region : nullptr, ahead, ahead * stride_outer);
         };
-        double lanes[kNllLanes] = {};
-        int64_t o = b0;
-        for (; o + kNllLanes <= b1; o += kNllLanes) {
-#pragma GCC unroll 8
-          for (int64_t l = 0; l < kNllLanes; ++l) lanes[l] += lane_row(o + l);
-        }
-        for (int64_t l = 0; o < b1; ++o, ++l) lanes[l] += lane_row(o);
-        block_sums[k] = sum_of_lanes(lanes);
+        block_sums[k] = sum_in_lanes(b0, b1, lane_row);
         continue;
       }
       for (int64_t o = b0; o < b1; ++o) {

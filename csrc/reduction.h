@@ -56,17 +56,25 @@ inline double sum_of_lanes(const double (&s)[8]) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-// Sum of n values in double, in eight interleaved accumulators combined in a fixed order: one accumulator is a
-// chain of dependent adds, bound by the add's latency.
+// Sum of value(i) for i in [begin, end), in double, in eight interleaved accumulators (value i in lane
+// (i - begin) % 8) combined in a fixed order: one accumulator is a chain of dependent adds, bound by the add's
+// latency.
+template <typename Value>
+inline double sum_in_lanes(int64_t begin, int64_t end, const Value& value) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) s[k] += static_cast<double>(value(i + k));
+  }
+  for (int k = 0; i < end; ++i, ++k) s[k] += static_cast<double>(value(i));
+  return sum_of_lanes(s);
+}
+
+// Sum of n values in double, as sum_in_lanes forms it.
 template <typename T>
 inline double sum_in_double(const T* x, int64_t n) {
-  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) s[k] += static_cast<double>(x[i + k]);
-  }
-  for (; i < n; ++i) s[i % 8] += static_cast<double>(x[i]);
-  return sum_of_lanes(s);
+  return sum_in_lanes(0, n, [x](int64_t i) { return x[i]; });
 }
 
 // Sum and dot product of n contiguous values with at::vec's reductions (one accumulator): the sums of the
