@@ -54,6 +54,12 @@ def isas():
     return ["default"]
 
 
+def build_order(variants):
+    """The baseline first, then the widest ISA first (see ext_modules below)."""
+    width = list(ISA_FLAGS)
+    return sorted(variants, key=lambda isa: (isa != "default", -width.index(isa) if isa in width else 0))
+
+
 def flags():
     # -g0 / -g1 below override the -g that Python's own CFLAGS put first: full debug info costs compile time
     # that a release or sanitizer build does not need.
@@ -130,7 +136,11 @@ def use_ccache():
 
 use_ccache()
 setup(
-    ext_modules=[extension("lossops._C", [os.path.join("csrc", f) for f in HOST_SOURCES], "default")]
-    + [extension("lossops._kernels_" + isa, [unity_source(isa)], isa) for isa in isas()],
+    # Longest first: the extensions are built MAX_JOBS at a time in this order. Each kernel library is one
+    # translation unit; the baseline one (at::vec's emulated vectors: loops the optimiser works through) takes
+    # longest, then the wider the ISA the longer. The host module's three small files come last, beside the last
+    # library: in any other order one library was left compiling alone at the end.
+    ext_modules=[extension("lossops._kernels_" + isa, [unity_source(isa)], isa) for isa in build_order(isas())]
+    + [extension("lossops._C", [os.path.join("csrc", f) for f in HOST_SOURCES], "default")],
     cmdclass={"build_ext": PerExtensionBuild},  # ninja by default when it is installed
 )

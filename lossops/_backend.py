@@ -13,6 +13,7 @@ import functools
 import importlib
 import importlib.metadata
 import os
+import sys
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -96,9 +97,20 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result, without making `import lossops` import Dynamo: that decorator
+    imports torch._dynamo (more than a second, which plain `import torch` does not spend) only to set the mark
+    Dynamo's tracer looks for. tests/test_compile.py checks that the mark set here is the one torch's decorator
+    sets."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Dynamo cannot trace ContextVar.get or the cached imports below: under torch.compile the choice is made
 # once, when the function is compiled, and becomes a constant of the graph.
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def resolve(device: torch.device) -> str:
     """The concrete backend for tensors on `device`, or a RuntimeError saying why none can serve it.
 

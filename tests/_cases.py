@@ -26,16 +26,16 @@ def pairwise(factors: dict, valid=lambda case: True) -> list[dict]:
     """
     names = list(factors)
     candidates = grid(factors, valid)
-
-    def pairs(case):
-        return {(a, repr(case[a]), b, repr(case[b])) for a, b in itertools.combinations(names, 2)}
-
-    uncovered = set().union(*(pairs(c) for c in candidates))
+    # Each candidate's pairs are formed once: the greedy loop below intersects them with what is left on every
+    # round, for every candidate.
+    covers = [{(a, repr(case[a]), b, repr(case[b])) for a, b in itertools.combinations(names, 2)}
+              for case in candidates]
+    uncovered = set().union(*covers)
     chosen = []
     while uncovered:
-        best = max(candidates, key=lambda c: len(pairs(c) & uncovered))
-        chosen.append(best)
-        uncovered -= pairs(best)
+        best = max(range(len(candidates)), key=lambda i: len(covers[i] & uncovered))
+        chosen.append(candidates[best])
+        uncovered -= covers[best]
     return chosen
 
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lossops
 from lossops._family import FAMILIES
-from _cases import leaf_copies
+from _cases import leaf_copies, run_python
 
 
 # --- bad arguments: (args, kwargs) -> (args, kwargs) ---------------------------------------------------------------
@@ -175,6 +175,25 @@ def test_inductor_all_ops_in_one_graph():
         run(step, bad_inputs)
     with pytest.raises(IndexError, match=re.escape(str(eager_error.value))):
         run(compiled, bad_inputs)
+
+
+def test_backend_choice_carries_the_mark_torchs_constant_decorator_sets():
+    """lossops._backend marks `resolve` for Dynamo without importing it; the mark must be the one
+    torch.compiler.assume_constant_result sets, or Dynamo would trace the backend choice (a ContextVar read)."""
+    from lossops import _backend
+
+    def probe():
+        return 0
+    marks = dict(vars(torch.compiler.assume_constant_result(probe)))
+    assert marks, "torch's decorator no longer marks the function: see lossops._backend._constant_under_compile"
+    assert {name: getattr(_backend.resolve, name, None) for name in marks} == marks
+
+
+def test_import_leaves_dynamo_unimported():
+    # Dynamo's import costs more than lossops' own; a compiled call imports it when it needs it.
+    code = "import sys, lossops; assert 'torch._dynamo' not in sys.modules, 'imported torch._dynamo'"
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr
 
 
 def test_max_autotune_no_cudagraphs():

@@ -158,8 +158,9 @@ def _check_distillation(mesh, backend):
                 for dim in (0, 1):  # either leading dimension; the target as a DTensor and as a plain tensor
                     _compare(mesh, lossops.distillation_loss, oracle, [student, teacher, target],
                              [Shard(dim), Shard(dim), Shard(dim)], kw)
-                    _compare(mesh, lossops.distillation_loss, oracle, [student, teacher, target],
-                             [Shard(dim), None, None], kw)
+                    if backend != "triton":  # the kernels get the same shards as above; the split is backend-free
+                        _compare(mesh, lossops.distillation_loss, oracle, [student, teacher, target],
+                                 [Shard(dim), None, None], kw)
             # no target: every token counts; a teacher that requires grad gets its gradient through the shards
             _compare(mesh, lossops.distillation_loss, oracle, [student, teacher], [Shard(0), Shard(0)],
                      dict(reduction=reduction, divergence="tvd"), grad_of=(0, 1))
