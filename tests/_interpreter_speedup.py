@@ -70,4 +70,26 @@ def install() -> bool:
     patch_lang._lossops_wrapped = True
     interpreter._patch_lang = patch_lang
     interpreter.GridExecutor.__call__ = launch
+    _numpy_dtypes_kept(interpreter, tl)
     return True
+
+
+def _numpy_dtypes_kept(interpreter, tl) -> None:
+    """The interpreter's `_get_np_dtype` builds its table of numpy dtypes anew at every call (for every tensor it
+    makes: several per operation, per program). The answer depends only on the element type (a pointer, of a block
+    or alone, is uint64; any other type maps through that table), so it is looked up once per element type here."""
+    shipped = getattr(interpreter, "_get_np_dtype", None)
+    if shipped is None or not hasattr(tl, "block_type") or not hasattr(tl, "pointer_type"):
+        return
+    kept = {}
+
+    def get_np_dtype(tt_dtype):
+        element = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(element, tl.pointer_type):
+            return shipped(element)
+        found = kept.get(element)
+        if found is None:
+            found = kept[element] = shipped(element)
+        return found
+
+    interpreter._get_np_dtype = get_np_dtype
