@@ -99,9 +99,9 @@ def triton_interpreted() -> bool:
 
 def _constant_under_compile(fn):
     """torch.compiler.assume_constant_result, without making `import lossops` import Dynamo: that decorator
-    imports torch._dynamo (more than a second, which plain `import torch` does not spend) only to set the mark
-    Dynamo's tracer looks for. tests/test_compile.py checks that the mark set here is the one torch's decorator
-    sets."""
+    imports torch._dynamo (a longer import than all of lossops', which plain `import torch` does not make) only to
+    set the mark Dynamo's tracer looks for. tests/test_compile.py checks that the mark set here is the one torch's
+    decorator sets."""
     if "torch._dynamo" in sys.modules:
         return torch.compiler.assume_constant_result(fn)
     fn._dynamo_marked_constant = True

@@ -42,8 +42,8 @@ if os.environ.get("LOSSOPS_SANITIZED") == "1":
 def _sample_iterators_without_stack_walk() -> None:
     """torch's OpInfo sample and error iterators (TrackedInputIter) look for the running unittest.TestCase method
     when they are made, so that a failing sample can print a repro command: `extract_test_fn` walks
-    `inspect.stack()`, which reads the source lines of every frame, a large part of a second at pytest's stack
-    depth, once per `sample_inputs` call (at collection, and in every OpInfo test). Only a frame whose `self` is a
+    `inspect.stack()`, which reads the source lines of every frame of pytest's deep stack, once per
+    `sample_inputs` call (at collection, and in every OpInfo test). Only a frame whose `self` is a
     unittest.TestCase can match; these tests are pytest functions, so the walk always ends in None, which is what
     this returns at once."""
     from torch.testing._internal import common_utils
