@@ -57,7 +57,7 @@ def isas():
 def build_order(variants):
     """The baseline first, then the widest ISA first (see ext_modules below)."""
     width = list(ISA_FLAGS)
-    return sorted(variants, key=lambda isa: (isa != "default", -width.index(isa) if isa in width else 0))
+    return sorted(variants, key=lambda isa: (isa != "default", -width.index(isa)))
 
 
 def flags():

@@ -108,6 +108,15 @@ def assert_float64_gradients_match(fn, inputs: list[torch.Tensor], backend: str,
                                    rtol=1e-10, atol=1e-12, msg=lambda m: f"gradient {which}: {m}")
 
 
+def assert_gradcheck(fn, inputs, backend: str):
+    """float64 gradcheck of fn at inputs. Under Triton's interpreter a projection of the Jacobian (fast_mode), and
+    gradients equal to the C++ backend's: for tests whose C++ grid, a superset of the interpreter's cases,
+    gradchecks every element."""
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=backend == "triton")
+    if backend == "triton":
+        assert_float64_gradients_match(fn, list(inputs), backend)
+
+
 def lowp_error_no_worse(ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor, what: str, slack_ulps=1.0):
     """Our low-precision result is at least as close to the float64 truth as torch's own same-dtype result,
     up to `slack_ulps` units of the dtype's epsilon relative to the truth's scale (both round the final

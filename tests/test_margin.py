@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import assert_float64_gradients_match, backend_cases, forward_backward, grid, leaf_copies, pairwise
+from _cases import assert_gradcheck, backend_cases, forward_backward, grid, leaf_copies, pairwise
 from _elementwise_cases import check_reduced_precision, check_torch_module_sample, torch_module_params
 
 # target values: signs, and what torch does with any other value (hinge: both terms; soft margin: a scale)
@@ -34,11 +34,7 @@ def test_soft_margin_float64_matches_torch_and_gradcheck(backend, case):
     fn = lambda x: lossops.soft_margin_loss(x, t, reduction=case["reduction"])  # noqa: E731
     assert_close(forward_backward(fn, [x]),
                  forward_backward(lambda x: F.soft_margin_loss(x, t, reduction=case["reduction"]), leaf_copies([x])))
-    # Under Triton's interpreter a projection of the Jacobian (fast_mode), and gradients equal to the C++
-    # backend's, whose grid (a superset of these cases) gradchecks every element.
-    assert torch.autograd.gradcheck(fn, (x,), fast_mode=backend == "triton")
-    if backend == "triton":
-        assert_float64_gradients_match(fn, [x], backend)
+    assert_gradcheck(fn, (x,), backend)
 
 
 @pytest.mark.parametrize("backend, case", _cases(True), indirect=["backend"])
@@ -51,11 +47,7 @@ def test_hinge_embedding_float64_matches_torch_and_gradcheck(backend, case):
     fn = lambda x: lossops.hinge_embedding_loss(x, t, **kwargs)  # noqa: E731
     assert_close(forward_backward(fn, [x]),
                  forward_backward(lambda x: F.hinge_embedding_loss(x, t, **kwargs), leaf_copies([x])))
-    # Under Triton's interpreter a projection of the Jacobian (fast_mode), and gradients equal to the C++
-    # backend's, whose grid (a superset of these cases) gradchecks every element.
-    assert torch.autograd.gradcheck(fn, (x,), fast_mode=backend == "triton")
-    if backend == "triton":
-        assert_float64_gradients_match(fn, [x], backend)
+    assert_gradcheck(fn, (x,), backend)
 
 
 def test_hinge_embedding_at_the_kink_and_nonfinite(backend):
