@@ -70,6 +70,23 @@ def kernel_backend(request):
         yield request.param
 
 
+@pytest.fixture(params=[True, False], ids=["widened", "native"])
+def product_route(request, monkeypatch):
+    """Low-precision products in float32 blocks (_WideProducts, what a CPU without oneDNN's bfloat16/float16 kernels
+    takes) or in the operands' dtype (what one with them takes), whichever this CPU has. Yields (widened, count): count
+    is a list holding the number of widened logits products made so far."""
+    from lossops.losses import linear_cross_entropy as linear_ce
+    monkeypatch.setattr(linear_ce, "_native_cpu_products", lambda dtype: not request.param)
+    products = [0]
+    logits = linear_ce._WideProducts.logits
+
+    def counted(self, *args, **kwargs):
+        products[0] += 1
+        return logits(self, *args, **kwargs)
+    monkeypatch.setattr(linear_ce._WideProducts, "logits", counted)
+    yield request.param, products
+
+
 def pytest_addoption(parser):
     parser.addoption("--fuzz-long", action="store_true",
                      help="tests/test_fuzz.py: the long hypothesis profile (same as LOSSOPS_FUZZ_PROFILE=long)")

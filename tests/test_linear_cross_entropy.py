@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import lossops
 from lossops.losses.cross_entropy import CrossEntropyOptions, reference_cross_entropy
+from lossops.losses import linear_cross_entropy as linear_ce
 from lossops.losses.linear_cross_entropy import LOGITS_BUDGET, chunk_rows
 from _cases import linear_loss_peak_beyond_gradients
 
@@ -149,6 +150,56 @@ def test_bfloat16_accumulates_across_chunks_in_float32():
         assert o.dtype == torch.bfloat16
         ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
         assert ours_err <= 1.5 * torch_err + 1e-3 * e.abs().max(), (ours_err, torch_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_low_precision_products_no_worse_than_torch(kernel_backend, product_route, dtype, reduction):
+    """Both product routes: loss and gradients within torch's own error against a float64 truth (the weight's
+    gradient summed over 5 chunks, the widened products' vocabulary blocks of a few rows)."""
+    is_widened, products = product_route
+    hidden, weight, bias, target, _ = make_inputs({}, n=N, d=D, v=V, dtype=torch.float64)
+    low = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias)]
+    grad_output = torch.rand(N, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.0)
+    leaves64 = [t.detach().double().requires_grad_() for t in low]
+    exact_loss = truth(*leaves64, target, reduction)
+    exact = torch.autograd.grad(exact_loss, leaves64, grad_output)
+    ours_loss = lossops.linear_cross_entropy(low[0], low[1], target, linear_bias=low[2], reduction=reduction,
+                                             chunk_size=CHUNK)
+    ours = torch.autograd.grad(ours_loss, low, grad_output.to(ours_loss.dtype))
+    torch_loss = truth(*low, target, reduction)
+    torchs = torch.autograd.grad(torch_loss, low, grad_output.to(torch_loss.dtype))
+    assert (products[0] > 0) == is_widened
+    for name, e, o, t in zip(("loss", "hidden", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
+                              (torch_loss, *torchs)):
+        assert o.dtype == dtype
+        ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
+        # The native route rounds each chunk's weight-gradient product to the operands' dtype before the float32
+        # sum (CPU matmuls have no float32 output for them): with few chunks, up to about twice torch's one rounding.
+        bound = 2.5 if name == "weight" and not is_widened else 1.5
+        assert ours_err <= bound * torch_err + 1e-3 * e.abs().max(), (name, ours_err, torch_err)
+
+
+def test_widened_products_only_for_low_precision_on_cpu():
+    assert not linear_ce.widened_products(torch.float32, torch.device("cpu"))
+    assert not linear_ce.widened_products(torch.float64, torch.device("cpu"))
+    assert not linear_ce.widened_products(torch.bfloat16, torch.device("cuda"))
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert linear_ce.widened_products(torch.bfloat16, torch.device("cpu")) == (not native)
+
+
+def test_widened_products_workspace_within_what_chunk_rows_counts():
+    """The float32 weight and product blocks take at most one chunk of low-precision logits (the product block
+    chunk_rows counts), the float32 hidden rows and their gradient 8 bytes a feature a row (widened_features)."""
+    for rows, vocab, features in ((456, 32000, 512), (128, 128256, 4096), (5, 11, 8), (64, 128, 4096)):
+        wide = linear_ce._WideProducts(rows, vocab, features, 2, torch.device("cpu"))
+        assert 1 <= wide.block <= vocab
+        assert wide.block == 1 or (wide.weight_block.numel() + wide.product_block.numel()) * 4 <= rows * vocab * 2
+        assert (wide.hidden.numel() + wide.grad_hidden.numel()) * 4 == 8 * features * rows
+    for tokens, vocab, features in ((2048, 32768, 256), (4096, 128256, 4096)):
+        rows = chunk_rows(tokens, vocab, 2, LOGITS_BUDGET, widened_features=features)
+        held = rows * vocab * 2 * 2 + 8 * features * rows + 64 * tokens
+        assert held <= tokens * vocab * 4 // 8, (rows, held)
 
 
 def test_never_allocates_full_logits():

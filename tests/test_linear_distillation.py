@@ -110,6 +110,32 @@ def test_bfloat16_weight_gradient_no_worse_than_torch():
         assert (o.double() - e).abs().max() <= 1.5 * (t.double() - e).abs().max() + 1e-3 * e.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_products_no_worse_than_torch(kernel_backend, product_route, dtype):
+    """Both product routes (the teacher, with its own features, sharing the student's workspace): loss and the
+    student's gradients within torch's own error against a float64 truth."""
+    is_widened, products = product_route
+    student, teacher, target = _inputs(tokens=(40,), ds=12, dt=20, vocab=48)
+    low = [t.detach().to(dtype).requires_grad_() for t in student]
+    low_teacher = [t.to(dtype) for t in teacher]
+    leaves64 = [t.detach().double().requires_grad_() for t in low]
+    options = dict(divergence="jsd", hard_weight=0.3, reduction="sum")
+    exact_loss = _truth(leaves64, [t.double() for t in low_teacher], target, **options)
+    exact = torch.autograd.grad(exact_loss, leaves64)
+    ours_loss = _call(low, low_teacher, target, chunk_size=16, **options)
+    ours = torch.autograd.grad(ours_loss, low)
+    torch_loss = _truth(low, low_teacher, target, **options)
+    torchs = torch.autograd.grad(torch_loss, low)
+    assert (products[0] > 0) == is_widened
+    for name, e, o, t in zip(("loss", "input", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
+                              (torch_loss, *torchs)):
+        assert o.dtype == dtype
+        ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
+        # the native route's weight gradient: see test_linear_cross_entropy's test of the same name
+        bound = 2.5 if name == "weight" and not is_widened else 1.5
+        assert ours_err <= bound * torch_err + 1e-3 * e.abs().max(), (name, ours_err, torch_err)
+
+
 def test_a_teacher_that_requires_grad_gets_its_gradients(backend):
     student, teacher, target = _inputs()
     teacher = [t.requires_grad_() for t in teacher]

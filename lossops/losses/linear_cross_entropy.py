@@ -22,7 +22,8 @@ Low-precision inputs: grad_W and grad_b are accumulated across chunks in float32
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,9 +148,11 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     target1 = target.reshape(-1).to(torch.int64).contiguous()
     # the token statistics' gradient takes a second chunk of logits in backward
+    widened = hidden2.shape[1] if widened_products(hidden2.dtype, hidden2.device) else 0
     rows = chunk_size if chunk_size is not None else chunk_rows(hidden2.shape[0], linear_weight.shape[0],
                                                                 hidden.element_size(), LOGITS_BUDGET,
-                                                                logits_buffers=1 if stats_sink is None else 2)
+                                                                logits_buffers=1 if stats_sink is None else 2,
+                                                                widened_features=widened)
     wants = {name: torch.is_grad_enabled() and t is not None and t.requires_grad
              for name, t in (("hidden", hidden), ("weight", linear_weight), ("bias", bias))}
     tensors = {"hidden": hidden2, "weight": linear_weight, "bias": bias, "target": target1, "class_weight": weight}
@@ -206,14 +209,16 @@ SHARDING = _sharding.Sharding(lambda input: input.dim() - 1, whole=("linear_weig
                               class_dim_name="feature", replicated_only=token_options.DEFAULTS)
 
 
-def chunk_rows(num_rows: int, vocab: int, itemsize: int, budget: float, logits_buffers: int = 1) -> int:
+def chunk_rows(num_rows: int, vocab: int, itemsize: int, budget: float, logits_buffers: int = 1,
+               widened_features: int = 0) -> int:
     """Token rows per chunk of a fused linear loss, from a byte budget: `budget` (a fraction) of one float32
     num_rows x vocab logits tensor holds _TOKEN_BYTES a token and every chunk-sized buffer the op has at once: its
     `logits_buffers` chunks of logits (the distillation holds the student's and the teacher's) and, for logits of
-    less than 4 bytes, _Gradients' product block of the same size. Huge logits: about _CHUNK_BYTES of chunks, but at
-    least _MIN_CHUNK_ROWS rows; small logits: chunks of at least _MIN_CHUNK_BYTES. The rows are spread evenly over
-    the chunks that many rows need."""
-    per_row = max(vocab * itemsize * (logits_buffers + (itemsize < 4)), 1)
+    less than 4 bytes, a product block of the same size (_Gradients' or _WideProducts'), plus, where the products are
+    widened (widened_features: the widest model's features), _WideProducts' float32 hidden rows and their gradient.
+    Huge logits: about _CHUNK_BYTES of chunks, but at least _MIN_CHUNK_ROWS rows; small logits: chunks of at least
+    _MIN_CHUNK_BYTES. The rows are spread evenly over the chunks that many rows need."""
+    per_row = max(vocab * itemsize * (logits_buffers + (itemsize < 4)) + 8 * widened_features, 1)
     within_budget = int((budget * num_rows * vocab * 4 - _TOKEN_BYTES * num_rows) // per_row)
     most = max(1, min(within_budget, max(_CHUNK_BYTES // per_row, _MIN_CHUNK_ROWS)), _MIN_CHUNK_BYTES // per_row)
     chunks = -(-num_rows // most)
@@ -245,13 +250,97 @@ def _check_arguments(input: Tensor, linear_weight: Tensor, target: Tensor, linea
         raise ValueError(f"lossops: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _native_cpu_products(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies dtype on this CPU with oneDNN's kernels. Without them (CPUs before AVX-512) its
+    bfloat16 and float16 matmuls take portable loops, one or two orders of magnitude slower than its float32 one."""
+    if dtype == torch.bfloat16:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return True
+
+
+def widened_products(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused linear losses multiply dtype's operands in float32 (_WideProducts): bfloat16 and float16 on a
+    CPU without native kernels for them. Each product is still rounded to dtype where it is stored, as a native
+    low-precision matmul (float32 accumulation) rounds it."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _native_cpu_products(dtype)
+
+
+class _WideProducts:
+    """The chunks' products in float32, for operands whose own CPU matmul is slow (widened_products): the weight a
+    block of vocabulary rows at a time, so the float32 copies (a weight block and a block of the chunk's logits or
+    their gradient) take no more bytes than one chunk of low-precision logits. One workspace serves every chunk, and
+    both models of the distillation."""
+
+    def __init__(self, rows: int, vocab: int, features: int, itemsize: int, device: torch.device):
+        self.block = max(1, min(vocab, rows * vocab * itemsize // (4 * (rows + features))))
+        self.weight_block = torch.empty(self.block * features, device=device)
+        self.product_block = torch.empty(rows * self.block, device=device)
+        self.hidden = torch.empty(rows * features, device=device)
+        self.grad_hidden = torch.empty(rows * features, device=device)
+
+    @staticmethod
+    def _view(buffer: Tensor, rows: int, columns: int) -> Tensor:
+        return buffer[:rows * columns].view(rows, columns)
+
+    def _blocks(self, weight: Tensor):
+        """(v0, v1, weight[v0:v1] in float32) per block of vocabulary rows."""
+        for v0 in range(0, weight.shape[0], self.block):
+            v1 = min(v0 + self.block, weight.shape[0])
+            yield v0, v1, self._view(self.weight_block, v1 - v0, weight.shape[1]).copy_(weight[v0:v1])
+
+    def _hidden(self, h: Tensor) -> Tensor:
+        return self._view(self.hidden, *h.shape).copy_(h)
+
+    def logits(self, h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
+        """out = h @ weight.T + bias."""
+        h32 = self._hidden(h)
+        for v0, v1, w32 in self._blocks(weight):
+            product = self._view(self.product_block, h.shape[0], v1 - v0)
+            if bias is None:
+                torch.mm(h32, w32.t(), out=product)
+            else:
+                torch.addmm(bias[v0:v1].float(), h32, w32.t(), out=product)
+            out[:, v0:v1].copy_(product)
+
+    def contract(self, h: Tensor, dlogits: Tensor, weight: Tensor, grad_hidden: Optional[Tensor],
+                 grad_weight_sum: Optional[Tensor]) -> None:
+        """grad_hidden = dlogits @ weight (stored in its dtype) and grad_weight_sum += dlogits.T @ h (float32)."""
+        h32 = self._hidden(h) if grad_weight_sum is not None else None
+        gh32 = self._view(self.grad_hidden, *h.shape) if grad_hidden is not None else None
+        for v0, v1, w32 in self._blocks(weight):
+            g32 = self._view(self.product_block, h.shape[0], v1 - v0).copy_(dlogits[:, v0:v1])
+            if gh32 is not None:
+                if v0 == 0:
+                    torch.mm(g32, w32, out=gh32)
+                else:
+                    gh32.addmm_(g32, w32)
+            if grad_weight_sum is not None:
+                grad_weight_sum[v0:v1].addmm_(g32.t(), h32)
+        if grad_hidden is not None:
+            grad_hidden.copy_(gh32)
+
+
+def wide_products_for(hiddens: Sequence[Tensor], weight: Tensor, rows: int) -> Optional[_WideProducts]:
+    """The workspace of the chunks of these models' hidden rows (rows of tokens a chunk), or None where the products
+    run in the operands' own dtype."""
+    hidden = hiddens[0]
+    if not widened_products(hidden.dtype, hidden.device):
+        return None
+    return _WideProducts(min(rows, hidden.shape[0]), weight.shape[0], max(h.shape[1] for h in hiddens),
+                         hidden.element_size(), hidden.device)
+
+
 class _Chunks:
     """The fused pass's token chunks: each chunk's logits, hidden[chunk] @ weight.T + bias, computed into one
     buffer that every chunk reuses, so at most chunk_size x V logits exist at a time."""
 
-    def __init__(self, backend: str, t: dict, o: LinearCrossEntropyOptions):
+    def __init__(self, backend: str, t: dict, o: LinearCrossEntropyOptions, wide: Optional[_WideProducts] = None):
         self.backend, self.options = backend, o
         self.hidden, self.weight, self.bias, self.target = t["hidden"], t["weight"], t["bias"], t["target"]
+        self.wide = wide if wide is not None else wide_products_for((self.hidden,), self.weight, o.chunk_size)
 
     def __iter__(self):
         """(start, stop, hidden[start:stop], the chunk's logits) per chunk; the logits are overwritten by the next."""
@@ -260,7 +349,9 @@ class _Chunks:
         for start in range(0, num_rows, size):
             stop = min(start + size, num_rows)
             h, logits = self.hidden[start:stop], buffer[:stop - start]
-            if self.bias is None:
+            if self.wide is not None:
+                self.wide.logits(h, self.weight, self.bias, out=logits)
+            elif self.bias is None:
                 torch.mm(h, self.weight.t(), out=logits)
             else:
                 torch.addmm(self.bias, h, self.weight.t(), out=logits)
@@ -300,7 +391,7 @@ class _Gradients:
     def __init__(self, chunks: _Chunks, wanted: dict):
         hidden, weight, bias = chunks.hidden, chunks.weight, chunks.bias
         acc, vocab = _checks.opmath_dtype(hidden.dtype), weight.shape[0]
-        self.weight = weight
+        self.weight, self.wide = weight, chunks.wide
         self.grad_hidden = _backend.empty_gradient(hidden) if wanted["hidden"] else None
         self.grad_weight_sum = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wanted["weight"] else None
         wants_bias = wanted["bias"] and bias is not None
@@ -312,10 +403,14 @@ class _Gradients:
         return self.grad_hidden is not None or self.grad_weight_sum is not None or self.grad_bias_sum is not None
 
     def add(self, start: int, stop: int, h: Tensor, dlogits: Tensor) -> None:
-        if self.grad_hidden is not None:
-            torch.mm(dlogits, self.weight, out=self.grad_hidden[start:stop])
         if self.grad_bias_sum is not None:
             self.grad_bias_sum += dlogits.sum(0, dtype=self.grad_bias_sum.dtype)
+        if self.wide is not None:
+            self.wide.contract(h, dlogits, self.weight,
+                               None if self.grad_hidden is None else self.grad_hidden[start:stop], self.grad_weight_sum)
+            return
+        if self.grad_hidden is not None:
+            torch.mm(dlogits, self.weight, out=self.grad_hidden[start:stop])
         if self.grad_weight_sum is not None and self.grad_weight_sum.dtype == dlogits.dtype:
             self.grad_weight_sum.addmm_(dlogits.t(), h)
         elif self.grad_weight_sum is not None:

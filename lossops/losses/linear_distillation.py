@@ -23,7 +23,7 @@ from .. import _backend, _checks, _family, _reduce
 from .distillation import (DISTILLATION, KERNEL, DistillationOptions, check_options, kernel_arguments,
                            reference_distillation_loss, token_count, token_sharding, token_targets,
                            torch_distillation_loss)
-from .linear_cross_entropy import _Chunks, _Gradients, chunk_rows
+from .linear_cross_entropy import _Chunks, _Gradients, chunk_rows, wide_products_for, widened_products
 
 # Both models' chunks of logits (and everything else the op holds beyond the student's gradients) within a quarter
 # of one float32 tokens x vocab logits tensor (linear_cross_entropy.chunk_rows).
@@ -90,8 +90,9 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     features = student_input.shape[-1]
     hidden = student_input.reshape(-1, features)
     tokens, vocab = hidden.shape[0], student_weight.shape[0]
+    widened = max(features, teacher_input.shape[-1]) if widened_products(hidden.dtype, hidden.device) else 0
     rows = chunk_size if chunk_size is not None else chunk_rows(tokens, vocab, hidden.element_size(), LOGITS_BUDGET,
-                                                                logits_buffers=2)
+                                                                logits_buffers=2, widened_features=widened)
     if chunk_size is None and rows >= tokens:
         # One chunk would hold every token, so both logits tensors are formed either way: torch's linear and the
         # distillation loss's own op (one C++ call on plain CPU tensors) then cost a few calls, where the chunked
@@ -135,10 +136,11 @@ def _check_linear(model: str, input: Tensor, weight: Tensor, bias: Optional[Tens
 
 def _model_chunks(backend: str, t: dict, o: LinearDistillationOptions) -> tuple[_Chunks, _Chunks]:
     """The student's and the teacher's chunks (the same token rows, each model's logits in a buffer of its own)."""
+    wide = wide_products_for((t["hidden"], t["teacher_hidden"]), t["weight"], o.chunk_size)
     student = _Chunks(backend, {"hidden": t["hidden"], "weight": t["weight"], "bias": t["bias"],
-                                "target": t["target"]}, o)
+                                "target": t["target"]}, o, wide)
     teacher = _Chunks(backend, {"hidden": t["teacher_hidden"], "weight": t["teacher_weight"],
-                                "bias": t["teacher_bias"], "target": t["target"]}, o)
+                                "bias": t["teacher_bias"], "target": t["target"]}, o, wide)
     return student, teacher
 
 
@@ -221,7 +223,12 @@ def _bench_inputs(shape, dtype, device):
 
 def _matrix_products(student, student_weight, teacher, teacher_weight, target, gradients: bool):
     """The products every implementation makes, as plain torch.mm into buffers allocated here: both models' logits
-    and, with gradients, the student's input and weight gradients from d(loss)/d(logits) (a random stand-in)."""
+    and, with gradients, the student's input and weight gradients from d(loss)/d(logits) (a random stand-in). Where
+    the fused losses widen the products (widened_products), the fastest form is float32's: the operands are copied to
+    float32 here, outside the timed products."""
+    if widened_products(student.dtype, student.device):
+        student, student_weight, teacher, teacher_weight = (
+            t.detach().float() for t in (student, student_weight, teacher, teacher_weight))
     logits = [torch.empty(student.shape[0], student_weight.shape[0], dtype=student.dtype, device=student.device)
               for _ in range(2)]
     grad_logits = torch.randn_like(logits[0]) if gradients else None
