@@ -48,6 +48,12 @@ _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
 _MIN_CHUNK_BYTES = 1 << 20
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
+# _WideProducts' float32 blocks: a product block of at most _WIDE_PRODUCT_BYTES (what a core's cache holds while it
+# is rounded into the logits) and a weight block of at most _WIDE_WEIGHT_BYTES, but never under _MIN_WIDE_BLOCK
+# vocabulary rows, where the products would lose their matmul efficiency.
+_WIDE_PRODUCT_BYTES = 2 << 20
+_WIDE_WEIGHT_BYTES = 8 << 20
+_MIN_WIDE_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +281,10 @@ class _WideProducts:
     both models of the distillation."""
 
     def __init__(self, rows: int, vocab: int, features: int, itemsize: int, device: torch.device):
-        self.block = max(1, min(vocab, rows * vocab * itemsize // (4 * (rows + features))))
+        within_budget = rows * vocab * itemsize // (4 * (rows + features))
+        # A block's float32 product is rounded into the logits (or its gradient read) while it is still in cache.
+        in_cache = max(_MIN_WIDE_BLOCK, min(_WIDE_PRODUCT_BYTES // (4 * rows), _WIDE_WEIGHT_BYTES // (4 * features)))
+        self.block = max(1, min(vocab, within_budget, in_cache))
         self.weight_block = torch.empty(self.block * features, device=device)
         self.product_block = torch.empty(rows * self.block, device=device)
         self.hidden = torch.empty(rows * features, device=device)
