@@ -86,6 +86,35 @@ def test_one_chunk_takes_linear_and_the_distillation_op(backend, options):
                                    atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_chunk_with_widened_products(product_route, dtype):
+    """One chunk on a CPU whose products are widened: float32 logits rounded to the dtype (widened_linear), as close
+    to the float64 truth as torch's own; a weight whose float32 copy would exceed the byte budget takes the chunked
+    op instead (its widened logits products counted)."""
+    is_widened, products = product_route
+    student, teacher, target = _inputs(tokens=(40,), ds=12, dt=20, vocab=48)
+    low = [t.detach().to(dtype).requires_grad_() for t in student]
+    low_teacher = [t.to(dtype) for t in teacher]
+    leaves64 = [t.detach().double().requires_grad_() for t in low]
+    exact_loss = _truth(leaves64, [t.double() for t in low_teacher], target, reduction="sum")
+    exact = torch.autograd.grad(exact_loss, leaves64)
+    ours_loss = _call(low, low_teacher, target, reduction="sum")
+    ours = torch.autograd.grad(ours_loss, low)
+    torch_loss = _truth(low, low_teacher, target, reduction="sum")
+    torchs = torch.autograd.grad(torch_loss, low)
+    assert products[0] == 0  # one chunk: no chunked op
+    for name, e, o, t in zip(("loss", "input", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
+                              (torch_loss, *torchs)):
+        assert o.dtype == dtype
+        ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
+        assert ours_err <= 1.5 * torch_err + 1e-3 * e.abs().max(), (name, ours_err, torch_err)
+    # 2 tokens of a 4096-word vocabulary: one chunk of logits, but 4 MiB of float32 weights
+    wide_student, wide_teacher, wide_target = _inputs(tokens=(2,), ds=128, dt=128, vocab=4096, dtype=dtype)
+    with torch.no_grad():
+        _call(wide_student, wide_teacher, wide_target)
+    assert (products[0] > 0) == is_widened
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradcheck(backend, divergence):
     student, teacher, target = _inputs(tokens=(5,), ds=3, dt=4, vocab=6)

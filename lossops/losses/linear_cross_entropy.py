@@ -41,12 +41,12 @@ from .token_stats import STATS_GRAD_KERNEL, STATS_KERNEL
 # of one float32 N x V logits tensor (LOGITS_BUDGET here; the distillation, which holds two models' chunks, has its
 # own). Once the logits are huge the chunks hold about _CHUNK_BYTES, but never fewer than _MIN_CHUNK_ROWS rows
 # (smaller matmuls lose too much speed: each chunk's product re-reads the whole weight); small logits are not split
-# below _MIN_CHUNK_BYTES, where each chunk's calls would cost more than the memory saved is worth.
+# below MIN_CHUNK_BYTES, where each chunk's calls would cost more than the memory saved is worth.
 LOGITS_BUDGET = 1 / 8
 _TOKEN_BYTES = 64
 _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
-_MIN_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 1 << 20
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
 # _WideProducts' float32 blocks: a product block of at most _WIDE_PRODUCT_BYTES (what a core's cache holds while it
 # is rounded into the logits) and a weight block of at most _WIDE_WEIGHT_BYTES, but never under _MIN_WIDE_BLOCK
@@ -223,10 +223,10 @@ def chunk_rows(num_rows: int, vocab: int, itemsize: int, budget: float, logits_b
     less than 4 bytes, a product block of the same size (_Gradients' or _WideProducts'), plus, where the products are
     widened (widened_features: the widest model's features), _WideProducts' float32 hidden rows and their gradient.
     Huge logits: about _CHUNK_BYTES of chunks, but at least _MIN_CHUNK_ROWS rows; small logits: chunks of at least
-    _MIN_CHUNK_BYTES. The rows are spread evenly over the chunks that many rows need."""
+    MIN_CHUNK_BYTES. The rows are spread evenly over the chunks that many rows need."""
     per_row = max(vocab * itemsize * (logits_buffers + (itemsize < 4)) + 8 * widened_features, 1)
     within_budget = int((budget * num_rows * vocab * 4 - _TOKEN_BYTES * num_rows) // per_row)
-    most = max(1, min(within_budget, max(_CHUNK_BYTES // per_row, _MIN_CHUNK_ROWS)), _MIN_CHUNK_BYTES // per_row)
+    most = max(1, min(within_budget, max(_CHUNK_BYTES // per_row, _MIN_CHUNK_ROWS)), MIN_CHUNK_BYTES // per_row)
     chunks = -(-num_rows // most)
     return max(1, -(-num_rows // max(chunks, 1)))
 
@@ -272,6 +272,12 @@ def widened_products(dtype: torch.dtype, device: torch.device) -> bool:
     CPU without native kernels for them. Each product is still rounded to dtype where it is stored, as a native
     low-precision matmul (float32 accumulation) rounds it."""
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _native_cpu_products(dtype)
+
+
+def widened_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear with widened products (widened_products): float32 operands, the product rounded to input's dtype;
+    differentiable, its gradients rounded to their leaves' dtypes."""
+    return F.linear(input.float(), weight.float(), None if bias is None else bias.float()).to(input.dtype)
 
 
 class _WideProducts:

@@ -23,7 +23,8 @@ from .. import _backend, _checks, _family, _reduce
 from .distillation import (DISTILLATION, KERNEL, DistillationOptions, check_options, kernel_arguments,
                            reference_distillation_loss, token_count, token_sharding, token_targets,
                            torch_distillation_loss)
-from .linear_cross_entropy import _Chunks, _Gradients, chunk_rows, wide_products_for, widened_products
+from .linear_cross_entropy import (MIN_CHUNK_BYTES, _Chunks, _Gradients, chunk_rows, wide_products_for, widened_linear,
+                                   widened_products)
 
 # Both models' chunks of logits (and everything else the op holds beyond the student's gradients) within a quarter
 # of one float32 tokens x vocab logits tensor (linear_cross_entropy.chunk_rows).
@@ -90,15 +91,22 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     features = student_input.shape[-1]
     hidden = student_input.reshape(-1, features)
     tokens, vocab = hidden.shape[0], student_weight.shape[0]
-    widened = max(features, teacher_input.shape[-1]) if widened_products(hidden.dtype, hidden.device) else 0
-    rows = chunk_size if chunk_size is not None else chunk_rows(tokens, vocab, hidden.element_size(), LOGITS_BUDGET,
-                                                                logits_buffers=2, widened_features=widened)
-    if chunk_size is None and rows >= tokens:
+    widened = widened_products(hidden.dtype, hidden.device)
+    rows = chunk_size if chunk_size is not None else chunk_rows(
+        tokens, vocab, hidden.element_size(), LOGITS_BUDGET, logits_buffers=2,
+        widened_features=max(features, teacher_input.shape[-1]) if widened else 0)
+    one_chunk = chunk_size is None and rows >= tokens
+    if one_chunk and widened:
+        # widened_linear copies both weights to float32 whole: only where that fits the op's byte budget
+        one_chunk = (vocab * (features + teacher_input.shape[-1]) * 4
+                     <= max(LOGITS_BUDGET * tokens * vocab * 4, MIN_CHUNK_BYTES))
+    if one_chunk:
         # One chunk would hold every token, so both logits tensors are formed either way: torch's linear and the
         # distillation loss's own op (one C++ call on plain CPU tensors) then cost a few calls, where the chunked
-        # op's machinery costs more than a small problem's arithmetic. Same loss, gradients through F.linear.
-        student_logits = F.linear(student_input, student_weight, student_bias)
-        teacher_logits = F.linear(teacher_input, teacher_weight, teacher_bias)
+        # op's machinery costs more than a small problem's arithmetic. Same loss, gradients through the linear.
+        linear = widened_linear if widened else F.linear
+        student_logits = linear(student_input, student_weight, student_bias)
+        teacher_logits = linear(teacher_input, teacher_weight, teacher_bias)
         return DISTILLATION.function(student_logits, teacher_logits, target, divergence=divergence, beta=beta,
                                      temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                                      hard_weight=hard_weight, soft_weight=soft_weight)
