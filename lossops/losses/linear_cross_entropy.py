@@ -48,10 +48,10 @@ _CHUNK_BYTES = 256 << 20
 _MIN_CHUNK_ROWS = 128
 MIN_CHUNK_BYTES = 1 << 20
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
-# _WideProducts' float32 blocks: a product block of at most _WIDE_PRODUCT_BYTES (what a core's cache holds while it
+# _WideProducts' float32 blocks: a product block of at most _WIDE_PRODUCT_BYTES (what a core's L2 holds while it
 # is rounded into the logits) and a weight block of at most _WIDE_WEIGHT_BYTES, but never under _MIN_WIDE_BLOCK
 # vocabulary rows, where the products would lose their matmul efficiency.
-_WIDE_PRODUCT_BYTES = 2 << 20
+_WIDE_PRODUCT_BYTES = 1 << 20
 _WIDE_WEIGHT_BYTES = 8 << 20
 _MIN_WIDE_BLOCK = 128
 
