@@ -224,3 +224,19 @@ def without_eager_routes(m: pytest.MonkeyPatch) -> None:
     for route in _eager.routes():
         m.setattr(route, "call", lambda *arguments: None)
         m.setattr(route, "call_in_place", lambda *arguments: None)
+
+
+# The native route's bound on a fused linear loss's low-precision weight gradient: it rounds each chunk's product to
+# the operands' dtype before the float32 sum (CPU matmuls have no float32 output for them), which with few chunks is
+# up to about twice the error of torch's one rounded product.
+NATIVE_WEIGHT_GRADIENT_BOUND = 2.5
+
+
+def assert_no_worse_than_torch(names, exact, ours, torchs, dtype, bounds=None) -> None:
+    """Each of ours (in dtype) within `bound` times torch's own largest error against the float64 truth (1.5 unless
+    bounds names another), plus 1e-3 of the truth's largest magnitude."""
+    for name, e, o, t in zip(names, exact, ours, torchs):
+        assert o.dtype == dtype, (name, o.dtype)
+        ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
+        bound = (bounds or {}).get(name, 1.5)
+        assert ours_err <= bound * torch_err + 1e-3 * e.abs().max(), (name, ours_err, torch_err)

@@ -9,7 +9,7 @@ import lossops
 from lossops.losses.cross_entropy import CrossEntropyOptions, reference_cross_entropy
 from lossops.losses import linear_cross_entropy as linear_ce
 from lossops.losses.linear_cross_entropy import LOGITS_BUDGET, chunk_rows
-from _cases import linear_loss_peak_beyond_gradients
+from _cases import NATIVE_WEIGHT_GRADIENT_BOUND, assert_no_worse_than_torch, linear_loss_peak_beyond_gradients
 
 REDUCTIONS = ["mean", "sum", "none"]
 # OpInfo-like option cases: each extra alone, then all together (with and without a bias).
@@ -146,10 +146,7 @@ def test_bfloat16_accumulates_across_chunks_in_float32():
     ours = torch.autograd.grad(lossops.linear_cross_entropy(low[0], low[1], target, linear_bias=low[2], reduction="sum",
                                                             chunk_size=16), low)
     torchs = torch.autograd.grad(truth(*low, target, "sum"), low)
-    for e, o, t in zip(exact, ours, torchs):
-        assert o.dtype == torch.bfloat16
-        ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
-        assert ours_err <= 1.5 * torch_err + 1e-3 * e.abs().max(), (ours_err, torch_err)
+    assert_no_worse_than_torch(("hidden", "weight", "bias"), exact, ours, torchs, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -170,14 +167,9 @@ def test_low_precision_products_no_worse_than_torch(kernel_backend, product_rout
     torch_loss = truth(*low, target, reduction)
     torchs = torch.autograd.grad(torch_loss, low, grad_output.to(torch_loss.dtype))
     assert (products[0] > 0) == is_widened
-    for name, e, o, t in zip(("loss", "hidden", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
-                              (torch_loss, *torchs)):
-        assert o.dtype == dtype
-        ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
-        # The native route rounds each chunk's weight-gradient product to the operands' dtype before the float32
-        # sum (CPU matmuls have no float32 output for them): with few chunks, up to about twice torch's one rounding.
-        bound = 2.5 if name == "weight" and not is_widened else 1.5
-        assert ours_err <= bound * torch_err + 1e-3 * e.abs().max(), (name, ours_err, torch_err)
+    assert_no_worse_than_torch(("loss", "hidden", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
+                               (torch_loss, *torchs), dtype,
+                               None if is_widened else {"weight": NATIVE_WEIGHT_GRADIENT_BOUND})
 
 
 def test_widened_products_only_for_low_precision_on_cpu():
