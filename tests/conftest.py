@@ -73,18 +73,17 @@ def kernel_backend(request):
 @pytest.fixture(params=[True, False], ids=["widened", "native"])
 def product_route(request, monkeypatch):
     """Low-precision products in float32 blocks (_WideProducts, what a CPU without oneDNN's bfloat16/float16 kernels
-    takes) or in the operands' dtype (what one with them takes), whichever this CPU has. Yields (widened, count): count
-    is a list holding the number of widened logits products made so far."""
+    takes) or in the operands' dtype (what one with them takes), whichever this CPU has. Yields (widened, counts):
+    counts holds how many widened logits products ("logits") and gradient contractions ("contract") were made."""
     from lossops.losses import linear_cross_entropy as linear_ce
     monkeypatch.setattr(linear_ce, "_native_cpu_products", lambda dtype: not request.param)
-    products = [0]
-    logits = linear_ce._WideProducts.logits
-
-    def counted(self, *args, **kwargs):
-        products[0] += 1
-        return logits(self, *args, **kwargs)
-    monkeypatch.setattr(linear_ce._WideProducts, "logits", counted)
-    yield request.param, products
+    counts = {"logits": 0, "contract": 0}
+    for name in counts:
+        def counted(self, *args, _name=name, _method=getattr(linear_ce._WideProducts, name), **kwargs):
+            counts[_name] += 1
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(linear_ce._WideProducts, name, counted)
+    yield request.param, counts
 
 
 def pytest_addoption(parser):

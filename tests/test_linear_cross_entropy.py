@@ -166,10 +166,33 @@ def test_low_precision_products_no_worse_than_torch(kernel_backend, product_rout
     ours = torch.autograd.grad(ours_loss, low, grad_output.to(ours_loss.dtype))
     torch_loss = truth(*low, target, reduction)
     torchs = torch.autograd.grad(torch_loss, low, grad_output.to(torch_loss.dtype))
-    assert (products[0] > 0) == is_widened
+    assert (products["logits"] > 0) == (products["contract"] > 0) == is_widened
     assert_no_worse_than_torch(("loss", "hidden", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
                                (torch_loss, *torchs), dtype,
                                None if is_widened else {"weight": NATIVE_WEIGHT_GRADIENT_BOUND})
+
+
+def test_product_routes_with_token_stats_and_without_tokens(product_route):
+    """The token statistics' pass (a gradient from the statistics alone, reduction="none") on both product routes
+    matches the float64 formula within bfloat16's error; an empty batch gives torch's empty results."""
+    is_widened, products = product_route
+    hidden, weight, bias, target, _ = make_inputs({}, n=N, d=D, v=V, dtype=torch.float64)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (hidden, weight, bias)]
+    leaves64 = [t.detach().double().requires_grad_() for t in low]
+    outputs = {}
+    for leaves in (low, leaves64):
+        result = lossops.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], reduction="none",
+                                              return_token_stats=True, chunk_size=CHUNK)
+        statistic = (result.entropy + result.logsumexp).sum()
+        outputs[leaves[0].dtype] = (statistic, torch.autograd.grad(statistic, leaves))
+    (ours, ours_grads), (exact, exact_grads) = outputs[torch.bfloat16], outputs[torch.float64]
+    assert (products["logits"] > 0) == (products["contract"] > 0) == is_widened
+    for o, e in zip((ours, *ours_grads), (exact, *exact_grads)):
+        assert (o.double() - e).abs().max() <= 2 ** -6 * e.abs().max() + 1e-3, (o, e)
+    empty = [t[:0] if t.dim() == 2 and t.shape[0] == N else t for t in low]
+    loss = lossops.linear_cross_entropy(empty[0], empty[1], target[:0], linear_bias=empty[2])
+    assert loss.isnan()
+    assert torch.autograd.grad(loss, empty[0])[0].shape == (0, D)
 
 
 def test_widened_products_only_for_low_precision_on_cpu():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import lossops
 from lossops.losses.linear_cross_entropy import chunk_rows
+from lossops.losses import linear_distillation
 from lossops.losses.linear_distillation import LOGITS_BUDGET
 from _cases import NATIVE_WEIGHT_GRADIENT_BOUND, assert_no_worse_than_torch, linear_loss_peak_beyond_gradients
 from test_distillation import torch_formula
@@ -87,11 +88,15 @@ def test_one_chunk_takes_linear_and_the_distillation_op(backend, options):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_chunk_with_widened_products(product_route, dtype):
+def test_one_chunk_with_widened_products(product_route, dtype, monkeypatch):
     """One chunk on a CPU whose products are widened: float32 logits rounded to the dtype (widened_linear), as close
     to the float64 truth as torch's own; a weight whose float32 copy would exceed the byte budget takes the chunked
     op instead (its widened logits products counted)."""
     is_widened, products = product_route
+    widened_linear_calls = []
+    widened_linear = linear_distillation.widened_linear
+    monkeypatch.setattr(linear_distillation, "widened_linear",
+                        lambda *args: widened_linear_calls.append(1) or widened_linear(*args))
     student, teacher, target = _inputs(tokens=(40,), ds=12, dt=20, vocab=48)
     low = [t.detach().to(dtype).requires_grad_() for t in student]
     low_teacher = [t.to(dtype) for t in teacher]
@@ -102,14 +107,19 @@ def test_one_chunk_with_widened_products(product_route, dtype):
     ours = torch.autograd.grad(ours_loss, low)
     torch_loss = _truth(low, low_teacher, target, reduction="sum")
     torchs = torch.autograd.grad(torch_loss, low)
-    assert products[0] == 0  # one chunk: no chunked op
+    assert products["logits"] == 0  # one chunk: no chunked op
+    assert (len(widened_linear_calls) == 2) == is_widened  # both models' logits
     assert_no_worse_than_torch(("loss", "input", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
                                (torch_loss, *torchs), dtype)
     # 2 tokens of a 4096-word vocabulary: one chunk of logits, but 4 MiB of float32 weights
     wide_student, wide_teacher, wide_target = _inputs(tokens=(2,), ds=128, dt=128, vocab=4096, dtype=dtype)
     with torch.no_grad():
         _call(wide_student, wide_teacher, wide_target)
-    assert (products[0] > 0) == is_widened
+        assert (products["logits"] > 0) == is_widened
+        # and no tokens: torch's empty per-token result
+        assert _call([t[:0] if t.dim() == 2 and t.shape[0] == 2 else t for t in wide_student],
+                     [t[:0] if t.dim() == 2 and t.shape[0] == 2 else t for t in wide_teacher], wide_target[:0],
+                     reduction="none").shape == (0,)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -150,7 +160,7 @@ def test_low_precision_products_no_worse_than_torch(kernel_backend, product_rout
     ours = torch.autograd.grad(ours_loss, low)
     torch_loss = _truth(low, low_teacher, target, **options)
     torchs = torch.autograd.grad(torch_loss, low)
-    assert (products[0] > 0) == is_widened
+    assert (products["logits"] > 0) == (products["contract"] > 0) == is_widened
     assert_no_worse_than_torch(("loss", "input", "weight", "bias"), (exact_loss, *exact), (ours_loss, *ours),
                                (torch_loss, *torchs), dtype,
                                None if is_widened else {"weight": NATIVE_WEIGHT_GRADIENT_BOUND})

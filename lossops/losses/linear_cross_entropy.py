@@ -49,8 +49,8 @@ _MIN_CHUNK_ROWS = 128
 MIN_CHUNK_BYTES = 1 << 20
 _DIFFERENTIABLE = ("hidden", "weight", "bias")
 # _WideProducts' float32 blocks: a product block of at most _WIDE_PRODUCT_BYTES (what a core's L2 holds while it
-# is rounded into the logits) and a weight block of at most _WIDE_WEIGHT_BYTES, but never under _MIN_WIDE_BLOCK
-# vocabulary rows, where the products would lose their matmul efficiency.
+# is rounded into the logits) and a weight block of at most _WIDE_WEIGHT_BYTES, but not under _MIN_WIDE_BLOCK
+# vocabulary rows, where the products would lose their matmul efficiency, unless the chunk byte budget asks for fewer.
 _WIDE_PRODUCT_BYTES = 1 << 20
 _WIDE_WEIGHT_BYTES = 8 << 20
 _MIN_WIDE_BLOCK = 128
@@ -258,8 +258,9 @@ def _check_arguments(input: Tensor, linear_weight: Tensor, target: Tensor, linea
 
 @functools.lru_cache(maxsize=None)
 def _native_cpu_products(dtype: torch.dtype) -> bool:
-    """Whether torch multiplies dtype on this CPU with oneDNN's kernels. Without them (CPUs before AVX-512) its
-    bfloat16 and float16 matmuls take portable loops, one or two orders of magnitude slower than its float32 one."""
+    """Whether torch multiplies dtype on this CPU with oneDNN's kernels (bfloat16: AVX-512 or newer; float16:
+    AVX512-FP16 or AMX-FP16). Without them its bfloat16 and float16 matmuls take portable loops, one or two orders
+    of magnitude slower than its float32 one."""
     if dtype == torch.bfloat16:
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if dtype == torch.float16:
@@ -276,8 +277,10 @@ def widened_products(dtype: torch.dtype, device: torch.device) -> bool:
 
 def widened_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """F.linear with widened products (widened_products): float32 operands, the product rounded to input's dtype;
-    differentiable, its gradients rounded to their leaves' dtypes."""
-    return F.linear(input.float(), weight.float(), None if bias is None else bias.float()).to(input.dtype)
+    differentiable, its gradients rounded to their leaves' dtypes. Autocast, which would cast the float32 operands
+    back to the low-precision dtype, is off for the product."""
+    with torch.autocast(input.device.type, enabled=False):
+        return F.linear(input.float(), weight.float(), None if bias is None else bias.float()).to(input.dtype)
 
 
 class _WideProducts:
@@ -317,12 +320,14 @@ class _WideProducts:
             if bias is None:
                 torch.mm(h32, w32.t(), out=product)
             else:
-                torch.addmm(bias[v0:v1].float(), h32, w32.t(), out=product)
+                product.copy_(bias[v0:v1].expand_as(product)).addmm_(h32, w32.t())
             out[:, v0:v1].copy_(product)
 
     def contract(self, h: Tensor, dlogits: Tensor, weight: Tensor, grad_hidden: Optional[Tensor],
                  grad_weight_sum: Optional[Tensor]) -> None:
         """grad_hidden = dlogits @ weight (stored in its dtype) and grad_weight_sum += dlogits.T @ h (float32)."""
+        if grad_hidden is None and grad_weight_sum is None:
+            return
         h32 = self._hidden(h) if grad_weight_sum is not None else None
         gh32 = self._view(self.grad_hidden, *h.shape) if grad_hidden is not None else None
         for v0, v1, w32 in self._blocks(weight):
@@ -340,12 +345,12 @@ class _WideProducts:
 
 def wide_products_for(hiddens: Sequence[Tensor], weight: Tensor, rows: int) -> Optional[_WideProducts]:
     """The workspace of the chunks of these models' hidden rows (rows of tokens a chunk), or None where the products
-    run in the operands' own dtype."""
+    run in the operands' own dtype (also where there is nothing to multiply: no tokens, features or vocabulary)."""
     hidden = hiddens[0]
-    if not widened_products(hidden.dtype, hidden.device):
+    rows, features = min(rows, hidden.shape[0]), max(h.shape[1] for h in hiddens)
+    if not widened_products(hidden.dtype, hidden.device) or min(rows, features, weight.shape[0]) == 0:
         return None
-    return _WideProducts(min(rows, hidden.shape[0]), weight.shape[0], max(h.shape[1] for h in hiddens),
-                         hidden.element_size(), hidden.device)
+    return _WideProducts(rows, weight.shape[0], features, hidden.element_size(), hidden.device)
 
 
 class _Chunks:

@@ -52,8 +52,8 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     requires grad (a model's parameters do unless frozen) takes the unfused formula, which forms both models' logits
     and gives the teacher's gradients too: detach or freeze the teacher to keep the fused path. chunk_size: tokens per
     chunk (default: both chunks' logits and what else the op holds within 1/4 of the tokens' float32 logits; near
-    256 MiB but at least 128 tokens once the logits are huge; under 1 MiB of chunks, one chunk). Keywords as
-    distillation_loss.
+    256 MiB but at least 128 tokens once the logits are huge; under 1 MiB of chunks, one chunk, unless its products
+    are widened on this CPU and both weights' float32 copies exceed that budget). Keywords as distillation_loss.
     """
     options = check_options(divergence, beta, temperature, ignore_index, reduction, hard_weight, soft_weight,
                             target is not None)
