@@ -154,11 +154,11 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     target1 = target.reshape(-1).to(torch.int64).contiguous()
     # the token statistics' gradient takes a second chunk of logits in backward
-    widened = hidden2.shape[1] if widened_products(hidden2.dtype, hidden2.device) else 0
+    widened_features = hidden2.shape[1] if widened_products(hidden2.dtype, hidden2.device) else 0
     rows = chunk_size if chunk_size is not None else chunk_rows(hidden2.shape[0], linear_weight.shape[0],
                                                                 hidden.element_size(), LOGITS_BUDGET,
                                                                 logits_buffers=1 if stats_sink is None else 2,
-                                                                widened_features=widened)
+                                                                widened_features=widened_features)
     wants = {name: torch.is_grad_enabled() and t is not None and t.requires_grad
              for name, t in (("hidden", hidden), ("weight", linear_weight), ("bias", bias))}
     tensors = {"hidden": hidden2, "weight": linear_weight, "bias": bias, "target": target1, "class_weight": weight}
