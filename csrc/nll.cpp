@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 #include <c10/util/SmallVector.h>
 
@@ -41,59 +43,131 @@ constexpr int64_t kNllStreamRowBytes = 4096;
 constexpr int64_t kNllPrefetchRows = 16;
 // Rows shorter than this share lines or pages with their neighbours, which the hardware prefetcher streams in.
 constexpr int64_t kNllPrefetchRowBytes = 256;
+// Rows at least this far apart are a miss each (a line, and soon a page, of their own): a pass reading one element
+// of each of kNllMissTaskRows of them is worth a thread's start, where nearby rows need kIndexScanGrain.
+constexpr int64_t kNllMissRowBytes = 1024;
+constexpr int64_t kNllMissTaskRows = 512;
+// Rows far apart read without a gradient are gathered this many at a time (on the stack, in L1) before their sums.
+constexpr int64_t kNllGatherRows = 1024;
 
 // The class-dim-1 gradient of one outer index, (C, inner), written in one pass of whole lines: class c's row is
 // value_c where the target is c, 0 elsewhere (no zeros first and values over them, which reads each line twice when
-// the targets touch most lines, as segmentation maps do).
+// the targets touch most lines, as segmentation maps do). A block of targets is first narrowed to integers of the
+// gradient's width (-1 for a target outside [0, C), which no class matches); then each class's row of the block is
+// one compare and select of whole vectors in the gradient's own dtype, its value rounded once (the same bits as
+// rounding each element), instead of int64 compares and a conversion per element on every one of the C rows.
 template <typename scalar_t>
 void nll_class_planes(const int64_t* target, const opmath_t<scalar_t>* w, opmath_t<scalar_t> scale, int64_t C,
                       int64_t inner, int64_t ignore_index, bool stream, scalar_t* g) {
   using acc_t = opmath_t<scalar_t>;
-  acc_t values[kBlock];
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t value = c == ignore_index ? acc_t(0) : -(w != nullptr ? w[c] : acc_t(1)) * scale;
-    for (int64_t i = 0; i < inner; i += kBlock) {
-      const int64_t n = std::min(kBlock, inner - i);
-      for (int64_t j = 0; j < n; ++j) values[j] = target[i + j] == c ? value : acc_t(0);
+  using Index = std::conditional_t<sizeof(scalar_t) == 2, int16_t,
+                                   std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>>;
+  using Bits = std::make_unsigned_t<Index>;
+  static_assert(sizeof(Bits) == sizeof(scalar_t));
+  if (C > std::numeric_limits<Index>::max()) {  // classes beyond the narrow index: int64 compares and conversions
+    acc_t values[kBlock];
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t value = c == ignore_index ? acc_t(0) : -(w != nullptr ? w[c] : acc_t(1)) * scale;
+      for (int64_t i = 0; i < inner; i += kBlock) {
+        const int64_t n = std::min(kBlock, inner - i);
+        for (int64_t j = 0; j < n; ++j) values[j] = target[i + j] == c ? value : acc_t(0);
+        if (stream) {
+          stream_block<scalar_t>(values, g + c * inner + i, n);
+        } else {
+          write_block<scalar_t>(values, g + c * inner + i, 1, n);
+        }
+      }
+    }
+    return;
+  }
+  alignas(64) Index index[kBlock];
+  alignas(64) Bits row[kBlock];
+  for (int64_t i = 0; i < inner; i += kBlock) {
+    const int64_t n = std::min(kBlock, inner - i);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t y = target[i + j];
+      index[j] = static_cast<uint64_t>(y) < static_cast<uint64_t>(C) ? static_cast<Index>(y) : Index(-1);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t value = static_cast<scalar_t>(
+          c == ignore_index ? acc_t(0) : -(w != nullptr ? w[c] : acc_t(1)) * scale);
+      Bits bits;
+      std::memcpy(&bits, &value, sizeof bits);
+      const Index class_index = static_cast<Index>(c);
+      for (int64_t j = 0; j < n; ++j) row[j] = index[j] == class_index ? bits : Bits(0);
+      scalar_t* dst = g + c * inner + i;
       if (stream) {
-        stream_block<scalar_t>(values, g + c * inner + i, n);
+        stream_copy(row, reinterpret_cast<Bits*>(dst), n);
       } else {
-        write_block<scalar_t>(values, g + c * inner + i, 1, n);
+        std::memcpy(static_cast<void*>(dst), row, static_cast<size_t>(n) * sizeof(scalar_t));
       }
     }
   }
 }
 
-// The losses of rows b0..b1 of one element each (no gradient): their sum in sum_in_lanes' interleaved lanes, each
-// row's loss stored in loss[] when given. Few instructions a row and no early exit, so that many rows' reads (a
-// miss each where rows are long) are in flight at once: an ignored row reads an element of its own row and keeps
-// 0, a target out of range reads class 0, keeps 0 and sets `bad`.
+// Row o's element at its target's class where rows have one element: class 0 for a target outside [0, C) (an
+// ignored one included), so that the read needs no branch and stays in the row.
+template <typename scalar_t>
+inline scalar_t nll_target_element(const scalar_t* x, int64_t stride_outer, int64_t stride_class,
+                                   const int64_t* target, int64_t C, int64_t o) {
+  const int64_t y = target[o];
+  const int64_t c = static_cast<uint64_t>(y) < static_cast<uint64_t>(C) ? y : 0;
+  return x[o * stride_outer + c * stride_class];
+}
+
+// The loss of a row with target y whose target element (nll_target_element) is `element`, without a branch: 0 for
+// an ignored row, 0 and `bad` set for a target out of range.
+template <bool kWeighted, typename scalar_t, typename acc_t>
+inline acc_t nll_row_loss(int64_t y, scalar_t element, const acc_t* w, int64_t C, int64_t ignore_index, bool& bad) {
+  const bool kept = y != ignore_index;
+  const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
+  bad |= kept & !in_range;
+  const acc_t weight = kWeighted ? w[in_range ? y : 0] : acc_t(1);
+  const acc_t v = -weight * static_cast<acc_t>(element);
+  return kept & in_range ? v : acc_t(0);
+}
+
+// The losses of blocks [k0, k1) of `block` rows of one element each (no gradient): each block's sum in
+// sum_in_lanes' interleaved lanes into block_sums[k], the values and lanes of the gradient pass's sums (the same
+// bits), each row's loss stored in loss[] when given. Few instructions a row and no early exit, so that many rows'
+// reads (a miss each where rows are long) are in flight at once. Rows far apart (`gather`) have their target
+// elements read first, a run of them in a loop of a few instructions a row, then their losses formed and summed
+// from L1; nearby rows are summed as they are read.
 template <typename scalar_t, bool kWeighted>
-double nll_loss_only_rows(const scalar_t* x, int64_t stride_outer, int64_t stride_class, const int64_t* target,
-                          const opmath_t<scalar_t>* w, int64_t C, int64_t ignore_index, int64_t b0, int64_t b1,
-                          opmath_t<scalar_t>* loss, bool& bad) {
+void nll_loss_only_blocks(const scalar_t* x, int64_t stride_outer, int64_t stride_class, const int64_t* target,
+                          const opmath_t<scalar_t>* w, int64_t C, int64_t ignore_index, int64_t outer, int64_t block,
+                          int64_t k0, int64_t k1, bool gather, opmath_t<scalar_t>* loss, double* block_sums,
+                          bool& bad) {
   using acc_t = opmath_t<scalar_t>;
   bool any_bad = false;
-  auto value = [&](int64_t o) {
-    const int64_t y = target[o];
-    const bool kept = y != ignore_index;
-    const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
-    any_bad |= kept & !in_range;
-    const int64_t c = in_range ? y : 0;
-    const acc_t weight = kWeighted ? w[c] : acc_t(1);
-    const acc_t v = -weight * static_cast<acc_t>(x[o * stride_outer + c * stride_class]);
-    const acc_t kept_value = kept & in_range ? v : acc_t(0);
-    if (loss != nullptr) loss[o] = kept_value;
-    return kept_value;
+  auto row_loss = [&](int64_t o, scalar_t element) {
+    const acc_t value = nll_row_loss<kWeighted>(target[o], element, w, C, ignore_index, any_bad);
+    if (loss != nullptr) loss[o] = value;
+    return value;
   };
-  if (b1 - b0 == 1) {  // a block's sum is its row's loss (the lanes' fixed sum of it and zeros)
-    const double v = value(b0);
-    bad |= any_bad;
-    return v;
+  if (!gather) {
+    auto value = [&](int64_t o) {
+      return row_loss(o, nll_target_element(x, stride_outer, stride_class, target, C, o));
+    };
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
+      // a block of one row: its sum is the row's loss (the lanes' fixed sum of it and zeros)
+      block_sums[k] = b1 - b0 == 1 ? static_cast<double>(value(b0)) : sum_in_lanes(b0, b1, value);
+    }
+  } else {
+    scalar_t elements[kNllGatherRows];
+    const int64_t blocks_a_run = kNllGatherRows / block;
+    for (int64_t run = k0; run < k1; run += blocks_a_run) {
+      const int64_t run_end = std::min(k1, run + blocks_a_run);
+      const int64_t r0 = run * block, r1 = std::min(outer, run_end * block);
+      for (int64_t o = r0; o < r1; ++o) elements[o - r0] = nll_target_element(x, stride_outer, stride_class, target, C, o);
+      for (int64_t k = run; k < run_end; ++k) {
+        const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
+        block_sums[k] = sum_in_lanes_small(b0, b1, [&](int64_t o) { return row_loss(o, elements[o - r0]); });
+      }
+    }
   }
-  const double sum = sum_in_lanes(b0, b1, value);
   bad |= any_bad;
-  return sum;
 }
 
 // input: (outer, C, inner) with any strides; target: int64, outer * inner; weight: (C,) in the accumulation dtype or
@@ -139,16 +213,22 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
   // Rows of one element without a gradient (a forward under no_grad, or one keeping per-row losses): only the
   // reads, the per-row stores and the sums, the same values in the same lanes as the loop below, so the same bits.
   const bool loss_only = inner == 1 && g == nullptr;
-  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+  const bool far_rows = stride_outer * static_cast<int64_t>(sizeof(scalar_t)) >= kNllPrefetchRowBytes;
+  // Such a pass reads one element a row, so a thread gets a run of rows worth its start (the blocks, and with them
+  // the sum's bits, stay the gradient pass's).
+  const bool missing_rows = stride_outer * static_cast<int64_t>(sizeof(scalar_t)) >= kNllMissRowBytes;
+  const int64_t grain =
+      loss_only ? std::max<int64_t>(1, (missing_rows ? kNllMissTaskRows : kIndexScanGrain) / block) : 1;
+  const bool gather = far_rows && block <= kNllGatherRows;
+  at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
     if (loss_only) {
       bool bad = false;
-      for (int64_t k = first_block; k < end_block; ++k) {
-        const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
-        block_sums[k] = w != nullptr
-            ? nll_loss_only_rows<scalar_t, true>(x, stride_outer, stride_class, target, w, C, ignore_index, b0, b1,
-                                                 loss, bad)
-            : nll_loss_only_rows<scalar_t, false>(x, stride_outer, stride_class, target, w, C, ignore_index, b0, b1,
-                                                  loss, bad);
+      if (w != nullptr) {
+        nll_loss_only_blocks<scalar_t, true>(x, stride_outer, stride_class, target, w, C, ignore_index, outer, block,
+                                             first_block, end_block, gather, loss, block_sums.data(), bad);
+      } else {
+        nll_loss_only_blocks<scalar_t, false>(x, stride_outer, stride_class, target, w, C, ignore_index, outer, block,
+                                              first_block, end_block, gather, loss, block_sums.data(), bad);
       }
       if (bad) any_out_of_range.store(true, std::memory_order_relaxed);
       return;
@@ -164,9 +244,8 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
         }
         // Rows in sum_in_lanes' interleaved sums combined in a fixed order: one sum is a chain of dependent adds, which
         // bounds a loop of short rows. Rows far apart in memory prefetch a later row's target element.
-        const bool prefetch = stride_outer * static_cast<int64_t>(sizeof(scalar_t)) >= kNllPrefetchRowBytes;
         auto lane_row = [&](int64_t o) {
-          const int64_t ahead = prefetch && o + kNllPrefetchRows < outer ? o + kNllPrefetchRows : -1;
+          const int64_t ahead = far_rows && o + kNllPrefetchRows < outer ? o + kNllPrefetchRows : -1;
           return row(o, o * stride_outer, g != nullptr ? g + o * region : nullptr, ahead, ahead * stride_outer);
         };
         block_sums[k] = sum_in_lanes(b0, b1, lane_row);

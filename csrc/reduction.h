@@ -71,6 +71,33 @@ inline double sum_in_lanes(int64_t begin, int64_t end, const Value& value) {
   return sum_of_lanes(s);
 }
 
+// sum_in_lanes(begin, begin + N, value) for N <= 8 known at compile time (a value a lane): the same sum without
+// its loops, for runs of many tiny blocks.
+template <int N, typename Value>
+inline double sum_in_lanes_of(int64_t begin, const Value& value) {
+  static_assert(N >= 1 && N <= 8);
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma GCC unroll 8
+  for (int k = 0; k < N; ++k) s[k] += static_cast<double>(value(begin + k));
+  return sum_of_lanes(s);
+}
+
+// sum_in_lanes(begin, end, value), through sum_in_lanes_of where the range holds at most 8 values.
+template <typename Value>
+inline double sum_in_lanes_small(int64_t begin, int64_t end, const Value& value) {
+  switch (end - begin) {
+    case 1: return sum_in_lanes_of<1>(begin, value);
+    case 2: return sum_in_lanes_of<2>(begin, value);
+    case 3: return sum_in_lanes_of<3>(begin, value);
+    case 4: return sum_in_lanes_of<4>(begin, value);
+    case 5: return sum_in_lanes_of<5>(begin, value);
+    case 6: return sum_in_lanes_of<6>(begin, value);
+    case 7: return sum_in_lanes_of<7>(begin, value);
+    case 8: return sum_in_lanes_of<8>(begin, value);
+    default: return sum_in_lanes(begin, end, value);
+  }
+}
+
 // Sum of n values in double, as sum_in_lanes forms it.
 template <typename T>
 inline double sum_in_double(const T* x, int64_t n) {

@@ -8,8 +8,8 @@ from torch.testing import assert_close
 
 import lossops
 from lossops import _eager
-from _cases import (assert_float64_gradients_match, backend_cases, forward_backward, grid,
-                    leaf_copies, pairwise, without_eager_routes)
+from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, cpu_supports, forced_isa,
+                    forward_backward, grid, leaf_copies, pairwise, without_eager_routes)
 from _elementwise_cases import check_lowp
 
 TORCH_NLL_LOSS = F.nll_loss
@@ -77,22 +77,44 @@ def test_reduced_precision_no_worse_than_torch(backend, dtype, weighted):
         check_lowp(ours, truth, [x.requires_grad_()], dtype, "nll_loss")
 
 
-@pytest.mark.parametrize("shape", [(64, 8192), (2, 7, 256, 256)], ids=["wide_rows", "class_planes"])
-def test_gradients_into_kept_buffers_match_torch(shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(64, 8192), (2, 7, 256, 256), (2, 7, 301, 301)],
+                         ids=["wide_rows", "class_planes", "class_planes_ragged"])
+@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if cpu_supports(isa)])
+def test_gradients_into_kept_buffers_match_torch(shape, dtype, isa):
     """From the second call on, a gradient of 1 MiB or more lands in the buffer the previous call freed, whose pages
     are resident: the C++ kernel then writes it with non-temporal stores (zeros and the row's value over them for
-    wide rows; whole class planes for a class dimension ahead of the positions)."""
-    with lossops.backend("cpp"):
+    wide rows; whole class planes for a class dimension ahead of the positions, in blocks of positions the last of
+    which is ragged for 301 x 301)."""
+    with lossops.backend("cpp"), forced_isa(isa):
         for call in range(3):
-            x = torch.randn(shape).requires_grad_()
+            x = torch.randn(shape, dtype=dtype).requires_grad_()
             t = torch.randint(0, shape[1], shape[:1] + shape[2:])
             t.view(-1)[::5] = 3
-            weight = torch.rand(shape[1])
+            weight = torch.rand(shape[1], dtype=dtype)
             ours = forward_backward(lambda x: lossops.nll_loss(x, t, weight, ignore_index=3), [x], seed=call)
-            theirs = forward_backward(lambda x: F.nll_loss(x, t, weight, ignore_index=3), leaf_copies([x]), seed=call)
-            assert_close(ours, theirs)
+            # the float64 truth, rounded: torch's own bf16 and fp16 sums are further from it than the dtype's step
+            loss, (grad,) = forward_backward(lambda x: F.nll_loss(x, t, weight.double(), ignore_index=3),
+                                             leaf_copies([x], torch.float64), seed=call)
+            assert_close(ours, (loss.to(dtype), [grad.to(dtype)]))
             del ours  # the gradient's buffer goes back to the cache for the next call
             assert lossops.gradient_cache_bytes() >= x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_class_planes_past_a_16_bit_class_index_match_torch(dtype):
+    """16-bit class planes compare targets narrowed to 16-bit integers; more than 32767 classes take int64 compares."""
+    gen = torch.Generator().manual_seed(5)
+    with lossops.backend("cpp"):
+        for classes in (32767, 70000):  # 70000: classes 0 and 65536 would share a 16-bit index
+            x = torch.randn(2, classes, 3, generator=gen).to(dtype).requires_grad_()
+            t = torch.randint(0, classes, (2, 3), generator=gen)
+            t[0, 0], t[0, 1], t[1, 0], t[1, 2] = classes - 1, 0, min(65536, classes - 2), 3
+            weight = torch.rand(classes, generator=gen).to(dtype)
+            ours = forward_backward(lambda x: lossops.nll_loss(x, t, weight, ignore_index=3), [x])
+            loss, (grad,) = forward_backward(lambda x: F.nll_loss(x, t, weight.double(), ignore_index=3),
+                                             leaf_copies([x], torch.float64))
+            assert_close(ours, (loss.to(dtype), [grad.to(dtype)]))
 
 
 def test_one_row_input_takes_a_0d_or_one_element_target(backend):
@@ -253,28 +275,32 @@ def test_module_matches_torch_module(backend):
     assert repr(lossops.nn.NLLLoss(ignore_index=3)) == "NLLLoss(ignore_index=3)"
 
 
-@pytest.mark.parametrize("shape", [(5, 40000), (3, 33000), (37, 1000), (300, 10), (2, 7, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 40000), (3, 33000), (20, 30000), (40, 12000), (37, 1000), (2500, 100),
+                                   (300, 10), (2, 7, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_loss_without_gradients_has_the_bits_of_the_loss_with_them(shape, dtype):
+@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if cpu_supports(isa)])
+def test_loss_without_gradients_has_the_bits_of_the_loss_with_them(shape, dtype, isa):
     """A forward without gradients takes its own loop (lossops' nll kernel): the same sum order, so the same bits,
-    on the C++ eager path and the custom op; a target out of range raises there too."""
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64).log_softmax(1).to(dtype)
-    target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
-    target.view(-1)[::3] = -100
-    # ignore_index 1 is a class: its rows are left out, and -100 (out of range then) becomes class 0.
-    for ignore_index, targets in ((-100, target), (1, target.clamp_min(0))):
-        for weight in (None, torch.rand(shape[1], generator=gen, dtype=torch.float64).to(dtype) + 0.5):
-            for reduction in ("mean", "sum", "none"):
-                kwargs = dict(weight=weight, ignore_index=ignore_index, reduction=reduction)
-                with torch.no_grad():
-                    without = lossops.nll_loss(x, targets, **kwargs)
-                with_grad = lossops.nll_loss(x.clone().requires_grad_(), targets, **kwargs)
-                assert torch.equal(without, with_grad.detach()), (ignore_index, weight is None, reduction)
-                expected = F.nll_loss(x.double(), targets, None if weight is None else weight.double(),
-                                      ignore_index=ignore_index, reduction=reduction)
-                torch.testing.assert_close(without, expected.to(dtype))
-    bad = target.clone()
-    bad.view(-1)[1] = shape[1]
-    with torch.no_grad(), pytest.raises(IndexError, match=f"Target {shape[1]} is out of bounds"):
-        lossops.nll_loss(x, bad)
+    on the C++ eager path and the custom op; a target out of range raises there too. The shapes reach rows far apart
+    read in runs (blocks of 1, 2, 5 and 65 rows, and 655-row blocks a run each) and nearby rows summed as read."""
+    with forced_isa(isa):
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).log_softmax(1).to(dtype)
+        target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
+        target.view(-1)[::3] = -100
+        # ignore_index 1 is a class: its rows are left out, and -100 (out of range then) becomes class 0.
+        for ignore_index, targets in ((-100, target), (1, target.clamp_min(0))):
+            for weight in (None, torch.rand(shape[1], generator=gen, dtype=torch.float64).to(dtype) + 0.5):
+                for reduction in ("mean", "sum", "none"):
+                    kwargs = dict(weight=weight, ignore_index=ignore_index, reduction=reduction)
+                    with torch.no_grad():
+                        without = lossops.nll_loss(x, targets, **kwargs)
+                    with_grad = lossops.nll_loss(x.clone().requires_grad_(), targets, **kwargs)
+                    assert torch.equal(without, with_grad.detach()), (ignore_index, weight is None, reduction)
+                    expected = F.nll_loss(x.double(), targets, None if weight is None else weight.double(),
+                                          ignore_index=ignore_index, reduction=reduction)
+                    torch.testing.assert_close(without, expected.to(dtype))
+        bad = target.clone()
+        bad.view(-1)[1] = shape[1]
+        with torch.no_grad(), pytest.raises(IndexError, match=f"Target {shape[1]} is out of bounds"):
+            lossops.nll_loss(x, bad)
