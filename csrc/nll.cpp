@@ -44,7 +44,8 @@ constexpr int64_t kNllPrefetchRows = 16;
 // Rows shorter than this share lines or pages with their neighbours, which the hardware prefetcher streams in.
 constexpr int64_t kNllPrefetchRowBytes = 256;
 // Rows at least this far apart are a miss each (a line, and soon a page, of their own): a pass reading one element
-// of each of kNllMissTaskRows of them is worth a thread's start, where nearby rows need kIndexScanGrain.
+// of each of kNllMissTaskRows of them is worth a thread's start, where nearby rows need kIndexScanGrain, and their
+// reads are gathered in runs (closer rows are streamed in by the hardware prefetcher and summed as they are read).
 constexpr int64_t kNllMissRowBytes = 1024;
 constexpr int64_t kNllMissTaskRows = 512;
 // Rows far apart read without a gradient are gathered this many at a time (on the stack, in L1) before their sums.
@@ -160,7 +161,9 @@ void nll_loss_only_blocks(const scalar_t* x, int64_t stride_outer, int64_t strid
     for (int64_t run = k0; run < k1; run += blocks_a_run) {
       const int64_t run_end = std::min(k1, run + blocks_a_run);
       const int64_t r0 = run * block, r1 = std::min(outer, run_end * block);
-      for (int64_t o = r0; o < r1; ++o) elements[o - r0] = nll_target_element(x, stride_outer, stride_class, target, C, o);
+      for (int64_t o = r0; o < r1; ++o) {
+        elements[o - r0] = nll_target_element(x, stride_outer, stride_class, target, C, o);
+      }
       for (int64_t k = run; k < run_end; ++k) {
         const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
         block_sums[k] = sum_in_lanes_small(b0, b1, [&](int64_t o) { return row_loss(o, elements[o - r0]); });
@@ -219,7 +222,7 @@ double nll_rows(const at::Tensor& input, const int64_t* target, const at::Tensor
   const bool missing_rows = stride_outer * static_cast<int64_t>(sizeof(scalar_t)) >= kNllMissRowBytes;
   const int64_t grain =
       loss_only ? std::max<int64_t>(1, (missing_rows ? kNllMissTaskRows : kIndexScanGrain) / block) : 1;
-  const bool gather = far_rows && block <= kNllGatherRows;
+  const bool gather = missing_rows && block <= kNllGatherRows;
   at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
     if (loss_only) {
       bool bad = false;
