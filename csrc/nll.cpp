@@ -38,8 +38,8 @@ void nll_zero_region(scalar_t* g, int64_t n, bool stream) {
 // Rows of at least this many bytes have their gradient zeroed with non-temporal stores: the one value a row then
 // written over the zeros reads back one line in 64 or fewer.
 constexpr int64_t kNllStreamRowBytes = 4096;
-// Each row reads one element, a cache line and often a page of its own: the element this many rows on is asked for
-// before a row's own is used, so the misses overlap instead of being waited for one at a time.
+// Each row reads one element, a cache line and often a page of its own: in the gradient pass the element this many
+// rows on is asked for before a row's own is used, so the misses overlap instead of being waited for one at a time.
 constexpr int64_t kNllPrefetchRows = 16;
 // Rows shorter than this share lines or pages with their neighbours, which the hardware prefetcher streams in.
 constexpr int64_t kNllPrefetchRowBytes = 256;
@@ -48,7 +48,8 @@ constexpr int64_t kNllPrefetchRowBytes = 256;
 // reads are gathered in runs (closer rows are streamed in by the hardware prefetcher and summed as they are read).
 constexpr int64_t kNllMissRowBytes = 1024;
 constexpr int64_t kNllMissTaskRows = 512;
-// Rows far apart read without a gradient are gathered this many at a time (on the stack, in L1) before their sums.
+// Rows kNllMissRowBytes or more apart read without a gradient are gathered this many at a time (on the stack, in
+// L1) before their sums.
 constexpr int64_t kNllGatherRows = 1024;
 
 // The class-dim-1 gradient of one outer index, (C, inner), written in one pass of whole lines: class c's row is
@@ -133,7 +134,7 @@ inline acc_t nll_row_loss(int64_t y, scalar_t element, const acc_t* w, int64_t C
 // bits), each row's loss stored in loss[] when given. Few instructions a row and no early exit, so that many rows'
 // reads (a miss each where rows are long) are in flight at once. Rows far apart (`gather`) have their target
 // elements read first, a run of them in a loop of a few instructions a row, then their losses formed and summed
-// from L1; nearby rows are summed as they are read.
+// from L1; nearby rows are summed as they are read. Blocks of up to 8 rows are summed without sum_in_lanes' loops.
 template <typename scalar_t, bool kWeighted>
 void nll_loss_only_blocks(const scalar_t* x, int64_t stride_outer, int64_t stride_class, const int64_t* target,
                           const opmath_t<scalar_t>* w, int64_t C, int64_t ignore_index, int64_t outer, int64_t block,
@@ -152,8 +153,7 @@ void nll_loss_only_blocks(const scalar_t* x, int64_t stride_outer, int64_t strid
     };
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b0 = k * block, b1 = std::min(outer, b0 + block);
-      // a block of one row: its sum is the row's loss (the lanes' fixed sum of it and zeros)
-      block_sums[k] = b1 - b0 == 1 ? static_cast<double>(value(b0)) : sum_in_lanes(b0, b1, value);
+      block_sums[k] = sum_in_lanes_small(b0, b1, value);
     }
   } else {
     scalar_t elements[kNllGatherRows];

@@ -75,25 +75,24 @@ inline void stream_block(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n
   write_block<scalar_t>(src, dst, 1, n);
 }
 
-// stream_block for n elements already in the destination's dtype (any trivially copyable T): the 64-byte-aligned
-// middle with non-temporal stores on the AVX-512 and AVX2 builds, the rest copied normally.
+// stream_block for n elements already in the destination's dtype (any trivially copyable T): the whole 64-byte
+// lines with non-temporal stores on the AVX-512 and AVX2 builds, the elements before and after them copied normally.
 template <typename T>
 inline void stream_copy(const T* src, T* dst, int64_t n) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr int64_t kPerLine = 64 / sizeof(T);
   static_assert(64 % sizeof(T) == 0);
-  i = std::min<int64_t>(n, ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / sizeof(T));
-  if (reinterpret_cast<uintptr_t>(dst + i) % 64 == 0) {
-    std::memcpy(static_cast<void*>(dst), src, static_cast<size_t>(i) * sizeof(T));
-    for (; i + kPerLine <= n; i += kPerLine) {
+  // dst is aligned to its element, as a tensor's data is: dst + head starts a line
+  const int64_t head = ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / sizeof(T);
+  if (head + kPerLine <= n) {
+    std::memcpy(static_cast<void*>(dst), src, static_cast<size_t>(head) * sizeof(T));
+    for (i = head; i + kPerLine <= n; i += kPerLine) {
       const __m256i* from = reinterpret_cast<const __m256i*>(src + i);
       __m256i* to = reinterpret_cast<__m256i*>(dst + i);
       _mm256_stream_si256(to, _mm256_loadu_si256(from));
       _mm256_stream_si256(to + 1, _mm256_loadu_si256(from + 1));
     }
-  } else {
-    i = 0;  // an element-misaligned destination: copied normally
   }
 #endif
   std::memcpy(static_cast<void*>(dst + i), src + i, static_cast<size_t>(n - i) * sizeof(T));
