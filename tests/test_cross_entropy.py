@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import (ISA_ORDER, backend_cases, cpu_supports, forced_isa, forward_backward, grid, leaf_copies,
+from _cases import (ISA_ORDER, backend_cases, isa_available, forced_isa, forward_backward, grid, leaf_copies,
                     lowp_error_no_worse, pairwise)
 
 IGNORE = 1  # a real class id: ignoring must not depend on the sentinel being out of range
@@ -166,7 +166,7 @@ def test_reduced_precision_matches_torch(backend, case):
     lowp_error_no_worse(grad, torch_grad, truth_grad, "gradient")
 
 
-KERNEL_BUILDS = [f"cpp-{isa}" for isa in ISA_ORDER if cpu_supports(isa)] + ["triton"]
+KERNEL_BUILDS = [f"cpp-{isa}" for isa in ISA_ORDER if isa_available(isa)] + ["triton"]
 
 
 @pytest.mark.parametrize("build", KERNEL_BUILDS)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import ISA_ORDER, cpu_supports, forced_isa, lowp_error_no_worse
+from _cases import ISA_ORDER, isa_available, forced_isa, lowp_error_no_worse
 
-ISAS = [isa for isa in ISA_ORDER if cpu_supports(isa)]
+ISAS = [isa for isa in ISA_ORDER if isa_available(isa)]
 
 
 # Each maker draws the same float64 values for a given seed and lays them out in `dtype`.

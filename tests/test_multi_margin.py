@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import lossops
 from lossops import _eager
-from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, cpu_supports, forced_isa,
+from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, isa_available, forced_isa,
                     forward_backward, grid, leaf_copies, pairwise, without_eager_routes)
 from _elementwise_cases import check_reduced_precision
 
@@ -266,7 +266,7 @@ def test_module_matches_torch_module(backend):
         assert lossops.nn.MultiMarginLoss(size_average=False).reduction == "sum"
 
 
-@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if cpu_supports(isa)])
+@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if isa_available(isa)])
 def test_short_and_vector_rows_match_torch_on_each_isa(isa):
     """Rows shorter than two vectors of the build (8 or 16 float lanes) take a scalar loop, longer ones the vector
     one: both sides of that bound, with and without gradients and per-row losses, on each ISA build."""

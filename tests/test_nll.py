@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import lossops
 from lossops import _eager
-from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, cpu_supports, forced_isa,
+from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, isa_available, forced_isa,
                     forward_backward, grid, leaf_copies, pairwise, without_eager_routes)
 from _elementwise_cases import check_lowp
 
@@ -80,7 +80,7 @@ def test_reduced_precision_no_worse_than_torch(backend, dtype, weighted):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(64, 8192), (2, 7, 256, 256), (2, 7, 301, 301)],
                          ids=["wide_rows", "class_planes", "class_planes_ragged"])
-@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if cpu_supports(isa)])
+@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if isa_available(isa)])
 def test_gradients_into_kept_buffers_match_torch(shape, dtype, isa):
     """From the second call on, a gradient of 1 MiB or more lands in the buffer the previous call freed, whose pages
     are resident: the C++ kernel then writes it with non-temporal stores (zeros and the row's value over them for
@@ -278,7 +278,7 @@ def test_module_matches_torch_module(backend):
 @pytest.mark.parametrize("shape", [(5, 40000), (3, 33000), (20, 30000), (40, 12000), (37, 1000), (2500, 300),
                                    (300, 10), (2, 7, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if cpu_supports(isa)])
+@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if isa_available(isa)])
 def test_loss_without_gradients_has_the_bits_of_the_loss_with_them(shape, dtype, isa):
     """A forward without gradients takes its own loop (lossops' nll kernel): the same sum order, so the same bits,
     on the C++ eager path and the custom op; a target out of range raises there too. The shapes reach rows far apart
