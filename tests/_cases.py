@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 
 def grid(factors: dict, valid=lambda case: True) -> list[dict]:
@@ -243,3 +244,51 @@ def assert_no_worse_than_torch(names, exact, ours, torchs, dtype, bounds=None) -
         ours_err, torch_err = (o.double() - e).abs().max(), (t.double() - e).abs().max()
         bound = (bounds or {}).get(name, 1.5)
         assert ours_err <= bound * torch_err + 1e-3 * e.abs().max(), (name, ours_err, torch_err)
+
+
+# --- processes for the distributed tests ---------------------------------------------------------------------------
+
+# What the workers import, imported once by the forkserver the processes are forked from (by name: the forkserver
+# does not see the tests folder on its path). Importing them costs a spawned interpreter seconds, and several of
+# them on two cores most of a test's time.
+FORKSERVER_PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.tensor",
+                      "torch.distributed.tensor.parallel", "transformers", "lossops",
+                      "lossops.integrations.transformers", "transformers.models.llama.modeling_llama",
+                      "transformers.models.qwen2.modeling_qwen2", "pytest", "tqdm", "triton"]
+FORKSERVER_MMAP_THRESHOLD = str(64 << 10)
+
+
+def start_forkserver():
+    """The forkserver the distributed tests' processes (and examples/train_hf_causal_lm.py's, in this process) are
+    forked from: it imports FORKSERVER_PRELOAD once, and glibc reads MALLOC_MMAP_THRESHOLD_ when it starts, so in its
+    forks every allocation of 64 KiB or more is mmapped and goes back to the system when freed (glibc's adaptive
+    threshold keeps freed memory): their resident set follows their live tensors. Its environment is this process's
+    when it starts (TRITON_INTERPRET among it). Nothing if it runs already."""
+    from multiprocessing import forkserver
+    mp.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = FORKSERVER_MMAP_THRESHOLD
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+
+
+def spawn(worker, nprocs: int, *args):
+    """worker(rank, *args) in nprocs processes forked from the forkserver; a worker's exception fails the call."""
+    start_forkserver()
+    mp.start_processes(_forked, args=(worker, args), nprocs=nprocs, join=True, start_method="forkserver")
+
+
+def _forked(rank, worker, args):
+    # conftest's interpreter speedup, which these processes do not import
+    from _interpreter_speedup import install
+    install()
+    worker(rank, *args)
+    # Done, and reported by the exit code: skip the interpreter's teardown of torch and transformers (seconds).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

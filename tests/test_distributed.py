@@ -6,10 +6,10 @@ also exercises the group argument); starting processes dominates the test's time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import lossops
+from _cases import spawn
 from lossops.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 N, D, V = 13, 6, 23  # V splits unevenly over 2 and 3 ranks
@@ -115,7 +115,7 @@ def _worker(rank, world_size, init_file):
 
 
 def test_vocab_parallel_on_3_and_2_ranks_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(3, str(tmp_path / "store")), nprocs=3, join=True)
+    spawn(_worker, 3, 3, str(tmp_path / "store"))
 
 
 def test_requires_initialized_process_group():

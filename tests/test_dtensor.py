@@ -8,10 +8,10 @@ weights and an ignored target). One spawn of 3 processes serves every mesh: the 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import lossops
+from _cases import spawn
 
 N, C, H, D = 13, 7, 5, 6
 
@@ -264,12 +264,12 @@ def _worker(rank, world_size, init_file, backend, check=_check_all):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_dtensor_losses_on_1_2_and_3_ranks_match_single_process(tmp_path, backend):
-    mp.spawn(_worker, args=(3, str(tmp_path / "store"), backend), nprocs=3, join=True)
+    spawn(_worker, 3, 3, str(tmp_path / "store"), backend)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_dtensor_distillation_on_1_2_and_3_ranks_matches_single_process(tmp_path, backend):
-    mp.spawn(_worker, args=(3, str(tmp_path / "store"), backend, _check_distillation), nprocs=3, join=True)
+    spawn(_worker, 3, 3, str(tmp_path / "store"), backend, _check_distillation)
 
 
 def test_plain_calls_do_not_go_through_the_dtensor_path():

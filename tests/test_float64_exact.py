@@ -9,12 +9,11 @@ the focal paper's 1 - p_y) do not cancel and become the inexact side.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import backend_cases, forward_backward, leaf_copies, pairwise
+from _cases import backend_cases, forward_backward, leaf_copies, pairwise, spawn
 from test_cross_entropy import torch_loss
 from test_distributed import _data, _scaled, _shard
 from test_focal import paper_softmax_focal, torchvision_sigmoid_focal
@@ -218,4 +217,4 @@ def _vocab_parallel_worker(rank, world_size, init_file):
 
 
 def test_vocab_parallel_cross_entropy_on_2_ranks(tmp_path):
-    mp.spawn(_vocab_parallel_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    spawn(_vocab_parallel_worker, 2, 2, str(tmp_path / "store"))

@@ -17,7 +17,6 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers
 
@@ -26,6 +25,7 @@ import lossops.integrations.transformers as lossops_hf
 from lossops.integrations.transformers import UnsupportedModelError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from _cases import FORKSERVER_MMAP_THRESHOLD, spawn, start_forkserver  # noqa: E402
 from _common import TensorMemoryPeak  # noqa: E402
 import train_hf_causal_lm  # noqa: E402
 
@@ -133,38 +133,9 @@ def patched(model):
     return model
 
 
-# What the workers import, imported once by the forkserver the processes are forked from (by name: the forkserver
-# does not see the tests folder on its path). Importing them costs a spawned interpreter seconds, and several of
-# them on two cores most of a test's time.
-_PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.tensor.parallel", "transformers", "lossops",
-            "lossops.integrations.transformers", "transformers.models.llama.modeling_llama",
-            "transformers.models.qwen2.modeling_qwen2", "pytest", "tqdm"]
-_MMAP_THRESHOLD = str(64 << 10)
-
-
-def _start_forkserver():
-    """The forkserver this file's processes (and the example's, in this process) are forked from: it imports
-    _PRELOAD once, and glibc reads MALLOC_MMAP_THRESHOLD_ when it starts, so in its forks every allocation of 64
-    KiB or more is mmapped and goes back to the system when freed (glibc's adaptive threshold keeps freed memory):
-    their resident set follows their live tensors. Nothing if it runs already."""
-    from multiprocessing import forkserver
-    mp.get_context("forkserver").set_forkserver_preload(_PRELOAD)
-    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = _MMAP_THRESHOLD
-    try:
-        forkserver.ensure_running()
-    finally:
-        if previous is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
-
-
 def _spawn(worker, nprocs: int, tmp_path, *args):
     """worker(rank, world_size, *args) in nprocs processes with a gloo group, forked from the forkserver."""
-    _start_forkserver()
-    mp.start_processes(_process, args=(worker, nprocs, str(tmp_path / "store"), args), nprocs=nprocs, join=True,
-                       start_method="forkserver")
+    spawn(_process, nprocs, worker, nprocs, str(tmp_path / "store"), args)
 
 
 def _process(rank, worker, world_size, init_file, args):
@@ -174,10 +145,6 @@ def _process(rank, worker, world_size, init_file, args):
         worker(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
-    # Done, and reported by the exit code: skip the interpreter's teardown of torch and transformers (seconds).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 # --- 1. FSDP2: fully_shard per decoder layer and on the root ---------------------------------------------------------
@@ -221,9 +188,9 @@ def _memory(model, input_ids, labels, measure_process_memory: bool) -> dict:
 def _fsdp2_worker(rank, world_size):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    # The process measure needs glibc's fixed mmap threshold from the process's start (_start_forkserver): absent
+    # The process measure needs glibc's fixed mmap threshold from the process's start (_cases.start_forkserver): absent
     # when another forkserver was running first, and then left out (the tensor measure never is).
-    measure_process_memory = os.environ.get("MALLOC_MMAP_THRESHOLD_") == _MMAP_THRESHOLD
+    measure_process_memory = os.environ.get("MALLOC_MMAP_THRESHOLD_") == FORKSERVER_MMAP_THRESHOLD
     mesh = init_device_mesh("cpu", (world_size,))
     batches = token_batches(FSDP_STEPS, FSDP_ROWS, FSDP_SEQ, FSDP_VOCAB)
     for model_type in ("llama", "qwen2"):
@@ -542,7 +509,7 @@ def test_concurrent_forwards_from_threads_each_get_their_own_loss_and_gradients(
 
 def test_example_with_fsdp_2_spawns_and_logs_the_single_process_losses(capsys):
     tiny = "--steps 4 --hidden 32 --layers 1 --heads 2 --vocab 4000 --seq 32 --batch-size 3 --threads 1 --quiet"
-    _start_forkserver()  # the example forks its processes from it too (imported once for the file)
+    start_forkserver()  # the example forks its processes from it too (imported once for the file)
     sharded = train_hf_causal_lm.main(tiny.split() + ["--fsdp", "2"])
     out = capsys.readouterr().out
     assert "FSDP2 over 2 processes" in out and f"{sharded['patched'].losses[-1]:.4f}" in out
