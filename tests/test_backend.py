@@ -125,7 +125,7 @@ with lossops.backend("triton"):
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # as test_bench.quick_run
 def fresh_process():
     result = run_python(_PROBE_SCRIPT, {"LOSSOPS_BACKEND": "reference", "ATEN_CPU_CAPABILITY": "avx2"},
                         drop=("TRITON_INTERPRET", "LOSSOPS_CPU_CAPABILITY"))
@@ -181,7 +181,7 @@ def _run_isa_cases():
     return results
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # as test_bench.quick_run
 def isa_results():
     """Each ISA build, in this process (a fresh torch process costs ~10 s on the shared machine)."""
     results = {}

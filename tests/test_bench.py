@@ -25,7 +25,9 @@ def run_bench(tmp_path_factory, name, *args, timeout=600):
     return out, result
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: the suite runs its slowest tests first, so this file's tests are not adjacent, and a module-scoped
+# fixture would be made again each time the worker comes back to the module.
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     return run_bench(tmp_path_factory, "bench", "--quick", "--op", "cross_entropy", "--dtype", "float32",
                      "--shape", "64x128", "--shape", "64x512", "--repeats", "2", "--threads", "1")
@@ -121,7 +123,7 @@ def test_grid_refuses_an_unknown_implementation():
     assert grid.main(argparse.Namespace(impl=["lossops-cpp"])) == 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def grid_run(tmp_path_factory):
     return run_bench(tmp_path_factory, "grid", "--grid", "--quick", "--op", "cross_entropy", "--op", "mse_loss",
                      "--dtype", "float32", "--repeats", "1", "--warmup", "1", timeout=900)
