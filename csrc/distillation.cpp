@@ -157,26 +157,25 @@ void distillation_row(const DistillationRows<scalar_t>& p, PairScratch<opmath_t<
   const DivergenceTerms<acc_t, kind> terms{p.beta};
   const Vc vms(ms), vlss(lss), vmt(mt), vlst(lst), vmh(mh), vlsh(lsh);
   const acc_t soft_coef = p.scale * p.soft_weight * p.inv_temperature, hard_coef = p.scale * p.hard_weight;
-  // The gradient of one block from its softened rows (zs, zt) and raw student row, into s.grad, then g.
-  auto write_gradient = [&](int64_t b0, int64_t n, const acc_t* zs, const acc_t* zt, const acc_t* raw,
-                            acc_t row_sum, acc_t divergence) {
-    for (int64_t i = 0; i < n; i += W) {
-      const int64_t count = std::min<int64_t>(W, n - i);
-      const Vc a = Vc::loadu(zs + i, count), b = Vc::loadu(zt + i, count);
-      const Vc ls = (a - vms) - vlss, lt = (b - vmt) - vlst;
-      const Vc ps = fast_exp(ls), pt = fast_exp(lt);
-      Vc gv = Vc(soft_coef) * terms.gradient(ls, lt, ps, pt, row_sum, divergence);
-      if (p.hard) {
-        const Vc ph = p.hard_apart ? fast_exp((Vc::loadu(raw + i, count) - vmh) - vlsh) : ps;
-        gv = gv + Vc(hard_coef) * ph;
-      }
-      gv.store(s.grad.data() + i, count);
+  // One vector of the gradient, from its log-probabilities and probabilities, into s.grad at block offset i.
+  auto gradient_vector = [&](int64_t i, int64_t count, const Vc& ls, const Vc& lt, const Vc& ps, const Vc& pt,
+                             const acc_t* raw, acc_t row_sum, acc_t divergence) {
+    Vc gv = Vc(soft_coef) * terms.gradient(ls, lt, ps, pt, row_sum, divergence);
+    if (p.hard) {
+      const Vc ph = p.hard_apart ? fast_exp((Vc::loadu(raw + i, count) - vmh) - vlsh) : ps;
+      gv = gv + Vc(hard_coef) * ph;
     }
+    gv.store(s.grad.data() + i, count);
+  };
+  // The block's gradient in s.grad, with the target's one-hot term, rounded into g.
+  auto store_gradient = [&](int64_t b0, int64_t n) {
     if (p.hard && y >= b0 && y < b0 + n) s.grad[y - b0] -= hard_coef;
     write_block<scalar_t>(s.grad.data(), g + b0, 1, n);
   };
 
-  // Pass 2: the divergence and the row sum its gradient needs; forward KL's gradient needs none and is written here.
+  // Pass 2: the divergence and the row sum its gradient needs. Forward KL's gradient needs no row sum: it is formed
+  // here from the same exponentials.
+  const bool gradient_here = g && kind == kForwardKL;
   Vc loss_acc(acc_t(0)), sum_acc(acc_t(0));
   for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
     const int64_t n = std::min(kBlock, C - b0);
@@ -186,13 +185,15 @@ void distillation_row(const DistillationRows<scalar_t>& p, PairScratch<opmath_t<
     for (int64_t i = 0; i < n; i += W) {
       const int64_t count = std::min<int64_t>(W, n - i);
       const Vc ls = (Vc::loadu(zs + i, count) - vms) - vlss, lt = (Vc::loadu(zt + i, count) - vmt) - vlst;
+      const Vc ps = fast_exp(ls), pt = fast_exp(lt);
       Vc loss(acc_t(0)), row_sum(acc_t(0));
-      terms.accumulate(ls, lt, fast_exp(ls), fast_exp(lt), loss, row_sum);
+      terms.accumulate(ls, lt, ps, pt, loss, row_sum);
       // The padded lanes of the last vector hold values of the zeros the counted load filled in: not added.
       loss_acc = Vc::set(loss_acc, loss_acc + loss, count);
       sum_acc = Vc::set(sum_acc, sum_acc + row_sum, count);
+      if (gradient_here) gradient_vector(i, count, ls, lt, ps, pt, raw, 0, 0);
     }
-    if (g && kind == kForwardKL) write_gradient(b0, n, zs, zt, raw, 0, 0);
+    if (gradient_here) store_gradient(b0, n);
   }
   auto add = [](Vc& a, Vc& b) { return a + b; };
   const acc_t divergence = at::vec::vec_reduce_all<acc_t>(add, loss_acc);
@@ -206,7 +207,12 @@ void distillation_row(const DistillationRows<scalar_t>& p, PairScratch<opmath_t<
     const acc_t* raw = nullptr;
     const acc_t* zs = softened_block(xs + b0, n, p.scaled, p.inv_temperature, s.raw.data(), s.student.data(), &raw);
     const acc_t* zt = teacher_block(b0, n);
-    write_gradient(b0, n, zs, zt, raw, row_sum, divergence);
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t count = std::min<int64_t>(W, n - i);
+      const Vc ls = (Vc::loadu(zs + i, count) - vms) - vlss, lt = (Vc::loadu(zt + i, count) - vmt) - vlst;
+      gradient_vector(i, count, ls, lt, fast_exp(ls), fast_exp(lt), raw, row_sum, divergence);
+    }
+    store_gradient(b0, n);
   }
 }
 
