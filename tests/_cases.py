@@ -196,12 +196,16 @@ def linear_loss_peak_beyond_gradients(op: str, n: int, d: int, v: int) -> int:
 ISA_ORDER = ("default", "avx2", "avx512")
 
 
+def cpu_supports(isa: str) -> bool:
+    rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}.get(torch.backends.cpu.get_cpu_capability(), 0)
+    return ISA_ORDER.index(isa) <= rank
+
+
 def isa_available(isa: str) -> bool:
     """This CPU runs the build and it was built: the main suite has every build (test_build checks it); the
     sanitized one (.ci/sanitize.sh) only those of distinct vector widths."""
     import lossops._cpp
-    rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}.get(torch.backends.cpu.get_cpu_capability(), 0)
-    return ISA_ORDER.index(isa) <= rank and lossops._cpp.kernel_library(isa) is not None
+    return cpu_supports(isa) and lossops._cpp.kernel_library(isa) is not None
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 import lossops
 import lossops._cpp
 from lossops import _backend, _eager
-from _cases import ISA_ORDER, isa_available, forced_isa, run_python
+from _cases import ISA_ORDER, cpu_supports, forced_isa, run_python
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def _run_isa_cases():
 def isa_results():
     """Each ISA build, in this process (a fresh torch process costs ~10 s on the shared machine)."""
     results = {}
-    for isa in filter(isa_available, ISA_ORDER):
+    for isa in filter(cpu_supports, ISA_ORDER):
         with forced_isa(isa):
             results[isa] = _run_isa_cases()
     return results
@@ -194,7 +194,7 @@ def isa_results():
 def test_every_isa_build_is_loadable_here(isa_results):
     """Every build this CPU can run is installed, and forcing it loads that build (not a fallback)."""
     assert {isa: r["capability"] for isa, r in isa_results.items()} == {
-        isa: isa.upper() for isa in ISA_ORDER if isa_available(isa)}
+        isa: isa.upper() for isa in ISA_ORDER if cpu_supports(isa)}
 
 
 @pytest.mark.parametrize("case", ["fp32", "bf16", "fp64_extras", "fp32_prob"])
@@ -217,7 +217,7 @@ def test_isa_builds_agree_with_torch_and_each_other(isa_results, case):
 
 
 @pytest.mark.skipif("LOSSOPS_CPU_CAPABILITY" in os.environ, reason="the build is forced")
-def test_default_pick_is_the_best_this_isa_available():
+def test_default_pick_is_the_best_this_cpu_supports():
     expected = {"AVX512": "AVX512", "AVX2": "AVX2"}.get(torch.backends.cpu.get_cpu_capability(), "DEFAULT")
     assert lossops._cpp.capability() == expected
 
@@ -225,4 +225,4 @@ def test_default_pick_is_the_best_this_isa_available():
 def test_default_pick_follows_aten_cpu_capability(fresh_process):
     """ATEN_CPU_CAPABILITY=avx2 (set in the fresh process) lowers torch's choice, and ours with it."""
     torch_choice, ours = fresh_process["capability"].split()
-    assert torch_choice == "AVX2" and ours == "AVX2" or not isa_available("avx2")
+    assert torch_choice == "AVX2" and ours == "AVX2" or not cpu_supports("avx2")

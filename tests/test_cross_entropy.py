@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import (ISA_ORDER, backend_cases, isa_available, forced_isa, forward_backward, grid, leaf_copies,
+from _cases import (ISA_ORDER, backend_cases, forced_isa, forward_backward, grid, isa_available, leaf_copies,
                     lowp_error_no_worse, pairwise)
 
 IGNORE = 1  # a real class id: ignoring must not depend on the sentinel being out of range

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import ISA_ORDER, isa_available, forced_isa, lowp_error_no_worse
+from _cases import ISA_ORDER, forced_isa, isa_available, lowp_error_no_worse
 
 ISAS = [isa for isa in ISA_ORDER if isa_available(isa)]
 

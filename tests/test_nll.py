@@ -8,8 +8,8 @@ from torch.testing import assert_close
 
 import lossops
 from lossops import _eager
-from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, isa_available, forced_isa,
-                    forward_backward, grid, leaf_copies, pairwise, without_eager_routes)
+from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, forced_isa, forward_backward, grid,
+                    isa_available, leaf_copies, pairwise, without_eager_routes)
 from _elementwise_cases import check_lowp
 
 TORCH_NLL_LOSS = F.nll_loss
