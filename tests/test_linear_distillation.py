@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lossops
 from lossops.losses.linear_cross_entropy import chunk_rows
-from lossops.losses import linear_distillation
+from lossops.losses import linear_cross_entropy, linear_distillation
 from lossops.losses.linear_distillation import LOGITS_BUDGET
 from _cases import NATIVE_WEIGHT_GRADIENT_BOUND, assert_no_worse_than_torch, linear_loss_peak_beyond_gradients
 from test_distillation import torch_formula
@@ -52,6 +52,30 @@ def test_matches_the_unfused_formula(backend, divergence, options):
     g = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3)) + 0.5
     for ours, theirs in zip(torch.autograd.grad(loss, student, g), torch.autograd.grad(ref, student, g)):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_logits_formed_in_vocabulary_blocks(monkeypatch, divergence):
+    """Both models' chunks of logits formed a block of vocabulary rows at a time on CPU (blocks of 14 and 8 of 37,
+    the last short): the formula's values and the student's gradients."""
+    monkeypatch.setattr(linear_cross_entropy, "_LOGITS_WEIGHT_BYTES", 576)  # 8 rows of the teacher's weight
+    monkeypatch.setattr(linear_cross_entropy, "_MIN_LOGITS_BLOCK", 1)
+    blocks, product = [], linear_cross_entropy._Chunks._product
+
+    def recording(chunks, h, logits):
+        blocks.append(chunks.logits_block)
+        return product(chunks, h, logits)
+    monkeypatch.setattr(linear_cross_entropy._Chunks, "_product", recording)
+    student, teacher, target = _inputs()
+    options = dict(divergence=divergence, chunk_size=4, reduction="none", hard_weight=0.5)
+    with lossops.backend("cpp"):
+        loss = _call(student, teacher, target, **options)
+    ref = _truth(student, teacher, target, **options)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    g = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3)) + 0.5
+    for ours, theirs in zip(torch.autograd.grad(loss, student, g), torch.autograd.grad(ref, student, g)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11)
+    assert set(blocks) == {576 // (5 * 8), 8}  # the student's 5 features a row, the teacher's 9
 
 
 def test_without_bias_or_target_and_default_chunks(backend):

@@ -54,6 +54,13 @@ _DIFFERENTIABLE = ("hidden", "weight", "bias")
 _WIDE_PRODUCT_BYTES = 1 << 20
 _WIDE_WEIGHT_BYTES = 8 << 20
 _MIN_WIDE_BLOCK = 128
+# A chunk's logits on CPU in float32/float64 (torch's BLAS product): the weight _LOGITS_WEIGHT_BYTES of vocabulary
+# rows at a time, each block's output written straight into the chunk's logits (a strided out=). The whole weight in
+# one call streams it from memory for a chunk of only a few hundred rows; a block that stays in cache while every
+# row of the chunk is multiplied by it is measurably faster (docs/tuning.md). At least _MIN_LOGITS_BLOCK rows, so
+# that wide models do not split the product into calls too narrow for the matmul kernel.
+_LOGITS_WEIGHT_BYTES = 1 << 20
+_MIN_LOGITS_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +368,11 @@ class _Chunks:
         self.backend, self.options = backend, o
         self.hidden, self.weight, self.bias, self.target = t["hidden"], t["weight"], t["bias"], t["target"]
         self.wide = wide if wide is not None else wide_products_for((self.hidden,), self.weight, o.chunk_size)
+        self.logits_block = max(self.weight.shape[0], 1)
+        if self.wide is None and self.weight.device.type == "cpu" and self.weight.dtype in (torch.float32,
+                                                                                             torch.float64):
+            row_bytes = max(self.weight.shape[1] * self.weight.element_size(), 1)
+            self.logits_block = max(_MIN_LOGITS_BLOCK, _LOGITS_WEIGHT_BYTES // row_bytes)
 
     def __iter__(self):
         """(start, stop, hidden[start:stop], the chunk's logits) per chunk; the logits are overwritten by the next."""
@@ -371,11 +383,19 @@ class _Chunks:
             h, logits = self.hidden[start:stop], buffer[:stop - start]
             if self.wide is not None:
                 self.wide.logits(h, self.weight, self.bias, out=logits)
-            elif self.bias is None:
-                torch.mm(h, self.weight.t(), out=logits)
             else:
-                torch.addmm(self.bias, h, self.weight.t(), out=logits)
+                self._product(h, logits)
             yield start, stop, h, logits
+
+    def _product(self, h: Tensor, logits: Tensor) -> None:
+        """logits = h @ weight.T + bias, logits_block vocabulary rows of the weight per call."""
+        for v0 in range(0, self.weight.shape[0], self.logits_block):
+            v1 = min(v0 + self.logits_block, self.weight.shape[0])
+            out, weight = logits[:, v0:v1], self.weight[v0:v1].t()
+            if self.bias is None:
+                torch.mm(h, weight, out=out)
+            else:
+                torch.addmm(self.bias[v0:v1], h, weight, out=out)
 
     def loss_kernel(self, start: int, stop: int, logits: Tensor, class_weight: Optional[Tensor],
                     grad_scale: Tensor, write_gradient: bool):
