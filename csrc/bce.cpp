@@ -5,7 +5,9 @@
 // BCE with logits, torch's definition: L = w * ((1 - t) x + lw * softplus(-x)), lw = 1 + (pos_weight - 1) t.
 // dL/dx = w * (lw * sigmoid(x) - pos_weight * t) = w * ((1 - t) sigmoid(x) - pos_weight * t * sigmoid(-x));  dL/dt = w * (-x + (pos_weight - 1) * softplus(-x)).
 #include "elementwise.h"
+#include "vec_math.h"
 
+#include <algorithm>
 #include <atomic>
 #include <utility>
 
@@ -41,7 +43,8 @@ struct BinaryCrossEntropy {
 
   void operator()(const Vec& x, const Vec& t, const Vec&, Vec& loss, Vec& gx, Vec& gt) const {
     const Vec one(acc_t(1)), floor(acc_t(-100));
-    const Vec log_p = x.log(), log_q = x.neg().log1p();
+    Vec log_p, log_q;
+    log_and_log1m(x, log_p, log_q);
     loss = (t - one) * at::vec::maximum(log_q, floor) - t * at::vec::maximum(log_p, floor);
     // torch's EPSILON is the float 1e-12 (9.99999996e-13), in every dtype
     gx = (x - t) / at::vec::maximum((one - x) * x, Vec(static_cast<acc_t>(1e-12f)));
@@ -49,21 +52,27 @@ struct BinaryCrossEntropy {
   }
 };
 
-// The first value outside [0, 1] (NaN included) raises; a pass that only compares, before the logs.
+// The first value outside [0, 1] (NaN included) raises; a pass that only compares, before the logs, in vectors of
+// the accumulation type (a lane's mask stays all ones while every value it saw was in range).
 template <typename scalar_t>
 void check_probabilities(const at::Tensor& values, const char* name) {
+  using Vectors = detail::DenseVectors<scalar_t>;
+  using Vec = typename Vectors::Vec;
   const scalar_t* p = values.const_data_ptr<scalar_t>();
+  const int64_t n = values.numel();
   std::atomic<bool> valid{true};
-  at::parallel_for(0, values.numel(), kReduceChunk, [&](int64_t begin, int64_t end) {
-    bool ok = true;
-    for (int64_t i = begin; i < end; ++i) {
-      const auto v = static_cast<opmath_t<scalar_t>>(p[i]);
-      ok &= (v >= 0) & (v <= 1);
+  at::parallel_for(0, n, kReduceChunk, [&](int64_t begin, int64_t end) {
+    const Vec zero(0), one(1);
+    Vec in_range = zero == zero;
+    Vec v[Vectors::kVecs];
+    for (int64_t i = begin; i < end; i += Vectors::kStep) {
+      Vectors::load(p + i, std::min<int64_t>(Vectors::kStep, end - i), v);  // lanes past the end load 0
+      for (int k = 0; k < Vectors::kVecs; ++k) in_range = in_range & (v[k] >= zero) & (v[k] <= one);
     }
-    if (!ok) valid = false;
+    if (in_range.zero_mask() != 0) valid = false;
   });
   if (valid) return;
-  for (int64_t i = 0; i < values.numel(); ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const auto v = static_cast<opmath_t<scalar_t>>(p[i]);
     TORCH_CHECK(v >= 0 && v <= 1, "all elements of ", name, " should be between 0 and 1 (lossops: got ", v,
                 " at flat index ", i, ")");

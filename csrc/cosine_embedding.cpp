@@ -9,6 +9,8 @@
 #include "kernel_abi.h"
 
 #include <cmath>
+#include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -20,6 +22,19 @@ constexpr double kCosineEpsilon = 1e-12;
 // Losses into loss[0..N); gradients (scaled by scale) into g1 / g2 where given. Rows are independent, each
 // summed in one fixed order: the same bits for any thread count. x2 (and g2) are in x1's dtype or, under autocast
 // with a low-precision x1, in the accumulation dtype (second_t).
+// 2 * Vec::size() elements of a row as two vectors of the accumulation type, widened in registers.
+template <typename acc_t, typename T>
+__attribute__((always_inline)) inline void load_two(const T* p, at::vec::Vectorized<acc_t>* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    out[0] = Vec::loadu(p);
+    out[1] = Vec::loadu(p + Vec::size());
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == 2 * Vec::size());
+    std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
 template <typename scalar_t, typename second_t>
 void cosine_rows(const scalar_t* x1, const second_t* x2, const opmath_t<scalar_t>* y, int64_t N, int64_t D,
                  opmath_t<scalar_t> margin, opmath_t<scalar_t> scale, scalar_t* g1, second_t* g2,
@@ -27,27 +42,36 @@ void cosine_rows(const scalar_t* x1, const second_t* x2, const opmath_t<scalar_t
   using acc_t = opmath_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
+  const bool gradients = g1 != nullptr || g2 != nullptr;
   at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffers(3 * D);
     acc_t *b1 = buffers.data(), *b2 = b1 + D, *gbuf = b2 + D;
     for (int64_t r = begin; r < end; ++r) {
-      const acc_t* a = read_block(x1 + r * D, 1, D, b1);
-      const acc_t* b = read_block(x2 + r * D, 1, D, b2);
-      Vec vd(acc_t(0)), va(acc_t(0)), vb(acc_t(0));
+      const scalar_t* row1 = x1 + r * D;
+      const second_t* row2 = x2 + r * D;
+      // The sums read the rows as they are stored (low precision widened in registers), in two independent
+      // accumulator chains each, so that neither conversion through a buffer nor one chain's latency sets the pace.
+      Vec vd[2] = {Vec(acc_t(0)), Vec(acc_t(0))}, va[2] = {vd[0], vd[0]}, vb[2] = {vd[0], vd[0]};
       int64_t i = 0;
-      for (; i + W <= D; i += W) {
-        const Vec p = Vec::loadu(a + i), q = Vec::loadu(b + i);
-        vd = at::vec::fmadd(p, q, vd);
-        va = at::vec::fmadd(p, p, va);
-        vb = at::vec::fmadd(q, q, vb);
+      for (; i + 2 * W <= D; i += 2 * W) {
+        Vec p[2], q[2];
+        load_two<acc_t>(row1 + i, p);
+        load_two<acc_t>(row2 + i, q);
+        for (int k = 0; k < 2; ++k) {
+          vd[k] = at::vec::fmadd(p[k], q[k], vd[k]);
+          va[k] = at::vec::fmadd(p[k], p[k], va[k]);
+          vb[k] = at::vec::fmadd(q[k], q[k], vb[k]);
+        }
       }
       auto add = [](Vec& u, Vec& v) { return u + v; };
-      acc_t dot = at::vec::vec_reduce_all<acc_t>(add, vd), n1 = at::vec::vec_reduce_all<acc_t>(add, va),
-            n2 = at::vec::vec_reduce_all<acc_t>(add, vb);
+      acc_t dot = at::vec::vec_reduce_all<acc_t>(add, vd[0] + vd[1]),
+            n1 = at::vec::vec_reduce_all<acc_t>(add, va[0] + va[1]),
+            n2 = at::vec::vec_reduce_all<acc_t>(add, vb[0] + vb[1]);
       for (; i < D; ++i) {
-        dot += a[i] * b[i];
-        n1 += a[i] * a[i];
-        n2 += b[i] * b[i];
+        const acc_t u = static_cast<acc_t>(row1[i]), v = static_cast<acc_t>(row2[i]);
+        dot += u * v;
+        n1 += u * u;
+        n2 += v * v;
       }
       const acc_t m1 = n1 + acc_t(kCosineEpsilon), m2 = n2 + acc_t(kCosineEpsilon);
       const acc_t denom = std::sqrt(m1 * m2), cos = dot / denom;
@@ -71,6 +95,9 @@ void cosine_rows(const scalar_t* x1, const second_t* x2, const opmath_t<scalar_t
         for (; j + W <= D; j += W) (cv * Vec::loadu(other + j) - kv * Vec::loadu(own + j)).store(gbuf + j);
         for (; j < D; ++j) gbuf[j] = c * other[j] - k * own[j];
       };
+      if (!gradients) continue;
+      const acc_t* a = read_block(row1, 1, D, b1);
+      const acc_t* b = read_block(row2, 1, D, b2);
       if (g1 != nullptr) {
         gradient(a, b, m1);
         write_block<scalar_t>(gbuf, g1 + r * D, 1, D);

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lossops
-from _cases import assert_float64_gradients_match, backend_cases, forward_backward, grid, leaf_copies, pairwise
+from _cases import (ISA_ORDER, assert_float64_gradients_match, backend_cases, forced_isa, forward_backward, grid,
+                    isa_available, leaf_copies, pairwise)
 from _elementwise_cases import check_reduced_precision, check_torch_module_sample, torch_module_params
 
 # broadcastable weight shapes against a (3, 4) input: each is read through a different [inner, period] layout
@@ -83,6 +84,49 @@ def test_values_outside_0_1_raise_torch_error(backend, name, value, requires_gra
         lossops.binary_cross_entropy(x, t)
     if backend != "reference":
         assert str(value) in str(error.value) and "index 6" in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", ["input", "target"])
+def test_a_value_outside_0_1_anywhere_is_found(name, dtype):
+    """The C++ range check reads whole vectors of the accumulation type: a bad value in the first lane, inside a
+    vector, in the last full vector and in the short tail of a chunk is found and named."""
+    n = 1013
+    for index in (0, 5, 517, n - 14, n - 1):
+        x, t = torch.full((n,), 0.5, dtype=dtype), torch.full((n,), 0.25, dtype=dtype)
+        (x if name == "input" else t)[index] = 1.5
+        message = rf"all elements of {name} should be between 0 and 1.*got 1.5 at flat index {index}\)"
+        with lossops.backend("cpp"), pytest.raises(RuntimeError, match=message):
+            lossops.binary_cross_entropy(x, t)
+
+
+def _probabilities_over_every_scale() -> torch.Tensor:
+    """float32 probabilities: uniform, down to 1e-45 (subnormals included), up to 1 - 1e-8, and the edges."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.rand(1 << 16, generator=gen, dtype=torch.float64),
+             10 ** (-45 * torch.rand(1 << 14, generator=gen, dtype=torch.float64)),
+             1 - 10 ** (-8 * torch.rand(1 << 14, generator=gen, dtype=torch.float64)),
+             torch.tensor([0.0, 1.0, 1e-45, 1e-40, 2.0 ** -126, 2.0 ** -25, 2.0 ** -24, 1 - 2.0 ** -24, 0.5,
+                           0.70710677, 0.70710683], dtype=torch.float64)]
+    return torch.cat(parts).float().clamp(0, 1)
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ISA_ORDER if isa_available(isa)])
+def test_float32_logs_within_two_epsilon_of_float64(isa):
+    """Each element's loss with target 0 (its log(1 - x)) and 1 (its log x), on each build's logs of a probability,
+    is within 2 float32 epsilons (relative) of the float64 loss wherever the clamp at 100 does not apply, and
+    clamps at the same elements as torch's."""
+    x = _probabilities_over_every_scale()
+    for value in (0.0, 1.0):
+        t = torch.full_like(x, value)
+        with forced_isa(isa):
+            ours = lossops.binary_cross_entropy(x, t, reduction="none")
+        exact = F.binary_cross_entropy(x.double(), t.double(), reduction="none")
+        theirs = F.binary_cross_entropy(x, t, reduction="none")
+        assert torch.equal(ours == 100, theirs == 100)
+        kept = exact < 100
+        error = (ours.double() - exact)[kept].abs() / exact[kept].clamp_min(1e-38)
+        assert error.max() <= 2 * torch.finfo(torch.float32).eps, (value, error.max())
 
 
 @pytest.mark.parametrize("call, error, match", [

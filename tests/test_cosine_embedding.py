@@ -82,6 +82,21 @@ def test_reduced_precision_matches_torch(backend, dtype):
                             atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [1, 9, 16, 33, 257])
+def test_forward_without_gradients_matches_float64(backend, dtype, d):
+    """Under no_grad each row's sums are read straight from the stored dtype (two vectors a step, a scalar tail):
+    every row count of full steps and tails gives torch's float64 loss within the dtype's rounding."""
+    torch.manual_seed(d)
+    x1, x2 = torch.randn(6, d, dtype=dtype), torch.randn(6, d, dtype=dtype)
+    t = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 1.0], dtype=dtype)
+    with torch.no_grad():
+        ours = lossops.cosine_embedding_loss(x1, x2, t, margin=-0.2, reduction="none")
+    exact = F.cosine_embedding_loss(x1.double(), x2.double(), t.double(), margin=-0.2, reduction="none")
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(ours.double(), exact, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_torch_module_samples(backend, dtype):
     samples = pair_module_samples(torch.nn.CosineEmbeddingLoss, dtype)
