@@ -168,19 +168,21 @@ inline at::vec::Vectorized<acc_t> log1p_unit(const at::vec::Vectorized<acc_t>& e
   return e.log1p();
 }
 
+// 2 atanh(s) = 2s (1 + z/3 + z^2/5 + ...), z = s^2, the series to z^Powers, in Horner's form.
+template <int Powers>
+__attribute__((always_inline)) inline at::vec::Vectorized<float> two_atanh(const at::vec::Vectorized<float>& s) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec z = s * s;
+  Vec poly(1.0f / (2 * Powers + 1));
+  for (int j = Powers - 1; j >= 1; --j) poly = at::vec::fmadd(poly, z, Vec(1.0f / (2 * j + 1)));
+  const Vec two_s = s + s;
+  return at::vec::fmadd(two_s * z, poly, two_s);
+}
+
 template <>
 inline at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& e) {
   using Vec = at::vec::Vectorized<float>;
-  const Vec s = e / (e + Vec(2.0f));
-  const Vec z = s * s;
-  Vec poly(1.0f / 13.0f);
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 11.0f));
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 9.0f));
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 7.0f));
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 5.0f));
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 3.0f));
-  const Vec two_s = s + s;
-  return at::vec::fmadd(two_s * z, poly, two_s);
+  return two_atanh<6>(e / (e + Vec(2.0f)));
 }
 
 
@@ -215,7 +217,7 @@ __attribute__((always_inline)) inline void split_exponent(const at::vec::Vectori
 }
 
 // log(x) for x in [0, 1]: k ln2 + log1p(f), f = m - 1 (exact), log1p(f) = 2 atanh(s), s = f / (2 + f) in
-// [-0.172, 0.172], whose odd series falls by 34x a term: five reach float's rounding. Subnormal x is scaled by 2^23
+// [-0.172, 0.172], whose odd series falls by 34x a term: to z^5 it reaches float's rounding. Subnormal x is scaled by 2^23
 // first; 0 gives -inf. About 2 ulp.
 __attribute__((always_inline)) inline at::vec::Vectorized<float> log_unit(const at::vec::Vectorized<float>& x) {
   using Vec = at::vec::Vectorized<float>;
@@ -225,15 +227,7 @@ __attribute__((always_inline)) inline at::vec::Vectorized<float> log_unit(const 
   split_exponent(scaled, m, k);
   k = k - (tiny & Vec(23.0f));
   const Vec f = m - Vec(1.0f);
-  const Vec s = f / (f + Vec(2.0f));
-  const Vec z = s * s;
-  Vec poly(1.0f / 11.0f);
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 9.0f));
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 7.0f));
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 5.0f));
-  poly = at::vec::fmadd(poly, z, Vec(1.0f / 3.0f));
-  const Vec two_s = s + s;
-  const Vec log1p_f = at::vec::fmadd(two_s * z, poly, two_s);
+  const Vec log1p_f = two_atanh<5>(f / (f + Vec(2.0f)));
   const Vec result = at::vec::fmadd(k, Vec(exp_detail::kLn2Hi), at::vec::fmadd(k, Vec(exp_detail::kLn2Lo), log1p_f));
   return Vec::blendv(result, Vec(-std::numeric_limits<float>::infinity()), x == Vec(0.0f));
 }

@@ -77,10 +77,10 @@ def test_matches_torch(backend_name, case, reduction):
         check_against_truth(hidden, weight, bias, target, reduction, options, chunk_size=CHUNK)
 
 
-def split_logits_products(monkeypatch, block: int) -> list:
-    """Makes a chunk's CPU logits product take `block` vocabulary rows of a float64 weight of D features a call;
-    returns the list of blocks each product used."""
-    monkeypatch.setattr(linear_ce, "_LOGITS_WEIGHT_BYTES", block * D * 8)
+def split_logits_products(monkeypatch, weight_bytes: int) -> list:
+    """Makes a chunk's CPU logits product take weight_bytes of the weight's vocabulary rows a call; returns the list
+    of the blocks (rows) each product used."""
+    monkeypatch.setattr(linear_ce, "_LOGITS_WEIGHT_BYTES", weight_bytes)
     monkeypatch.setattr(linear_ce, "_MIN_LOGITS_BLOCK", 1)
     blocks, product = [], linear_ce._Chunks._product
 
@@ -97,7 +97,7 @@ def test_logits_formed_in_vocabulary_blocks(monkeypatch, case, reduction):
     """A chunk's logits on CPU are formed a block of the weight's vocabulary rows at a time, each block written
     into the chunk's logits through a strided out=: blocks of 16 of V = 50 (the last short), with and without a
     bias, give torch's values and gradients."""
-    blocks = split_logits_products(monkeypatch, 16)
+    blocks = split_logits_products(monkeypatch, 16 * D * 8)  # 16 rows of D float64 features
     hidden, weight, bias, target, options = make_inputs(CASES[case])
     with lossops.backend("cpp"):
         check_against_truth(hidden, weight, bias, target, reduction, options, chunk_size=CHUNK)

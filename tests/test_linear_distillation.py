@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 import lossops
 from lossops.losses.linear_cross_entropy import chunk_rows
-from lossops.losses import linear_cross_entropy, linear_distillation
+from lossops.losses import linear_distillation
 from lossops.losses.linear_distillation import LOGITS_BUDGET
 from _cases import NATIVE_WEIGHT_GRADIENT_BOUND, assert_no_worse_than_torch, linear_loss_peak_beyond_gradients
 from test_distillation import torch_formula
+from test_linear_cross_entropy import split_logits_products
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "tvd", "jsd"]
 
@@ -58,14 +59,7 @@ def test_matches_the_unfused_formula(backend, divergence, options):
 def test_logits_formed_in_vocabulary_blocks(monkeypatch, divergence):
     """Both models' chunks of logits formed a block of vocabulary rows at a time on CPU (blocks of 14 and 8 of 37,
     the last short): the formula's values and the student's gradients."""
-    monkeypatch.setattr(linear_cross_entropy, "_LOGITS_WEIGHT_BYTES", 576)  # 8 rows of the teacher's weight
-    monkeypatch.setattr(linear_cross_entropy, "_MIN_LOGITS_BLOCK", 1)
-    blocks, product = [], linear_cross_entropy._Chunks._product
-
-    def recording(chunks, h, logits):
-        blocks.append(chunks.logits_block)
-        return product(chunks, h, logits)
-    monkeypatch.setattr(linear_cross_entropy._Chunks, "_product", recording)
+    blocks = split_logits_products(monkeypatch, 576)  # 8 rows of the teacher's weight
     student, teacher, target = _inputs()
     options = dict(divergence=divergence, chunk_size=4, reduction="none", hard_weight=0.5)
     with lossops.backend("cpp"):
