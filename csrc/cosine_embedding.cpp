@@ -19,9 +19,6 @@ namespace {
 
 constexpr double kCosineEpsilon = 1e-12;
 
-// Losses into loss[0..N); gradients (scaled by scale) into g1 / g2 where given. Rows are independent, each
-// summed in one fixed order: the same bits for any thread count. x2 (and g2) are in x1's dtype or, under autocast
-// with a low-precision x1, in the accumulation dtype (second_t).
 // 2 * Vec::size() elements of a row as two vectors of the accumulation type, widened in registers.
 template <typename acc_t, typename T>
 __attribute__((always_inline)) inline void load_two(const T* p, at::vec::Vectorized<acc_t>* out) {
@@ -35,6 +32,9 @@ __attribute__((always_inline)) inline void load_two(const T* p, at::vec::Vectori
   }
 }
 
+// Losses into loss[0..N); gradients (scaled by scale) into g1 / g2 where given. Rows are independent, each
+// summed in one fixed order: the same bits for any thread count. x2 (and g2) are in x1's dtype or, under autocast
+// with a low-precision x1, in the accumulation dtype (second_t).
 template <typename scalar_t, typename second_t>
 void cosine_rows(const scalar_t* x1, const second_t* x2, const opmath_t<scalar_t>* y, int64_t N, int64_t D,
                  opmath_t<scalar_t> margin, opmath_t<scalar_t> scale, scalar_t* g1, second_t* g2,
@@ -44,8 +44,10 @@ void cosine_rows(const scalar_t* x1, const second_t* x2, const opmath_t<scalar_t
   constexpr int64_t W = Vec::size();
   const bool gradients = g1 != nullptr || g2 != nullptr;
   at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffers(3 * D);
-    acc_t *b1 = buffers.data(), *b2 = b1 + D, *gbuf = b2 + D;
+    std::vector<acc_t> buffers(gradients ? 3 * D : 0);
+    acc_t* b1 = gradients ? buffers.data() : nullptr;
+    acc_t* b2 = gradients ? b1 + D : nullptr;
+    acc_t* gbuf = gradients ? b2 + D : nullptr;
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row1 = x1 + r * D;
       const second_t* row2 = x2 + r * D;

@@ -14,8 +14,8 @@
 namespace lossops {
 namespace {
 
-// exp(x) for log_input: the AVX builds' fast_exp in float (about 2 ulp; Sleef's exp was most of the forward),
-// Sleef's exp in double and on the baseline build.
+// exp(x) for log_input: the AVX builds' fast_exp in float (about 2 ulp), ATen's exp otherwise (Sleef's in double on
+// the AVX builds).
 template <typename acc_t>
 inline at::vec::Vectorized<acc_t> poisson_exp(const at::vec::Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)

@@ -186,8 +186,9 @@ inline at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& e
 }
 
 
-// log(p) and log(1 - p) (torch's log1p(-p)) of a probability p in [0, 1]: binary cross-entropy's two logs, which
-// Sleef's general log and log1p made most of its kernel. -inf at p = 0 and p = 1 respectively. double keeps Sleef.
+// log(p) and log(1 - p) (torch's log1p(-p)) of a probability p in [0, 1] (binary cross-entropy's two logs): -inf at
+// p = 0 and p = 1 respectively. Only for values in [0, 1]: a NaN is not propagated, so callers check the range
+// first. The AVX builds' float version is below; elsewhere ATen's log and log1p (Sleef in double on the AVX builds).
 template <typename acc_t>
 inline void log_and_log1m(const at::vec::Vectorized<acc_t>& p, at::vec::Vectorized<acc_t>& log_p,
                           at::vec::Vectorized<acc_t>& log_1m_p) {

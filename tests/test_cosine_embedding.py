@@ -86,7 +86,7 @@ def test_reduced_precision_matches_torch(backend, dtype):
 @pytest.mark.parametrize("d", [1, 9, 16, 33, 257])
 def test_forward_without_gradients_matches_float64(backend, dtype, d):
     """Under no_grad each row's sums are read straight from the stored dtype (two vectors a step, a scalar tail):
-    every row count of full steps and tails gives torch's float64 loss within the dtype's rounding."""
+    every row length of full steps and tails gives torch's float64 loss within the dtype's rounding."""
     torch.manual_seed(d)
     x1, x2 = torch.randn(6, d, dtype=dtype), torch.randn(6, d, dtype=dtype)
     t = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 1.0], dtype=dtype)
